@@ -1,11 +1,158 @@
 """Assembles the task-server: one MultiService whose children start and stop in order.
 
-(Stub: filled in by the DB/API work. The twistd plugin calls make_service().)
+Start-up work that may fail for operator reasons (bad database URL, unreachable MySQL,
+a schema to migrate) runs in `make_service`, before twistd daemonises and before the
+reactor runs, so the operator sees one clear line on the terminal (or in journald) and
+the process exits non-zero instead of serving half a server.
 """
 from __future__ import annotations
 
-from twisted.application.service import IService, MultiService
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy.engine import Engine
+from twisted.application.service import MultiService, Service
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import serverFromString
+from twisted.logger import Logger
+
+import taskd
+from taskd.db import migrate
+from taskd.db.agents import AgentStore
+from taskd.db.catalog import CatalogStore
+from taskd.db.engine import create_engine
+from taskd.db.pool import DBPool
+from taskd.db.tasks import TaskStore
+from taskd.server.api.app import Api
+from taskd.server.api.site import TaskdSite
+from taskd.server.auth import Authenticator
+from taskd.server.events import EventBus
+from taskd.server.registry import AgentService, TaskService
+
+log = Logger(namespace="taskd.server")
 
 
-def make_service(settings) -> IService:  # settings: taskd.server.settings.ServerSettings
-    return MultiService()
+class StartupError(Exception):
+    """Start-up cannot continue; the message is one line for the operator."""
+
+
+class PoolService(Service):
+    name = "db-pool"
+
+    def __init__(self, pool: DBPool) -> None:
+        self.pool = pool
+
+    def startService(self) -> None:
+        super().startService()
+        self.pool.start()
+
+    def stopService(self) -> None:
+        super().stopService()
+        self.pool.stop()
+
+
+class ListenerService(Service):
+    """Listens on a Twisted endpoint; `port` is the listening port once started (port 0
+    in tests), and `listening` fires then."""
+
+    name = "http"
+
+    def __init__(self, reactor: Any, description: str, factory: Any) -> None:
+        self.reactor = reactor
+        self.description = description
+        self.factory = factory
+        self.port = None
+        self.listening: Deferred = Deferred()
+
+    def startService(self) -> None:
+        super().startService()
+        d = serverFromString(self.reactor, self.description).listen(self.factory)
+
+        def started(port: Any) -> Any:
+            self.port = port
+            host = port.getHost()
+            log.info("listening on {addr}", addr=f"{getattr(host, 'host', '')}:{getattr(host, 'port', '')}")
+            self.listening.callback(port)
+            return port
+
+        def failed(f: Any) -> None:
+            log.critical("cannot listen on {desc}: {err}", desc=self.description, err=f.getErrorMessage())
+            self.listening.errback(f)
+            if self.reactor.running:
+                self.reactor.stop()
+
+        d.addCallbacks(started, failed)
+
+    def stopService(self) -> Deferred | None:
+        super().stopService()
+        if self.port is not None:
+            return self.port.stopListening()
+        return None
+
+
+@dataclass
+class Server:
+    """The assembled server's parts, for the plugin and for in-process tests."""
+
+    service: MultiService
+    engine: Engine
+    pool: DBPool
+    events: EventBus
+    agents: AgentService
+    tasks: TaskService
+    api: Api
+    listener: ListenerService
+
+
+def describe_db(settings: Any, engine: Engine) -> str:
+    if engine.dialect.name == "sqlite":
+        return f"sqlite3 at {engine.url.database}"
+    url = engine.url
+    return f"mysql at {url.host}:{url.port}/{url.database}"
+
+
+def build_server(settings: Any, reactor: Any = None) -> Server:
+    """Everything but starting: connects, migrates, wires services; raises StartupError."""
+    if reactor is None:
+        from twisted.internet import reactor as _reactor
+
+        reactor = _reactor
+    try:
+        engine = create_engine(settings.db_type, settings.db_connect_str, pool_size=settings.db_pool_size)
+        migrate.upgrade(engine)
+    except ValueError as exc:
+        raise StartupError(str(exc)) from None
+    except Exception as exc:  # unreachable server, bad credentials, read-only file...
+        first = str(getattr(exc, "orig", exc)).splitlines()[0] if str(exc) else type(exc).__name__
+        raise StartupError(f"db-connect-str: cannot open the {settings.db_type} database: {first}") from None
+    log.info("database {db}, schema at revision {rev}", db=describe_db(settings, engine), rev=migrate.head_revision())
+
+    pool = DBPool(engine, reactor, max_threads=None if engine.dialect.name == "sqlite" else settings.db_pool_size)
+    events = EventBus()
+    agents = AgentService(AgentStore(pool), CatalogStore(pool), events)
+    tasks = TaskService(TaskStore(pool), events)
+    auth = Authenticator(
+        admin_key=settings.admin_key,
+        endpoint=settings.auth_endpoint,
+        valid_org_ids=settings.auth_valid_org_id,
+        valid_ttl=settings.auth_valid_ttl,
+        invalid_ttl=settings.auth_invalid_ttl,
+        clock=reactor,
+    )
+    api = Api(agents, tasks, auth, max_body_size=settings.max_body_size)
+    site = TaskdSite(api.resource(), max_body_size=settings.max_body_size)
+
+    root = MultiService()
+    PoolService(pool).setServiceParent(root)
+    listener = ListenerService(reactor, settings.addr, site)
+    listener.setServiceParent(root)
+    if not settings.admin_key:
+        log.warn("admin-key is empty: only keys accepted by {endpoint} can use the API", endpoint=settings.auth_endpoint)
+    return Server(root, engine, pool, events, agents, tasks, api, listener)
+
+
+def make_service(settings: Any) -> MultiService:
+    log.info("taskd task-server {version} starting", version=taskd.__version__)
+    if getattr(settings, "config_file_missing", False):
+        log.info("no config file at {path}; using defaults, flags and environment", path=settings.config_path)
+    return build_server(settings).service

@@ -1,0 +1,233 @@
+"""The agents aggregate: an agent, its tags and its advertised metrics."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Callable, Iterable, Sequence
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+from sqlalchemy.exc import IntegrityError
+from twisted.internet.defer import Deferred
+
+from taskd.db import models as m
+from taskd.errors import Conflict, NotFound
+from taskd.db.listing import Page, match, paginate
+from taskd.db.pool import DBPool
+from taskd.timeutil import utcnow
+
+
+@dataclass(frozen=True)
+class Agent:
+    id: int
+    org_id: int
+    name: str
+    enabled: bool
+    enabled_change: datetime | None
+    public: bool
+    tags: tuple[str, ...]
+    online: bool
+    online_change: datetime | None
+    created: datetime
+    updated: datetime
+
+    def visible_to(self, org_id: int) -> bool:
+        return self.public or self.org_id == org_id
+
+
+@dataclass(frozen=True)
+class AgentFilter:
+    name: str | None = None
+    metric: str | None = None
+    enabled: bool | None = None
+    public: bool | None = None      # True: public only; False: own private; None: own + public
+    tags: tuple[str, ...] = ()
+
+
+ORDERABLE = {
+    "id": m.agent.c.id,
+    "name": m.agent.c.name,
+    "enabled": m.agent.c.enabled,
+    "enabledChange": m.agent.c.enabled_change,
+    "public": m.agent.c.public,
+    "online": m.agent.c.online,
+    "onlineChange": m.agent.c.online_change,
+    "created": m.agent.c.created,
+    "updated": m.agent.c.updated,
+}
+
+
+def _tags_for(conn: Connection, ids: Sequence[int]) -> dict[int, tuple[str, ...]]:
+    out: dict[int, list[str]] = {i: [] for i in ids}
+    if ids:
+        rows = conn.execute(
+            sa.select(m.agent_tag.c.agent_id, m.agent_tag.c.tag)
+            .where(m.agent_tag.c.agent_id.in_(ids))
+            .order_by(m.agent_tag.c.tag)
+        )
+        for agent_id, tag in rows:
+            out[agent_id].append(tag)
+    return {k: tuple(v) for k, v in out.items()}
+
+
+def _agents(conn: Connection, rows: Iterable[sa.Row]) -> list[Agent]:
+    rows = list(rows)
+    tags = _tags_for(conn, [r.id for r in rows])
+    return [
+        Agent(
+            id=r.id,
+            org_id=r.org_id,
+            name=r.name,
+            enabled=bool(r.enabled),
+            enabled_change=r.enabled_change,
+            public=bool(r.public),
+            tags=tags[r.id],
+            online=bool(r.online),
+            online_change=r.online_change,
+            created=r.created,
+            updated=r.updated,
+        )
+        for r in rows
+    ]
+
+
+def load_agent(conn: Connection, agent_id: int) -> Agent | None:
+    found = _agents(conn, conn.execute(sa.select(m.agent).where(m.agent.c.id == agent_id)))
+    return found[0] if found else None
+
+
+def _set_tags(conn: Connection, agent_id: int, org_id: int, tags: Sequence[str], now: datetime) -> None:
+    conn.execute(sa.delete(m.agent_tag).where(m.agent_tag.c.agent_id == agent_id))
+    if tags:
+        conn.execute(
+            sa.insert(m.agent_tag),
+            [{"org_id": org_id, "agent_id": agent_id, "tag": t, "created": now} for t in sorted(set(tags))],
+        )
+
+
+def _name_taken(conn: Connection, org_id: int, name: str, except_id: int | None = None) -> bool:
+    q = sa.select(m.agent.c.id).where(m.agent.c.org_id == org_id, m.agent.c.name == name)
+    if except_id is not None:
+        q = q.where(m.agent.c.id != except_id)
+    return conn.execute(q).first() is not None
+
+
+def _conflict(name: str) -> Conflict:
+    return Conflict(f"an agent named {name!r} already exists in this org; choose another name")
+
+
+class AgentStore:
+    def __init__(self, pool: DBPool, now: Callable[[], datetime] = utcnow) -> None:
+        self.pool = pool
+        self.now = now
+
+    def create(
+        self, org_id: int, name: str, *, enabled: bool, public: bool, tags: Sequence[str]
+    ) -> "Deferred[Agent]":
+        now = self.now()
+
+        def thd(conn: Connection) -> Agent:
+            if _name_taken(conn, org_id, name):
+                raise _conflict(name)
+            try:
+                agent_id = conn.execute(
+                    sa.insert(m.agent).values(
+                        org_id=org_id, name=name, enabled=enabled,
+                        enabled_change=now if enabled else None, public=public,
+                        online=False, online_change=None, created=now, updated=now,
+                    )
+                ).inserted_primary_key[0]
+            except IntegrityError:
+                raise _conflict(name) from None
+            _set_tags(conn, agent_id, org_id, tags, now)
+            return load_agent(conn, agent_id)
+
+        return self.pool.do(thd)
+
+    def get(self, agent_id: int) -> "Deferred[Agent | None]":
+        return self.pool.do(load_agent, agent_id)
+
+    def get_by_name(self, org_id: int, name: str) -> "Deferred[Agent | None]":
+        def thd(conn: Connection) -> Agent | None:
+            rows = conn.execute(
+                sa.select(m.agent).where(m.agent.c.org_id == org_id, m.agent.c.name == name)
+            )
+            found = _agents(conn, rows)
+            return found[0] if found else None
+
+        return self.pool.do(thd)
+
+    def list(self, org_id: int, flt: AgentFilter, page: Page) -> "Deferred[list[Agent]]":
+        a = m.agent.c
+        stmt = sa.select(m.agent)
+        if flt.public is True:
+            stmt = stmt.where(a.public.is_(True))
+        elif flt.public is False:
+            stmt = stmt.where(a.org_id == org_id, a.public.is_(False))
+        else:
+            stmt = stmt.where(sa.or_(a.org_id == org_id, a.public.is_(True)))
+        if flt.name is not None:
+            stmt = stmt.where(match(a.name, flt.name))
+        if flt.enabled is not None:
+            stmt = stmt.where(a.enabled.is_(flt.enabled))
+        if flt.tags:
+            stmt = stmt.where(
+                a.id.in_(sa.select(m.agent_tag.c.agent_id).where(m.agent_tag.c.tag.in_(flt.tags)))
+            )
+        if flt.metric is not None:
+            stmt = stmt.where(
+                a.id.in_(
+                    sa.select(m.agent_metric.c.agent_id).where(match(m.agent_metric.c.namespace, flt.metric))
+                )
+            )
+        stmt = paginate(stmt, page, ORDERABLE, a.id)
+        return self.pool.do(lambda conn: _agents(conn, conn.execute(stmt)))
+
+    def update(
+        self, agent_id: int, *, name: str, enabled: bool, public: bool, tags: Sequence[str]
+    ) -> "Deferred[tuple[Agent, Agent]]":
+        """Replace the agent's fields and tags; returns (old, new)."""
+        now = self.now()
+
+        def thd(conn: Connection) -> tuple[Agent, Agent]:
+            old = load_agent(conn, agent_id)
+            if old is None:
+                raise NotFound(f"agent {agent_id} does not exist")
+            if name != old.name and _name_taken(conn, old.org_id, name, except_id=agent_id):
+                raise _conflict(name)
+            values: dict = {"name": name, "enabled": enabled, "public": public, "updated": now}
+            if enabled != old.enabled:
+                values["enabled_change"] = now
+            try:
+                conn.execute(sa.update(m.agent).where(m.agent.c.id == agent_id).values(**values))
+            except IntegrityError:
+                raise _conflict(name) from None
+            if set(tags) != set(old.tags):
+                _set_tags(conn, agent_id, old.org_id, tags, now)
+            if public != old.public:
+                # The agent's catalog entries follow its visibility.
+                _republish_catalog(conn, agent_id, old.org_id, public)
+            return old, load_agent(conn, agent_id)
+
+        return self.pool.do(thd)
+
+    def delete(self, agent_id: int) -> "Deferred[Agent | None]":
+        """Delete the agent; tags, sessions, metrics and routes go with it (cascade)."""
+
+        def thd(conn: Connection) -> Agent | None:
+            old = load_agent(conn, agent_id)
+            if old is not None:
+                # Explicit deletes as well as ON DELETE CASCADE: sqlite files created
+                # with foreign keys off, or tables from older tools, stay consistent.
+                for table in (m.agent_tag, m.agent_session, m.agent_metric, m.route_by_id_index, m.route_by_any_index):
+                    conn.execute(sa.delete(table).where(table.c.agent_id == agent_id))
+                conn.execute(sa.delete(m.agent).where(m.agent.c.id == agent_id))
+            return old
+
+        return self.pool.do(thd)
+
+
+def _republish_catalog(conn: Connection, agent_id: int, org_id: int, public: bool) -> None:
+    from taskd.db.catalog import refresh_org_catalog
+
+    refresh_org_catalog(conn, org_id)

@@ -1,0 +1,142 @@
+"""Turning `db-type` + `db-connect-str` into a SQLAlchemy engine.
+
+Operators carry their connection strings over from the Go server, so both of its forms
+are read as well as plain SQLAlchemy URLs:
+
+* mysql: the Go driver's DSN ``USER:PASS@tcp(HOST:PORT)/DB?charset=utf8`` (also
+  ``unix(/path/to.sock)``), or ``mysql://…`` / ``mysql+pymysql://…``.
+* sqlite3: a path, the Go ``file:/path.db?cache=shared&mode=rwc`` form, or
+  ``sqlite:///path``; empty means :data:`DEFAULT_SQLITE_PATH`.
+"""
+from __future__ import annotations
+
+import os
+import re
+from typing import Any
+from urllib.parse import parse_qsl, unquote
+
+import sqlalchemy as sa
+from sqlalchemy.engine import URL, Engine, make_url
+
+DEFAULT_SQLITE_PATH = "/var/lib/taskd/task-server.db"
+
+_GO_DSN = re.compile(
+    r"^(?:(?P<user>[^:@/]*)(?::(?P<password>.*))?@)?"
+    r"(?:(?P<net>tcp|unix)\((?P<addr>[^)]*)\))?"
+    r"/(?P<db>[^?]*)(?:\?(?P<params>.*))?$"
+)
+
+
+class DatabaseConfigError(ValueError):
+    """The connection string cannot be used; the message names the key and the fix."""
+
+
+def mysql_url(connect_str: str) -> URL:
+    """A SQLAlchemy URL for PyMySQL from a Go DSN or a URL."""
+    if "://" in connect_str:
+        url = make_url(connect_str)
+        if url.get_backend_name() not in ("mysql", "mariadb"):
+            raise DatabaseConfigError(
+                f"db-connect-str: a {url.get_backend_name()!r} URL cannot be used with db-type = mysql"
+            )
+        return _with_charset(url.set(drivername="mysql+pymysql"))
+    m = _GO_DSN.match(connect_str)
+    if not m or not m.group("db"):
+        raise DatabaseConfigError(
+            "db-connect-str: expected USER:PASS@tcp(HOST:PORT)/DB?charset=utf8 "
+            "or a mysql:// URL"
+        )
+    query: dict[str, str] = {}
+    host, port = "localhost", 3306
+    if m.group("net") == "unix":
+        query["unix_socket"] = m.group("addr")
+    elif m.group("addr"):
+        host, _, port_s = m.group("addr").rpartition(":") if ":" in m.group("addr") else (m.group("addr"), "", "")
+        if port_s:
+            if not port_s.isdigit():
+                raise DatabaseConfigError("db-connect-str: the port in tcp(HOST:PORT) is not a number")
+            port = int(port_s)
+        host = host.strip("[]") or "localhost"
+    for key, value in parse_qsl(m.group("params") or ""):
+        if key == "charset":
+            query["charset"] = value
+    url = URL.create(
+        "mysql+pymysql",
+        username=unquote(m.group("user") or "") or None,
+        password=m.group("password"),
+        host=host,
+        port=port,
+        database=m.group("db"),
+        query=query,
+    )
+    return _with_charset(url)
+
+
+def _with_charset(url: URL) -> URL:
+    # Go's "utf8" is MySQL's 3-byte utf8mb3; taskd stores any Unicode, so always utf8mb4.
+    charset = url.query.get("charset", "utf8mb4")
+    if charset in ("utf8", "utf8mb3"):
+        charset = "utf8mb4"
+    return url.update_query_dict({"charset": charset})
+
+
+def sqlite_path(connect_str: str) -> str:
+    """The database file for a sqlite connect string (``:memory:`` allowed for tests)."""
+    s = connect_str.strip()
+    if not s:
+        return DEFAULT_SQLITE_PATH
+    if s.startswith("sqlite:"):
+        return make_url(s).database or ":memory:"
+    if s.startswith("file:"):
+        s = s[len("file:"):].split("?", 1)[0]
+    return s
+
+
+def create_engine(db_type: str, connect_str: str, *, pool_size: int = 10) -> Engine:
+    """An engine for the configured database, with sqlite set up for a daemon's use."""
+    if db_type == "mysql":
+        return sa.create_engine(
+            mysql_url(connect_str),
+            pool_pre_ping=True,  # survive "MySQL server has gone away" after idle periods
+            pool_recycle=3600,
+            pool_size=pool_size,
+            max_overflow=0,
+            isolation_level="READ COMMITTED",
+        )
+    if db_type != "sqlite3":
+        raise DatabaseConfigError(f"db-type: {db_type!r} is not sqlite3 or mysql")
+    path = sqlite_path(connect_str)
+    if path != ":memory:":
+        directory = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(directory):
+            raise DatabaseConfigError(
+                f"db-connect-str: directory {directory} for the sqlite database does not exist"
+            )
+    engine = sa.create_engine(
+        f"sqlite:///{path}", connect_args={"check_same_thread": False, "timeout": 30}
+    )
+    _setup_sqlite(engine)
+    return engine
+
+
+def _setup_sqlite(engine: Engine) -> None:
+    """WAL for concurrent readers, enforced foreign keys, and real transactions.
+
+    pysqlite's own transaction handling starts transactions late and commits DDL
+    implicitly; the SQLAlchemy-documented recipe below makes BEGIN explicit so that a
+    unit of work is one transaction, as on MySQL.
+    """
+
+    @sa.event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+        dbapi_conn.isolation_level = None
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA foreign_keys=ON")
+        cur.execute("PRAGMA synchronous=NORMAL")
+        cur.execute("PRAGMA busy_timeout=30000")
+        cur.close()
+
+    @sa.event.listens_for(engine, "begin")
+    def _on_begin(conn: Any) -> None:
+        conn.exec_driver_sql("BEGIN")

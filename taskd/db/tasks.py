@@ -1,0 +1,227 @@
+"""The tasks aggregate: a task, its metrics and its route indexes, written together."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Callable, Iterable, Sequence
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+from sqlalchemy.exc import IntegrityError
+from twisted.internet.defer import Deferred
+
+from taskd.db import models as m
+from taskd.errors import Conflict, Invalid, NotFound
+from taskd.db.listing import Page, match, paginate
+from taskd.db.pool import DBPool
+from taskd.timeutil import utcnow
+
+ANY, BY_TAGS, BY_IDS = "any", "byTags", "byIds"
+
+@dataclass(frozen=True)
+class Route:
+    type: str
+    config: dict = field(default_factory=dict)  # {} | {"tags": [...]} | {"ids": [...]}
+
+    @property
+    def tags(self) -> list[str]:
+        return list(self.config.get("tags", []))
+
+    @property
+    def ids(self) -> list[int]:
+        return list(self.config.get("ids", []))
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """A validated task as a client sent it (see taskd.server.validation)."""
+
+    name: str
+    task_type: str
+    config: dict
+    interval: int
+    route: Route
+    metrics: dict[str, int]
+    enabled: bool
+
+@dataclass(frozen=True)
+class Task:
+    id: int
+    org_id: int
+    name: str
+    task_type: str
+    config: dict
+    interval: int
+    route: Route
+    metrics: dict[str, int]
+    enabled: bool
+    created: datetime
+    updated: datetime
+
+@dataclass(frozen=True)
+class TaskFilter:
+    name: str | None = None
+    metric: str | None = None
+    enabled: bool | None = None
+
+ORDERABLE = {
+    "id": m.task.c.id,
+    "name": m.task.c.name,
+    "taskType": m.task.c.task_type,
+    "interval": m.task.c.interval,
+    "enabled": m.task.c.enabled,
+    "created": m.task.c.created,
+    "updated": m.task.c.updated,
+}
+
+def _tasks(conn: Connection, rows: Iterable[sa.Row]) -> list[Task]:
+    rows = list(rows)
+    metrics: dict[int, dict[str, int]] = {r.id: {} for r in rows}
+    if rows:
+        tm = m.task_metric.c
+        for task_id, ns, ver in conn.execute(
+            sa.select(tm.task_id, tm.namespace, tm.version).where(tm.task_id.in_(list(metrics)))
+        ):
+            metrics[task_id][ns] = ver
+    out = []
+    for r in rows:
+        route = r.route or {}
+        out.append(Task(
+            id=r.id, org_id=r.org_id, name=r.name, task_type=r.task_type, config=r.config or {},
+            interval=r.interval, route=Route(route.get("type", ANY), route.get("config") or {}),
+            metrics=dict(sorted(metrics[r.id].items())), enabled=bool(r.enabled),
+            created=r.created, updated=r.updated,
+        ))
+    return out
+
+def load_task(conn: Connection, org_id: int, task_id: int) -> Task | None:
+    found = _tasks(conn, conn.execute(
+        sa.select(m.task).where(m.task.c.id == task_id, m.task.c.org_id == org_id)
+    ))
+    return found[0] if found else None
+
+def _check_route_ids(conn: Connection, org_id: int, ids: Sequence[int]) -> None:
+    a = m.agent.c
+    found = {
+        r.id for r in conn.execute(
+            sa.select(a.id).where(a.id.in_(list(ids)), sa.or_(a.org_id == org_id, a.public.is_(True)))
+        )
+    }
+    missing = sorted(set(ids) - found)
+    if missing:
+        raise Invalid(
+            "route.config.ids: no agent visible to this org has id "
+            + ", ".join(str(i) for i in missing)
+        )
+
+def _write_children(conn: Connection, task_id: int, org_id: int, spec: TaskSpec, now: datetime) -> None:
+    """(Re)write task_metric and the byIds/byTags indexes; the `any` assignment is the
+    router's business and is only dropped when the route stops being `any`."""
+    conn.execute(sa.delete(m.task_metric).where(m.task_metric.c.task_id == task_id))
+    if spec.metrics:
+        conn.execute(sa.insert(m.task_metric), [
+            {"task_id": task_id, "namespace": ns, "version": ver, "created": now}
+            for ns, ver in spec.metrics.items()
+        ])
+    conn.execute(sa.delete(m.route_by_id_index).where(m.route_by_id_index.c.task_id == task_id))
+    conn.execute(sa.delete(m.route_by_tag_index).where(m.route_by_tag_index.c.task_id == task_id))
+    if spec.route.type != ANY:
+        conn.execute(sa.delete(m.route_by_any_index).where(m.route_by_any_index.c.task_id == task_id))
+    if spec.route.type == BY_IDS:
+        conn.execute(sa.insert(m.route_by_id_index), [
+            {"task_id": task_id, "agent_id": i, "created": now} for i in sorted(set(spec.route.ids))
+        ])
+    elif spec.route.type == BY_TAGS:
+        conn.execute(sa.insert(m.route_by_tag_index), [
+            {"task_id": task_id, "org_id": org_id, "tag": t, "created": now} for t in sorted(set(spec.route.tags))
+        ])
+
+def _conflict(name: str) -> Conflict:
+    return Conflict(f"a task named {name!r} already exists in this org; choose another name")
+
+def _name_taken(conn: Connection, org_id: int, name: str, except_id: int | None = None) -> bool:
+    q = sa.select(m.task.c.id).where(m.task.c.org_id == org_id, m.task.c.name == name)
+    if except_id is not None:
+        q = q.where(m.task.c.id != except_id)
+    return conn.execute(q).first() is not None
+
+def _route_json(route: Route) -> dict:
+    return {"type": route.type, "config": route.config}
+
+class TaskStore:
+    def __init__(self, pool: DBPool, now: Callable[[], datetime] = utcnow) -> None:
+        self.pool = pool
+        self.now = now
+
+    def create(self, org_id: int, spec: TaskSpec) -> "Deferred[Task]":
+        now = self.now()
+
+        def thd(conn: Connection) -> Task:
+            if _name_taken(conn, org_id, spec.name):
+                raise _conflict(spec.name)
+            if spec.route.type == BY_IDS:
+                _check_route_ids(conn, org_id, spec.route.ids)
+            try:
+                task_id = conn.execute(sa.insert(m.task).values(
+                    org_id=org_id, name=spec.name, task_type=spec.task_type, config=spec.config,
+                    interval=spec.interval, route=_route_json(spec.route), enabled=spec.enabled,
+                    created=now, updated=now,
+                )).inserted_primary_key[0]
+            except IntegrityError:
+                raise _conflict(spec.name) from None
+            _write_children(conn, task_id, org_id, spec, now)
+            return load_task(conn, org_id, task_id)
+
+        return self.pool.do(thd)
+
+    def update(self, org_id: int, task_id: int, spec: TaskSpec) -> "Deferred[tuple[Task, Task]]":
+        now = self.now()
+
+        def thd(conn: Connection) -> tuple[Task, Task]:
+            old = load_task(conn, org_id, task_id)
+            if old is None:
+                raise NotFound(f"task {task_id} does not exist in this org")
+            if spec.name != old.name and _name_taken(conn, org_id, spec.name, except_id=task_id):
+                raise _conflict(spec.name)
+            if spec.route.type == BY_IDS:
+                _check_route_ids(conn, org_id, spec.route.ids)
+            try:
+                conn.execute(sa.update(m.task).where(m.task.c.id == task_id).values(
+                    name=spec.name, task_type=spec.task_type, config=spec.config,
+                    interval=spec.interval, route=_route_json(spec.route), enabled=spec.enabled,
+                    updated=now,
+                ))
+            except IntegrityError:
+                raise _conflict(spec.name) from None
+            _write_children(conn, task_id, org_id, spec, now)
+            return old, load_task(conn, org_id, task_id)
+
+        return self.pool.do(thd)
+
+    def delete(self, org_id: int, task_id: int) -> "Deferred[Task]":
+        def thd(conn: Connection) -> Task:
+            old = load_task(conn, org_id, task_id)
+            if old is None:
+                raise NotFound(f"task {task_id} does not exist in this org")
+            for table in (m.task_metric, m.route_by_id_index, m.route_by_tag_index, m.route_by_any_index):
+                conn.execute(sa.delete(table).where(table.c.task_id == task_id))
+            conn.execute(sa.delete(m.task).where(m.task.c.id == task_id))
+            return old
+
+        return self.pool.do(thd)
+
+    def get(self, org_id: int, task_id: int) -> "Deferred[Task | None]":
+        return self.pool.do(load_task, org_id, task_id)
+
+    def list(self, org_id: int, flt: TaskFilter, page: Page) -> "Deferred[list[Task]]":
+        t = m.task.c
+        stmt = sa.select(m.task).where(t.org_id == org_id)
+        if flt.name is not None:
+            stmt = stmt.where(match(t.name, flt.name))
+        if flt.enabled is not None:
+            stmt = stmt.where(t.enabled.is_(flt.enabled))
+        if flt.metric is not None:
+            stmt = stmt.where(t.id.in_(
+                sa.select(m.task_metric.c.task_id).where(match(m.task_metric.c.namespace, flt.metric))
+            ))
+        stmt = paginate(stmt, page, ORDERABLE, t.id)
+        return self.pool.do(lambda conn: _tasks(conn, conn.execute(stmt)))

@@ -1,0 +1,192 @@
+"""The REST API under /api/v1: routing, auth, and the envelope around every answer.
+
+Handlers are small: parse input (validation.py), call a service (registry.py), render
+(render.py). `_endpoint` is the one place that authenticates, maps every error to the
+envelope with the right status, and makes sure no traceback ever reaches a client.
+"""
+from __future__ import annotations
+
+from typing import Any, Awaitable, Callable
+
+from klein import Klein
+from twisted.logger import Logger
+from twisted.web.iweb import IRequest
+from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
+
+from taskd.db import agents as agent_db, catalog as catalog_db, tasks as task_db
+from taskd.errors import StoreError
+from taskd.server.api.bodies import BodyError, ParsedBody, parse_body
+from taskd.server.api.envelope import error, respond
+from taskd.server.api.render import agent_json, metric_json, task_json
+from taskd.server.auth import AuthError, Authenticator, User, bearer_key
+from taskd.server.registry import AgentService, TaskService
+from taskd.server.validation import PAGE_PARAMS, Query, parse_agent, parse_id, parse_task
+
+Handler = Callable[..., Awaitable[Any]]
+PREFIX = "/api/v1"
+
+
+class Call:
+    """What a handler gets: the caller, the query string, and the body on demand."""
+
+    def __init__(self, request: IRequest, user: User | None) -> None:
+        self.request = request
+        self.user = user
+        self.query = Query(request.args)
+
+    def body(self) -> ParsedBody:
+        self.request.content.seek(0)
+        return parse_body(self.request.requestHeaders.getRawHeaders(b"content-type"), self.request.content.read())
+
+
+class Api:
+    log = Logger()
+
+    def __init__(self, agents: AgentService, tasks: TaskService, auth: Authenticator, *, max_body_size: int) -> None:
+        self.agents = agents
+        self.tasks = tasks
+        self.auth = auth
+        self.max_body_size = max_body_size
+        self.app = Klein()
+        self._routes()
+
+    def resource(self):
+        return self.app.resource()
+
+    # -- plumbing ----------------------------------------------------------------------
+
+    def _route(self, path: str, method: str, type_: str, handler: Handler, *, auth: bool = True) -> None:
+        async def endpoint(request: IRequest, **kwargs: Any) -> bytes:
+            return await self._endpoint(request, type_, handler, auth, kwargs)
+
+        endpoint.__name__ = f"{method} {path}"
+        self.app.route(path, methods=[method], strict_slashes=False, endpoint=endpoint.__name__)(endpoint)
+
+    async def _endpoint(self, request: IRequest, type_: str, handler: Handler, auth: bool, kwargs: dict) -> bytes:
+        try:
+            if getattr(request, "body_too_large", False):
+                return error(request, 413, f"request body is larger than {self.max_body_size} bytes (max-body-size)")
+            user = await self._authenticate(request) if auth else None
+            result = await handler(Call(request, user), **kwargs)
+            return respond(request, 200, "success", type_, result)
+        except AuthError as exc:
+            if exc.status == 401:
+                request.setHeader(b"www-authenticate", b'Bearer realm="taskd"')
+            return error(request, exc.status, exc.message)
+        except (StoreError, BodyError) as exc:
+            status = exc.status if isinstance(exc, StoreError) else 400
+            return error(request, status, exc.message)
+        except Exception:
+            self.log.failure("unhandled error answering {method} {path}",
+                             method=request.method.decode("ascii", "replace"),
+                             path=request.path.decode("utf-8", "replace"))
+            return error(request, 500, "internal server error; the server log has the details")
+
+    async def _authenticate(self, request: IRequest) -> User:
+        headers = request.requestHeaders
+        key = bearer_key(headers.getRawHeaders(b"authorization"), headers.getRawHeaders(b"authentication"))
+        return await self.auth.authenticate(key)
+
+    def _routes(self) -> None:
+        app = self.app
+
+        @app.handle_errors(HTTPException)
+        def http_error(request: IRequest, failure: Any) -> bytes:
+            exc = failure.value
+            path = request.path.decode("utf-8", "replace")
+            method = request.method.decode("ascii", "replace")
+            if isinstance(exc, MethodNotAllowed):
+                allowed = sorted(exc.valid_methods or [])
+                request.setHeader(b"allow", ", ".join(allowed).encode())
+                return error(request, 405, f"method {method} is not allowed on {path}; use {', '.join(allowed)}")
+            if isinstance(exc, NotFound):
+                return error(request, 404, f"no such route: {method} {path} (the API is under {PREFIX}/)")
+            return error(request, exc.code or 400, exc.description or exc.name)
+
+        heartbeat = self._heartbeat
+        for path in ("/", PREFIX, PREFIX + "/"):
+            self._route(path, "GET", "heartbeat", heartbeat, auth=False)
+
+        r = self._route
+        r(PREFIX + "/agents", "GET", "agents", self.list_agents)
+        r(PREFIX + "/agents", "POST", "agent", self.create_agent)
+        r(PREFIX + "/agents", "PUT", "agent", self.update_agent)
+        r(PREFIX + "/agents/<agent_id>", "GET", "agent", self.get_agent)
+        r(PREFIX + "/agents/<agent_id>", "DELETE", "agent", self.delete_agent)
+        r(PREFIX + "/agents/<agent_id>/metrics", "GET", "metrics", self.agent_metrics)
+        r(PREFIX + "/tasks", "GET", "tasks", self.list_tasks)
+        r(PREFIX + "/tasks", "POST", "task", self.create_task)
+        r(PREFIX + "/tasks", "PUT", "task", self.update_task)
+        r(PREFIX + "/tasks/<task_id>", "GET", "task", self.get_task)
+        r(PREFIX + "/tasks/<task_id>", "DELETE", "task", self.delete_task)
+        r(PREFIX + "/metrics", "GET", "metrics", self.list_metrics)
+
+    @staticmethod
+    async def _heartbeat(call: Call) -> None:
+        return None
+
+    # -- agents ------------------------------------------------------------------------
+
+    async def list_agents(self, call: Call) -> list:
+        q = call.query
+        q.check_known({"name", "metric", "enabled", "public", "tag"} | PAGE_PARAMS)
+        flt = agent_db.AgentFilter(
+            name=q.text("name"), metric=q.text("metric"), enabled=q.boolean("enabled"),
+            public=q.boolean("public"), tags=q.many("tag"),
+        )
+        page = q.page(agent_db.ORDERABLE, "name")
+        return [agent_json(a) for a in await self.agents.list(call.user, flt, page)]
+
+    async def create_agent(self, call: Call) -> dict:
+        call.query.check_known(set())
+        spec = parse_agent(call.body(), for_update=False)
+        return agent_json(await self.agents.create(call.user, spec))
+
+    async def update_agent(self, call: Call) -> dict:
+        call.query.check_known(set())
+        spec = parse_agent(call.body(), for_update=True)
+        return agent_json(await self.agents.update(call.user, spec))
+
+    async def get_agent(self, call: Call, agent_id: str) -> dict:
+        return agent_json(await self.agents.visible(call.user, parse_id("agent", agent_id)))
+
+    async def delete_agent(self, call: Call, agent_id: str) -> None:
+        await self.agents.delete(call.user, parse_id("agent", agent_id))
+        return None
+
+    async def agent_metrics(self, call: Call, agent_id: str) -> list:
+        metrics = await self.agents.metrics(call.user, parse_id("agent", agent_id))
+        return [metric_json(m) for m in metrics]
+
+    async def list_metrics(self, call: Call) -> list:
+        q = call.query
+        q.check_known({"namespace", "version"} | PAGE_PARAMS)
+        flt = catalog_db.MetricFilter(namespace=q.text("namespace"), version=q.integer("version"))
+        page = q.page(catalog_db.ORDERABLE, "namespace")
+        return [metric_json(m) for m in await self.agents.catalog_list(call.user, flt, page)]
+
+    # -- tasks -------------------------------------------------------------------------
+
+    async def list_tasks(self, call: Call) -> list:
+        q = call.query
+        q.check_known({"name", "metric", "enabled"} | PAGE_PARAMS)
+        flt = task_db.TaskFilter(name=q.text("name"), metric=q.text("metric"), enabled=q.boolean("enabled"))
+        page = q.page(task_db.ORDERABLE, "name")
+        return [task_json(t) for t in await self.tasks.list(call.user, flt, page)]
+
+    async def create_task(self, call: Call) -> dict:
+        call.query.check_known(set())
+        _, spec = parse_task(call.body(), for_update=False)
+        return task_json(await self.tasks.create(call.user, spec))
+
+    async def update_task(self, call: Call) -> dict:
+        call.query.check_known(set())
+        task_id, spec = parse_task(call.body(), for_update=True)
+        return task_json(await self.tasks.update(call.user, task_id, spec))
+
+    async def get_task(self, call: Call, task_id: str) -> dict:
+        return task_json(await self.tasks.get(call.user, parse_id("task", task_id)))
+
+    async def delete_task(self, call: Call, task_id: str) -> None:
+        await self.tasks.delete(call.user, parse_id("task", task_id))
+        return None

@@ -1,0 +1,53 @@
+"""Domain dataclasses as the JSON the original's clients know (camelCase, RFC 3339).
+
+Agents never show `orgId` (as in the original); tasks do.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from taskd.db.agents import Agent
+from taskd.db.catalog import Metric
+from taskd.db.tasks import Task
+from taskd.timeutil import rfc3339
+
+
+def agent_json(a: Agent) -> dict[str, Any]:
+    return {
+        "id": a.id,
+        "name": a.name,
+        "enabled": a.enabled,
+        "enabledChange": rfc3339(a.enabled_change),
+        "public": a.public,
+        "tags": list(a.tags),
+        "online": a.online,
+        "onlineChange": rfc3339(a.online_change),
+        "created": rfc3339(a.created),
+        "updated": rfc3339(a.updated),
+    }
+
+
+def task_json(t: Task) -> dict[str, Any]:
+    return {
+        "id": t.id,
+        "name": t.name,
+        "taskType": t.task_type,
+        "orgId": t.org_id,
+        "config": t.config,
+        "interval": t.interval,
+        "route": {"type": t.route.type, "config": t.route.config},
+        "metrics": t.metrics,
+        "enabled": t.enabled,
+        "created": rfc3339(t.created),
+        "updated": rfc3339(t.updated),
+    }
+
+
+def metric_json(m: Metric) -> dict[str, Any]:
+    return {
+        "namespace": m.namespace,
+        "version": m.version,
+        "policy": m.policy,
+        "public": m.public,
+        "created": rfc3339(m.created),
+    }

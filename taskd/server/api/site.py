@@ -1,0 +1,44 @@
+"""The HTTP site: request bodies bounded, and parsed only by the API.
+
+twisted.web would otherwise parse form bodies itself by the *first* Content-Type header
+and answer a malformed multipart body with a bare 400 before any handler runs, which is
+exactly wrong for the notes' requests (see bodies.py). A body over `max-body-size` is
+not kept in memory: its bytes are discarded as they arrive and the API answers 413.
+"""
+from __future__ import annotations
+
+from twisted.web.resource import IResource
+from twisted.web.server import Request, Site
+
+
+class TaskdRequest(Request):
+    _parsePOSTFormSubmission = False
+    body_too_large = False
+
+    def _limit(self) -> int:
+        return getattr(self.channel.site, "max_body_size", 1 << 20)
+
+    def gotLength(self, length: int | None) -> None:
+        if length is not None and length > self._limit():
+            self.body_too_large = True
+            length = 0  # never spool a body we will refuse
+        super().gotLength(length)
+
+    def handleContentChunk(self, data: bytes) -> None:
+        if self.body_too_large:
+            return
+        if self.content.tell() + len(data) > self._limit():
+            self.body_too_large = True
+            self.content.seek(0)
+            self.content.truncate()
+            return
+        super().handleContentChunk(data)
+
+
+class TaskdSite(Site):
+    requestFactory = TaskdRequest
+
+    def __init__(self, resource: IResource, *, max_body_size: int, **kwargs) -> None:
+        super().__init__(resource, **kwargs)
+        self.max_body_size = max_body_size
+        self.noisy = False

@@ -1,0 +1,114 @@
+"""The services behind the REST API: org scoping and ownership, then store, then event.
+
+Protocol classes (HTTP handlers now, the websocket later) call these and never the
+stores directly, so the visibility rules live in one place: an org sees its own agents
+and every public one, changes only its own, and sees only its own tasks.
+"""
+from __future__ import annotations
+
+from twisted.internet.defer import Deferred, inlineCallbacks
+
+from taskd.db.agents import Agent, AgentFilter, AgentStore
+from taskd.db.catalog import CatalogStore, Metric, MetricFilter
+from taskd.db.listing import Page
+from taskd.db.tasks import Task, TaskFilter, TaskSpec, TaskStore
+from taskd.errors import Forbidden, NotFound
+from taskd.server.auth import User
+from taskd.server.events import EventBus
+from taskd.server.validation import AgentInput
+
+
+class AgentService:
+    def __init__(self, agents: AgentStore, catalog: CatalogStore, events: EventBus) -> None:
+        self.agents = agents
+        self.catalog = catalog
+        self.events = events
+
+    @inlineCallbacks
+    def visible(self, user: User, agent_id: int) -> "Deferred[Agent]":
+        agent = yield self.agents.get(agent_id)
+        if agent is None or not agent.visible_to(user.org_id):
+            raise NotFound(f"agent {agent_id} does not exist")
+        return agent
+
+    @inlineCallbacks
+    def owned(self, user: User, agent_id: int) -> "Deferred[Agent]":
+        agent = yield self.visible(user, agent_id)
+        if agent.org_id != user.org_id:
+            raise Forbidden(f"agent {agent_id} is a public agent of another org; only its owner can change it")
+        return agent
+
+    def list(self, user: User, flt: AgentFilter, page: Page) -> "Deferred[list[Agent]]":
+        return self.agents.list(user.org_id, flt, page)
+
+    @inlineCallbacks
+    def create(self, user: User, spec: AgentInput) -> "Deferred[Agent]":
+        agent = yield self.agents.create(
+            user.org_id, spec.name, enabled=bool(spec.enabled), public=bool(spec.public), tags=spec.tags or ()
+        )
+        self.events.publish("agent.created", agent)
+        return agent
+
+    @inlineCallbacks
+    def update(self, user: User, spec: AgentInput) -> "Deferred[Agent]":
+        current = yield self.owned(user, spec.id)
+        old, new = yield self.agents.update(
+            current.id,
+            name=spec.name if spec.name is not None else current.name,
+            enabled=spec.enabled if spec.enabled is not None else current.enabled,
+            public=spec.public if spec.public is not None else current.public,
+            tags=spec.tags if spec.tags is not None else current.tags,
+        )
+        self.events.publish("agent.updated", {"old": old, "new": new})
+        return new
+
+    @inlineCallbacks
+    def delete(self, user: User, agent_id: int) -> "Deferred[Agent]":
+        yield self.owned(user, agent_id)
+        old = yield self.agents.delete(agent_id)
+        if old is None:
+            raise NotFound(f"agent {agent_id} does not exist")
+        self.events.publish("agent.deleted", old)
+        return old
+
+    @inlineCallbacks
+    def metrics(self, user: User, agent_id: int) -> "Deferred[list[Metric]]":
+        yield self.visible(user, agent_id)
+        return (yield self.catalog.agent_metrics(agent_id))
+
+    def catalog_list(self, user: User, flt: MetricFilter, page: Page) -> "Deferred[list[Metric]]":
+        return self.catalog.list(user.org_id, flt, page)
+
+
+class TaskService:
+    def __init__(self, tasks: TaskStore, events: EventBus) -> None:
+        self.tasks = tasks
+        self.events = events
+
+    def list(self, user: User, flt: TaskFilter, page: Page) -> "Deferred[list[Task]]":
+        return self.tasks.list(user.org_id, flt, page)
+
+    @inlineCallbacks
+    def get(self, user: User, task_id: int) -> "Deferred[Task]":
+        task = yield self.tasks.get(user.org_id, task_id)
+        if task is None:
+            raise NotFound(f"task {task_id} does not exist in this org")
+        return task
+
+    @inlineCallbacks
+    def create(self, user: User, spec: TaskSpec) -> "Deferred[Task]":
+        task = yield self.tasks.create(user.org_id, spec)
+        self.events.publish("task.created", task)
+        return task
+
+    @inlineCallbacks
+    def update(self, user: User, task_id: int, spec: TaskSpec) -> "Deferred[Task]":
+        old, new = yield self.tasks.update(user.org_id, task_id, spec)
+        self.events.publish("task.updated", {"old": old, "new": new})
+        return new
+
+    @inlineCallbacks
+    def delete(self, user: User, task_id: int) -> "Deferred[Task]":
+        old = yield self.tasks.delete(user.org_id, task_id)
+        self.events.publish("task.deleted", old)
+        return old
