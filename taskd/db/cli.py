@@ -1,0 +1,63 @@
+"""`taskd-db`: the operator's handle on the schema, reading the server's own config.
+
+The server applies migrations itself at start-up; this command lets an operator do it
+ahead of a rollout (or check where a database stands) without starting a server:
+
+    taskd-db --config /etc/taskd/task-server.ini upgrade
+    taskd-db --config /etc/taskd/task-server.ini current
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from taskd.config import ConfigError
+from taskd.db import migrate
+from taskd.db.engine import DatabaseConfigError, create_engine
+from taskd.server.settings import load_server_settings
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="taskd-db", description="Inspect and migrate the task-server's database schema."
+    )
+    parser.add_argument("--config", "-c", default="/etc/taskd/task-server.ini",
+                        help="the task-server config file (default: %(default)s)")
+    parser.add_argument("--db-type", help="override db-type (sqlite3 or mysql)")
+    parser.add_argument("--db-connect-str", help="override db-connect-str")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("upgrade", help="apply every pending revision (what start-up does)")
+    sub.add_parser("current", help="print the database's revision and the newest known one")
+    sub.add_parser("history", help="list the revisions, oldest first")
+    down = sub.add_parser("downgrade", help="step back to a revision (destroys data of later revisions)")
+    down.add_argument("revision", help="target revision, e.g. 0001 or base")
+    args = parser.parse_args(argv)
+
+    if args.command == "history":
+        for rev, doc in migrate.history():
+            print(f"{rev}  {doc}")
+        return 0
+    flags = {"db-type": args.db_type, "db-connect-str": args.db_connect_str}
+    try:
+        settings = load_server_settings(args.config, flags={k: v for k, v in flags.items() if v is not None})
+        engine = create_engine(settings.db_type, settings.db_connect_str, pool_size=1)
+        if args.command == "upgrade":
+            migrate.upgrade(engine)
+            print(f"schema at {migrate.current_revision(engine)}")
+        elif args.command == "current":
+            print(f"database: {migrate.current_revision(engine) or 'empty'}; newest: {migrate.head_revision()}")
+        else:
+            migrate.downgrade(engine, args.revision)
+            print(f"schema at {migrate.current_revision(engine) or 'base'}")
+    except (ConfigError, DatabaseConfigError) as exc:
+        print(f"taskd-db: config error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # unreachable server and the like: one line, not a traceback
+        detail = str(getattr(exc, "orig", exc)).splitlines()[0] if str(exc) else type(exc).__name__
+        print(f"taskd-db: database error: {detail}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

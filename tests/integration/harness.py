@@ -1,0 +1,102 @@
+"""A real task-server in the test's reactor, on 127.0.0.1 port 0, and an HTTP client.
+
+Everything is real (sockets, HTTP, SQL) except grafana.com's key check, which is the
+emulator in tests/fakes/auth_endpoint.py.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import treq
+from twisted.internet import reactor
+from twisted.web.client import HTTPConnectionPool
+
+from taskd.server.service import Server, build_server
+from taskd.server.settings import ServerSettings
+from tests.conftest import wipe
+from tests.fakes.auth_endpoint import FakeAuthEndpoint, org, start_auth_endpoint
+
+ADMIN_KEY = "EASY"
+ORG2_KEY = "key-org-2"
+ORG3_KEY = "key-org-3"
+VIEWER_KEY = "key-org-2-viewer"
+
+
+@dataclass
+class Reply:
+    status: int
+    headers: Any
+    raw: bytes
+
+    @property
+    def json(self) -> Any:
+        return json.loads(self.raw)
+
+    @property
+    def body(self) -> Any:
+        return self.json["body"]
+
+    @property
+    def meta(self) -> dict:
+        return self.json["meta"]
+
+
+class RunningServer:
+    def __init__(self, server: Server, auth: FakeAuthEndpoint) -> None:
+        self.server = server
+        self.auth = auth
+        self.port = server.listener.port.getHost().port
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.pool = HTTPConnectionPool(reactor, persistent=False)
+
+    async def request(self, method: str, path: str, *, key: str | None = ADMIN_KEY,
+                      json_body: Any = None, data: Any = None, headers: dict | None = None,
+                      params: Any = None) -> Reply:
+        hdrs = dict(headers or {})
+        if key is not None:
+            hdrs.setdefault("Authorization", f"Bearer {key}")
+        kwargs: dict[str, Any] = {"headers": hdrs, "pool": self.pool, "params": params}
+        if json_body is not None:
+            kwargs["json"] = json_body
+        if data is not None:
+            kwargs["data"] = data
+        resp = await treq.request(method, self.base + path, **kwargs)
+        raw = await resp.content()
+        return Reply(resp.code, resp.headers, raw)
+
+    async def ok(self, method: str, path: str, **kw: Any) -> Any:
+        """Request that must succeed; returns the envelope's body."""
+        reply = await self.request(method, path, **kw)
+        assert reply.status == 200, (reply.status, reply.raw)
+        assert reply.meta["code"] == 200
+        return reply.body
+
+
+async def start_server(db_type: str, connect_str: str, **overrides: Any) -> RunningServer:
+    auth = start_auth_endpoint({
+        ORG2_KEY: org(2, "acme", "Admin"),
+        ORG3_KEY: org(3, "globex", "Admin"),
+        VIEWER_KEY: org(2, "acme", "Viewer"),
+    })
+    settings = dataclasses.replace(
+        ServerSettings(),
+        addr="tcp:0:interface=127.0.0.1",
+        db_type=db_type,
+        db_connect_str=connect_str,
+        admin_key=ADMIN_KEY,
+        auth_endpoint=auth.url,
+        **overrides,
+    )
+    server = build_server(settings, reactor)
+    wipe(server.engine)
+    server.service.startService()
+    await server.listener.listening
+    return RunningServer(server, auth)
+
+
+async def stop_server(running: RunningServer) -> None:
+    await running.server.service.stopService()
+    await running.auth.stop()
