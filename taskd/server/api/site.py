@@ -12,8 +12,14 @@ from twisted.web.server import Request, Site
 
 
 class TaskdRequest(Request):
-    _parsePOSTFormSubmission = False
     body_too_large = False
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        # Twisted >= 24.10 sets this per instance (default True), shadowing the class
+        # attribute: form bodies would then land in request.args, i.e. be taken for
+        # query parameters, and a malformed multipart body would get a bare 400.
+        self._parsePOSTFormSubmission = False
 
     def _limit(self) -> int:
         return getattr(self.channel.site, "max_body_size", 1 << 20)
@@ -39,6 +45,6 @@ class TaskdSite(Site):
     requestFactory = TaskdRequest
 
     def __init__(self, resource: IResource, *, max_body_size: int, **kwargs) -> None:
-        super().__init__(resource, **kwargs)
+        super().__init__(resource, parsePOSTFormSubmission=False, **kwargs)
         self.max_body_size = max_body_size
         self.noisy = False
