@@ -222,6 +222,8 @@ class AgentStore:
                 for table in (m.agent_tag, m.agent_session, m.agent_metric, m.route_by_id_index, m.route_by_any_index):
                     conn.execute(sa.delete(table).where(table.c.agent_id == agent_id))
                 conn.execute(sa.delete(m.agent).where(m.agent.c.id == agent_id))
+                # The org catalog is derived from agents' metrics: drop what only it gave.
+                _republish_catalog(conn, agent_id, old.org_id, old.public)
             return old
 
         return self.pool.do(thd)

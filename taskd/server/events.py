@@ -35,8 +35,9 @@ Handler = Callable[[Event], Any]
 class EventBus:
     log = Logger()
 
-    def __init__(self) -> None:
+    def __init__(self, instance_id: str | None = None) -> None:
         self._handlers: list[Handler] = []
+        self.instance_id = instance_id or socket.gethostname()
 
     def subscribe(self, handler: Handler) -> Callable[[], None]:
         self._handlers.append(handler)
@@ -45,7 +46,7 @@ class EventBus:
     def publish(self, type_: str, payload: Any) -> None:
         """Deliver to every subscriber; one failing handler never stops the others."""
         assert type_ in EVENT_TYPES, type_
-        event = Event(type_, payload)
+        event = Event(type_, payload, source=self.instance_id)
         self.log.debug("event {type}", type=type_)
         for handler in list(self._handlers):
             try:

@@ -11,10 +11,13 @@ from twisted.internet.defer import Deferred, inlineCallbacks
 from taskd.db.agents import Agent, AgentFilter, AgentStore
 from taskd.db.catalog import CatalogStore, Metric, MetricFilter
 from taskd.db.listing import Page
+from taskd.db.pool import DBPool
+from taskd.db.routes import ensure_any_assignment, routed_agents
 from taskd.db.tasks import Task, TaskFilter, TaskSpec, TaskStore
-from taskd.errors import Forbidden, NotFound
+from taskd.errors import Conflict, Forbidden, NotFound
 from taskd.server.auth import User
 from taskd.server.events import EventBus
+from taskd.server.render import agent_json, task_json
 from taskd.server.validation import AgentInput
 
 
@@ -46,7 +49,24 @@ class AgentService:
         agent = yield self.agents.create(
             user.org_id, spec.name, enabled=bool(spec.enabled), public=bool(spec.public), tags=spec.tags or ()
         )
-        self.events.publish("agent.created", agent)
+        self.events.publish("agent.created", agent_event(agent))
+        return agent
+
+    @inlineCallbacks
+    def for_socket(self, user: User, name: str, *, autocreate: bool) -> "Deferred[Agent]":
+        """The agent connecting under `name` in the key's org; created (enabled, public,
+        as the later original did) when missing, unless auto-create is off."""
+        agent = yield self.agents.get_by_name(user.org_id, name)
+        if agent is not None:
+            return agent
+        if not autocreate:
+            raise NotFound(f"agent {name!r} is not registered in this org; register it with "
+                           "POST /api/v1/agents (agent-autocreate is off)")
+        try:
+            agent = yield self.agents.create(user.org_id, name, enabled=True, public=True, tags=())
+        except Conflict:  # created concurrently by another connection
+            return (yield self.agents.get_by_name(user.org_id, name))
+        self.events.publish("agent.created", agent_event(agent))
         return agent
 
     @inlineCallbacks
@@ -59,7 +79,7 @@ class AgentService:
             public=spec.public if spec.public is not None else current.public,
             tags=spec.tags if spec.tags is not None else current.tags,
         )
-        self.events.publish("agent.updated", {"old": old, "new": new})
+        self.events.publish("agent.updated", {"old": agent_event(old), "new": agent_event(new)})
         return new
 
     @inlineCallbacks
@@ -68,7 +88,7 @@ class AgentService:
         old = yield self.agents.delete(agent_id)
         if old is None:
             raise NotFound(f"agent {agent_id} does not exist")
-        self.events.publish("agent.deleted", old)
+        self.events.publish("agent.deleted", agent_event(old))
         return old
 
     @inlineCallbacks
@@ -81,9 +101,13 @@ class AgentService:
 
 
 class TaskService:
-    def __init__(self, tasks: TaskStore, events: EventBus) -> None:
+    """Tasks of the caller's org. An `any` task gets its agent here, right after it is
+    written, so every server learns the assignment from the database with the event."""
+
+    def __init__(self, tasks: TaskStore, events: EventBus, pool: DBPool) -> None:
         self.tasks = tasks
         self.events = events
+        self.pool = pool
 
     def list(self, user: User, flt: TaskFilter, page: Page) -> "Deferred[list[Task]]":
         return self.tasks.list(user.org_id, flt, page)
@@ -95,20 +119,32 @@ class TaskService:
             raise NotFound(f"task {task_id} does not exist in this org")
         return task
 
+    def routed_to(self, task: Task) -> "Deferred[list[int]]":
+        """Agents the task is currently routed to (its `any` agent, or the online,
+        capable agents its ids or tags select)."""
+        return self.pool.do(lambda conn: sorted(routed_agents(conn, task)))
+
     @inlineCallbacks
     def create(self, user: User, spec: TaskSpec) -> "Deferred[Task]":
         task = yield self.tasks.create(user.org_id, spec)
-        self.events.publish("task.created", task)
+        yield self.pool.do(ensure_any_assignment, task)
+        self.events.publish("task.created", task_json(task))
         return task
 
     @inlineCallbacks
     def update(self, user: User, task_id: int, spec: TaskSpec) -> "Deferred[Task]":
         old, new = yield self.tasks.update(user.org_id, task_id, spec)
-        self.events.publish("task.updated", {"old": old, "new": new})
+        yield self.pool.do(ensure_any_assignment, new)
+        self.events.publish("task.updated", {"old": task_json(old), "new": task_json(new)})
         return new
 
     @inlineCallbacks
     def delete(self, user: User, task_id: int) -> "Deferred[Task]":
         old = yield self.tasks.delete(user.org_id, task_id)
-        self.events.publish("task.deleted", old)
+        self.events.publish("task.deleted", task_json(old))
         return old
+
+
+def agent_event(agent: Agent) -> dict:
+    """Agent JSON plus the org, which other servers need and the API never shows."""
+    return {**agent_json(agent), "orgId": agent.org_id}

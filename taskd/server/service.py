@@ -7,6 +7,8 @@ the process exits non-zero instead of serving half a server.
 """
 from __future__ import annotations
 
+import os
+import socket as socket_module
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,12 +24,16 @@ from taskd.db.agents import AgentStore
 from taskd.db.catalog import CatalogStore
 from taskd.db.engine import create_engine
 from taskd.db.pool import DBPool
+from taskd.db.sessions import SessionStore
 from taskd.db.tasks import TaskStore
 from taskd.server.api.app import Api
 from taskd.server.api.site import TaskdSite
 from taskd.server.auth import Authenticator
 from taskd.server.events import EventBus
+from taskd.server.dispatch import Dispatcher
 from taskd.server.registry import AgentService, TaskService
+from taskd.server.sessions import SessionManager
+from taskd.server.websocket import SocketEndpoint, make_factory
 
 log = Logger(namespace="taskd.server")
 
@@ -102,6 +108,9 @@ class Server:
     tasks: TaskService
     api: Api
     listener: ListenerService
+    sessions: SessionManager
+    dispatcher: Dispatcher
+    instance_id: str
 
 
 def describe_db(settings: Any, engine: Engine) -> str:
@@ -128,9 +137,25 @@ def build_server(settings: Any, reactor: Any = None) -> Server:
     log.info("database {db}, schema at revision {rev}", db=describe_db(settings, engine), rev=migrate.head_revision())
 
     pool = DBPool(engine, reactor, max_threads=None if engine.dialect.name == "sqlite" else settings.db_pool_size)
-    events = EventBus()
-    agents = AgentService(AgentStore(pool), CatalogStore(pool), events)
-    tasks = TaskService(TaskStore(pool), events)
+    instance_id = instance_identity(settings)
+    events = EventBus(instance_id)
+    catalog = CatalogStore(pool)
+    agents = AgentService(AgentStore(pool), catalog, events)
+    tasks = TaskService(TaskStore(pool), events, pool)
+    sessions = SessionManager(
+        pool=pool, store=SessionStore(pool), catalog=catalog, events=events, instance_id=instance_id,
+        clock=reactor, heartbeat_interval=settings.heartbeat_interval,
+        task_list_interval=settings.task_list_interval,
+    )
+    try:
+        sessions.clear_stale_sync()
+    except Exception as exc:
+        raise StartupError(f"cannot clear this server's stale sessions: {str(exc).splitlines()[0]}") from None
+    dispatcher = Dispatcher(
+        manager=sessions, pool=pool, events=events, clock=reactor, instance_id=instance_id,
+        relocate_delay=settings.relocate_delay, sweep_interval=settings.task_list_interval,
+    )
+    socket = SocketEndpoint(agents, make_factory(sessions), autocreate=settings.agent_autocreate)
     auth = Authenticator(
         admin_key=settings.admin_key,
         endpoint=settings.auth_endpoint,
@@ -139,16 +164,37 @@ def build_server(settings: Any, reactor: Any = None) -> Server:
         invalid_ttl=settings.auth_invalid_ttl,
         clock=reactor,
     )
-    api = Api(agents, tasks, auth, max_body_size=settings.max_body_size)
+    api = Api(agents, tasks, auth, max_body_size=settings.max_body_size, socket=socket)
     site = TaskdSite(api.resource(), max_body_size=settings.max_body_size)
 
     root = MultiService()
+    # Started in this order, stopped in reverse: the listener stops accepting first, then
+    # the sessions close their sockets (recording offline), and the pool goes last.
     PoolService(pool).setServiceParent(root)
+    sessions.setServiceParent(root)
+    dispatcher.setServiceParent(root)
     listener = ListenerService(reactor, settings.addr, site)
     listener.setServiceParent(root)
     if not settings.admin_key:
         log.warn("admin-key is empty: only keys accepted by {endpoint} can use the API", endpoint=settings.auth_endpoint)
-    return Server(root, engine, pool, events, agents, tasks, api, listener)
+    log.info("server instance {id}; events {where}", id=instance_id,
+             where=f"over RabbitMQ exchange {settings.exchange}" if settings.exchange else "in-process")
+    return Server(root, engine, pool, events, agents, tasks, api, listener, sessions, dispatcher, instance_id)
+
+
+def instance_identity(settings: Any) -> str:
+    """Names this server on its session rows. Default hostname:port, so two servers on
+    one host never clear each other's sessions at start-up."""
+    if getattr(settings, "instance_id", ""):
+        return settings.instance_id
+    port = ""
+    for part in settings.addr.split(":")[1:]:
+        if part.isdigit():
+            port = part
+            break
+    if not port or port == "0":
+        port = f"pid{os.getpid()}"
+    return f"{socket_module.gethostname()}:{port}"
 
 
 def make_service(settings: Any) -> MultiService:

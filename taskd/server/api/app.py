@@ -17,7 +17,7 @@ from taskd.db import agents as agent_db, catalog as catalog_db, tasks as task_db
 from taskd.errors import StoreError
 from taskd.server.api.bodies import BodyError, ParsedBody, parse_body
 from taskd.server.api.envelope import error, respond
-from taskd.server.api.render import agent_json, metric_json, task_json
+from taskd.server.render import agent_json, metric_json, task_json
 from taskd.server.auth import AuthError, Authenticator, User, bearer_key
 from taskd.server.registry import AgentService, TaskService
 from taskd.server.validation import PAGE_PARAMS, Query, parse_agent, parse_id, parse_task
@@ -42,10 +42,12 @@ class Call:
 class Api:
     log = Logger()
 
-    def __init__(self, agents: AgentService, tasks: TaskService, auth: Authenticator, *, max_body_size: int) -> None:
+    def __init__(self, agents: AgentService, tasks: TaskService, auth: Authenticator, *, max_body_size: int,
+                 socket: Handler | None = None) -> None:
         self.agents = agents
         self.tasks = tasks
         self.auth = auth
+        self.socket = socket
         self.max_body_size = max_body_size
         self.app = Klein()
         self._routes()
@@ -55,19 +57,25 @@ class Api:
 
     # -- plumbing ----------------------------------------------------------------------
 
-    def _route(self, path: str, method: str, type_: str, handler: Handler, *, auth: bool = True) -> None:
-        async def endpoint(request: IRequest, **kwargs: Any) -> bytes:
-            return await self._endpoint(request, type_, handler, auth, kwargs)
+    def _route(self, path: str, method: str, type_: str, handler: Handler, *, auth: bool = True,
+               raw: bool = False) -> None:
+        async def endpoint(request: IRequest, **kwargs: Any) -> Any:
+            return await self._endpoint(request, type_, handler, auth, kwargs, raw)
 
         endpoint.__name__ = f"{method} {path}"
         self.app.route(path, methods=[method], strict_slashes=False, endpoint=endpoint.__name__)(endpoint)
 
-    async def _endpoint(self, request: IRequest, type_: str, handler: Handler, auth: bool, kwargs: dict) -> bytes:
+    async def _endpoint(self, request: IRequest, type_: str, handler: Handler, auth: bool, kwargs: dict,
+                        raw: bool = False) -> Any:
+        """raw: the handler's result (e.g. the websocket upgrade resource) is returned as
+        is; errors still become the envelope."""
         try:
             if getattr(request, "body_too_large", False):
                 return error(request, 413, f"request body is larger than {self.max_body_size} bytes (max-body-size)")
             user = await self._authenticate(request) if auth else None
             result = await handler(Call(request, user), **kwargs)
+            if raw:
+                return result
             return respond(request, 200, "success", type_, result)
         except AuthError as exc:
             if exc.status == 401:
@@ -120,6 +128,8 @@ class Api:
         r(PREFIX + "/tasks/<task_id>", "GET", "task", self.get_task)
         r(PREFIX + "/tasks/<task_id>", "DELETE", "task", self.delete_task)
         r(PREFIX + "/metrics", "GET", "metrics", self.list_metrics)
+        if self.socket is not None:
+            r(PREFIX + "/socket/<agent_name>/<version>", "GET", "error", self.socket, raw=True)
 
     @staticmethod
     async def _heartbeat(call: Call) -> None:
@@ -185,7 +195,8 @@ class Api:
         return task_json(await self.tasks.update(call.user, task_id, spec))
 
     async def get_task(self, call: Call, task_id: str) -> dict:
-        return task_json(await self.tasks.get(call.user, parse_id("task", task_id)))
+        task = await self.tasks.get(call.user, parse_id("task", task_id))
+        return {**task_json(task), "agents": await self.tasks.routed_to(task)}
 
     async def delete_task(self, call: Call, task_id: str) -> None:
         await self.tasks.delete(call.user, parse_id("task", task_id))

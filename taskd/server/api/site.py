@@ -7,8 +7,10 @@ not kept in memory: its bytes are discarded as they arrive and the API answers 4
 """
 from __future__ import annotations
 
-from twisted.web.resource import IResource
+from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request, Site
+
+from taskd.server.api.envelope import error
 
 
 class TaskdRequest(Request):
@@ -16,9 +18,10 @@ class TaskdRequest(Request):
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        # Twisted >= 24.10 sets this per instance (default True), shadowing the class
-        # attribute: form bodies would then land in request.args, i.e. be taken for
-        # query parameters, and a malformed multipart body would get a bare 400.
+        # Belt and braces with Site(parsePOSTFormSubmission=False): Request.__init__
+        # sets this per instance (default True); form bodies would then land in
+        # request.args, i.e. be taken for query parameters, and a malformed multipart
+        # body would get a bare 400.
         self._parsePOSTFormSubmission = False
 
     def _limit(self) -> int:
@@ -48,3 +51,19 @@ class TaskdSite(Site):
         super().__init__(resource, parsePOSTFormSubmission=False, **kwargs)
         self.max_body_size = max_body_size
         self.noisy = False
+
+    def getResourceFor(self, request: Request) -> IResource:
+        resource = super().getResourceFor(request)
+        try:  # Klein would answer these with a bare text/plain 400, outside the envelope
+            b"/".join(request.prepath + request.postpath).decode("utf-8")
+            request.getRequestHostname().decode("utf-8")
+        except UnicodeDecodeError:
+            return _NonUtf8Url()
+        return resource
+
+
+class _NonUtf8Url(Resource):
+    isLeaf = True
+
+    def render(self, request: Request) -> bytes:
+        return error(request, 400, "the URL path or Host is not valid UTF-8 (after %-decoding)")

@@ -1,0 +1,217 @@
+"""Route queries: who a task goes to, what an agent runs, and the `any` assignments.
+
+The byIds/byTags indexes are written with the task (tasks.py). The `any` index is
+written here, race-safely, because several servers may try to (re)assign the same task
+at once: inserts rely on the unique task_id, moves are conditional on the previous
+agent, so exactly one server wins and only the winner announces the change.
+"""
+from __future__ import annotations
+
+from typing import Iterable, Sequence
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+from sqlalchemy.exc import IntegrityError
+
+from taskd.db import models as m
+from taskd.db.tasks import ANY, BY_IDS, BY_TAGS, Task, _tasks
+from taskd.server.routing import Candidate, can_run, covers, pick
+from taskd.timeutil import utcnow
+
+
+def load_candidates(conn: Connection, where: sa.ColumnElement[bool] | None = None) -> list[Candidate]:
+    a = m.agent.c
+    stmt = sa.select(a.id, a.org_id, a.public, a.online)
+    if where is not None:
+        stmt = stmt.where(where)
+    rows = conn.execute(stmt).all()
+    ids = [r.id for r in rows]
+    tags: dict[int, set[str]] = {i: set() for i in ids}
+    catalogs: dict[int, set[tuple[str, int]]] = {i: set() for i in ids}
+    if ids:
+        for agent_id, tag in conn.execute(
+            sa.select(m.agent_tag.c.agent_id, m.agent_tag.c.tag).where(m.agent_tag.c.agent_id.in_(ids))
+        ):
+            tags[agent_id].add(tag)
+        am = m.agent_metric.c
+        for agent_id, ns, ver in conn.execute(
+            sa.select(am.agent_id, am.namespace, am.version).where(am.agent_id.in_(ids))
+        ):
+            catalogs[agent_id].add((ns, ver))
+    return [
+        Candidate(r.id, r.org_id, bool(r.public), bool(r.online), frozenset(tags[r.id]), frozenset(catalogs[r.id]))
+        for r in rows
+    ]
+
+
+def any_assignee(conn: Connection, task_id: int) -> int | None:
+    return conn.execute(
+        sa.select(m.route_by_any_index.c.agent_id).where(m.route_by_any_index.c.task_id == task_id)
+    ).scalar()
+
+
+def routed_agents(conn: Connection, task: Task, among: Iterable[int] | None = None) -> set[int]:
+    """Agents that should run `task` now (ignoring `enabled`), optionally only among some
+    agent ids (a server asks only about the agents it holds)."""
+    a = m.agent.c
+    among = None if among is None else set(among)
+    if task.route.type == ANY:
+        agent_id = any_assignee(conn, task.id)
+        return {agent_id} if agent_id is not None and (among is None or agent_id in among) else set()
+    if task.route.type == BY_IDS:
+        where = a.id.in_(task.route.ids)
+    elif task.route.type == BY_TAGS:
+        where = a.id.in_(
+            sa.select(m.agent_tag.c.agent_id).where(
+                m.agent_tag.c.org_id == task.org_id, m.agent_tag.c.tag.in_(task.route.tags)
+            )
+        )
+    else:
+        return set()
+    if among is not None:
+        if not among:
+            return set()
+        where = sa.and_(where, a.id.in_(among))
+    return {
+        c.id for c in load_candidates(conn, sa.and_(where, a.online.is_(True)))
+        if covers(c.catalog, task.metrics)
+    }
+
+
+def tasks_for_agents(conn: Connection, agent_ids: Sequence[int]) -> dict[int, list[Task]]:
+    """The enabled tasks each agent should run, in one round of queries for all of them."""
+    out: dict[int, list[Task]] = {i: [] for i in agent_ids}
+    if not agent_ids:
+        return out
+    agents = {c.id: c for c in load_candidates(conn, m.agent.c.id.in_(list(agent_ids)))}
+    pairs: set[tuple[int, int]] = set()
+    for table in (m.route_by_id_index, m.route_by_any_index):
+        for task_id, agent_id in conn.execute(
+            sa.select(table.c.task_id, table.c.agent_id).where(table.c.agent_id.in_(list(agents)))
+        ):
+            pairs.add((agent_id, task_id))
+    tag_rows = conn.execute(
+        sa.select(m.agent_tag.c.agent_id, m.route_by_tag_index.c.task_id).select_from(
+            m.agent_tag.join(
+                m.route_by_tag_index,
+                sa.and_(
+                    m.route_by_tag_index.c.org_id == m.agent_tag.c.org_id,
+                    m.route_by_tag_index.c.tag == m.agent_tag.c.tag,
+                ),
+            )
+        ).where(m.agent_tag.c.agent_id.in_(list(agents)))
+    )
+    pairs.update((agent_id, task_id) for agent_id, task_id in tag_rows)
+    task_ids = {t for _, t in pairs}
+    tasks = {}
+    if task_ids:
+        rows = conn.execute(sa.select(m.task).where(m.task.c.id.in_(task_ids), m.task.c.enabled.is_(True)))
+        tasks = {t.id: t for t in _tasks(conn, rows)}
+    for agent_id, task_id in sorted(pairs, key=lambda p: (p[0], tasks[p[1]].name if p[1] in tasks else "")):
+        task = tasks.get(task_id)
+        if task is not None and covers(agents[agent_id].catalog, task.metrics):
+            out[agent_id].append(task)
+    return out
+
+
+def _visible_online(conn: Connection, org_id: int, exclude: int | None = None) -> list[Candidate]:
+    a = m.agent.c
+    where = sa.and_(a.online.is_(True), sa.or_(a.org_id == org_id, a.public.is_(True)))
+    if exclude is not None:
+        where = sa.and_(where, a.id != exclude)
+    return load_candidates(conn, where)
+
+
+def ensure_any_assignment(conn: Connection, task: Task) -> int | None:
+    """Give an `any` task an agent if it has none or its agent no longer qualifies
+    (drops the assignment of a task that is no longer `any`). Returns the agent id."""
+    idx = m.route_by_any_index
+    if task.route.type != ANY:
+        conn.execute(sa.delete(idx).where(idx.c.task_id == task.id))
+        return None
+    current = any_assignee(conn, task.id)
+    if current is not None:
+        found = load_candidates(conn, m.agent.c.id == current)
+        if found and can_run(found[0], task.org_id, task.metrics):
+            return current
+    chosen = pick([c for c in _visible_online(conn, task.org_id) if can_run(c, task.org_id, task.metrics)])
+    if current is not None:
+        conn.execute(sa.delete(idx).where(idx.c.task_id == task.id, idx.c.agent_id == current))
+    if chosen is None:
+        return None
+    try:
+        with conn.begin_nested():
+            conn.execute(sa.insert(idx).values(task_id=task.id, agent_id=chosen.id, created=utcnow()))
+    except IntegrityError:  # another server assigned it first
+        return any_assignee(conn, task.id)
+    return chosen.id
+
+
+def relocate_from(conn: Connection, agent_id: int) -> list[tuple[Task, int | None]]:
+    """Move the `any` tasks of an agent that is (still) offline; returns (task, new agent)
+    for the moves this caller won. Nothing moves if the agent came back online."""
+    online = conn.execute(sa.select(m.agent.c.online).where(m.agent.c.id == agent_id)).scalar()
+    if online:
+        return []
+    idx = m.route_by_any_index
+    task_ids = conn.execute(sa.select(idx.c.task_id).where(idx.c.agent_id == agent_id)).scalars().all()
+    if not task_ids:
+        return []
+    moved = []
+    for task in _tasks(conn, conn.execute(sa.select(m.task).where(m.task.c.id.in_(task_ids)))):
+        chosen = pick([c for c in _visible_online(conn, task.org_id, exclude=agent_id)
+                       if can_run(c, task.org_id, task.metrics)])
+        if chosen is None:
+            result = conn.execute(sa.delete(idx).where(idx.c.task_id == task.id, idx.c.agent_id == agent_id))
+        else:
+            result = conn.execute(
+                sa.update(idx).where(idx.c.task_id == task.id, idx.c.agent_id == agent_id)
+                .values(agent_id=chosen.id, created=utcnow())
+            )
+        if result.rowcount == 1:
+            moved.append((task, chosen.id if chosen else None))
+    return moved
+
+
+def assign_unassigned(conn: Connection, agent_ids: Sequence[int] | None = None) -> list[Task]:
+    """Give unassigned `any` tasks to qualifying online agents (optionally only to the
+    given ones, e.g. an agent that just connected); returns the tasks assigned."""
+    idx = m.route_by_any_index
+    # route is JSON, queried differently on each database: filter its type in Python,
+    # on two narrow columns, before loading the few tasks that are `any`.
+    unassigned = conn.execute(
+        sa.select(m.task.c.id, m.task.c.route).where(~m.task.c.id.in_(sa.select(idx.c.task_id)))
+    ).all()
+    any_ids = [r.id for r in unassigned if (r.route or {}).get("type") == ANY]
+    if not any_ids:
+        return []
+    rows = _tasks(conn, conn.execute(sa.select(m.task).where(m.task.c.id.in_(any_ids))))
+    if not rows:
+        return []
+    a = m.agent.c
+    where = a.online.is_(True)
+    if agent_ids is not None:
+        where = sa.and_(where, a.id.in_(list(agent_ids)))
+    candidates = load_candidates(conn, where)
+    assigned = []
+    for task in rows:
+        chosen = pick([c for c in candidates if can_run(c, task.org_id, task.metrics)])
+        if chosen is None:
+            continue
+        try:
+            with conn.begin_nested():
+                conn.execute(sa.insert(idx).values(task_id=task.id, agent_id=chosen.id, created=utcnow()))
+            assigned.append(task)
+        except IntegrityError:
+            continue
+    return assigned
+
+
+def routing_snapshot(conn: Connection, task_id: int, among: Sequence[int]) -> tuple[Task | None, set[int]]:
+    """The task as it is now and which of `among` it is routed to (one transaction)."""
+    from taskd.db.tasks import load_task_by_id
+
+    task = load_task_by_id(conn, task_id)
+    if task is None:
+        return None, set()
+    return task, routed_agents(conn, task, among)

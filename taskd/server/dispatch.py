@@ -1,0 +1,205 @@
+"""Turning domain events into what each connected agent is told.
+
+Every server subscribes to every event (its own and, over RabbitMQ, the others') and
+acts only for the agents it holds: on a `task.*` event it re-reads the task and its
+routes and sends each local agent the difference from what that agent was last sent.
+Re-reading instead of trusting the event payload makes duplicates and reordering across
+servers harmless; pushes for one task are serialised so a slow read can never overwrite
+a newer one. On `agent.offline` it waits (the agent may come straight back), then moves
+that agent's `any` tasks; a periodic sweep assigns `any` tasks that have no agent.
+"""
+from __future__ import annotations
+
+import random
+from typing import Any
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, inlineCallbacks, maybeDeferred, succeed
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+from taskd.db.agents import load_agent
+from taskd.db.pool import DBPool
+from taskd.db.routes import assign_unassigned, relocate_from, routing_snapshot, tasks_for_agents
+from taskd.db.tasks import Task
+from taskd.server.events import Event, EventBus
+from taskd.server.render import task_json
+from taskd.server.sessions import CLOSE_NORMAL, AgentSession, SessionManager
+from taskd.wire import framing
+
+REMOTE_JITTER = 2.1  # the original's extra random delay for offline events from elsewhere
+
+
+class Dispatcher(Service):
+    log = Logger(namespace="taskd.server.dispatch")
+    name = "dispatch"
+
+    def __init__(self, *, manager: SessionManager, pool: DBPool, events: EventBus, clock: Any,
+                 instance_id: str, relocate_delay: float = 1.0, sweep_interval: float = 60.0,
+                 rng: random.Random | None = None) -> None:
+        self.manager = manager
+        self.pool = pool
+        self.events = events
+        self.clock = clock
+        self.instance_id = instance_id
+        self.relocate_delay = relocate_delay
+        self.sweep_interval = sweep_interval
+        self.rng = rng or random.Random()
+        self._chains: dict[int, Deferred] = {}
+        self._pending_relocations: dict[int, Any] = {}
+        self._sweeper: LoopingCall | None = None
+        events.subscribe(self.on_event)
+        manager.on_change = self.agent_changed
+
+    def startService(self) -> None:
+        super().startService()
+        self._sweeper = LoopingCall(self.sweep)
+        self._sweeper.clock = self.clock
+        self._sweeper.start(self.sweep_interval, now=False).addErrback(
+            lambda f: self.log.failure("sweep timer stopped", f))
+
+    def stopService(self) -> None:
+        super().stopService()
+        if self._sweeper is not None and self._sweeper.running:
+            self._sweeper.stop()
+        for call in self._pending_relocations.values():
+            if call.active():
+                call.cancel()
+        self._pending_relocations.clear()
+
+    # -- events ------------------------------------------------------------------------
+
+    def on_event(self, event: Event) -> None:
+        if not self.running:  # shutting down: other servers relocate, not this one
+            return
+        kind, payload = event.type, event.payload
+        if kind in ("task.created", "task.deleted"):
+            self.task_changed(payload["id"])
+        elif kind == "task.updated":
+            self.task_changed(payload["new"]["id"])
+        elif kind == "agent.offline":
+            remote = event.source != self.instance_id
+            delay = self.relocate_delay + (self.rng.uniform(0, REMOTE_JITTER) if remote else 0.0)
+            self.schedule_relocation(payload["id"], delay)
+        elif kind == "agent.updated":
+            self._agent_updated(payload["new"])
+        elif kind == "agent.deleted":
+            session = self.manager.sessions.get(payload["id"])
+            if session is not None:
+                self.log.info("agent {name} was deleted; closing its connection", name=session.agent.name)
+                session.transport.close(CLOSE_NORMAL, "agent deleted")
+            self.sweep()
+
+    def task_changed(self, task_id: int) -> Deferred:
+        """Push task `task_id`'s current routing to local agents, after any push for the
+        same task still in flight."""
+        prev = self._chains.get(task_id) or succeed(None)
+        done: Deferred = Deferred()
+
+        def run(_: Any) -> None:
+            d = maybeDeferred(self._push_task, task_id)
+            d.addErrback(lambda f: self.log.failure("pushing task {id} failed", f, id=task_id))
+            d.addBoth(lambda _: done.callback(None))
+
+        def cleanup(_: Any) -> None:
+            if self._chains.get(task_id) is done:
+                del self._chains[task_id]
+
+        done.addBoth(cleanup)
+        self._chains[task_id] = done
+        prev.addBoth(run)
+        return done
+
+    @inlineCallbacks
+    def _push_task(self, task_id: int):
+        sessions = [s for s in self.manager.sessions.values() if not s.closed]
+        if not sessions:
+            return
+        task, routed = yield self.pool.do(routing_snapshot, task_id, [s.agent.id for s in sessions])
+        payload = task_json(task) if task is not None else None
+        for session in sessions:
+            wanted = task is not None and task.enabled and session.agent.id in routed
+            self._apply(session, task_id, payload, wanted)
+
+    def _apply(self, session: AgentSession, task_id: int, payload: dict | None, wanted: bool) -> None:
+        had = session.view.get(task_id)
+        if wanted:
+            if had is None:
+                session.send(framing.TASK_ADD, payload)
+                self.log.info("task {id} ({name}) routed to agent {agent}", id=task_id, name=payload["name"],
+                              agent=session.agent.name)
+            elif had != payload:
+                session.send(framing.TASK_UPDATE, payload)
+                self.log.debug("task {id} updated on agent {agent}", id=task_id, agent=session.agent.name)
+            else:
+                return
+            session.view[task_id] = payload
+        elif had is not None:
+            session.send(framing.TASK_REMOVE, payload or had)
+            del session.view[task_id]
+            self.log.info("task {id} removed from agent {agent}", id=task_id, agent=session.agent.name)
+
+    @inlineCallbacks
+    def resync(self, session: AgentSession):
+        """Bring one agent's view to the database's truth with individual events."""
+        lists = yield self.pool.do(tasks_for_agents, [session.agent.id])
+        wanted = {t.id: task_json(t) for t in lists.get(session.agent.id, [])}
+        for task_id in sorted(set(session.view) | set(wanted)):
+            self._apply(session, task_id, wanted.get(task_id), task_id in wanted)
+
+    def _agent_updated(self, agent: dict) -> None:
+        """Tags or visibility may have changed: reload the held agent and re-route it."""
+        session = self.manager.sessions.get(agent["id"])
+        if session is None:
+            return
+
+        def refreshed(fresh: Any) -> Any:
+            if fresh is not None:
+                session.agent = fresh
+            return self.agent_changed(session)
+
+        self.pool.do(load_agent, agent["id"]).addCallback(refreshed).addErrback(
+            lambda f: self.log.failure("re-routing agent {id} failed", f, id=agent["id"]))
+
+    @inlineCallbacks
+    def agent_changed(self, session: AgentSession):
+        """The agent connected, or its catalog/tags changed: it may now qualify for
+        unassigned `any` tasks, and its routed set may differ."""
+        assigned = yield self.pool.do(assign_unassigned, [session.agent.id])
+        self._announce(assigned, f"assigned to agent {session.agent.name}")
+        yield self.resync(session)
+
+    # -- relocation and sweeping -------------------------------------------------------
+
+    def schedule_relocation(self, agent_id: int, delay: float) -> None:
+        previous = self._pending_relocations.pop(agent_id, None)
+        if previous is not None and previous.active():
+            previous.cancel()
+        self._pending_relocations[agent_id] = self.clock.callLater(delay, self._relocate, agent_id)
+
+    @inlineCallbacks
+    def _relocate(self, agent_id: int):
+        self._pending_relocations.pop(agent_id, None)
+        try:
+            moved = yield self.pool.do(relocate_from, agent_id)
+        except Exception:
+            self.log.failure("relocating the tasks of agent {id} failed", id=agent_id)
+            return
+        for task, new_agent in moved:
+            where = f"to agent {new_agent}" if new_agent else "nowhere (no qualifying agent online; unassigned)"
+            self.log.info("task {id} ({name}) moved off offline agent {old} {where}", id=task.id,
+                          name=task.name, old=agent_id, where=where)
+            payload = task_json(task)
+            self.events.publish("task.updated", {"old": payload, "new": payload})
+
+    def sweep(self) -> Deferred:
+        d = self.pool.do(assign_unassigned, None)
+        d.addCallback(self._announce, "assigned by the periodic sweep")
+        d.addErrback(lambda f: self.log.failure("assigning unassigned tasks failed", f))
+        return d
+
+    def _announce(self, tasks: list[Task], how: str) -> None:
+        for task in tasks:
+            self.log.info("task {id} ({name}) {how}", id=task.id, name=task.name, how=how)
+            payload = task_json(task)
+            self.events.publish("task.updated", {"old": payload, "new": payload})

@@ -1,0 +1,57 @@
+"""Which agents may run a task: the capability rule, kept pure so it is easy to test.
+
+An agent qualifies for a task when it is online, routed to (by id, by tag, or holding the
+task's `any` assignment), and either advertises no catalog at all or advertises a metric
+matching every metric pattern of the task. The "no catalog" clause keeps the notes'
+walkthrough working (its agent advertises nothing, the task asks for `/example-task/*`)
+while catalogs still steer tasks once agents send them. Capability never decides whether
+a task is *accepted* by the API, only who runs it. See docs/routing.md.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
+from typing import Iterable, Mapping, Sequence
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """An agent as routing sees it."""
+
+    id: int
+    org_id: int
+    public: bool
+    online: bool
+    tags: frozenset[str]
+    catalog: frozenset[tuple[str, int]]  # (namespace, version) it advertises
+
+
+def _pattern_matches(pattern: str, namespace: str) -> bool:
+    # `*` in either side is a wildcard: task patterns (`/example-task/*`) and Snap
+    # namespaces with dynamic elements (`/intel/proc/*/load`) both use it.
+    return pattern == namespace or fnmatchcase(namespace, pattern) or fnmatchcase(pattern, namespace)
+
+
+def covers(catalog: Iterable[tuple[str, int]], metrics: Mapping[str, int]) -> bool:
+    """True when the catalog is empty or provides every (pattern, version) of the task;
+    version 0 means any version."""
+    catalog = list(catalog)
+    if not catalog:
+        return True
+    return all(
+        any(_pattern_matches(pattern, ns) and (version == 0 or version == v) for ns, v in catalog)
+        for pattern, version in metrics.items()
+    )
+
+
+def can_run(agent: Candidate, org_id: int, metrics: Mapping[str, int]) -> bool:
+    """May `agent` be given an `any` task of `org_id`? Own or public, online, capable."""
+    return agent.online and (agent.public or agent.org_id == org_id) and covers(agent.catalog, metrics)
+
+
+def pick(candidates: Sequence[Candidate], rng: random.Random | None = None) -> Candidate | None:
+    """The original picked at random, which spreads `any` tasks across agents."""
+    if not candidates:
+        return None
+    return (rng or random).choice(list(candidates))

@@ -1,0 +1,272 @@
+"""This server's agent sessions: lifecycle, timers, and what each agent was last told.
+
+One `SessionManager` holds every websocket this process accepted. It keeps, per session,
+the tasks the agent was last sent (`view`), so any change can be pushed as the exact
+`taskAdd` / `taskUpdate` / `taskRemove` difference, and so a reconnect or a periodic
+`taskList` resets the agent to the database's truth. All sessions share one timer (not
+one per agent): each tick sends every heartbeat and the `taskList`s that are due, which
+keeps 10,000 agents cheap. Timers run on an injectable clock for tests.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Protocol
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks, succeed
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+from taskd.db.agents import Agent
+from taskd.db.catalog import CatalogStore
+from taskd.db.pool import DBPool
+from taskd.db.routes import assign_unassigned, tasks_for_agents
+from taskd.db.sessions import OnlineChange, SessionStore
+from taskd.server.events import EventBus
+from taskd.server.render import task_json
+from taskd.timeutil import rfc3339, utcnow
+from taskd.wire import framing
+from taskd.wire.framing import Frame, FrameError
+
+CLOSE_NORMAL = 1000
+CLOSE_GOING_AWAY = 1001
+CLOSE_PROTOCOL_ERROR = 1002
+
+
+class SessionTransport(Protocol):
+    """What a session needs from its websocket (the Autobahn protocol, or a fake)."""
+
+    def send_frame(self, data: bytes) -> None: ...
+    def close(self, code: int, reason: str) -> None: ...
+
+
+@dataclass(eq=False)
+class AgentSession:
+    agent: Agent
+    version: int
+    remote_ip: str
+    transport: SessionTransport
+    id: str | None = None
+    view: dict[int, dict] = field(default_factory=dict)  # task id -> task JSON last sent
+    next_task_list: float = 0.0
+    closed: bool = False
+    ready: Deferred = field(default_factory=Deferred)    # fires once registered
+    gone: Deferred = field(default_factory=Deferred)     # fires once detached
+
+    def send(self, event: str, value: Any) -> None:
+        if not self.closed:
+            self.transport.send_frame(framing.encode_json(event, value))
+
+    def __repr__(self) -> str:
+        return f"<session {self.id} agent {self.agent.name}({self.agent.id})>"
+
+
+def online_payload(change: OnlineChange) -> dict:
+    return {"id": change.agent_id, "name": change.name, "orgId": change.org_id}
+
+
+class SessionManager(Service):
+    log = Logger(namespace="taskd.server.sessions")
+    name = "sessions"
+
+    def __init__(self, *, pool: DBPool, store: SessionStore, catalog: CatalogStore, events: EventBus,
+                 instance_id: str, clock: Any, heartbeat_interval: float = 2.0,
+                 task_list_interval: float = 60.0, shutdown_timeout: float = 5.0) -> None:
+        self.pool = pool
+        self.store = store
+        self.catalog = catalog
+        self.events = events
+        self.instance_id = instance_id
+        self.clock = clock
+        self.heartbeat_interval = heartbeat_interval
+        self.task_list_interval = task_list_interval
+        self.shutdown_timeout = shutdown_timeout
+        self.sessions: dict[int, AgentSession] = {}  # agent id -> its session here
+        self.startup_changes: list[OnlineChange] = []
+        self.on_change: Callable[[AgentSession], Any] | None = None  # set by the dispatcher
+        self._ticker: LoopingCall | None = None
+        self._stopping = False
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    def clear_stale_sync(self) -> None:
+        """At start-up, before any agent can connect: forget what a previous run of this
+        server instance left behind (blocking; the reactor is not running yet)."""
+        self.startup_changes = self.store.clear_server_now(self.instance_id)
+        if self.startup_changes:
+            self.log.info("cleared {n} stale session(s) of server {server}", n=len(self.startup_changes),
+                          server=self.instance_id)
+
+    def startService(self) -> None:
+        super().startService()
+        for change in self.startup_changes:
+            self.events.publish("agent.offline", online_payload(change))
+        self.startup_changes = []
+        self._ticker = LoopingCall(self.tick)
+        self._ticker.clock = self.clock
+        self._ticker.start(self.heartbeat_interval, now=False).addErrback(
+            lambda f: self.log.failure("session timer stopped", f))
+
+    @inlineCallbacks
+    def stopService(self):
+        """Close every socket with a normal close code, wait (bounded) for the agents to
+        be marked offline, then drop whatever this server still has recorded."""
+        super().stopService()
+        self._stopping = True
+        if self._ticker is not None and self._ticker.running:
+            self._ticker.stop()
+        sessions = list(self.sessions.values())
+        if sessions:
+            self.log.info("closing {n} agent connection(s)", n=len(sessions))
+        for session in sessions:
+            session.transport.close(CLOSE_NORMAL, "server shutting down")
+        if sessions:
+            waiting = DeferredList([s.gone for s in sessions], consumeErrors=True)
+            timer = self.clock.callLater(self.shutdown_timeout, lambda: None if waiting.called else waiting.cancel())
+            try:
+                yield waiting
+            except Exception:
+                self.log.warn("not every agent connection closed within {t}s", t=self.shutdown_timeout)
+            if timer.active():
+                timer.cancel()
+        changes = yield self.store.clear_server(self.instance_id)
+        for change in changes:
+            self.events.publish("agent.offline", online_payload(change))
+
+    # -- sessions ----------------------------------------------------------------------
+
+    def attach(self, agent: Agent, version: int, remote_ip: str, transport: SessionTransport) -> AgentSession:
+        """A websocket for `agent` just opened: record it, then tell the agent its tasks."""
+        session = AgentSession(agent, version, remote_ip, transport)
+        d = self.store.open(agent.id, version=version, remote_ip=remote_ip, server=self.instance_id)
+        d.addCallback(self._opened, session)
+        d.addErrback(self._open_failed, session)
+        return session
+
+    @inlineCallbacks
+    def _opened(self, result: tuple[str, OnlineChange | None], session: AgentSession):
+        session.id, change = result
+        if session.closed:  # the socket closed while the row was being written
+            yield self._forget(session)
+            return
+        old = self.sessions.get(session.agent.id)
+        self.sessions[session.agent.id] = session
+        if old is not None:
+            self.log.info("agent {name} reconnected; closing its previous connection {old}",
+                          name=session.agent.name, old=old.id)
+            old.transport.close(CLOSE_NORMAL, "replaced by a newer connection")
+        self.log.info("agent {name} ({id}) connected from {ip}: session {sid}, protocol v{v}",
+                      name=session.agent.name, id=session.agent.id, ip=session.remote_ip,
+                      sid=session.id, v=session.version)
+        if change is not None:
+            self.events.publish("agent.online", online_payload(change))
+        yield self.send_task_lists([session])
+        session.ready.callback(session)
+        if self.on_change is not None:
+            yield self.on_change(session)
+
+    def _open_failed(self, failure: Any, session: AgentSession) -> None:
+        self.log.failure("could not record the session of agent {name}", failure, name=session.agent.name)
+        session.transport.close(CLOSE_GOING_AWAY, "server error; reconnect later")
+
+    def detach(self, session: AgentSession, reason: str = "") -> Deferred:
+        """The websocket closed (any reason)."""
+        if session.closed:
+            return session.gone
+        session.closed = True
+        self.log.info("agent {name} disconnected ({reason})", name=session.agent.name, reason=reason or "closed")
+        if session.id is None:  # still being recorded; _opened will forget it
+            return session.gone
+        if self.sessions.get(session.agent.id) is session:
+            del self.sessions[session.agent.id]
+        self._forget(session)
+        return session.gone
+
+    @inlineCallbacks
+    def _forget(self, session: AgentSession):
+        try:
+            change = yield self.store.close(session.id, session.agent.id)
+            if change is not None:
+                self.events.publish("agent.offline", online_payload(change))
+        except Exception:
+            self.log.failure("could not remove session {sid} of agent {name}", sid=session.id, name=session.agent.name)
+        finally:
+            if not session.gone.called:
+                session.gone.callback(None)
+
+    # -- incoming frames ---------------------------------------------------------------
+
+    def frame_received(self, session: AgentSession, data: bytes) -> None:
+        """A binary frame from the agent; raises FrameError for a malformed one (the
+        caller closes the connection with a protocol error)."""
+        frame = framing.decode(data)
+        if frame.event == framing.CATALOG:
+            session.ready.addCallback(lambda _: self._catalog(session, frame))
+        else:
+            self.log.warn("agent {name} sent unknown event {event!r}; ignored", name=session.agent.name,
+                          event=frame.event)
+
+    @inlineCallbacks
+    def _catalog(self, session: AgentSession, frame: Frame):
+        try:
+            records = parse_catalog(frame.json())
+        except FrameError as exc:
+            self.log.warn("agent {name} sent a bad catalog: {err}", name=session.agent.name, err=str(exc))
+            return session
+        count = yield self.catalog.replace_agent_catalog(session.agent.id, records)
+        self.log.debug("agent {name} advertises {n} metric(s)", name=session.agent.name, n=count)
+        if self.on_change is not None and not session.closed:
+            yield self.on_change(session)
+        return session
+
+    # -- timers ------------------------------------------------------------------------
+
+    def tick(self) -> Deferred:
+        now = self.clock.seconds()
+        beat = framing.encode(framing.HEARTBEAT, rfc3339(utcnow()).encode())
+        due = []
+        for session in list(self.sessions.values()):
+            if session.closed:
+                continue
+            session.transport.send_frame(beat)
+            if session.next_task_list <= now:
+                due.append(session)
+        if due:
+            return self.send_task_lists(due).addErrback(
+                lambda f: self.log.failure("sending task lists failed", f))
+        return succeed(None)
+
+    @inlineCallbacks
+    def send_task_lists(self, sessions: Iterable[AgentSession]):
+        """Send each agent its full enabled task list (one DB round for all of them)."""
+        sessions = [s for s in sessions if not s.closed]
+        if not sessions:
+            return
+        lists = yield self.pool.do(tasks_for_agents, [s.agent.id for s in sessions])
+        now = self.clock.seconds()
+        for session in sessions:
+            tasks = [task_json(t) for t in lists.get(session.agent.id, [])]
+            session.view = {t["id"]: t for t in tasks}
+            session.next_task_list = now + self.task_list_interval
+            session.send(framing.TASK_LIST, tasks)
+
+    def assign_unassigned(self, agent_ids: list[int] | None = None) -> Deferred:
+        return self.pool.do(assign_unassigned, agent_ids)
+
+
+def parse_catalog(value: Any) -> list[tuple[str, int, Any]]:
+    """Snap metric records -> (namespace, version, policy); tolerant of extra fields."""
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise FrameError("catalog payload must be a JSON array of metric records")
+    out = []
+    for i, item in enumerate(value):
+        if not isinstance(item, dict) or not isinstance(item.get("namespace"), str) or not item["namespace"]:
+            raise FrameError(f"catalog record {i} has no namespace")
+        version = item.get("version", 0)
+        if isinstance(version, bool) or not isinstance(version, int) or version < 0:
+            raise FrameError(f"catalog record {i} has a bad version {version!r}")
+        out.append((item["namespace"][:255], version, item.get("policy")))
+    return out
+

@@ -1,0 +1,161 @@
+"""The task-server's keys, their meaning, and the frozen settings built from them.
+
+One table drives the file reader, the environment variables, the twistd flags and
+their help, so a key cannot be accepted in one place and unknown in another. Key
+names are the Go task-server's, so its config files keep working; ``app-api-key``
+and the ``[stats]`` section are the later Go spellings. ``db-pool-size`` and
+``max-body-size`` are new.
+
+Settings are frozen and typed so the rest of the server never re-parses strings,
+and their repr hides secrets so they can be logged at start-up (the original
+printed its admin key in clear).
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+
+from taskd.config import (
+    ConfigError,
+    Option,
+    byte_size,
+    choice,
+    int_list,
+    int_range,
+    load,
+    parse_bool,
+    parse_duration,
+    parse_host_port,
+    parse_listen_addr,
+    url,
+)
+
+ENV_PREFIX = "TASKSERVER_"
+DEFAULT_CONFIG_PATH = "/etc/taskd/task-server.ini"
+DEFAULT_SQLITE_PATH = "/var/lib/taskd/task-server.db"
+"""What an empty db-connect-str means when db-type is sqlite3."""
+
+
+def redact_userinfo(value: str) -> str:
+    """Hide the password of ``scheme://user:pass@host`` or ``user:pass@tcp(host)``."""
+    head, at, tail = value.rpartition("@")
+    scheme, sep, userinfo = head.rpartition("://")
+    user, colon, _ = userinfo.partition(":")
+    return f"{scheme}{sep}{user}:***@{tail}" if at and colon else value
+
+
+SERVER_OPTIONS: tuple[Option, ...] = (
+    Option("log-level", int_range(0, 6), "2",
+           "Least severe messages logged: 0 TRACE, 1 DEBUG, 2 INFO, 3 WARN, 4 ERROR,"
+           " 5 CRITICAL, 6 FATAL."),
+    Option("addr", parse_listen_addr, ":8082",
+           "Where the REST API and the agents' websocket listen: :PORT, HOST:PORT,"
+           " [IPv6]:PORT or a Twisted endpoint such as ssl:8443:privateKey=key.pem."),
+    Option("db-type", choice("sqlite3", "mysql"), "sqlite3",
+           "Database engine: sqlite3 or mysql."),
+    Option("db-connect-str", str, "",
+           f"Database to use: for sqlite3 a file path (empty means {DEFAULT_SQLITE_PATH}),"
+           " for mysql a DSN USER:PASSWORD@tcp(HOST:3306)/DBNAME (required).",
+           secret=True, redact=redact_userinfo),
+    Option("db-pool-size", int_range(1, 100), "10",
+           "Most database connections held open at once (1..100)."),
+    Option("stats-enabled", parse_bool, "false",
+           "Send the server's own metrics to statsd; also [stats] enabled.",
+           sections=(("stats", "enabled"),)),
+    Option("statsd-addr", parse_host_port, "localhost:8125",
+           "HOST:PORT of the statsd server; also [stats] addr.",
+           sections=(("stats", "addr"),)),
+    Option("statsd-type", choice("standard", "datadog"), "standard",
+           "statsd flavour: standard or datadog (with tags); also [stats] type.",
+           sections=(("stats", "type"),)),
+    Option("admin-key", str, "",
+           "API key that acts as an admin of org 1; empty means no admin key is accepted.",
+           aliases=("app-api-key",), secret=True),
+    Option("exchange", str, "",
+           "RabbitMQ topic exchange carrying events between servers that share a"
+           " database; empty keeps events inside this process."),
+    Option("rabbitmq-url", url("amqp", "amqps"), "amqp://guest:guest@localhost:5672/",
+           "RabbitMQ broker URL, used only when exchange is set.",
+           secret=True, redact=redact_userinfo),
+    Option("auth-endpoint", url("http", "https"), "https://grafana.com",
+           "http(s) URL of the grafana.com-style service that checks API keys."),
+    Option("auth-valid-org-id", int_list(lo=1), "",
+           "Comma-separated org ids whose keys are accepted; empty accepts every org."),
+    Option("auth-valid-ttl", parse_duration, "5m",
+           "How long a valid API key is cached: a duration such as 30s, 5m, 1h, or seconds."),
+    Option("auth-invalid-ttl", parse_duration, "30s",
+           "How long a rejected API key is cached: a duration such as 30s, 5m, or seconds."),
+    Option("max-body-size", byte_size(lo=1), "1M",
+           "Largest request body accepted, in bytes or with a unit: 512k, 1M, 1MiB."),
+    Option("agent-autocreate", parse_bool, "true",
+           "Create an agent (enabled, public) when an unknown name connects with a valid"
+           " key; false refuses the connection with a 404 until it is registered."),
+    Option("instance-id", str, "",
+           "This server's name on agent session rows; empty means HOSTNAME:PORT. Must"
+           " differ between servers sharing a database."),
+    Option("heartbeat-interval", parse_duration, "2s",
+           "How often every connected agent gets a heartbeat."),
+    Option("task-list-interval", parse_duration, "60s",
+           "How often every agent gets its full task list (and unassigned tasks are swept)."),
+    Option("relocate-delay", parse_duration, "1s",
+           "How long an offline agent may take to come back before its 'any' tasks move"
+           " (plus up to 2.1s of jitter when the agent was on another server)."),
+)
+"""Every task-server key, in the order help lists them."""
+
+_SECRETS = {opt.attr: opt for opt in SERVER_OPTIONS if opt.secret}
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    log_level: int = 2
+    addr: str = "tcp:8082"
+    db_type: str = "sqlite3"
+    db_connect_str: str = ""
+    db_pool_size: int = 10
+    stats_enabled: bool = False
+    statsd_addr: str = "localhost:8125"
+    statsd_type: str = "standard"
+    admin_key: str = ""
+    exchange: str = ""
+    rabbitmq_url: str = "amqp://guest:guest@localhost:5672/"
+    auth_endpoint: str = "https://grafana.com"
+    auth_valid_org_id: tuple[int, ...] = ()
+    auth_valid_ttl: float = 300.0
+    auth_invalid_ttl: float = 30.0
+    max_body_size: int = 1048576
+    agent_autocreate: bool = True
+    instance_id: str = ""
+    heartbeat_interval: float = 2.0
+    task_list_interval: float = 60.0
+    relocate_delay: float = 1.0
+    config_path: str | None = None
+    config_file_missing: bool = False
+
+    def __repr__(self) -> str:
+        shown = []
+        for f in fields(self):
+            value = getattr(self, f.name)
+            opt = _SECRETS.get(f.name)
+            if opt is not None and value:
+                value = opt.redact(value) if opt.redact else "***"
+            shown.append(f"{f.name}={value!r}")
+        return f"ServerSettings({', '.join(shown)})"
+
+
+def load_server_settings(path: str | None = None, env: Mapping[str, str] = os.environ,
+                         flags: Mapping[str, str | None] | None = None) -> ServerSettings:
+    """Settings from defaults < file at ``path`` < ``env`` < ``flags``.
+
+    Raises ConfigError, whose str() is the one line to show the operator.
+    """
+    values = load(SERVER_OPTIONS, path=path, env=env, env_prefix=ENV_PREFIX, flags=flags)
+    if values["db-type"] == "mysql" and not values["db-connect-str"].strip():
+        raise ConfigError("db-connect-str", "must be set when db-type is mysql"
+                          f" (db-type from {values.origins['db-type']})")
+    return ServerSettings(
+        **{opt.attr: values[opt.name] for opt in SERVER_OPTIONS},
+        config_path=os.path.abspath(path) if path is not None else None,
+        config_file_missing=values.file_missing,
+    )

@@ -1,0 +1,1 @@
+"""What travels between task-server and task-agent; shared by both so they cannot drift."""

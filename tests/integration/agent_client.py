@@ -1,0 +1,109 @@
+"""A light agent for tests: an Autobahn websocket client speaking taskd's framing.
+
+It is not the agent daemon; it records every frame it receives so tests can wait for
+specific events (`await client.next("taskAdd")`) with a deadline instead of sleeping.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol, connectWS
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.task import deferLater
+
+from taskd.wire import framing
+
+
+@dataclass
+class Received:
+    event: str
+    payload: Any
+
+
+@dataclass
+class AgentClient:
+    url: str
+    key: str
+    frames: list[Received] = field(default_factory=list)
+    opened: Deferred = field(default_factory=Deferred)
+    closed: Deferred = field(default_factory=Deferred)
+    close_code: int | None = None
+    close_reason: str | None = None
+    refused: int | None = None  # HTTP status when the upgrade was refused
+    protocol: Any = None
+    _cursor: dict[str, int] = field(default_factory=dict)
+
+    def send(self, event: str, value: Any) -> None:
+        self.protocol.sendMessage(framing.encode_json(event, value), isBinary=True)
+
+    def send_raw(self, data: bytes, binary: bool = True) -> None:
+        self.protocol.sendMessage(data, isBinary=binary)
+
+    def events(self, name: str) -> list[Any]:
+        return [f.payload for f in self.frames if f.event == name]
+
+    async def next(self, name: str, timeout: float = 10.0, predicate: Any = None) -> Any:
+        """The next not-yet-consumed `name` frame (matching `predicate`), waiting up to
+        `timeout` seconds."""
+        deadline = reactor.seconds() + timeout
+        while True:
+            start = self._cursor.get(name, 0)
+            for i in range(start, len(self.frames)):
+                f = self.frames[i]
+                if f.event == name and (predicate is None or predicate(f.payload)):
+                    self._cursor[name] = i + 1
+                    return f.payload
+            if reactor.seconds() > deadline:
+                got = [(f.event, f.payload) for f in self.frames if f.event != "heartbeat"]
+                raise AssertionError(f"no {name} within {timeout}s; received {got}")
+            if self.closed.called:
+                raise AssertionError(f"connection closed ({self.close_code} {self.close_reason}) waiting for {name}")
+            await deferLater(reactor, 0.02, lambda: None)
+
+    async def nothing_more(self, name: str, within: float = 0.5) -> None:
+        """Assert no further `name` frame arrives within `within` seconds."""
+        seen = len(self.events(name))
+        await deferLater(reactor, within, lambda: None)
+        assert len(self.events(name)) == seen, f"unexpected {name}: {self.events(name)[seen:]}"
+
+    def disconnect(self) -> Deferred:
+        if not self.closed.called:
+            self.protocol.sendClose(1000, "test done")
+        return self.closed
+
+
+def connect_agent(base_url: str, name: str, key: str, version: int = 1) -> AgentClient:
+    """Open /api/v1/socket/<name>/<version>; await `.opened` (or `.closed` if refused)."""
+    url = f"{base_url.replace('http', 'ws', 1)}/api/v1/socket/{name}/{version}"
+    client = AgentClient(url, key)
+
+    class Proto(WebSocketClientProtocol):
+        def onConnect(self, response: Any) -> None:
+            client.protocol = self
+
+        def onOpen(self) -> None:
+            client.protocol = self
+            client.opened.callback(client)
+
+        def onMessage(self, payload: bytes, isBinary: bool) -> None:
+            frame = framing.decode(payload)
+            try:
+                value = json.loads(frame.payload) if frame.event != framing.HEARTBEAT else frame.payload.decode()
+            except ValueError:
+                value = frame.payload
+            client.frames.append(Received(frame.event, value))
+
+        def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+            client.close_code, client.close_reason = code, reason
+            if not client.opened.called:
+                client.opened.errback(ConnectionError(f"refused: {reason}"))
+            if not client.closed.called:
+                client.closed.callback(client)
+
+    factory = WebSocketClientFactory(url, headers={"Authorization": f"Bearer {key}"})
+    factory.protocol = Proto
+    connectWS(factory)
+    return client
