@@ -34,6 +34,7 @@ from taskd.server.dispatch import Dispatcher
 from taskd.server.registry import AgentService, TaskService
 from taskd.server.sessions import SessionManager
 from taskd.server.websocket import SocketEndpoint, make_factory
+from taskd.services import OrderedMultiService
 
 log = Logger(namespace="taskd.server")
 
@@ -167,10 +168,17 @@ def build_server(settings: Any, reactor: Any = None) -> Server:
     api = Api(agents, tasks, auth, max_body_size=settings.max_body_size, socket=socket)
     site = TaskdSite(api.resource(), max_body_size=settings.max_body_size)
 
-    root = MultiService()
+    root = OrderedMultiService()
     # Started in this order, stopped in reverse: the listener stops accepting first, then
     # the sessions close their sockets (recording offline), and the pool goes last.
     PoolService(pool).setServiceParent(root)
+    if settings.exchange:
+        from taskd.server.amqp import AmqpTransport
+
+        transport = AmqpTransport(url=settings.rabbitmq_url, exchange=settings.exchange,
+                                  instance_id=instance_id, on_event=events.receive, reactor=reactor)
+        events.transport = transport
+        transport.setServiceParent(root)  # stops after the sessions, so their offline events get out
     sessions.setServiceParent(root)
     dispatcher.setServiceParent(root)
     listener = ListenerService(reactor, settings.addr, site)

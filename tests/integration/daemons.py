@@ -1,0 +1,69 @@
+"""Real `twistd taskserver` processes for tests that need whole daemons (multi-server)."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import treq
+from twisted.internet import reactor
+from twisted.internet.task import deferLater
+
+TWISTD = str(Path(sys.executable).with_name("twistd"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    def __init__(self, workdir: Path, name: str, **keys: str) -> None:
+        self.name = name
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.config = workdir / f"{name}.ini"
+        self.logfile = workdir / f"{name}.log"
+        keys = {"addr": f"127.0.0.1:{self.port}", "instance-id": name, "log-level": "1", **keys}
+        self.config.write_text("".join(f"{k} = {v}\n" for k, v in keys.items()))
+        self.proc: subprocess.Popen | None = None
+
+    async def start(self, timeout: float = 30.0) -> "ServerProcess":
+        log = open(self.logfile, "ab")
+        self.proc = subprocess.Popen(
+            [TWISTD, "--nodaemon", "--pidfile=", "taskserver", "--config", str(self.config)],
+            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        deadline = reactor.seconds() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"{self.name} exited {self.proc.returncode}:\n{self.log()}")
+            try:
+                resp = await treq.get(self.base + "/", timeout=1)
+                await resp.content()
+                if resp.code == 200:
+                    return self
+            except Exception:
+                pass
+            if reactor.seconds() > deadline:
+                raise AssertionError(f"{self.name} did not start:\n{self.log()}")
+            await deferLater(reactor, 0.1, lambda: None)
+
+    async def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else 0
+        self.proc.send_signal(sig)
+        deadline = reactor.seconds() + timeout
+        while self.proc.poll() is None:
+            if reactor.seconds() > deadline:
+                self.proc.kill()
+                raise AssertionError(f"{self.name} did not stop within {timeout}s:\n{self.log()}")
+            await deferLater(reactor, 0.05, lambda: None)
+        return self.proc.returncode
+
+    def log(self) -> str:
+        return self.logfile.read_text(errors="replace") if self.logfile.exists() else ""

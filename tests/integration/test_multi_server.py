@@ -1,0 +1,96 @@
+"""Two `twistd taskserver` processes, one MariaDB database, the local RabbitMQ: one system."""
+from __future__ import annotations
+
+import subprocess
+import uuid
+
+import pytest
+import pytest_twisted
+import treq
+
+from tests.integration.agent_client import connect_agent
+from tests.integration.daemons import ServerProcess
+from tests.integration.harness import ADMIN_KEY
+
+HEADERS = {"Authorization": f"Bearer {ADMIN_KEY}"}
+
+
+async def call(server: ServerProcess, method: str, path: str, body=None):
+    resp = await treq.request(method, server.base + path, json=body, headers=HEADERS)
+    data = await resp.json()
+    assert resp.code == 200, data
+    return data["body"]
+
+
+def close_amqp_connection_of(instance: str) -> None:
+    """Cut one server's broker connection from the broker side."""
+    out = subprocess.run(["rabbitmqctl", "-q", "list_connections", "pid", "client_properties"],
+                         capture_output=True, text=True, timeout=60, check=True).stdout
+    pids = [line.split("\t")[0] for line in out.splitlines() if f"taskd {instance}" in line]
+    assert pids, f"no broker connection named 'taskd {instance}' in:\n{out}"
+    for pid in pids:
+        subprocess.run(["rabbitmqctl", "-q", "close_connection", pid, "test cut"], timeout=60, check=True)
+
+
+@pytest.fixture
+def exchange():
+    name = f"taskd-test-{uuid.uuid4().hex[:8]}"
+    yield name
+    subprocess.run(["rabbitmqctl", "-q", "eval", f'rabbit_exchange:delete(rabbit_misc:r(<<"/">>, exchange, <<"{name}">>), false, <<"test">>).'],
+                   capture_output=True, timeout=60)
+
+
+@pytest_twisted.ensureDeferred
+async def test_two_servers_behave_as_one(tmp_path, mysql_dbs, exchange):
+    dsn = mysql_dbs.dsn(mysql_dbs.create("multi"))
+    common = {"db-type": "mysql", "db-connect-str": dsn, "admin-key": ADMIN_KEY, "exchange": exchange,
+              "rabbitmq-url": "amqp://guest:guest@127.0.0.1:5672/", "relocate-delay": "0.2s"}
+    a = ServerProcess(tmp_path, "A", **common)
+    b = ServerProcess(tmp_path, "B", **common)
+    await a.start()
+    await b.start()
+    agents = []
+    try:
+        # An agent on B gets the taskAdd for a task created through A.
+        b1 = connect_agent(b.base, "b1", ADMIN_KEY)
+        agents.append(b1)
+        await b1.opened
+        await b1.next("taskList")
+        any_task = await call(a, "POST", "/api/v1/tasks", {
+            "name": "anywhere", "metrics": {}, "interval": 60, "route": {"type": "any"}, "enabled": True})
+        assert (await b1.next("taskAdd", timeout=20))["id"] == any_task["id"]
+
+        a1 = connect_agent(a.base, "a1", ADMIN_KEY)
+        agents.append(a1)
+        await a1.opened
+        await a1.next("taskList")
+        await a1.nothing_more("taskAdd", within=0.3)  # the any task stays on b1
+
+        # A cut of A's broker connection loses no event: A buffers, reconnects, resends.
+        b1_id = (await call(a, "GET", "/api/v1/agents?name=b1"))[0]["id"]
+        close_amqp_connection_of("A")
+        by_id = await call(a, "POST", "/api/v1/tasks", {
+            "name": "pinned", "metrics": {}, "interval": 60,
+            "route": {"type": "byIds", "config": {"ids": [b1_id]}}, "enabled": True})
+        assert (await b1.next("taskAdd", timeout=30))["id"] == by_id["id"]
+
+        # Stopping B closes b1's socket normally, marks b1 offline, and the any task
+        # moves to a1 on A.
+        # twistd re-raises the terminating signal once it has shut down cleanly.
+        assert await b.stop() in (0, -15)
+        assert "Server Shut Down." in b.log()
+        await b1.closed
+        assert b1.close_code == 1000
+        moved = await a1.next("taskAdd", timeout=20)
+        assert moved["id"] == any_task["id"]
+        [b1_now] = await call(a, "GET", "/api/v1/agents?name=b1")
+        assert b1_now["online"] is False
+        got = await call(a, "GET", f"/api/v1/tasks/{any_task['id']}")
+        assert got["agents"] == [(await call(a, "GET", "/api/v1/agents?name=a1"))[0]["id"]]
+    finally:
+        for client in agents:
+            if not client.closed.called and client.protocol is not None:
+                client.protocol.dropConnection(abort=True)
+        for server in (a, b):
+            await server.stop()
+    assert "Traceback" not in a.log() + b.log(), a.log() + b.log()
