@@ -201,7 +201,10 @@ class SessionManager(Service):
         caller closes the connection with a protocol error)."""
         frame = framing.decode(data)
         if frame.event == framing.CATALOG:
-            session.ready.addCallback(lambda _: self._catalog(session, frame))
+            # Catalogs queue on `ready`; the errback keeps one failed catalog (e.g. a
+            # database error) from leaving the queue failed, which would drop every later one.
+            session.ready.addCallback(lambda _: self._catalog(session, frame)).addErrback(
+                self._catalog_failed, session)
         else:
             self.log.warn("agent {name} sent unknown event {event!r}; ignored", name=session.agent.name,
                           event=frame.event)
@@ -217,6 +220,10 @@ class SessionManager(Service):
         self.log.debug("agent {name} advertises {n} metric(s)", name=session.agent.name, n=count)
         if self.on_change is not None and not session.closed:
             yield self.on_change(session)
+        return session
+
+    def _catalog_failed(self, failure: Any, session: AgentSession) -> AgentSession:
+        self.log.failure("could not store the catalog of agent {name}", failure, name=session.agent.name)
         return session
 
     # -- timers ------------------------------------------------------------------------
@@ -254,6 +261,9 @@ class SessionManager(Service):
         return self.pool.do(assign_unassigned, agent_ids)
 
 
+MAX_VERSION = 2**31 - 1  # the version columns are 32-bit signed integers
+
+
 def parse_catalog(value: Any) -> list[tuple[str, int, Any]]:
     """Snap metric records -> (namespace, version, policy); tolerant of extra fields."""
     if value is None:
@@ -265,7 +275,7 @@ def parse_catalog(value: Any) -> list[tuple[str, int, Any]]:
         if not isinstance(item, dict) or not isinstance(item.get("namespace"), str) or not item["namespace"]:
             raise FrameError(f"catalog record {i} has no namespace")
         version = item.get("version", 0)
-        if isinstance(version, bool) or not isinstance(version, int) or version < 0:
+        if isinstance(version, bool) or not isinstance(version, int) or not 0 <= version <= MAX_VERSION:
             raise FrameError(f"catalog record {i} has a bad version {version!r}")
         out.append((item["namespace"][:255], version, item.get("policy")))
     return out

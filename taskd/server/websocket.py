@@ -66,8 +66,11 @@ class AgentSocketProtocol(WebSocketServerProtocol):
             self.sendMessage(data, isBinary=True)
 
     def close(self, code: int, reason: str) -> None:
-        # A close reason may carry at most 123 bytes of UTF-8.
-        self.sendClose(code, reason.encode("utf-8")[:123].decode("utf-8", "ignore"))
+        # A close reason may carry at most 123 bytes of UTF-8. Autobahn's public
+        # sendClose only accepts 1000 and 3000-4999 (it raises for 1001/1002, which then
+        # drops the TCP connection: the agent sees 1006); sendCloseFrame sends any code.
+        reason_utf8 = reason.encode("utf-8")[:123].decode("utf-8", "ignore").encode("utf-8")
+        self.sendCloseFrame(code=code, reasonUtf8=reason_utf8, isReply=False)
 
 
 class _WithContext:
