@@ -149,3 +149,14 @@ def split(raw: bytes) -> tuple[list[bytes], bytes]:
         if key.strip().lower() == b"content-type":
             content_types.append(value.strip())
     return content_types, body
+
+
+# The operators' notes, "Creating a task", JSON BODY -- verbatim.
+NOTES_TASK: dict = {
+    "name": "example-task-1",
+    "metrics": {"/example-task/*": 0},
+    "config": {"/example-task": {"param1": "value1", "param2": "value2"}},
+    "interval": 300,
+    "route": {"type": "any"},
+    "enabled": True,
+}

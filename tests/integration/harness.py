@@ -44,6 +44,17 @@ class Reply:
         return self.json["meta"]
 
 
+def assert_error(reply: Reply, status: int, *words: str) -> str:
+    """The reply is the error envelope with that status; its message contains `words`."""
+    assert reply.status == status, (reply.status, reply.raw)
+    assert reply.meta["code"] == status and reply.meta["type"] == "error"
+    assert reply.body is None
+    message = reply.meta["message"]
+    for word in words:
+        assert word in message, (word, message)
+    return message
+
+
 class RunningServer:
     def __init__(self, server: Server, auth: FakeAuthEndpoint) -> None:
         self.server = server

@@ -23,20 +23,13 @@ from twisted.internet.utils import getProcessOutputAndValue
 from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.protocols import portforward
 
+from tests.waiting import until
 from taskd.server.amqp import AmqpTransport, backoff_delay, redact_url
 from taskd.server.events import EVENT_TYPES
 
 HOST, PORT = "127.0.0.1", 5672
 URL = f"amqp://guest:guest@{HOST}:{PORT}/"
 RABBITMQCTL = shutil.which("rabbitmqctl") or "/usr/sbin/rabbitmqctl"
-
-
-async def until(cond: Callable[[], Any], timeout: float = 20, what: str = "") -> None:
-    deadline = reactor.seconds() + timeout
-    while not cond():
-        if reactor.seconds() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what or cond}")
-        await deferLater(reactor, 0.02, lambda: None)
 
 
 async def rabbitmqctl(*args: str) -> str:

@@ -14,7 +14,7 @@ import pytest_twisted
 import sqlalchemy as sa
 
 from taskd.db import models
-from tests.integration.harness import ADMIN_KEY, ORG2_KEY, ORG3_KEY, Reply
+from tests.integration.harness import ADMIN_KEY, ORG2_KEY, ORG3_KEY, Reply, assert_error
 
 AGENTS = "/api/v1/agents"
 ZERO = "0001-01-01T00:00:00Z"
@@ -39,15 +39,6 @@ async def names(api, key: str = ADMIN_KEY, params: Any = None) -> list[str]:
     return [a["name"] for a in await api.ok("GET", AGENTS, key=key, params=params)]
 
 
-def assert_error(reply: Reply, status: int, *words: str) -> str:
-    """The reply is the error envelope with `status`; its message contains `words`."""
-    assert reply.status == status, (reply.status, reply.raw)
-    assert reply.meta["code"] == status and reply.meta["type"] == "error", reply.raw
-    assert reply.body is None
-    message = reply.meta["message"]
-    for word in words:
-        assert word in message, (word, message)
-    return message
 
 
 def multipart(fields: list[tuple[str, str]], boundary: str = "XyZboundary42") -> tuple[bytes, str]:

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import pytest_twisted
 
-from tests.integration.harness import ADMIN_KEY, ORG2_KEY, ORG3_KEY, VIEWER_KEY, Reply, start_server, stop_server
+from tests.integration.harness import ADMIN_KEY, ORG2_KEY, ORG3_KEY, VIEWER_KEY, Reply, start_server, stop_server, assert_error
 
 PROTECTED = [
     ("GET", "/api/v1/agents"),
@@ -31,14 +31,6 @@ PROTECTED = [
 
 # -- helpers --------------------------------------------------------------------------
 
-def assert_error(reply: Reply, status: int, *words: str) -> str:
-    assert reply.status == status, (reply.status, reply.raw)
-    assert reply.meta["code"] == status and reply.meta["type"] == "error"
-    assert reply.body is None
-    message = reply.meta["message"]
-    for word in words:
-        assert word in message, (word, message)
-    return message
 
 
 def assert_401(reply: Reply, *words: str) -> str:

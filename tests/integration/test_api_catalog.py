@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import pytest_twisted
 
-from tests.integration.harness import ADMIN_KEY, ORG2_KEY, ORG3_KEY, Reply
+from tests.integration.harness import ADMIN_KEY, ORG2_KEY, ORG3_KEY, Reply, assert_error
 
 AGENTS = "/api/v1/agents"
 METRICS = "/api/v1/metrics"
@@ -38,13 +38,6 @@ async def agent_catalog(api, agent_id: int, key: str = ADMIN_KEY) -> list[tuple[
     return [(m["namespace"], m["version"]) for m in await api.ok("GET", f"{AGENTS}/{agent_id}/metrics", key=key)]
 
 
-def assert_error(reply: Reply, status: int, *words: str) -> str:
-    assert reply.status == status, (reply.status, reply.raw)
-    assert reply.meta["code"] == status and reply.meta["type"] == "error", reply.raw
-    assert reply.body is None
-    for word in words:
-        assert word in reply.meta["message"], (word, reply.meta["message"])
-    return reply.meta["message"]
 
 
 async def seed_orgs(api) -> dict[str, dict]:

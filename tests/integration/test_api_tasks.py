@@ -15,17 +15,9 @@ import pytest_twisted
 import sqlalchemy as sa
 
 from taskd.db import models
-from tests.integration.harness import ADMIN_KEY, ORG2_KEY, Reply
+from tests.integration.harness import ADMIN_KEY, ORG2_KEY, Reply, assert_error
+from tests.notes_requests import NOTES_TASK
 
-# The operators' notes, "Creating a task", JSON BODY -- verbatim.
-NOTES_TASK: dict[str, Any] = {
-    "name": "example-task-1",
-    "metrics": {"/example-task/*": 0},
-    "config": {"/example-task": {"param1": "value1", "param2": "value2"}},
-    "interval": 300,
-    "route": {"type": "any"},
-    "enabled": True,
-}
 
 TASK_FIELDS = {"id", "name", "taskType", "orgId", "config", "interval", "route",
                "metrics", "enabled", "created", "updated"}
@@ -64,15 +56,6 @@ async def names(api, key: str = ADMIN_KEY, **params: Any) -> list[str]:
     return [t["name"] for t in await list_tasks(api, key, **params)]
 
 
-def assert_error(reply: Reply, status: int, *words: str) -> str:
-    """The reply is the error envelope with that status; its message contains `words`."""
-    assert reply.status == status, (reply.status, reply.raw)
-    assert reply.meta["code"] == status and reply.meta["type"] == "error"
-    assert reply.body is None
-    message = reply.meta["message"]
-    for word in words:
-        assert word in message, (word, message)
-    return message
 
 
 def when(stamp: str) -> datetime:

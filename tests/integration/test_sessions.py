@@ -9,15 +9,9 @@ import treq
 from taskd.db import models
 from tests.integration.agent_client import connect_agent
 from tests.integration.harness import ADMIN_KEY, ORG2_KEY
+from tests.notes_requests import NOTES_TASK
+from tests.waiting import until
 
-NOTES_TASK = {
-    "name": "example-task-1",
-    "metrics": {"/example-task/*": 0},
-    "config": {"/example-task": {"param1": "value1", "param2": "value2"}},
-    "interval": 300,
-    "route": {"type": "any"},
-    "enabled": True,
-}
 
 
 async def connected(api, name="agent1", key=ADMIN_KEY):
@@ -163,17 +157,6 @@ async def test_heartbeats_arrive(api):
 def _count(api, table) -> int:
     with api.server.engine.connect() as conn:
         return conn.execute(sa.select(sa.func.count()).select_from(table)).scalar()
-
-
-async def until(cond, timeout: float = 10.0) -> None:
-    from twisted.internet import reactor
-    from twisted.internet.task import deferLater
-
-    deadline = reactor.seconds() + timeout
-    while not cond():
-        if reactor.seconds() > deadline:
-            raise AssertionError("condition not met in time")
-        await deferLater(reactor, 0.02, lambda: None)
 
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
