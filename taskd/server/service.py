@@ -19,6 +19,7 @@ from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 
 import taskd
+from taskd.daemon import StartupError
 from taskd.db import migrate
 from taskd.db.agents import AgentStore
 from taskd.db.catalog import CatalogStore
@@ -37,10 +38,6 @@ from taskd.server.websocket import SocketEndpoint, make_factory
 from taskd.services import OrderedMultiService
 
 log = Logger(namespace="taskd.server")
-
-
-class StartupError(Exception):
-    """Start-up cannot continue; the message is one line for the operator."""
 
 
 class PoolService(Service):

@@ -11,3 +11,12 @@ async def api(db_config):
     running = await start_server(*db_config)
     yield running
     await stop_server(running)
+
+
+import pytest
+
+
+@pytest.fixture
+def sqlite_only(tmp_path):
+    """For agent-side tests where the server's database does not matter."""
+    return "sqlite3", str(tmp_path / "task-server.db")

@@ -94,12 +94,14 @@ async def start_server(db_type: str, connect_str: str, **overrides: Any) -> Runn
     })
     settings = dataclasses.replace(
         ServerSettings(),
-        addr="tcp:0:interface=127.0.0.1",
-        db_type=db_type,
-        db_connect_str=connect_str,
-        admin_key=ADMIN_KEY,
-        auth_endpoint=auth.url,
-        **overrides,
+        **{
+            "addr": "tcp:0:interface=127.0.0.1",
+            "db_type": db_type,
+            "db_connect_str": connect_str,
+            "admin_key": ADMIN_KEY,
+            "auth_endpoint": auth.url,
+            **overrides,
+        },
     )
     server = build_server(settings, reactor)
     wipe(server.engine)

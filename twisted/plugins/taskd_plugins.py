@@ -1,5 +1,7 @@
 """twistd plugins for taskd; tiny, because twistd imports every plugin file just
-to list them. A ``taskagent`` maker will sit beside ``taskserver``."""
+to list them."""
+from taskd.agent.plugin import TaskAgentMaker
 from taskd.server.plugin import TaskServerMaker
 
 taskserver = TaskServerMaker()
+taskagent = TaskAgentMaker()

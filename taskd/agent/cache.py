@@ -1,0 +1,73 @@
+"""The agent's view of its tasks: what the server last said it should run.
+
+Server events change it (`taskList` replaces it, `taskAdd`/`taskUpdate` put one task,
+`taskRemove` drops one); after every change the executor is handed the full desired set
+and reconciles against it, so a lost or repeated event can never leave the executor out
+of step for longer than the next `taskList`. Payloads that are not what the protocol
+says are logged and ignored, never fatal.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping
+
+from twisted.logger import Logger
+
+from taskd.wire import framing
+from taskd.wire.framing import Frame, FrameError
+
+
+def _task(value: Any) -> dict:
+    if not isinstance(value, dict) or isinstance(value.get("id"), bool) or not isinstance(value.get("id"), int):
+        raise FrameError("task payload is not a task object with an integer id")
+    return value
+
+
+class TaskCache:
+    log = Logger(namespace="taskd.agent.tasks")
+
+    def __init__(self, apply: Callable[[Mapping[int, dict]], None]) -> None:
+        self.apply = apply
+        self.tasks: dict[int, dict] = {}
+        # Until the server's first taskList the executor must not act (it would remove
+        # tasks it cannot know are still wanted); that first list always goes through,
+        # even when empty, so stale executor tasks are then cleaned up.
+        self.have_list = False
+
+    def handle(self, frame: Frame) -> None:
+        """A frame from the server (heartbeats included)."""
+        if frame.event == framing.HEARTBEAT:
+            self.log.debug("heartbeat {time}", time=frame.payload.decode("utf-8", "replace"))
+            return
+        if frame.event not in framing.SERVER_EVENTS:
+            self.log.warn("server sent unknown event {event!r}; ignored", event=frame.event)
+            return
+        try:
+            changed = self._apply(frame.event, frame.json())
+        except FrameError as exc:
+            self.log.warn("ignoring {event}: {err}", event=frame.event, err=str(exc))
+            return
+        if changed:
+            self.apply(dict(self.tasks))
+
+    def _apply(self, event: str, value: Any) -> bool:
+        if event == framing.TASK_LIST:
+            items = [] if value is None else value  # the original server sent null for none
+            if not isinstance(items, list):
+                raise FrameError("taskList payload is not a list")
+            tasks = {t["id"]: t for t in map(_task, items)}
+            self.log.info("task list: {n} task(s){names}", n=len(tasks),
+                          names=": " + ", ".join(f"{t['id']} ({t.get('name')})" for t in tasks.values()) if tasks else "")
+            changed = tasks != self.tasks or not self.have_list
+            self.tasks = tasks
+            self.have_list = True
+            return changed
+        task = _task(value)
+        if event == framing.TASK_REMOVE:
+            self.log.info("task {id} ({name}) removed", id=task["id"], name=task.get("name"))
+            return self.tasks.pop(task["id"], None) is not None
+        verb = "added" if event == framing.TASK_ADD else "updated"
+        self.log.info("task {id} ({name}) {verb}: every {interval}s", id=task["id"], name=task.get("name"),
+                      verb=verb, interval=task.get("interval"))
+        changed = self.tasks.get(task["id"]) != task
+        self.tasks[task["id"]] = task
+        return changed

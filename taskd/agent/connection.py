@@ -1,0 +1,230 @@
+"""The agent's one websocket to the task-server, kept up forever.
+
+Reconnects with exponential backoff from about 1 s to `reconnect-max-backoff` (30 s),
+with jitter so a restarted server is not hit by every agent in the same second. The log
+gets one line per change of state (connected, lost, cannot connect, refused), not one
+per attempt. A refused upgrade (HTTP 4xx: bad key, agent unknown with auto-create off)
+is retried only at the cap, since retrying sooner cannot help. Three missed heartbeats
+mean the connection is dead even if TCP has not noticed, and it is dropped.
+"""
+from __future__ import annotations
+
+import random
+import re
+from typing import Any, Callable
+from urllib.parse import urlsplit
+
+from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
+from twisted.application.service import Service
+from twisted.internet import ssl
+from twisted.internet.defer import CancelledError, Deferred, inlineCallbacks
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet._sslverify import IOpenSSLTrustRoot  # public in docs, not re-exported
+from twisted.internet.task import LoopingCall, deferLater
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from taskd.wire import framing
+from taskd.wire.framing import Frame, FrameError
+
+_REFUSED = re.compile(r"upgrade failed \[(\d{3})\]:?\s*([^)]*)")
+_HINTS = {
+    401: "the server did not accept api-key",
+    403: "the server does not accept this key's org",
+    404: "the agent is not registered and the server does not auto-create agents",
+}
+
+
+@implementer(IOpenSSLTrustRoot)
+class SystemPlusBundle:
+    """The system's CAs plus an operator's extra bundle (ca-bundle), for wss://."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def _addCACertsToContext(self, context: Any) -> None:
+        context.set_default_verify_paths()
+        context.load_verify_locations(self.path)
+
+
+def backoff(attempt: int, cap: float, rng: random.Random) -> float:
+    """~1 s, 2 s, 4 s … up to `cap`, each scaled by a random 0.5–1.0."""
+    return min(cap, 2.0 ** max(0, attempt - 1)) * rng.uniform(0.5, 1.0)
+
+
+class ServerConnection(Service):
+    log = Logger(namespace="taskd.agent.connection")
+    name = "connection"
+
+    def __init__(self, *, url: str, api_key: str, reactor: Any, on_frame: Callable[[Frame], None],
+                 on_connected: Callable[[], None] = lambda: None, max_backoff: float = 30.0,
+                 heartbeat_interval: float = 2.0, ca_bundle: str = "",
+                 rng: random.Random | None = None) -> None:
+        self.url = url
+        self.api_key = api_key
+        self.reactor = reactor
+        self.on_frame = on_frame
+        self.on_connected = on_connected
+        self.max_backoff = max_backoff
+        self.heartbeat_interval = heartbeat_interval
+        self.ca_bundle = ca_bundle
+        self.rng = rng or random.Random()
+        self.protocol: Any = None
+        self.connected = False
+        self._loop: Deferred | None = None
+        self._wait: Deferred | None = None
+        self._last_state = ""
+        self._last_seen = 0.0
+        self._watchdog: LoopingCall | None = None
+        self.attempts = 0
+
+    # -- service -----------------------------------------------------------------------
+
+    def startService(self) -> None:
+        super().startService()
+        self._loop = self._run()
+
+    @inlineCallbacks
+    def stopService(self):
+        super().stopService()
+        if self._wait is not None and not self._wait.called:
+            self._wait.cancel()
+        if self.protocol is not None and self.connected:
+            closed = self.protocol.closed
+            self.protocol.sendClose(1000, "agent shutting down")
+            timer = self.reactor.callLater(3, lambda: None if closed.called else self.protocol.dropConnection(abort=True))
+            yield closed
+            if timer.active():
+                timer.cancel()
+        if self._loop is not None:
+            yield self._loop
+
+    def send(self, event: str, value: Any) -> bool:
+        """Send an event now if connected; False (nothing sent) otherwise."""
+        if not self.connected or self.protocol is None:
+            return False
+        self.protocol.sendMessage(framing.encode_json(event, value), isBinary=True)
+        return True
+
+    # -- the loop ----------------------------------------------------------------------
+
+    def _state(self, state: str, line: str, **kw: Any) -> None:
+        """Log `line` only when the state differs from the last one logged."""
+        if state != self._last_state:
+            self._last_state = state
+            (self.log.warn if state != "connected" else self.log.info)(line, **kw)
+        else:
+            self.log.debug(line, **kw)
+
+    @inlineCallbacks
+    def _run(self):
+        while self.running:
+            self.attempts += 1
+            refused = None
+            try:
+                protocol = yield self._connect()
+            except CancelledError:
+                return
+            except Exception as exc:
+                reason = str(exc) or type(exc).__name__
+                match = _REFUSED.search(reason)
+                if match:
+                    refused = int(match.group(1))
+                    hint = _HINTS.get(refused, "")
+                    self._state(f"refused-{refused}", "server refused the agent at {url}: HTTP {code} {why}{hint};"
+                                " retrying every {cap}s", url=self.url, code=refused, why=match.group(2).strip(' "\''),
+                                hint=f" ({hint})" if hint else "", cap=self.max_backoff)
+                else:
+                    self._state("unreachable", "cannot connect to {url}: {reason}; retrying with backoff up to {cap}s",
+                                url=self.url, reason=reason.splitlines()[0][:200], cap=self.max_backoff)
+            else:
+                self.attempts = 0
+                self._state("connected", "connected to {url}", url=self.url)
+                self.on_connected()
+                code, reason = yield protocol.closed
+                self.connected = False
+                self._stop_watchdog()
+                if not self.running:
+                    return
+                self._state("lost", "connection to {url} lost ({reason}); reconnecting", url=self.url,
+                            reason=f"code {code}{': ' + reason if reason else ''}")
+            if not self.running:
+                return
+            delay = self.max_backoff if refused else backoff(self.attempts, self.max_backoff, self.rng)
+            self._wait = deferLater(self.reactor, delay, lambda: None)
+            try:
+                yield self._wait
+            except CancelledError:
+                return
+
+    def _connect(self) -> Deferred:
+        """Connect and complete the websocket handshake; fires with the open protocol."""
+        parts = urlsplit(self.url)
+        secure = parts.scheme == "wss"
+        port = parts.port or (443 if secure else 80)
+        factory = WebSocketClientFactory(self.url, headers={"Authorization": f"Bearer {self.api_key}"})
+        factory.setProtocolOptions(openHandshakeTimeout=10, closeHandshakeTimeout=2)
+        opened: Deferred = Deferred()
+        conn = self
+
+        class Protocol(WebSocketClientProtocol):
+            def onOpen(self) -> None:
+                conn.protocol = self
+                conn.connected = True
+                conn._start_watchdog()
+                opened.callback(self)
+
+            def onMessage(self, payload: bytes, isBinary: bool) -> None:
+                conn._last_seen = conn.reactor.seconds()
+                if not isBinary:
+                    conn.log.warn("server sent a text frame; ignored")
+                    return
+                try:
+                    frame = framing.decode(payload)
+                except FrameError as exc:
+                    conn.log.warn("server sent a malformed frame ({err}); ignored", err=str(exc))
+                    return
+                try:
+                    conn.on_frame(frame)
+                except Exception:
+                    conn.log.failure("handling {event} failed", event=frame.event)
+
+            def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+                if not opened.called:
+                    opened.errback(ConnectionError(reason or "connection closed during the handshake"))
+                if not self.closed.called:
+                    self.closed.callback((code, reason))
+
+        def build(addr: Any) -> Protocol:
+            proto = Protocol()
+            proto.factory = factory
+            proto.closed = Deferred()
+            return proto
+
+        factory.buildProtocol = build
+        endpoint: Any = HostnameEndpoint(self.reactor, parts.hostname, port, timeout=10)
+        if secure:
+            trust = SystemPlusBundle(self.ca_bundle) if self.ca_bundle else None
+            endpoint = wrapClientTLS(ssl.optionsForClientTLS(parts.hostname, trustRoot=trust), endpoint)
+        d = endpoint.connect(factory)
+        d.addCallback(lambda _: opened)
+        return d
+
+    # -- dead connection detection -----------------------------------------------------
+
+    def _start_watchdog(self) -> None:
+        self._last_seen = self.reactor.seconds()
+        self._watchdog = LoopingCall(self._check_heartbeat)
+        self._watchdog.clock = self.reactor
+        self._watchdog.start(self.heartbeat_interval, now=False)
+
+    def _stop_watchdog(self) -> None:
+        if self._watchdog is not None and self._watchdog.running:
+            self._watchdog.stop()
+
+    def _check_heartbeat(self) -> None:
+        silent = self.reactor.seconds() - self._last_seen
+        if silent > 3 * self.heartbeat_interval and self.protocol is not None:
+            self.log.warn("no heartbeat from the server for {s:.1f}s; dropping the connection", s=silent)
+            self._stop_watchdog()
+            self.protocol.dropConnection(abort=True)

@@ -1,0 +1,109 @@
+"""The task-agent's keys, their meaning, and the frozen settings built from them.
+
+Key names are the Go task-agent's (so its config files keep working); the rest are new
+and have defaults that match the original's behaviour. An empty `name` means the
+hostname, as the later Go agent did.
+"""
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+
+from taskd.config import (
+    ConfigError,
+    Option,
+    choice,
+    int_range,
+    load,
+    parse_bool,
+    parse_duration,
+    parse_host_port,
+    url,
+)
+
+ENV_PREFIX = "TASKAGENT_"
+DEFAULT_CONFIG_PATH = "/etc/taskd/task-agent.ini"
+
+AGENT_OPTIONS: tuple[Option, ...] = (
+    Option("log-level", int_range(0, 6), "2",
+           "Least severe messages logged: 0 TRACE, 1 DEBUG, 2 INFO, 3 WARN, 4 ERROR,"
+           " 5 CRITICAL, 6 FATAL."),
+    Option("server-url", url("ws", "wss"), "ws://localhost:8082/api/v1",
+           "The task-server's API base as a websocket URL (ws:// or wss://); the agent"
+           " connects to <server-url>/socket/<name>/1."),
+    Option("tsdb-url", url("http", "https"), "http://localhost:80/",
+           "tsdb-gw base URL the tasks' metrics are published to."),
+    Option("snap-url", url("http", "https"), "http://localhost:8181/",
+           "The local Snap daemon's REST API."),
+    Option("stats-enabled", parse_bool, "false",
+           "Send the agent's own metrics to statsd; also [stats] enabled.",
+           sections=(("stats", "enabled"),)),
+    Option("statsd-addr", parse_host_port, "localhost:8125",
+           "HOST:PORT of the statsd server; also [stats] addr.", sections=(("stats", "addr"),)),
+    Option("statsd-type", choice("standard", "datadog"), "standard",
+           "statsd flavour: standard or datadog (with tags); also [stats] type.",
+           sections=(("stats", "type"),)),
+    Option("api-key", str, "",
+           "API key sent as 'Authorization: Bearer' to the task-server (and given to Snap's"
+           " publisher for tsdb-gw).", secret=True),
+    Option("name", str, "",
+           "This agent's name on the task-server; empty means the hostname."),
+    Option("reconnect-max-backoff", parse_duration, "30s",
+           "Longest wait between reconnection attempts (backoff starts near 1s, doubles, with jitter)."),
+    Option("heartbeat-interval", parse_duration, "2s",
+           "The server's heartbeat interval; three missed heartbeats mean a dead connection."),
+    Option("ca-bundle", str, "",
+           "PEM file of extra CA certificates trusted for wss:// (the system CAs are always trusted)."),
+)
+
+
+@dataclass(frozen=True)
+class AgentSettings:
+    log_level: int = 2
+    server_url: str = "ws://localhost:8082/api/v1"
+    tsdb_url: str = "http://localhost:80/"
+    snap_url: str = "http://localhost:8181/"
+    stats_enabled: bool = False
+    statsd_addr: str = "localhost:8125"
+    statsd_type: str = "standard"
+    api_key: str = ""
+    name: str = ""
+    reconnect_max_backoff: float = 30.0
+    heartbeat_interval: float = 2.0
+    ca_bundle: str = ""
+    config_path: str | None = None
+    config_file_missing: bool = False
+
+    @property
+    def agent_name(self) -> str:
+        return self.name or socket.gethostname()
+
+    @property
+    def socket_url(self) -> str:
+        return f"{self.server_url.rstrip('/')}/socket/{self.agent_name}/1"
+
+    def __repr__(self) -> str:
+        shown = ", ".join(
+            f"{f.name}={'***' if f.name == 'api_key' and self.api_key else repr(getattr(self, f.name))}"
+            for f in fields(self)
+        )
+        return f"AgentSettings({shown})"
+
+
+def load_agent_settings(path: str | None = None, env: Mapping[str, str] = os.environ,
+                        flags: Mapping[str, str | None] | None = None) -> AgentSettings:
+    """Settings from defaults < file at ``path`` < ``env`` < ``flags``; ConfigError."""
+    values = load(AGENT_OPTIONS, path=path, env=env, env_prefix=ENV_PREFIX, flags=flags)
+    name = values["name"].strip()
+    if name and not all(c.isalnum() or c in "_-" for c in name):
+        raise ConfigError("name", "may only contain letters, digits, '_' and '-'",
+                          values.origins.get("name"))
+    if values["ca-bundle"] and not os.path.isfile(values["ca-bundle"]):
+        raise ConfigError("ca-bundle", "file does not exist", values.origins.get("ca-bundle"))
+    return AgentSettings(
+        **{opt.attr: values[opt.name] for opt in AGENT_OPTIONS},
+        config_path=os.path.abspath(path) if path is not None else None,
+        config_file_missing=values.file_missing,
+    )

@@ -1,0 +1,650 @@
+"""The Snap driver: runs the agent's tasks as tasks of the local Snap daemon (REST API v1).
+
+Behaviour of the Go task-agent (``original-behaviour.md`` §7, ``snap-rest-api.md`` §10),
+with its gaps closed. Three loops, all on the injected clock and each guarded so that a
+failure is logged and retried on the next tick instead of stopping the loop:
+
+* every ``supervise_interval`` (1 s): ``GET /v1/plugins////config`` (the global plugin
+  config, literally four slashes). A failed probe marks Snap unreachable. If
+  ``raintank_agent_name`` is missing the three keys are ``PUT`` one per request (as the
+  Go agent did) and, since that means a fresh snapd, the tasks are re-indexed as on a
+  reconnection; if it is present but one of the keys differs from this agent's settings
+  (say, a new api-key), that key is ``PUT`` again. On the unreachable → reachable edge:
+  reconcile and send the catalog. A reconcile that failed is retried from this loop with
+  a backoff (supervise interval doubling up to the sweep interval).
+* every ``catalog_interval`` (5 min): ``GET /v1/metrics`` → ``send_catalog(records)``.
+* every ``sweep_interval`` (60 s): remove ``raintank-apps:*`` tasks that Snap ``Disabled``
+  (too many failed runs), then reconcile, which creates them afresh.
+
+Reconcile compares Snap's ``raintank-apps:<taskId>`` tasks with the desired set given to
+:meth:`SnapDriver.set_tasks`: missing → create; present but out of date → remove and
+create; not desired → remove; duplicates → keep one. Other tasks are never touched.
+"Out of date" (see docs/snap.md): a Snap task this driver created in this process is
+compared with the request it was created from and the ``updated`` it was built from; any
+other Snap task (created before an agent restart, or by a create whose answer was lost) is
+compared by content — its full view echoes the workflow, schedule and deadline — and
+only when Snap does not echo a workflow by ``creation_timestamp`` (whole seconds): re-create
+if ``updated`` is later than ``creation_timestamp + 1``.
+
+The api key is sent to Snap only in the body of one PUT and never logged.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any, Callable, Coroutine, Mapping
+
+from twisted.application.service import Service
+from twisted.internet.defer import CancelledError, Deferred, DeferredList
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall, deferLater
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+__all__ = ["SnapDriver", "SnapError", "SnapUnreachable", "PREFIX", "snap_task_request",
+           "catalog_record", "updated_after_creation", "parse_go_duration"]
+
+PREFIX = "raintank-apps:"
+PUBLISHER = "rt-hostedtsdb"
+DEADLINE = "300s"
+MAX_FAILURES = 100
+CONFIG_PATH = "/v1/plugins////config"  # the global node: type = name = version = ""
+AGENT_NAME_KEY, TSDB_URL_KEY, API_KEY_KEY = "raintank_agent_name", "raintank_tsdb_url", "raintank_api_key"
+RUNNING, STOPPED, STOPPING, DISABLED = "Running", "Stopped", "Stopping", "Disabled"
+
+_DURATION = re.compile(r"(\d+\.?\d*|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
+_UNIT_NS = {"ns": 1, "us": 1e3, "µs": 1e3, "μs": 1e3, "ms": 1e6, "s": 1e9, "m": 60e9, "h": 3600e9}
+
+
+class SnapError(Exception):
+    """Snap answered, but not with the expected success envelope (``status`` 0: gave up)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status, self.message = status, message
+
+    def __str__(self) -> str:
+        return f"HTTP {self.status}: {self.message}" if self.status else self.message
+
+
+class SnapUnreachable(Exception):
+    """No HTTP answer from Snap: refused, reset, or no answer in time."""
+
+
+def parse_go_duration(text: Any) -> int:
+    """A Go duration string (``"60s"``, ``"1m0s"``, ``"1h30m"``) → nanoseconds."""
+    if not isinstance(text, str) or not text:
+        raise ValueError(f"not a duration: {text!r}")
+    if text == "0":
+        return 0
+    pos, total = 0, 0.0
+    while pos < len(text):
+        m = _DURATION.match(text, pos)
+        if m is None:
+            raise ValueError(f"not a duration: {text!r}")
+        total += float(m.group(1)) * _UNIT_NS[m.group(2)]
+        pos = m.end()
+    return round(total)
+
+
+def parse_rfc3339(value: Any) -> datetime | None:
+    if not isinstance(value, str):
+        return None
+    try:
+        dt = datetime.fromisoformat(value.replace("Z", "+00:00").replace("z", "+00:00"))
+    except ValueError:
+        return None
+    return dt if dt.tzinfo else dt.replace(tzinfo=timezone.utc)
+
+
+def updated_after_creation(updated: Any, creation_timestamp: Any) -> bool:
+    """The timestamp rule for a Snap task whose content cannot be compared.
+
+    ``creation_timestamp`` C is whole seconds, so the task was created somewhere in
+    [C, C+1). Only an ``updated`` strictly later than C + 1 is certainly later than the
+    creation; anything else (same second, unparsable, missing) is not, and the task is
+    kept rather than re-created on every cycle.
+    """
+    dt = parse_rfc3339(updated)
+    if dt is None or isinstance(creation_timestamp, bool) or not isinstance(creation_timestamp, int):
+        return False
+    return dt.timestamp() > creation_timestamp + 1
+
+
+def snap_task_request(task_id: int, task: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``POST /v1/tasks`` body for a server task, as the Go agent built it.
+
+    ValueError if the task cannot be expressed (no positive interval, no metrics...)."""
+    interval = task.get("interval")
+    if isinstance(interval, bool) or not isinstance(interval, int) or interval <= 0:
+        raise ValueError(f"interval {interval!r} is not a positive whole number of seconds")
+    metrics = task.get("metrics")
+    if not isinstance(metrics, Mapping) or not metrics:
+        raise ValueError("it has no metrics")
+    collect: dict[str, Any] = {"metrics": {}}
+    for ns, version in metrics.items():
+        if isinstance(version, bool) or not isinstance(version, int):
+            raise ValueError(f"metric {ns} has version {version!r}, not an integer")
+        collect["metrics"][str(ns)] = {"version": version}
+    config = task.get("config") or {}
+    if not isinstance(config, Mapping) or not all(isinstance(v, Mapping) for v in config.values()):
+        raise ValueError("its config is not an object of objects")
+    items = {str(ns): {str(k): v for k, v in kv.items()} for ns, kv in config.items() if kv}
+    if items:
+        collect["config"] = items
+    org_id = task.get("orgId")
+    if isinstance(org_id, bool) or not isinstance(org_id, int):
+        raise ValueError(f"orgId {org_id!r} is not an integer")
+    collect["publish"] = [{"plugin_name": PUBLISHER, "plugin_version": 0,
+                           "config": {"interval": interval, "orgId": org_id}, "target": ""}]
+    return {"name": f"{PREFIX}{task_id}", "version": 0, "deadline": DEADLINE,
+            "workflow": {"collect": collect},
+            "schedule": {"type": "simple", "interval": f"{interval}s"},
+            "start": True, "max-failures": MAX_FAILURES}
+
+
+def catalog_record(entry: Any) -> dict[str, Any] | None:
+    """A Snap ``/v1/metrics`` entry → the record the server stores (None if unusable)."""
+    if not isinstance(entry, Mapping) or not isinstance(entry.get("namespace"), str) \
+            or not entry["namespace"]:
+        return None
+    version = entry.get("version", 0)  # Snap omits a 0 version
+    if isinstance(version, bool) or not isinstance(version, int) or version < 0:
+        return None
+    record = {"namespace": entry["namespace"], "version": version,
+              "policy": entry.get("policy") or []}
+    for key in ("dynamic", "dynamic_elements", "description", "unit"):
+        if key in entry:
+            record[key] = entry[key]
+    return record
+
+
+def _norm(v: Any) -> Any:
+    """Numbers as Snap echoes them (60.0 → 60) so requests and echoes compare equal."""
+    if isinstance(v, float) and v.is_integer():
+        return int(v)
+    if isinstance(v, Mapping):
+        return {str(k): _norm(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_norm(x) for x in v]
+    return v
+
+
+def _essence(schedule: Any, deadline: Any, workflow: Any) -> str | None:
+    """What makes two Snap tasks run the same collection (None: cannot tell)."""
+    try:
+        collect = workflow["collect"]
+        if schedule.get("type") not in ("simple", "windowed") or \
+                schedule.get("start_timestamp") or schedule.get("stop_timestamp"):
+            return "other schedule"  # snap 2.x reports simple schedules as windowed
+        interval = parse_go_duration(schedule["interval"])
+        deadline_ns = parse_go_duration(deadline or "5s")
+        metrics = {ns: (info or {}).get("version", 0) for ns, info in collect["metrics"].items()}
+        config = {ns: kv for ns, kv in (collect.get("config") or {}).items() if kv}
+        publish = [[str(p.get("plugin_name", "")).lower(), p.get("plugin_version", 0),
+                    p.get("config") or {}, p.get("target", "")] for p in collect.get("publish") or []]
+        other = bool(collect.get("process") or collect.get("tags"))
+    except (KeyError, TypeError, AttributeError, ValueError):
+        return None
+    return json.dumps(_norm([interval, deadline_ns, metrics, config, publish, other]), sort_keys=True)
+
+
+def _request_essence(request: Mapping[str, Any]) -> str | None:
+    return _essence(request["schedule"], request["deadline"], request["workflow"])
+
+
+@dataclass
+class _Built:
+    fingerprint: str  # the creation request, canonical JSON
+    updated: Any      # the server task's `updated` it was built from
+
+
+class SnapDriver(Service):
+    """Keeps the local Snap daemon running exactly the desired ``raintank-apps`` tasks.
+
+    ``snap_reachable`` says whether the last global-config probe got an answer;
+    ``last_catalog`` is the last catalog fetched from Snap (None before the first).
+    """
+
+    name = "snap"
+    log = Logger(namespace="taskd.agent.snap")
+
+    def __init__(self, *, snap_url: str, agent_name: str, tsdb_url: str, api_key: str,
+                 clock: IReactorTime, send_catalog: Callable[[list[dict]], None],
+                 http: Any = None, supervise_interval: float = 1.0,
+                 catalog_interval: float = 300.0, sweep_interval: float = 60.0,
+                 request_timeout: float = 10.0, stop_timeout: float = 5.0,
+                 stop_poll: float = 0.25) -> None:
+        self.snap_url = snap_url.rstrip("/")  # as the Go agent: <url>/v1/...
+        self.agent_name, self.tsdb_url, self._api_key = agent_name, tsdb_url, api_key
+        self.clock = clock
+        self.send_catalog = send_catalog
+        self.supervise_interval = supervise_interval
+        self.catalog_interval = catalog_interval
+        self.sweep_interval = sweep_interval
+        self.request_timeout = request_timeout
+        self.stop_timeout = stop_timeout
+        self.stop_poll = stop_poll
+        self._pool: Any = None
+        if http is None:
+            from treq.client import HTTPClient
+            from twisted.internet import reactor
+            from twisted.web.client import Agent, HTTPConnectionPool
+            self._pool = HTTPConnectionPool(reactor, persistent=True)
+            http = HTTPClient(Agent(reactor, pool=self._pool))
+        self._http = http
+        self.snap_reachable = False
+        self.last_catalog: list[dict] | None = None
+        self._reach_logged: bool | None = None  # the reachability last logged
+        self._desired: dict[int, dict] | None = None  # None: no task list from the server yet
+        self._built: dict[str, _Built] = {}  # Snap task id -> what this process created it from
+        self._loops: list[LoopingCall] = []
+        self._inflight: set[Deferred] = set()
+        self._reconciling = False
+        self._pending = self._pending_sweep = False
+        self._retry_at: float | None = None
+        self._retry_sweep = False
+        self._backoff = supervise_interval
+        self._problems: dict[Any, str] = {}  # key -> the last problem logged about it
+
+    # -- public -------------------------------------------------------------------------
+
+    def set_tasks(self, tasks: Mapping[int, dict]) -> None:
+        """The full desired set (server task JSON by task id); reconciles soon."""
+        desired: dict[int, dict] = {}
+        for key, task in tasks.items():
+            try:
+                task_id = int(key)
+            except (TypeError, ValueError):
+                self.log.warn("ignoring a task with id {key!r}: not an integer", key=key)
+                continue
+            if not isinstance(task, Mapping):
+                self.log.warn("ignoring task {id}: not a JSON object", id=task_id)
+            elif task.get("enabled", True) is not False:  # the server sends enabled ones only
+                desired[task_id] = dict(task)
+        self._desired = desired
+        self._want_reconcile()
+
+    def resend_catalog(self) -> None:
+        """Send the last catalog fetched from Snap again (e.g. after a reconnection)."""
+        if self.last_catalog is not None:
+            self._send_catalog(self.last_catalog)
+
+    def idle(self) -> Deferred:
+        """Fires once no probe, reconcile or catalog fetch is in progress (for tests)."""
+        return Deferred.fromCoroutine(self._idle())
+
+    async def _idle(self) -> None:
+        while self._inflight:
+            await DeferredList(list(self._inflight))
+
+    def startService(self) -> None:
+        super().startService()
+        for fn, interval, now in ((self._supervise, self.supervise_interval, True),
+                                  (self._catalog_tick, self.catalog_interval, False),
+                                  (self._sweep_tick, self.sweep_interval, False)):
+            loop = LoopingCall(self._spawn, fn)
+            loop.clock = self.clock
+            loop.start(interval, now=now).addErrback(
+                lambda f, what=fn.__name__: self.log.failure("snap {what} loop stopped", f, what=what))
+            self._loops.append(loop)
+
+    def stopService(self) -> Deferred:
+        super().stopService()
+        for loop in self._loops:
+            if loop.running:
+                loop.stop()
+        self._loops = []
+        self.snap_reachable = False  # a restarted service re-indexes on its first probe
+        for d in list(self._inflight):
+            d.cancel()
+        return Deferred.fromCoroutine(self._close())
+
+    async def _close(self) -> None:
+        await self._idle()
+        if self._pool is not None:
+            await self._pool.closeCachedConnections()
+
+    # -- plumbing -----------------------------------------------------------------------
+
+    def _spawn(self, fn: Callable[[], Coroutine[Any, Any, Any]]) -> Deferred:
+        """Run ``fn()``; the Deferred never fails (a LoopingCall that errbacks stops)."""
+        d = Deferred.fromCoroutine(fn())
+        self._inflight.add(d)
+
+        def done(result: Any) -> None:
+            self._inflight.discard(d)
+            if isinstance(result, Failure) and not (result.check(CancelledError) and not self.running):
+                self.log.failure("snap driver: unexpected error in {what}", result,
+                                 what=getattr(fn, "__name__", fn))
+            return None
+
+        d.addBoth(done)
+        return d
+
+    async def _sleep(self, seconds: float) -> None:
+        await deferLater(self.clock, seconds, lambda: None)
+
+    def _redact(self, text: str) -> str:
+        return text.replace(self._api_key, "<api-key>") if self._api_key else text
+
+    async def _call(self, method: str, path: str, expect_type: str, expect_code: int = 200,
+                    body: Any = None) -> Any:
+        """One request; the envelope's body on success, else SnapError / SnapUnreachable."""
+        kwargs: dict[str, Any] = {"timeout": self.request_timeout}
+        if method != "GET":
+            kwargs["headers"] = {b"Content-Type": [b"application/json"]}
+        if body is not None:
+            kwargs["data"] = json.dumps(body).encode("utf-8")
+        try:
+            response = await self._http.request(method, self.snap_url + path, **kwargs)
+            raw = await response.content()
+        except Exception as e:
+            if not self.running:
+                raise CancelledError() from None
+            reasons = getattr(e, "reasons", None)
+            cause = reasons[0].value if reasons else e
+            if isinstance(cause, CancelledError) or isinstance(e, CancelledError):
+                raise SnapUnreachable(f"no answer within {self.request_timeout:g} s") from None
+            raise SnapUnreachable(self._redact(f"{type(cause).__name__}: {cause}")[:300]) from None
+        try:
+            doc = json.loads(raw)
+        except ValueError:
+            doc = None
+        meta = doc.get("meta") if isinstance(doc, dict) else None
+        if not isinstance(meta, dict):  # plain-text 404/405/401, proxies, garbage
+            text = raw.decode("utf-8", "replace").strip()[:200]
+            raise SnapError(response.code, self._redact(text or "empty body"))
+        if meta.get("type") == expect_type and response.code == expect_code:
+            return doc.get("body")
+        reply = doc.get("body")
+        message = reply.get("message") if isinstance(reply, dict) else None
+        if meta.get("type") != "error" or not isinstance(message, str):
+            message = f"unexpected answer (meta.type {meta.get('type')!r})"
+        raise SnapError(response.code, self._redact(message))
+
+    def _problem(self, key: Any, message: str) -> None:
+        """Warn about a problem once; the same problem again is only a debug line."""
+        if self._problems.get(key) != message:
+            self._problems[key] = message
+            self.log.warn("{message}", message=message)
+        else:
+            self.log.debug("still: {message}", message=message)
+
+    def _solved(self, key: Any) -> None:
+        self._problems.pop(key, None)
+
+    def _set_reachable(self, reachable: bool, why: str = "") -> None:
+        self.snap_reachable = reachable
+        if reachable != self._reach_logged:
+            self._reach_logged = reachable
+            if reachable:
+                self.log.info("Snap at {url} is reachable", url=self.snap_url)
+            else:
+                self.log.warn("Snap at {url} is unreachable ({why}); retrying every {every:g} s",
+                              url=self.snap_url, why=why, every=self.supervise_interval)
+
+    # -- the loops ----------------------------------------------------------------------
+
+    async def _supervise(self) -> None:
+        try:
+            config = await self._call("GET", CONFIG_PATH, "config_plugin_item_returned")
+            if not isinstance(config, dict):
+                raise SnapError(200, "the global plugin config is not an object")
+        except (SnapError, SnapUnreachable) as e:
+            self._set_reachable(False, str(e))
+            return
+        edge = not self.snap_reachable
+        restarted = AGENT_NAME_KEY not in config  # a fresh snapd: its tasks are gone too
+        self._set_reachable(True)
+        await self._ensure_global_config(config)
+        if edge or restarted:
+            self._want_reconcile()
+            self._spawn(self._refresh_catalog)
+        elif self._retry_at is not None and self.clock.seconds() >= self._retry_at:
+            self._want_reconcile(sweep=self._retry_sweep)
+
+    async def _ensure_global_config(self, config: dict[str, Any]) -> None:
+        wanted = ((AGENT_NAME_KEY, self.agent_name), (TSDB_URL_KEY, self.tsdb_url),
+                  (API_KEY_KEY, self._api_key))
+        if AGENT_NAME_KEY in config:  # the Go agent's marker; also repair changed values
+            wanted = tuple((k, v) for k, v in wanted if config.get(k) != v)
+        if not wanted:
+            return
+        for key, value in wanted:
+            try:
+                await self._call("PUT", CONFIG_PATH, "config_plugin_item_created", body={key: value})
+            except (SnapError, SnapUnreachable) as e:
+                self._problem("config", f"setting {key} in Snap's global plugin config failed: "
+                                        f"{e}; retrying in {self.supervise_interval:g} s")
+                return
+        self._solved("config")
+        self.log.info("set {keys} in Snap's global plugin config", keys=", ".join(k for k, _ in wanted))
+
+    async def _catalog_tick(self) -> None:
+        if self.snap_reachable:
+            await self._refresh_catalog()
+
+    async def _sweep_tick(self) -> None:
+        if self.snap_reachable:
+            self._want_reconcile(sweep=True)
+
+    async def _refresh_catalog(self) -> None:
+        try:
+            entries = await self._call("GET", "/v1/metrics", "metrics_returned")
+            if not isinstance(entries, list):
+                raise SnapError(200, "the metric catalog is not an array")
+        except (SnapError, SnapUnreachable) as e:
+            self._problem("catalog", f"fetching Snap's metric catalog failed: {e}")
+            return
+        self._solved("catalog")
+        records = [r for r in map(catalog_record, entries) if r is not None]
+        if len(records) != len(entries):
+            self.log.warn("ignored {n} malformed entries of Snap's metric catalog",
+                          n=len(entries) - len(records))
+        self.last_catalog = records
+        self._send_catalog(records)
+
+    def _send_catalog(self, records: list[dict]) -> None:
+        try:
+            self.send_catalog(list(records))
+        except Exception:
+            self.log.failure("sending the catalog to the server failed")
+
+    # -- reconcile ----------------------------------------------------------------------
+
+    def _want_reconcile(self, sweep: bool = False) -> None:
+        """Coalesce: one reconcile at a time, run once more if asked meanwhile."""
+        self._pending = True
+        self._pending_sweep = self._pending_sweep or sweep
+        if self._reconciling or not self.running or not self.snap_reachable:
+            return  # the running one loops again; or the reachability edge will call us
+        self._reconciling = True
+        self._spawn(self._reconcile_loop)
+
+    async def _reconcile_loop(self) -> None:
+        try:
+            while self._pending and self.running and self.snap_reachable:
+                sweep = self._pending_sweep
+                self._pending = self._pending_sweep = False
+                try:
+                    ok = await self._reconcile_once(sweep)
+                except SnapUnreachable as e:
+                    self._problem("reconcile", f"reconciling Snap's tasks interrupted: {e}")
+                    ok = False
+                except SnapError as e:
+                    self._problem("reconcile", f"listing Snap's tasks failed: {e}")
+                    ok = False
+                except CancelledError:
+                    raise
+                except Exception:
+                    self.log.failure("reconciling Snap's tasks failed")
+                    ok = False
+                if ok:
+                    self._solved("reconcile")
+                    self._retry_at, self._retry_sweep = None, False
+                    self._backoff = self.supervise_interval
+                else:
+                    self._retry_at = self.clock.seconds() + self._backoff
+                    self._retry_sweep = self._retry_sweep or sweep
+                    self._backoff = min(self._backoff * 2, max(self.sweep_interval, self.supervise_interval))
+        finally:
+            self._reconciling = False
+
+    async def _reconcile_once(self, sweep: bool) -> bool:
+        """One pass; True if Snap now matches the desired set. SnapUnreachable aborts."""
+        if self._desired is None:
+            return True  # never act on "no tasks" before the server has said so
+        desired = self._desired
+        listing = await self._call("GET", "/v1/tasks", "scheduled_task_list_returned")
+        tasks = listing.get("ScheduledTasks") if isinstance(listing, dict) else None
+        if not isinstance(tasks, list):
+            raise SnapError(200, "the task list has no ScheduledTasks array")
+        ours: dict[str, list[dict]] = {}
+        for t in tasks:
+            if isinstance(t, dict) and isinstance(t.get("name"), str) and \
+                    t["name"].startswith(PREFIX) and isinstance(t.get("id"), str):
+                ours.setdefault(t["name"], []).append(t)
+        present = {t["id"] for copies in ours.values() for t in copies}
+        self._built = {sid: b for sid, b in self._built.items() if sid in present}
+        ok = True
+        if sweep:
+            for name, copies in ours.items():
+                for c in [c for c in copies if c.get("task_state") == DISABLED]:
+                    self.log.warn("{name}: Snap disabled task {sid} after {n} failed runs (last: "
+                                  "{msg}); re-creating it", name=name, sid=c["id"],
+                                  n=c.get("failed_count", 0), msg=c.get("last_failure_message", ""))
+                    if await self._remove(name, c, "it was Disabled"):
+                        copies.remove(c)
+                    else:
+                        ok = False
+        wanted = {f"{PREFIX}{tid}": (tid, task) for tid, task in desired.items()}
+        for name, copies in ours.items():
+            if name not in wanted:
+                for c in copies:
+                    ok = await self._remove(name, c, "no longer assigned to this agent") and ok
+        for name, (tid, task) in wanted.items():
+            ok = await self._converge(name, tid, task, ours.get(name, [])) and ok
+        return ok
+
+    async def _converge(self, name: str, tid: int, task: dict, copies: list[dict]) -> bool:
+        try:
+            request = snap_task_request(tid, task)
+        except ValueError as e:
+            self._problem(name, f"task {tid} cannot be run by Snap: {e}")
+            return True  # not retryable: a new version of the task will come
+        updated = task.get("updated")
+        keep: dict | None = None
+        ok = True
+        try:
+            # Prefer a running copy, then one this process built, then the newest.
+            for c in sorted(copies, key=lambda c: (c.get("task_state") != RUNNING,
+                                                   c["id"] not in self._built,
+                                                   -(c.get("creation_timestamp") or 0))):
+                if keep is None:
+                    why = await self._unusable(c, request, updated)
+                    if why is None:
+                        keep = c
+                        continue
+                else:
+                    why = f"duplicate of {keep['id']}"
+                ok = await self._remove(name, c, why) and ok
+        except SnapError as e:
+            self._problem(name, f"task {tid}: reading Snap task failed: {e}")
+            return False
+        if keep is None:
+            ok = await self._create(name, tid, request, updated) and ok
+        return ok
+
+    async def _unusable(self, c: dict, request: dict, updated: Any) -> str | None:
+        """Why this Snap copy cannot stay (None: it is current)."""
+        state = c.get("task_state")
+        if state not in (RUNNING, DISABLED):  # e.g. a create whose start failed
+            return f"it is {state}, not Running"
+        built = self._built.get(c["id"])
+        fingerprint = json.dumps(request, sort_keys=True)
+        if built is not None:
+            if built.fingerprint != fingerprint:
+                return "the task changed"
+            old, new = parse_rfc3339(built.updated), parse_rfc3339(updated)
+            newer = (new > old) if (old and new) else (updated != built.updated)
+            return f"the task was updated ({updated})" if newer else None
+        try:
+            full = await self._call("GET", f"/v1/tasks/{c['id']}", "scheduled_task_returned")
+        except SnapError as e:
+            if e.status == 404:
+                return "it is gone"
+            raise
+        full = full if isinstance(full, dict) else {}
+        seen = _essence(full.get("schedule"), full.get("deadline"), full.get("workflow"))
+        if seen is not None:
+            if seen != _request_essence(request):
+                return "its content differs from the task"
+        elif updated_after_creation(updated, c.get("creation_timestamp")):
+            return f"the task was updated ({updated}) after it was created"
+        self._built[c["id"]] = _Built(fingerprint, updated)  # adopt it
+        return None
+
+    async def _create(self, name: str, tid: int, request: dict, updated: Any) -> bool:
+        try:
+            body = await self._call("POST", "/v1/tasks", "scheduled_task_created", 201, request)
+        except SnapError as e:
+            self._problem(name, f"task {tid}: creating the Snap task failed: {e}; will retry")
+            return False
+        self._solved(name)
+        sid = body.get("id") if isinstance(body, dict) else None
+        if isinstance(sid, str):
+            self._built[sid] = _Built(json.dumps(request, sort_keys=True), updated)
+        self.log.info("task {tid}: created Snap task {sid} ({name}, every {interval})", tid=tid,
+                      sid=sid, name=name, interval=request["schedule"]["interval"])
+        return True
+
+    async def _remove(self, name: str, c: dict, reason: str) -> bool:
+        sid = c["id"]
+        try:
+            await self._stop_and_delete(sid)
+        except SnapError as e:
+            self._problem((name, sid), f"{name}: removing Snap task {sid} ({reason}) failed: {e}; "
+                                       "will retry")
+            return False
+        self._solved((name, sid))
+        self._built.pop(sid, None)
+        self.log.info("{name}: removed Snap task {sid} ({reason})", name=name, sid=sid, reason=reason)
+        return True
+
+    async def _stop_and_delete(self, sid: str) -> None:
+        """Enable if Disabled, stop if Running, wait out Stopping, delete. 404 = done."""
+        deadline = self.clock.seconds() + self.stop_timeout
+        path = f"/v1/tasks/{sid}"
+        for _ in range(100):
+            try:
+                task = await self._call("GET", path, "scheduled_task_returned")
+                state = task.get("task_state") if isinstance(task, dict) else None
+                if state == DISABLED:
+                    await self._tolerate(self._call("PUT", path + "/enable", "scheduled_task_enabled"))
+                elif state == RUNNING:
+                    await self._tolerate(self._call("PUT", path + "/stop", "scheduled_task_stopped"))
+                elif state == STOPPING:
+                    if self.clock.seconds() >= deadline:
+                        raise SnapError(0, f"still Stopping after {self.stop_timeout:g} s")
+                    await self._sleep(self.stop_poll)
+                else:
+                    await self._call("DELETE", path, "scheduled_task_removed")
+                    return
+            except SnapError as e:
+                if e.status == 404:
+                    return
+                if e.status != 500 or self.clock.seconds() >= deadline:
+                    raise  # a 500 is a race with Stopping ("Task must be stopped"): re-read
+                await self._sleep(self.stop_poll)
+        raise SnapError(0, "gave up: the task never reached a removable state")
+
+    async def _tolerate(self, call: Coroutine[Any, Any, Any]) -> None:
+        """A stop/enable that raced with another state change (500) is re-checked."""
+        try:
+            await call
+        except SnapError as e:
+            if e.status != 500:
+                raise

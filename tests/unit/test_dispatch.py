@@ -1,0 +1,386 @@
+"""The Dispatcher without network or database: a fake pool, a fake session manager,
+fake transports that record frames, a real EventBus and a deterministic Clock.
+
+The pool fake answers `pool.do(fn, *args)` by the function's name with canned results
+(or with a Deferred the test fires later), so every ordering question is decided by the
+test, and nothing sleeps.
+"""
+from __future__ import annotations
+
+import json
+import random
+from datetime import datetime
+from typing import Any, Callable
+
+import pytest
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.task import Clock
+
+from taskd.db.agents import Agent
+from taskd.db.tasks import Route, Task
+from taskd.server.dispatch import REMOTE_JITTER, Dispatcher
+from taskd.server.events import EventBus
+from taskd.server.render import task_json
+from taskd.server.sessions import CLOSE_NORMAL, AgentSession
+from taskd.wire import framing
+
+T0 = datetime(2024, 1, 2, 3, 4, 5)
+HERE = "srv-a"
+SEED = 1234
+
+
+# -- fakes -----------------------------------------------------------------------------
+
+class FakeTransport:
+    def __init__(self) -> None:
+        self.frames: list[tuple[str, Any]] = []
+        self.closes: list[tuple[int, str]] = []
+
+    def send_frame(self, data: bytes) -> None:
+        frame = framing.decode(data)
+        self.frames.append((frame.event, frame.json()))
+
+    def close(self, code: int, reason: str) -> None:
+        self.closes.append((code, reason))
+
+    def take(self) -> list[tuple[str, Any]]:
+        frames, self.frames = self.frames, []
+        return frames
+
+
+class FakePool:
+    """`do(fn, *args)`: a handler registered under fn's name decides the result (a value,
+    or a Deferred for the test to fire); without one, a neutral default."""
+
+    DEFAULTS: dict[str, Callable[..., Any]] = {
+        "routing_snapshot": lambda task_id, among: (None, set()),
+        "relocate_from": lambda agent_id: [],
+        "assign_unassigned": lambda agent_ids: [],
+        "tasks_for_agents": lambda ids: {i: [] for i in ids},
+        "load_agent": lambda agent_id: None,
+    }
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, tuple]] = []
+        self.handlers: dict[str, Callable[..., Any]] = {}
+
+    def do(self, fn: Callable[..., Any], *args: Any) -> Deferred:
+        name = fn.__name__
+        self.calls.append((name, args))
+        handler = self.handlers.get(name) or self.DEFAULTS[name]
+        result = handler(*args)
+        return result if isinstance(result, Deferred) else succeed(result)
+
+    def called(self, name: str) -> list[tuple]:
+        return [args for n, args in self.calls if n == name]
+
+
+class FakeManager:
+    def __init__(self) -> None:
+        self.sessions: dict[int, AgentSession] = {}
+        self.on_change: Any = None
+
+
+def make_agent(agent_id: int, name: str | None = None) -> Agent:
+    return Agent(agent_id, 1, name or f"agent{agent_id}", True, T0, True, (), True, T0, T0, T0)
+
+
+def make_task(task_id: int = 1, *, interval: int = 60, enabled: bool = True, route: str = "any") -> Task:
+    return Task(task_id, 1, f"task-{task_id}", "", {"/x": {"a": 1}}, interval, Route(route), {"/x/*": 0},
+                enabled, T0, T0)
+
+
+class Rig:
+    def __init__(self, agent_ids: tuple[int, ...] = (1, 2), relocate_delay: float = 1.0) -> None:
+        self.clock = Clock()
+        self.pool = FakePool()
+        self.events = EventBus(HERE)
+        self.manager = FakeManager()
+        self.transports: dict[int, FakeTransport] = {}
+        for agent_id in agent_ids:
+            self.connect(agent_id)
+        self.dispatcher = Dispatcher(
+            manager=self.manager, pool=self.pool, events=self.events, clock=self.clock, instance_id=HERE,
+            relocate_delay=relocate_delay, sweep_interval=60.0, rng=random.Random(SEED),
+        )
+        self.published: list[tuple[str, Any]] = []
+        self.events.subscribe(lambda e: self.published.append((e.type, e.payload)))
+        self.dispatcher.startService()
+
+    def connect(self, agent_id: int) -> AgentSession:
+        transport = FakeTransport()
+        session = AgentSession(make_agent(agent_id), 1, "10.0.0.1", transport, id=f"s{agent_id}")
+        self.manager.sessions[agent_id] = session
+        self.transports[agent_id] = transport
+        return session
+
+    def session(self, agent_id: int) -> AgentSession:
+        return self.manager.sessions[agent_id]
+
+    def route(self, task: Task | None, *agent_ids: int) -> None:
+        """From now on the database says: `task` is routed to `agent_ids`."""
+        self.pool.handlers["routing_snapshot"] = lambda task_id, among: (task, set(agent_ids) & set(among))
+
+    def relocations(self) -> list[Any]:
+        return [c for c in self.clock.getDelayedCalls() if c.func == self.dispatcher._relocate]
+
+    def remote(self, type_: str, payload: Any, source: str = "srv-b") -> None:
+        self.events.receive({"type": type_, "payload": payload, "source": source, "timestamp": "", "attempts": 0})
+
+
+@pytest.fixture
+def rig() -> Rig:
+    r = Rig()
+    yield r
+    if r.dispatcher.running:
+        r.dispatcher.stopService()
+
+
+# -- _apply: the diff an agent is sent ---------------------------------------------------
+
+def test_apply_sends_add_then_update_then_remove_and_tracks_the_view(rig):
+    session, transport = rig.session(1), rig.transports[1]
+    v1 = task_json(make_task(interval=60))
+    v2 = task_json(make_task(interval=30))
+    rig.dispatcher._apply(session, 1, v1, True)
+    assert transport.take() == [("taskAdd", v1)] and session.view == {1: v1}
+    rig.dispatcher._apply(session, 1, v2, True)
+    assert transport.take() == [("taskUpdate", v2)] and session.view == {1: v2}
+    rig.dispatcher._apply(session, 1, v2, False)
+    assert transport.take() == [("taskRemove", v2)] and session.view == {}
+
+
+def test_apply_sends_nothing_when_nothing_changed(rig):
+    session, transport = rig.session(1), rig.transports[1]
+    payload = task_json(make_task())
+    rig.dispatcher._apply(session, 1, payload, True)
+    transport.take()
+    rig.dispatcher._apply(session, 1, dict(payload), True)  # equal, not identical
+    rig.dispatcher._apply(session, 2, None, False)          # never had it, still not wanted
+    assert transport.take() == [] and session.view == {1: payload}
+
+
+def test_apply_removes_a_deleted_task_with_what_the_agent_was_last_sent(rig):
+    session, transport = rig.session(1), rig.transports[1]
+    payload = task_json(make_task())
+    rig.dispatcher._apply(session, 1, payload, True)
+    transport.take()
+    rig.dispatcher._apply(session, 1, None, False)
+    assert transport.take() == [("taskRemove", payload)] and session.view == {}
+
+
+def test_closed_sessions_are_sent_nothing(rig):
+    session = rig.session(1)
+    session.closed = True
+    rig.dispatcher._apply(session, 1, task_json(make_task()), True)
+    assert rig.transports[1].frames == []
+
+
+# -- task events -------------------------------------------------------------------------
+
+def test_task_events_push_the_databases_routing_to_local_agents(rig):
+    task = make_task()
+    rig.route(task, 2)
+    rig.events.publish("task.created", task_json(task))
+    assert rig.pool.called("routing_snapshot") == [(1, [1, 2])]
+    assert rig.transports[1].take() == []
+    assert rig.transports[2].take() == [("taskAdd", task_json(task))]
+
+    # The same event again (a duplicate over the exchange): nothing changed, nothing sent.
+    rig.remote("task.updated", {"old": task_json(task), "new": task_json(task)})
+    assert rig.transports[2].take() == [] and rig.transports[1].take() == []
+
+    moved = make_task(interval=10)
+    rig.route(moved, 1)
+    rig.events.publish("task.updated", {"old": task_json(task), "new": task_json(moved)})
+    assert rig.transports[1].take() == [("taskAdd", task_json(moved))]
+    assert rig.transports[2].take() == [("taskRemove", task_json(moved))]
+
+    disabled = make_task(interval=10, enabled=False)
+    rig.route(disabled, 1)  # still routed, but disabled tasks are not run
+    rig.events.publish("task.updated", {"old": task_json(moved), "new": task_json(disabled)})
+    assert rig.transports[1].take() == [("taskRemove", task_json(disabled))]
+
+    rig.route(None)
+    rig.events.publish("task.deleted", task_json(disabled))
+    assert rig.transports[1].take() == [] and rig.transports[2].take() == []
+
+
+def test_task_events_re_read_the_database_rather_than_trust_the_payload(rig):
+    current = make_task(interval=5)
+    rig.route(current, 1)
+    stale = task_json(make_task(interval=999))
+    rig.remote("task.updated", {"old": stale, "new": stale})
+    assert rig.transports[1].take() == [("taskAdd", task_json(current))]
+
+
+def test_no_local_agents_means_no_database_read(rig):
+    rig.manager.sessions.clear()
+    rig.events.publish("task.created", task_json(make_task()))
+    assert rig.pool.called("routing_snapshot") == []
+
+
+# -- serialised pushes -----------------------------------------------------------------
+
+def test_pushes_for_one_task_are_serialised_so_a_slow_read_cannot_win(rig):
+    """The first read is slow; a second change arrives meanwhile. The second read only
+    starts once the first push is applied, so the agent ends with the later state."""
+    reads: list[Deferred] = []
+    rig.pool.handlers["routing_snapshot"] = lambda task_id, among: reads.append(Deferred()) or reads[-1]
+    old, new = make_task(interval=60), make_task(interval=30)
+    first = rig.dispatcher.task_changed(1)
+    second = rig.dispatcher.task_changed(1)
+    assert len(reads) == 1  # the second read waits for the first push
+
+    reads[0].callback((old, {1}))  # the slow read returns the older state...
+    assert rig.transports[1].take() == [("taskAdd", task_json(old))]
+    assert first.called and not second.called
+    assert len(reads) == 2  # ...and only now is the newer state read
+    reads[1].callback((new, {1}))
+    assert second.called
+    assert rig.transports[1].take() == [("taskUpdate", task_json(new))]
+    assert rig.session(1).view == {1: task_json(new)}
+    assert rig.dispatcher._chains == {}  # nothing left queued
+
+
+def test_pushes_for_different_tasks_do_not_wait_for_each_other(rig):
+    reads: dict[int, Deferred] = {}
+    rig.pool.handlers["routing_snapshot"] = lambda task_id, among: reads.setdefault(task_id, Deferred())
+    rig.dispatcher.task_changed(1)
+    rig.dispatcher.task_changed(2)
+    assert sorted(reads) == [1, 2]
+    reads[2].callback((make_task(2), {1}))
+    assert [e for e, _ in rig.transports[1].take()] == ["taskAdd"]
+
+
+def test_a_failed_push_does_not_block_the_next_one(rig):
+    reads = iter([fail(RuntimeError("db down")), succeed((make_task(), {1}))])
+    rig.pool.handlers["routing_snapshot"] = lambda task_id, among: next(reads)
+    first = rig.dispatcher.task_changed(1)
+    second = rig.dispatcher.task_changed(1)
+    assert first.called and second.called
+    assert rig.transports[1].take() == [("taskAdd", task_json(make_task()))]
+
+
+# -- relocation --------------------------------------------------------------------------
+
+def test_local_offline_event_relocates_after_relocate_delay(rig):
+    rig.events.publish("agent.offline", {"id": 7, "name": "gone", "orgId": 1})
+    [call] = rig.relocations()
+    assert call.getTime() == pytest.approx(1.0) and call.args == (7,)
+    rig.clock.advance(0.999)
+    assert rig.pool.called("relocate_from") == []
+    rig.clock.advance(0.001)
+    assert rig.pool.called("relocate_from") == [(7,)]
+    assert rig.relocations() == []
+
+
+def test_remote_offline_event_adds_seeded_jitter(rig):
+    rig.remote("agent.offline", {"id": 7, "name": "gone", "orgId": 1})
+    expected = 1.0 + random.Random(SEED).uniform(0, REMOTE_JITTER)
+    assert 1.0 <= expected <= 1.0 + REMOTE_JITTER
+    [call] = rig.relocations()
+    assert call.getTime() == pytest.approx(expected)
+    rig.clock.advance(expected - 0.01)
+    assert rig.pool.called("relocate_from") == []
+    rig.clock.advance(0.01)
+    assert rig.pool.called("relocate_from") == [(7,)]
+
+
+def test_a_second_offline_event_reschedules_instead_of_duplicating(rig):
+    rig.events.publish("agent.offline", {"id": 7, "name": "gone", "orgId": 1})
+    rig.clock.advance(0.6)
+    rig.events.publish("agent.offline", {"id": 7, "name": "gone", "orgId": 1})
+    [call] = rig.relocations()
+    assert call.getTime() == pytest.approx(1.6)
+    rig.clock.advance(0.5)  # t=1.1: the first schedule would have fired by now
+    assert rig.pool.called("relocate_from") == []
+    rig.clock.advance(0.5)
+    assert rig.pool.called("relocate_from") == [(7,)]
+    rig.clock.advance(10)
+    assert rig.pool.called("relocate_from") == [(7,)]
+
+
+def test_offline_events_of_different_agents_are_independent(rig):
+    rig.events.publish("agent.offline", {"id": 7, "name": "a", "orgId": 1})
+    rig.events.publish("agent.offline", {"id": 8, "name": "b", "orgId": 1})
+    assert sorted(c.args for c in rig.relocations()) == [(7,), (8,)]
+    rig.clock.advance(1.0)
+    assert sorted(rig.pool.called("relocate_from")) == [(7,), (8,)]
+
+
+def test_relocated_tasks_are_announced_and_pushed(rig):
+    task = make_task()
+    rig.pool.handlers["relocate_from"] = lambda agent_id: [(task, 2)]
+    rig.route(task, 2)
+    rig.events.publish("agent.offline", {"id": 7, "name": "gone", "orgId": 1})
+    rig.clock.advance(1.0)
+    assert ("task.updated", {"old": task_json(task), "new": task_json(task)}) in rig.published
+    assert rig.transports[2].take() == [("taskAdd", task_json(task))]
+
+
+def test_stop_service_cancels_pending_relocations(rig):
+    rig.events.publish("agent.offline", {"id": 7, "name": "gone", "orgId": 1})
+    rig.remote("agent.offline", {"id": 8, "name": "far", "orgId": 1})
+    assert len(rig.relocations()) == 2
+    rig.dispatcher.stopService()
+    assert rig.clock.getDelayedCalls() == []  # relocations and the sweeper
+    rig.clock.advance(100)
+    assert rig.pool.called("relocate_from") == []
+    # Once stopped, offline events are left to the servers still running.
+    rig.events.publish("agent.offline", {"id": 9, "name": "late", "orgId": 1})
+    assert rig.clock.getDelayedCalls() == []
+
+
+# -- agents ------------------------------------------------------------------------------
+
+def test_agent_changed_assigns_then_resyncs_the_view(rig):
+    session, transport = rig.session(1), rig.transports[1]
+    kept, changed, gone = make_task(1), make_task(2), make_task(3)
+    session.view = {1: task_json(kept), 2: task_json(changed), 3: task_json(gone)}
+    fresh = make_task(4)
+    newer = make_task(2, interval=5)
+    rig.pool.handlers["assign_unassigned"] = lambda ids: [fresh]
+    rig.pool.handlers["tasks_for_agents"] = lambda ids: {1: [kept, newer, fresh]}
+    rig.route(fresh, 1)
+    rig.dispatcher.agent_changed(session)
+    assert rig.pool.called("assign_unassigned") == [([1],)]
+    assert ("task.updated", {"old": task_json(fresh), "new": task_json(fresh)}) in rig.published
+    frames = transport.take()
+    assert sorted(frames, key=lambda f: (f[0], f[1]["id"])) == sorted([
+        ("taskAdd", task_json(fresh)), ("taskUpdate", task_json(newer)), ("taskRemove", task_json(gone)),
+    ], key=lambda f: (f[0], f[1]["id"]))
+    assert session.view == {1: task_json(kept), 2: task_json(newer), 4: task_json(fresh)}
+
+
+def test_agent_deleted_closes_its_local_session_and_sweeps(rig):
+    rig.remote("agent.deleted", {"id": 2, "name": "agent2", "orgId": 1})
+    assert rig.transports[2].closes == [(CLOSE_NORMAL, "agent deleted")]
+    assert rig.transports[1].closes == []
+    assert rig.pool.called("assign_unassigned") == [(None,)]
+
+
+def test_agent_updated_reloads_the_held_agent_and_resyncs(rig):
+    renamed = make_agent(1, "renamed")
+    rig.pool.handlers["load_agent"] = lambda agent_id: renamed
+    rig.events.publish("agent.updated", {"old": {"id": 1}, "new": {"id": 1}})
+    assert rig.session(1).agent is renamed
+    assert rig.pool.called("tasks_for_agents") == [([1],)]
+    rig.events.publish("agent.updated", {"old": {"id": 99}, "new": {"id": 99}})  # not held here
+    assert rig.pool.called("load_agent") == [(1,)]
+
+
+def test_sweep_runs_on_the_sweep_interval(rig):
+    rig.clock.advance(59.9)
+    assert rig.pool.called("assign_unassigned") == []
+    rig.clock.advance(0.1)
+    assert rig.pool.called("assign_unassigned") == [(None,)]
+
+
+def test_frames_on_the_wire_are_json_event_frames(rig):
+    """The fake transport decodes real frames: check one byte-for-byte."""
+    raw: list[bytes] = []
+    rig.session(1).transport.send_frame = raw.append
+    payload = task_json(make_task())
+    rig.dispatcher._apply(rig.session(1), 1, payload, True)
+    assert raw == [b"\x00\x07taskAdd" + json.dumps(payload, separators=(",", ":")).encode()]
