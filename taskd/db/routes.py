@@ -147,18 +147,13 @@ def ensure_any_assignment(conn: Connection, task: Task) -> int | None:
     return chosen.id
 
 
-def relocate_from(conn: Connection, agent_id: int) -> list[tuple[Task, int | None]]:
-    """Move the `any` tasks of an agent that is (still) offline; returns (task, new agent)
-    for the moves this caller won. Nothing moves if the agent came back online."""
-    online = conn.execute(sa.select(m.agent.c.online).where(m.agent.c.id == agent_id)).scalar()
-    if online:
-        return []
+def _move_any_tasks(conn: Connection, agent_id: int, tasks: Sequence[Task]) -> list[tuple[Task, int | None]]:
+    """Give each of `agent_id`'s `any` tasks another qualifying online agent, or none.
+    Conditional on the task still being on `agent_id`, so concurrent movers cannot
+    both win; returns the moves this caller made."""
     idx = m.route_by_any_index
-    task_ids = conn.execute(sa.select(idx.c.task_id).where(idx.c.agent_id == agent_id)).scalars().all()
-    if not task_ids:
-        return []
     moved = []
-    for task in _tasks(conn, conn.execute(sa.select(m.task).where(m.task.c.id.in_(task_ids)))):
+    for task in tasks:
         chosen = pick([c for c in _visible_online(conn, task.org_id, exclude=agent_id)
                        if can_run(c, task.org_id, task.metrics)])
         if chosen is None:
@@ -171,6 +166,34 @@ def relocate_from(conn: Connection, agent_id: int) -> list[tuple[Task, int | Non
         if result.rowcount == 1:
             moved.append((task, chosen.id if chosen else None))
     return moved
+
+
+def _any_tasks_of(conn: Connection, agent_id: int) -> list[Task]:
+    idx = m.route_by_any_index
+    task_ids = conn.execute(sa.select(idx.c.task_id).where(idx.c.agent_id == agent_id)).scalars().all()
+    if not task_ids:
+        return []
+    return _tasks(conn, conn.execute(sa.select(m.task).where(m.task.c.id.in_(task_ids))))
+
+
+def relocate_from(conn: Connection, agent_id: int) -> list[tuple[Task, int | None]]:
+    """Move the `any` tasks of an agent that is (still) offline; returns (task, new agent)
+    for the moves this caller won. Nothing moves if the agent came back online."""
+    online = conn.execute(sa.select(m.agent.c.online).where(m.agent.c.id == agent_id)).scalar()
+    if online:
+        return []
+    return _move_any_tasks(conn, agent_id, _any_tasks_of(conn, agent_id))
+
+
+def release_unqualified(conn: Connection, agent_id: int) -> list[tuple[Task, int | None]]:
+    """Move the `any` tasks an online agent no longer qualifies for (its catalog or
+    visibility changed), so they do not sit on an agent that will not run them."""
+    found = load_candidates(conn, m.agent.c.id == agent_id)
+    if not found or not found[0].online:
+        return []
+    agent = found[0]
+    unqualified = [t for t in _any_tasks_of(conn, agent_id) if not can_run(agent, t.org_id, t.metrics)]
+    return _move_any_tasks(conn, agent_id, unqualified)
 
 
 def assign_unassigned(conn: Connection, agent_ids: Sequence[int] | None = None) -> list[Task]:

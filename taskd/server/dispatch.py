@@ -20,7 +20,13 @@ from twisted.logger import Logger
 
 from taskd.db.agents import load_agent
 from taskd.db.pool import DBPool
-from taskd.db.routes import assign_unassigned, relocate_from, routing_snapshot, tasks_for_agents
+from taskd.db.routes import (
+    assign_unassigned,
+    release_unqualified,
+    relocate_from,
+    routing_snapshot,
+    tasks_for_agents,
+)
 from taskd.db.tasks import Task
 from taskd.server.events import Event, EventBus
 from taskd.server.render import task_json
@@ -115,13 +121,18 @@ class Dispatcher(Service):
         sessions = [s for s in self.manager.sessions.values() if not s.closed]
         if not sessions:
             return
+        seq = self.manager.next_read()
         task, routed = yield self.pool.do(routing_snapshot, task_id, [s.agent.id for s in sessions])
         payload = task_json(task) if task is not None else None
         for session in sessions:
             wanted = task is not None and task.enabled and session.agent.id in routed
-            self._apply(session, task_id, payload, wanted)
+            self._apply(session, task_id, payload, wanted, seq)
 
-    def _apply(self, session: AgentSession, task_id: int, payload: dict | None, wanted: bool) -> None:
+    def _apply(self, session: AgentSession, task_id: int, payload: dict | None, wanted: bool, seq: int) -> None:
+        """Tell the agent the difference, unless a read that started later already did."""
+        if session.decided_by.get(task_id, 0) > seq:
+            return
+        session.decided_by[task_id] = seq
         had = session.view.get(task_id)
         if wanted:
             if had is None:
@@ -142,10 +153,11 @@ class Dispatcher(Service):
     @inlineCallbacks
     def resync(self, session: AgentSession):
         """Bring one agent's view to the database's truth with individual events."""
+        seq = self.manager.next_read()
         lists = yield self.pool.do(tasks_for_agents, [session.agent.id])
         wanted = {t.id: task_json(t) for t in lists.get(session.agent.id, [])}
         for task_id in sorted(set(session.view) | set(wanted)):
-            self._apply(session, task_id, wanted.get(task_id), task_id in wanted)
+            self._apply(session, task_id, wanted.get(task_id), task_id in wanted, seq)
 
     def _agent_updated(self, agent: dict) -> None:
         """Tags or visibility may have changed: reload the held agent and re-route it."""
@@ -165,6 +177,10 @@ class Dispatcher(Service):
     def agent_changed(self, session: AgentSession):
         """The agent connected, or its catalog/tags changed: it may now qualify for
         unassigned `any` tasks, and its routed set may differ."""
+        released = yield self.pool.do(release_unqualified, session.agent.id)
+        for task, new_agent in released:
+            self._announce([task], f"moved off agent {session.agent.name}, which no longer qualifies, "
+                                   f"to {f'agent {new_agent}' if new_agent else 'nowhere (unassigned)'}")
         assigned = yield self.pool.do(assign_unassigned, [session.agent.id])
         self._announce(assigned, f"assigned to agent {session.agent.name}")
         yield self.resync(session)

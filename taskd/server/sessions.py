@@ -20,7 +20,7 @@ from twisted.logger import Logger
 from taskd.db.agents import Agent
 from taskd.db.catalog import CatalogStore
 from taskd.db.pool import DBPool
-from taskd.db.routes import assign_unassigned, tasks_for_agents
+from taskd.db.routes import tasks_for_agents
 from taskd.db.sessions import OnlineChange, SessionStore
 from taskd.server.events import EventBus
 from taskd.server.render import task_json
@@ -48,6 +48,9 @@ class AgentSession:
     transport: SessionTransport
     id: str | None = None
     view: dict[int, dict] = field(default_factory=dict)  # task id -> task JSON last sent
+    # task id -> sequence number of the database read that last decided it (see
+    # SessionManager.next_read): a read that started earlier never overrides it.
+    decided_by: dict[int, int] = field(default_factory=dict)
     next_task_list: float = 0.0
     closed: bool = False
     ready: Deferred = field(default_factory=Deferred)    # fires once registered
@@ -86,6 +89,7 @@ class SessionManager(Service):
         self.on_change: Callable[[AgentSession], Any] | None = None  # set by the dispatcher
         self._ticker: LoopingCall | None = None
         self._stopping = False
+        self._reads = 0
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -249,16 +253,31 @@ class SessionManager(Service):
         sessions = [s for s in sessions if not s.closed]
         if not sessions:
             return
+        seq = self.next_read()
         lists = yield self.pool.do(tasks_for_agents, [s.agent.id for s in sessions])
         now = self.clock.seconds()
         for session in sessions:
-            tasks = [task_json(t) for t in lists.get(session.agent.id, [])]
-            session.view = {t["id"]: t for t in tasks}
+            read = {t.id: task_json(t) for t in lists.get(session.agent.id, [])}
+            view = {}
+            for task_id in set(read) | set(session.view):
+                if session.decided_by.get(task_id, 0) > seq:  # a newer read decided it
+                    if task_id in session.view:
+                        view[task_id] = session.view[task_id]
+                elif task_id in read:
+                    view[task_id] = read[task_id]
+                    session.decided_by[task_id] = seq
+                else:
+                    session.decided_by[task_id] = seq
+            session.view = view
             session.next_task_list = now + self.task_list_interval
-            session.send(framing.TASK_LIST, tasks)
+            session.send(framing.TASK_LIST, sorted(view.values(), key=lambda t: (t["name"], t["id"])))
 
-    def assign_unassigned(self, agent_ids: list[int] | None = None) -> Deferred:
-        return self.pool.do(assign_unassigned, agent_ids)
+    def next_read(self) -> int:
+        """Number a database read that will decide what agents are told. Reads finish in
+        any order (several DB threads; a slow task list vs. a quick push); comparing these
+        numbers lets the result of the most recently *started* read win per task."""
+        self._reads += 1
+        return self._reads
 
 
 MAX_VERSION = 2**31 - 1  # the version columns are 32-bit signed integers

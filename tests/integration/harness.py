@@ -16,7 +16,7 @@ from twisted.web.client import HTTPConnectionPool
 
 from taskd.server.service import Server, build_server
 from taskd.server.settings import ServerSettings
-from tests.conftest import wipe
+from tests.conftest import wipe as wipe_tables
 from tests.fakes.auth_endpoint import FakeAuthEndpoint, org, start_auth_endpoint
 
 ADMIN_KEY = "EASY"
@@ -86,7 +86,9 @@ class RunningServer:
         return reply.body
 
 
-async def start_server(db_type: str, connect_str: str, **overrides: Any) -> RunningServer:
+async def start_server(db_type: str, connect_str: str, *, wipe: bool = True,
+                       **overrides: Any) -> RunningServer:
+    """A server on a fresh database; ``wipe=False`` keeps its data (a restart)."""
     auth = start_auth_endpoint({
         ORG2_KEY: org(2, "acme", "Admin"),
         ORG3_KEY: org(3, "globex", "Admin"),
@@ -104,7 +106,8 @@ async def start_server(db_type: str, connect_str: str, **overrides: Any) -> Runn
         },
     )
     server = build_server(settings, reactor)
-    wipe(server.engine)
+    if wipe:
+        wipe_tables(server.engine)
     server.service.startService()
     await server.listener.listening
     return RunningServer(server, auth)

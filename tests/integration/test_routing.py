@@ -397,3 +397,20 @@ async def test_deleting_an_agent_closes_its_socket_and_moves_its_any_task(fast):
 
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+
+@pytest_twisted.ensureDeferred
+async def test_any_task_moves_when_its_agent_stops_covering_its_metrics(api):
+    """Found in review: an agent whose new catalog no longer covers its `any` task used to
+    keep the assignment (and so nobody ran the task)."""
+    x = await online(api, "x")
+    task = await api.ok("POST", TASKS, json_body=task_body("covered", ANY, metrics={"/m/*": 0}))
+    x_id = await agent_id(api, "x")
+    assert await routed(api, task["id"]) == [x_id]
+    y = await online(api, "y")
+    y_id = await agent_id(api, "y")
+    await advertise(api, x, x_id, [{"namespace": "/other/thing", "version": 1}])
+    assert (await x.next("taskRemove"))["id"] == task["id"]
+    assert (await y.next("taskAdd"))["id"] == task["id"]
+    assert await routed(api, task["id"]) == [y_id]
+    await x.disconnect(), await y.disconnect()

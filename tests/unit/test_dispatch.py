@@ -55,6 +55,7 @@ class FakePool:
     DEFAULTS: dict[str, Callable[..., Any]] = {
         "routing_snapshot": lambda task_id, among: (None, set()),
         "relocate_from": lambda agent_id: [],
+        "release_unqualified": lambda agent_id: [],
         "assign_unassigned": lambda agent_ids: [],
         "tasks_for_agents": lambda ids: {i: [] for i in ids},
         "load_agent": lambda agent_id: None,
@@ -76,9 +77,16 @@ class FakePool:
 
 
 class FakeManager:
+    """The parts of SessionManager the Dispatcher uses."""
+
     def __init__(self) -> None:
         self.sessions: dict[int, AgentSession] = {}
         self.on_change: Any = None
+        self._reads = 0
+
+    def next_read(self) -> int:
+        self._reads += 1
+        return self._reads
 
 
 def make_agent(agent_id: int, name: str | None = None) -> Agent:
@@ -142,37 +150,37 @@ def test_apply_sends_add_then_update_then_remove_and_tracks_the_view(rig):
     session, transport = rig.session(1), rig.transports[1]
     v1 = task_json(make_task(interval=60))
     v2 = task_json(make_task(interval=30))
-    rig.dispatcher._apply(session, 1, v1, True)
+    rig.dispatcher._apply(session, 1, v1, True, rig.manager.next_read())
     assert transport.take() == [("taskAdd", v1)] and session.view == {1: v1}
-    rig.dispatcher._apply(session, 1, v2, True)
+    rig.dispatcher._apply(session, 1, v2, True, rig.manager.next_read())
     assert transport.take() == [("taskUpdate", v2)] and session.view == {1: v2}
-    rig.dispatcher._apply(session, 1, v2, False)
+    rig.dispatcher._apply(session, 1, v2, False, rig.manager.next_read())
     assert transport.take() == [("taskRemove", v2)] and session.view == {}
 
 
 def test_apply_sends_nothing_when_nothing_changed(rig):
     session, transport = rig.session(1), rig.transports[1]
     payload = task_json(make_task())
-    rig.dispatcher._apply(session, 1, payload, True)
+    rig.dispatcher._apply(session, 1, payload, True, rig.manager.next_read())
     transport.take()
-    rig.dispatcher._apply(session, 1, dict(payload), True)  # equal, not identical
-    rig.dispatcher._apply(session, 2, None, False)          # never had it, still not wanted
+    rig.dispatcher._apply(session, 1, dict(payload), True, rig.manager.next_read())  # equal, not identical
+    rig.dispatcher._apply(session, 2, None, False, rig.manager.next_read())          # never had it, still not wanted
     assert transport.take() == [] and session.view == {1: payload}
 
 
 def test_apply_removes_a_deleted_task_with_what_the_agent_was_last_sent(rig):
     session, transport = rig.session(1), rig.transports[1]
     payload = task_json(make_task())
-    rig.dispatcher._apply(session, 1, payload, True)
+    rig.dispatcher._apply(session, 1, payload, True, rig.manager.next_read())
     transport.take()
-    rig.dispatcher._apply(session, 1, None, False)
+    rig.dispatcher._apply(session, 1, None, False, rig.manager.next_read())
     assert transport.take() == [("taskRemove", payload)] and session.view == {}
 
 
 def test_closed_sessions_are_sent_nothing(rig):
     session = rig.session(1)
     session.closed = True
-    rig.dispatcher._apply(session, 1, task_json(make_task()), True)
+    rig.dispatcher._apply(session, 1, task_json(make_task()), True, rig.manager.next_read())
     assert rig.transports[1].frames == []
 
 
@@ -344,6 +352,7 @@ def test_agent_changed_assigns_then_resyncs_the_view(rig):
     rig.pool.handlers["tasks_for_agents"] = lambda ids: {1: [kept, newer, fresh]}
     rig.route(fresh, 1)
     rig.dispatcher.agent_changed(session)
+    assert rig.pool.called("release_unqualified") == [(1,)]
     assert rig.pool.called("assign_unassigned") == [([1],)]
     assert ("task.updated", {"old": task_json(fresh), "new": task_json(fresh)}) in rig.published
     frames = transport.take()
@@ -382,5 +391,24 @@ def test_frames_on_the_wire_are_json_event_frames(rig):
     raw: list[bytes] = []
     rig.session(1).transport.send_frame = raw.append
     payload = task_json(make_task())
-    rig.dispatcher._apply(rig.session(1), 1, payload, True)
+    rig.dispatcher._apply(rig.session(1), 1, payload, True, rig.manager.next_read())
     assert raw == [b"\x00\x07taskAdd" + json.dumps(payload, separators=(",", ":")).encode()]
+
+
+def test_a_slow_task_list_read_does_not_undo_a_newer_push(rig):
+    """The race found in review: a full read that started before a push finishes after
+    it; the push (decided by the later-started read) wins for that task."""
+    from twisted.internet.defer import Deferred
+
+    session, transport = rig.session(1), rig.transports[1]
+    old, new = make_task(1, interval=60), make_task(1, interval=30)
+    session.view = {1: task_json(old)}
+    held: Deferred = Deferred()
+    rig.pool.handlers["tasks_for_agents"] = lambda ids: held
+    rig.dispatcher.resync(session)                      # read #1 starts, held
+    rig.pool.handlers["routing_snapshot"] = lambda task_id, among: (new, {1})
+    rig.dispatcher.task_changed(1)                      # read #2 starts and applies
+    assert transport.take() == [("taskUpdate", task_json(new))]
+    held.callback({1: [old]})                           # read #1 finishes with stale data
+    assert transport.take() == []
+    assert session.view == {1: task_json(new)}
