@@ -164,6 +164,7 @@ class ServerConnection(Service):
         port = parts.port or (443 if secure else 80)
         factory = WebSocketClientFactory(self.url, headers={"Authorization": f"Bearer {self.api_key}"})
         factory.setProtocolOptions(openHandshakeTimeout=10, closeHandshakeTimeout=2)
+        factory.noisy = False  # no "Starting factory" line per reconnection attempt
         opened: Deferred = Deferred()
         conn = self
 

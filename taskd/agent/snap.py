@@ -233,6 +233,7 @@ class SnapDriver(Service):
             from twisted.internet import reactor
             from twisted.web.client import Agent, HTTPConnectionPool
             self._pool = HTTPConnectionPool(reactor, persistent=True)
+            self._pool._factory = _QuietHTTPFactory  # not a log line per poll while Snap is down
             http = HTTPClient(Agent(reactor, pool=self._pool))
         self._http = http
         self.snap_reachable = False
@@ -648,3 +649,12 @@ class SnapDriver(Service):
         except SnapError as e:
             if e.status != 500:
                 raise
+
+
+def _quiet_factory() -> type:
+    from twisted.web.client import _HTTP11ClientFactory
+
+    return type("_QuietHTTPFactory", (_HTTP11ClientFactory,), {"noisy": False})
+
+
+_QuietHTTPFactory = _quiet_factory()

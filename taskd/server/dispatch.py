@@ -174,16 +174,20 @@ class Dispatcher(Service):
             lambda f: self.log.failure("re-routing agent {id} failed", f, id=agent["id"]))
 
     @inlineCallbacks
-    def agent_changed(self, session: AgentSession):
-        """The agent connected, or its catalog/tags changed: it may now qualify for
-        unassigned `any` tasks, and its routed set may differ."""
+    def agent_changed(self, session: AgentSession, initial: bool = False):
+        """The agent connected (`initial`), or its catalog/tags changed: move the `any`
+        tasks it no longer qualifies for, give it unassigned ones it does, then bring it
+        up to date — with its first taskList when it just connected."""
         released = yield self.pool.do(release_unqualified, session.agent.id)
+        assigned = yield self.pool.do(assign_unassigned, [session.agent.id])
+        if initial:
+            yield self.manager.send_task_lists([session])
+        else:
+            yield self.resync(session)
         for task, new_agent in released:
             self._announce([task], f"moved off agent {session.agent.name}, which no longer qualifies, "
                                    f"to {f'agent {new_agent}' if new_agent else 'nowhere (unassigned)'}")
-        assigned = yield self.pool.do(assign_unassigned, [session.agent.id])
         self._announce(assigned, f"assigned to agent {session.agent.name}")
-        yield self.resync(session)
 
     # -- relocation and sweeping -------------------------------------------------------
 

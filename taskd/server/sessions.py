@@ -86,7 +86,7 @@ class SessionManager(Service):
         self.shutdown_timeout = shutdown_timeout
         self.sessions: dict[int, AgentSession] = {}  # agent id -> its session here
         self.startup_changes: list[OnlineChange] = []
-        self.on_change: Callable[[AgentSession], Any] | None = None  # set by the dispatcher
+        self.on_change: Callable[..., Any] | None = None  # set by the dispatcher: (session, initial=)
         self._ticker: LoopingCall | None = None
         self._stopping = False
         self._reads = 0
@@ -164,10 +164,13 @@ class SessionManager(Service):
                       sid=session.id, v=session.version)
         if change is not None:
             self.events.publish("agent.online", online_payload(change))
-        yield self.send_task_lists([session])
-        session.ready.callback(session)
         if self.on_change is not None:
-            yield self.on_change(session)
+            # The dispatcher first gives the agent any tasks waiting for one, so the
+            # initial taskList already holds them.
+            yield self.on_change(session, initial=True)
+        else:
+            yield self.send_task_lists([session])
+        session.ready.callback(session)
 
     def _open_failed(self, failure: Any, session: AgentSession) -> None:
         self.log.failure("could not record the session of agent {name}", failure, name=session.agent.name)

@@ -67,3 +67,52 @@ class ServerProcess:
 
     def log(self) -> str:
         return self.logfile.read_text(errors="replace") if self.logfile.exists() else ""
+
+
+class AgentProcess:
+    """A real `twistd taskagent` process; its log (stdout + stderr) goes to `logfile`.
+    `keys` are the INI keys (`name` among them, hence `label` for the files)."""
+
+    def __init__(self, workdir: Path, label: str, /, **keys: str) -> None:
+        name = self.name = label
+        self.config = workdir / f"{name}.ini"
+        self.logfile = workdir / f"{name}.log"
+        self.config.write_text("".join(f"{k} = {v}\n" for k, v in keys.items()))
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> "AgentProcess":
+        log = open(self.logfile, "ab")
+        env = {k: v for k, v in os.environ.items() if not k.startswith("TASKAGENT_")}
+        self.proc = subprocess.Popen(
+            [TWISTD, "--nodaemon", "--pidfile=", "taskagent", "--config", str(self.config)],
+            stdout=log, stderr=subprocess.STDOUT, env={**env, "PYTHONUNBUFFERED": "1"},
+        )
+        log.close()
+        return self
+
+    async def wait_log(self, text: str, timeout: float = 20.0) -> str:
+        """Wait until the log contains `text`; returns the log."""
+        deadline = reactor.seconds() + timeout
+        while text not in self.log():
+            if self.proc is not None and self.proc.poll() is not None:
+                raise AssertionError(f"{self.name} exited {self.proc.returncode} before logging "
+                                     f"{text!r}:\n{self.log()}")
+            if reactor.seconds() > deadline:
+                raise AssertionError(f"{self.name} did not log {text!r} within {timeout}s:\n{self.log()}")
+            await deferLater(reactor, 0.05, lambda: None)
+        return self.log()
+
+    async def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else 0
+        self.proc.send_signal(sig)
+        deadline = reactor.seconds() + timeout
+        while self.proc.poll() is None:
+            if reactor.seconds() > deadline:
+                self.proc.kill()
+                raise AssertionError(f"{self.name} did not stop within {timeout}s:\n{self.log()}")
+            await deferLater(reactor, 0.05, lambda: None)
+        return self.proc.returncode
+
+    def log(self) -> str:
+        return self.logfile.read_text(errors="replace") if self.logfile.exists() else ""
