@@ -16,7 +16,7 @@ import pytest
 import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.task import deferLater
-from twisted.logger import LogLevel, formatEvent, globalLogPublisher
+from twisted.logger import formatEvent, globalLogPublisher
 
 from taskd.agent.service import Agent
 from taskd.agent.settings import AgentSettings
@@ -56,16 +56,14 @@ async def eventually(check: Callable[[], Awaitable[Any]], timeout: float = 10.0,
         await deferLater(reactor, 0.05, lambda: None)
 
 
-class AgentLogs:
-    """The agent's log lines (info and above), as an operator would read them."""
+class Logs:
+    """taskd's log lines (agent and in-process server), debug included."""
 
     def __init__(self) -> None:
         self.lines: list[str] = []
 
     def __call__(self, event: dict) -> None:
-        level = event.get("log_level")
-        if event.get("log_namespace", "").startswith("taskd.agent") and level is not None \
-                and level >= LogLevel.info:
+        if event.get("log_namespace", "").startswith("taskd.") and event.get("log_level") is not None:
             self.lines.append(formatEvent(event))
 
     def count(self, text: str) -> int:
@@ -81,7 +79,7 @@ class Stack:
         self.port = free_port()
         self.server: RunningServer | None = None
         self.agent: Agent | None = None
-        self.logs = AgentLogs()
+        self.logs = Logs()
         globalLogPublisher.addObserver(self.logs)
 
     async def start_server(self, *, wipe: bool = True) -> RunningServer:
@@ -93,13 +91,13 @@ class Stack:
         if server is not None:
             await stop_server(server)
 
-    def start_agent(self, **overrides: Any) -> Agent:
+    def start_agent(self, intervals: dict | None = None, **overrides: Any) -> Agent:
         settings = dataclasses.replace(
             AgentSettings(),
             server_url=f"ws://127.0.0.1:{self.port}/api/v1", api_key=ADMIN_KEY, name="agent1",
             snap_url=self.snap.url, tsdb_url=TSDB_URL, heartbeat_interval=2.0,
             reconnect_max_backoff=1.0, **overrides)
-        self.agent = Agent(settings, reactor, snap_intervals=dict(INTERVALS))
+        self.agent = Agent(settings, reactor, snap_intervals={**INTERVALS, **(intervals or {})})
         self.agent.service.startService()
         return self.agent
 
@@ -227,9 +225,9 @@ async def stack(sqlite_only):
         await built.close()
 
 
-async def running_stack(stack: Stack) -> Stack:
+async def running_stack(stack: Stack, **agent_kw: Any) -> Stack:
     await stack.start_server()
-    stack.start_agent()
+    stack.start_agent(**agent_kw)
     await stack.wait_online()
     return stack
 
@@ -338,13 +336,16 @@ async def test_task_snap_disabled_is_removed_and_recreated_by_the_sweep(stack, h
 
 @pytest_twisted.ensureDeferred
 async def test_server_restart_reconnects_and_reconciles_without_duplicates(stack):
-    await running_stack(stack)
+    # A long catalog interval: only the reconnection itself can send the catalog again.
+    await running_stack(stack, intervals={"catalog_interval": 300.0})
     await stack.wait_catalog(CATALOG)
     task = await stack.create(TASK)
     tid = task["id"]
     await until(lambda: stack.one_running(tid), what="Snap task created")
     before = stack.one_running(tid)
-    catalogs_sent = stack.logs.count("sent catalog")
+    advertised = "agent agent1 advertises 2 metric(s)"  # the server's debug line
+    await until(lambda: stack.logs.count(advertised) == 1, what="first catalog stored")
+    assert stack.logs.count("sent catalog") == 1
 
     await stack.stop_server()
     await until(lambda: not stack.agent.connection.connected, what="disconnect noticed")
@@ -356,7 +357,8 @@ async def test_server_restart_reconnects_and_reconciles_without_duplicates(stack
     row = await stack.wait_online(timeout=15)
     assert stack.logs.count("connected to ws://127.0.0.1") == 2
     # The reconnection re-sends the catalog (the server may be another one).
-    await until(lambda: stack.logs.count("sent catalog") > catalogs_sent, what="catalog re-sent")
+    await until(lambda: stack.logs.count(advertised) == 2, what="catalog re-sent and stored")
+    assert stack.logs.count("sent catalog") == 2
     assert len(await stack.api.ok("GET", f"{AGENTS}/{row['id']}/metrics")) == len(CATALOG)
     await stack.settled()
     assert stack.ours() == [before] and before.state == "Running"
