@@ -33,11 +33,11 @@ class ServerProcess:
         self.proc: subprocess.Popen | None = None
 
     async def start(self, timeout: float = 30.0) -> "ServerProcess":
-        log = open(self.logfile, "ab")
-        self.proc = subprocess.Popen(
-            [TWISTD, "--nodaemon", "--pidfile=", "taskserver", "--config", str(self.config)],
-            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
+        with open(self.logfile, "ab") as log:  # the child keeps its own descriptor
+            self.proc = subprocess.Popen(
+                [TWISTD, "--nodaemon", "--pidfile=", "taskserver", "--config", str(self.config)],
+                stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            )
         deadline = reactor.seconds() + timeout
         while True:
             if self.proc.poll() is not None:
@@ -81,12 +81,12 @@ class AgentProcess:
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> "AgentProcess":
-        log = open(self.logfile, "ab")
         env = {k: v for k, v in os.environ.items() if not k.startswith("TASKAGENT_")}
-        self.proc = subprocess.Popen(
-            [TWISTD, "--nodaemon", "--pidfile=", "taskagent", "--config", str(self.config)],
-            stdout=log, stderr=subprocess.STDOUT, env={**env, "PYTHONUNBUFFERED": "1"},
-        )
+        with open(self.logfile, "ab") as log:  # the child keeps its own descriptor
+            self.proc = subprocess.Popen(
+                [TWISTD, "--nodaemon", "--pidfile=", "taskagent", "--config", str(self.config)],
+                stdout=log, stderr=subprocess.STDOUT, env={**env, "PYTHONUNBUFFERED": "1"},
+            )
         log.close()
         return self
 
