@@ -32,6 +32,7 @@ class DaemonOptions(usage.Options):
     def __init__(self) -> None:
         super().__init__()
         self.log_predicate = logsetup.make_predicate()
+        self.log_style = logsetup.LogStyle()
 
     def flags(self) -> dict[str, str]:
         """The settings flags given on the command line."""
@@ -39,7 +40,8 @@ class DaemonOptions(usage.Options):
         return {k: v for k, v in self.items() if k in names and v is not None}
 
     def postOptions(self) -> None:
-        logsetup.install_twistd_logger(getattr(self, "parent", None), self.log_predicate)
+        logsetup.install_twistd_logger(getattr(self, "parent", None), self.log_predicate,
+                                       self.log_style)
 
 
 def options_class(name: str, *, table: Iterable[Option], env_prefix: str, default_config: str,
@@ -81,6 +83,7 @@ class DaemonMaker:
         except ConfigError as e:
             self._fail(f"config error: {e}", 2, stderr)
         logsetup.set_level(options.log_predicate, settings.log_level)
+        options.log_style.format = getattr(settings, "log_format", "text")
         try:
             return self.build(settings)
         except StartupError as e:

@@ -12,6 +12,7 @@ from typing import Any, Callable, Mapping
 
 from twisted.logger import Logger
 
+from taskd.stats import NULL_STATS
 from taskd.wire import framing
 from taskd.wire.framing import Frame, FrameError
 
@@ -25,8 +26,9 @@ def _task(value: Any) -> dict:
 class TaskCache:
     log = Logger(namespace="taskd.agent.tasks")
 
-    def __init__(self, apply: Callable[[Mapping[int, dict]], None]) -> None:
+    def __init__(self, apply: Callable[[Mapping[int, dict]], None], *, stats: Any = NULL_STATS) -> None:
         self.apply = apply
+        self.stats = stats
         self.tasks: dict[int, dict] = {}
         # Until the server's first taskList the executor must not act (it would remove
         # tasks it cannot know are still wanted); that first list always goes through,
@@ -47,6 +49,7 @@ class TaskCache:
             self.log.warn("ignoring {event}: {err}", event=frame.event, err=str(exc))
             return
         if changed:
+            self.stats.gauge("tasks.active", len(self.tasks))
             self.apply(dict(self.tasks))
 
     def _apply(self, event: str, value: Any) -> bool:
@@ -58,16 +61,31 @@ class TaskCache:
             self.log.info("task list: {n} task(s){names}", n=len(tasks),
                           names=": " + ", ".join(f"{t['id']} ({t.get('name')})" for t in tasks.values()) if tasks else "")
             changed = tasks != self.tasks or not self.have_list
+            self._count(self.tasks, tasks)
             self.tasks = tasks
             self.have_list = True
             return changed
         task = _task(value)
         if event == framing.TASK_REMOVE:
             self.log.info("task {id} ({name}) removed", id=task["id"], name=task.get("name"))
-            return self.tasks.pop(task["id"], None) is not None
+            if self.tasks.pop(task["id"], None) is None:
+                return False
+            self.stats.incr("tasks.removed")
+            return True
         verb = "added" if event == framing.TASK_ADD else "updated"
         self.log.info("task {id} ({name}) {verb}: every {interval}s", id=task["id"], name=task.get("name"),
                       verb=verb, interval=task.get("interval"))
         changed = self.tasks.get(task["id"]) != task
+        if changed:
+            self.stats.incr("tasks.updated" if task["id"] in self.tasks else "tasks.added")
         self.tasks[task["id"]] = task
         return changed
+
+    def _count(self, old: Mapping[int, dict], new: Mapping[int, dict]) -> None:
+        """The tasks.added/removed/updated counters for a whole new list."""
+        added = sum(1 for i in new if i not in old)
+        removed = sum(1 for i in old if i not in new)
+        updated = sum(1 for i, t in new.items() if i in old and old[i] != t)
+        for name, n in (("tasks.added", added), ("tasks.removed", removed), ("tasks.updated", updated)):
+            if n:
+                self.stats.incr(name, n)

@@ -24,6 +24,7 @@ from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from taskd.stats import NULL_STATS
 from taskd.wire import framing
 from taskd.wire.framing import Frame, FrameError
 
@@ -59,7 +60,8 @@ class ServerConnection(Service):
     def __init__(self, *, url: str, api_key: str, reactor: Any, on_frame: Callable[[Frame], None],
                  on_connected: Callable[[], None] = lambda: None, max_backoff: float = 30.0,
                  heartbeat_interval: float = 2.0, ca_bundle: str = "",
-                 rng: random.Random | None = None) -> None:
+                 rng: random.Random | None = None, stats: Any = NULL_STATS) -> None:
+        self.stats = stats
         self.url = url
         self.api_key = api_key
         self.reactor = reactor
@@ -140,9 +142,11 @@ class ServerConnection(Service):
             else:
                 self.attempts = 0
                 self._state("connected", "connected to {url}", url=self.url)
+                self.stats.gauge("server.connected", 1)
                 self.on_connected()
                 code, reason = yield protocol.closed
                 self.connected = False
+                self.stats.gauge("server.connected", 0)
                 self._stop_watchdog()
                 if not self.running:
                     return

@@ -3,7 +3,9 @@
 The driver starts first (it supervises Snap whether or not the server is reachable) and
 stops last; the connection hands every server frame to the task cache, which hands the
 desired task set to the driver. On every (re)connection the agent re-sends its catalog,
-since the server forgets nothing but may be a different server than last time.
+since the server forgets nothing but may be a different server than last time. With
+stats enabled, a statsd client is the first child (so it stops last) and a gauge reporter
+sends running, tasks.active, snap.reachable and server.connected every 10 s.
 """
 from __future__ import annotations
 
@@ -16,9 +18,12 @@ from taskd.agent.cache import TaskCache
 from taskd.agent.connection import ServerConnection
 from taskd.agent.settings import AgentSettings
 from taskd.services import OrderedMultiService
+from taskd.stats import AGENT_PREFIX, GaugeReporter, make_stats
 from taskd.wire import framing
 
 log = Logger(namespace="taskd.agent")
+
+GAUGE_INTERVAL = 10.0
 
 
 class Agent:
@@ -31,18 +36,29 @@ class Agent:
 
         self.settings = settings
         self.service = OrderedMultiService()
+        self.stats = make_stats(settings, AGENT_PREFIX, reactor)
         self.driver = SnapDriver(
             snap_url=settings.snap_url, agent_name=settings.agent_name, tsdb_url=settings.tsdb_url,
-            api_key=settings.api_key, clock=reactor, send_catalog=self.send_catalog, **(snap_intervals or {}),
+            api_key=settings.api_key, clock=reactor, send_catalog=self.send_catalog, stats=self.stats,
+            **(snap_intervals or {}),
         )
-        self.cache = TaskCache(self.driver.set_tasks)
+        self.cache = TaskCache(self.driver.set_tasks, stats=self.stats)
         self.connection = ServerConnection(
             url=settings.socket_url, api_key=settings.api_key, reactor=reactor, on_frame=self.cache.handle,
             on_connected=self.driver.resend_catalog, max_backoff=settings.reconnect_max_backoff,
-            heartbeat_interval=settings.heartbeat_interval, ca_bundle=settings.ca_bundle,
+            heartbeat_interval=settings.heartbeat_interval, ca_bundle=settings.ca_bundle, stats=self.stats,
         )
+        self.stats.setServiceParent(self.service)
         self.driver.setServiceParent(self.service)
         self.connection.setServiceParent(self.service)
+        if self.stats.enabled:
+            GaugeReporter(self.stats, reactor, self.gauges, GAUGE_INTERVAL).setServiceParent(self.service)
+            log.info("sending metrics to statsd at {addr} ({flavour}), prefix {prefix}", addr=settings.statsd_addr,
+                     flavour=settings.statsd_type, prefix=self.stats.prefix)
+
+    def gauges(self) -> dict[str, int]:
+        return {"tasks.active": len(self.cache.tasks), "snap.reachable": int(self.driver.snap_reachable),
+                "server.connected": int(self.connection.connected)}
 
     def send_catalog(self, records: list[dict]) -> None:
         if self.connection.send(framing.CATALOG, records):

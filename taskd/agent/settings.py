@@ -22,6 +22,7 @@ from taskd.config import (
     parse_host_port,
     url,
 )
+from taskd.stats import AGENT_PREFIX, parse_stats_prefix
 
 ENV_PREFIX = "TASKAGENT_"
 DEFAULT_CONFIG_PATH = "/etc/taskd/task-agent.ini"
@@ -30,6 +31,9 @@ AGENT_OPTIONS: tuple[Option, ...] = (
     Option("log-level", int_range(0, 6), "2",
            "Least severe messages logged: 0 TRACE, 1 DEBUG, 2 INFO, 3 WARN, 4 ERROR,"
            " 5 CRITICAL, 6 FATAL."),
+    Option("log-format", choice("text", "json"), "text",
+           "Log line format: text (classic twistd lines) or json (one JSON object per line,"
+           " for log shippers)."),
     Option("server-url", url("ws", "wss"), "ws://localhost:8082/api/v1",
            "The task-server's API base as a websocket URL (ws:// or wss://); the agent"
            " connects to <server-url>/socket/<name>/1."),
@@ -45,6 +49,9 @@ AGENT_OPTIONS: tuple[Option, ...] = (
     Option("statsd-type", choice("standard", "datadog"), "standard",
            "statsd flavour: standard or datadog (with tags); also [stats] type.",
            sections=(("stats", "type"),)),
+    Option("stats-prefix", parse_stats_prefix, AGENT_PREFIX,
+           "Prefix of every metric name; $hostname is replaced by this host's name with"
+           " dots as underscores; also [stats] prefix.", sections=(("stats", "prefix"),)),
     Option("api-key", str, "",
            "API key sent as 'Authorization: Bearer' to the task-server (and given to Snap's"
            " publisher for tsdb-gw).", secret=True),
@@ -62,12 +69,14 @@ AGENT_OPTIONS: tuple[Option, ...] = (
 @dataclass(frozen=True)
 class AgentSettings:
     log_level: int = 2
+    log_format: str = "text"
     server_url: str = "ws://localhost:8082/api/v1"
     tsdb_url: str = "http://localhost:80/"
     snap_url: str = "http://localhost:8181/"
     stats_enabled: bool = False
     statsd_addr: str = "localhost:8125"
     statsd_type: str = "standard"
+    stats_prefix: str = AGENT_PREFIX
     api_key: str = ""
     name: str = ""
     reconnect_max_backoff: float = 30.0

@@ -43,6 +43,8 @@ from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from taskd.stats import NULL_STATS
+
 __all__ = ["SnapDriver", "SnapError", "SnapUnreachable", "PREFIX", "snap_task_request",
            "catalog_record", "updated_after_creation", "parse_go_duration"]
 
@@ -216,7 +218,8 @@ class SnapDriver(Service):
                  http: Any = None, supervise_interval: float = 1.0,
                  catalog_interval: float = 300.0, sweep_interval: float = 60.0,
                  request_timeout: float = 10.0, stop_timeout: float = 5.0,
-                 stop_poll: float = 0.25) -> None:
+                 stop_poll: float = 0.25, stats: Any = NULL_STATS) -> None:
+        self.stats = stats
         self.snap_url = snap_url.rstrip("/")  # as the Go agent: <url>/v1/...
         self.agent_name, self.tsdb_url, self._api_key = agent_name, tsdb_url, api_key
         self.clock = clock
@@ -381,6 +384,7 @@ class SnapDriver(Service):
         self.snap_reachable = reachable
         if reachable != self._reach_logged:
             self._reach_logged = reachable
+            self.stats.gauge("snap.reachable", 1 if reachable else 0)
             if reachable:
                 self.log.info("Snap at {url} is reachable", url=self.snap_url)
             else:
@@ -598,6 +602,7 @@ class SnapDriver(Service):
         sid = body.get("id") if isinstance(body, dict) else None
         if isinstance(sid, str):
             self._built[sid] = _Built(json.dumps(request, sort_keys=True), updated)
+        self.stats.incr("snap.tasks_created")
         self.log.info("task {tid}: created Snap task {sid} ({name}, every {interval})", tid=tid,
                       sid=sid, name=name, interval=request["schedule"]["interval"])
         return True
@@ -612,7 +617,9 @@ class SnapDriver(Service):
             return False
         self._solved((name, sid))
         self._built.pop(sid, None)
-        self.log.info("{name}: removed Snap task {sid} ({reason})", name=name, sid=sid, reason=reason)
+        self.stats.incr("snap.tasks_removed")
+        self.log.info("task {tid}: removed Snap task {sid} ({name}, {reason})", tid=name[len(PREFIX):],
+                      sid=sid, name=name, reason=reason)
         return True
 
     async def _stop_and_delete(self, sid: str) -> None:

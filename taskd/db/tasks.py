@@ -231,3 +231,10 @@ def load_task_by_id(conn: Connection, task_id: int) -> Task | None:
     """Any org's task: for routing, which serves every org from one server."""
     found = _tasks(conn, conn.execute(sa.select(m.task).where(m.task.c.id == task_id)))
     return found[0] if found else None
+
+
+def count_by_enabled(conn: Connection) -> tuple[int, int]:
+    """(enabled, disabled) tasks of every org: the tasks.active/tasks.disabled gauges."""
+    t = m.task.c
+    counts = dict(conn.execute(sa.select(t.enabled, sa.func.count()).group_by(t.enabled)).all())
+    return int(counts.get(True, 0) or 0), int(counts.get(False, 0) or 0)

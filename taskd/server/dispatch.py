@@ -7,6 +7,13 @@ Re-reading instead of trusting the event payload makes duplicates and reordering
 servers harmless; pushes for one task are serialised so a slow read can never overwrite
 a newer one. On `agent.offline` it waits (the agent may come straight back), then moves
 that agent's `any` tasks; a periodic sweep assigns `any` tasks that have no agent.
+
+Dispatch latency (the `dispatch.latency` timer): the clock is read when a `task.*` event
+reaches this server (for a change made through this server's API that is the moment the
+request's write committed, in the same reactor turn), carried through the serialised
+push, and timed again right after each `taskAdd`/`taskUpdate`/`taskRemove` frame is
+handed to that agent's websocket: one timing per agent told, tagged with the frame's
+event and whether the change came from this server or another one.
 """
 from __future__ import annotations
 
@@ -31,6 +38,7 @@ from taskd.db.tasks import Task
 from taskd.server.events import Event, EventBus
 from taskd.server.render import task_json
 from taskd.server.sessions import CLOSE_NORMAL, AgentSession, SessionManager
+from taskd.stats import NULL_STATS
 from taskd.wire import framing
 
 REMOTE_JITTER = 2.1  # the original's extra random delay for offline events from elsewhere
@@ -42,8 +50,9 @@ class Dispatcher(Service):
 
     def __init__(self, *, manager: SessionManager, pool: DBPool, events: EventBus, clock: Any,
                  instance_id: str, relocate_delay: float = 1.0, sweep_interval: float = 60.0,
-                 rng: random.Random | None = None) -> None:
+                 rng: random.Random | None = None, stats: Any = NULL_STATS) -> None:
         self.manager = manager
+        self.stats = stats
         self.pool = pool
         self.events = events
         self.clock = clock
@@ -79,10 +88,12 @@ class Dispatcher(Service):
         if not self.running:  # shutting down: other servers relocate, not this one
             return
         kind, payload = event.type, event.payload
+        received = self.clock.seconds()
+        source = "local" if event.source == self.instance_id else "remote"
         if kind in ("task.created", "task.deleted"):
-            self.task_changed(payload["id"])
+            self.task_changed(payload["id"], since=received, source=source)
         elif kind == "task.updated":
-            self.task_changed(payload["new"]["id"])
+            self.task_changed(payload["new"]["id"], since=received, source=source)
         elif kind == "agent.offline":
             remote = event.source != self.instance_id
             delay = self.relocate_delay + (self.rng.uniform(0, REMOTE_JITTER) if remote else 0.0)
@@ -96,14 +107,15 @@ class Dispatcher(Service):
                 session.transport.close(CLOSE_NORMAL, "agent deleted")
             self.sweep()
 
-    def task_changed(self, task_id: int) -> Deferred:
+    def task_changed(self, task_id: int, since: float | None = None, source: str = "local") -> Deferred:
         """Push task `task_id`'s current routing to local agents, after any push for the
-        same task still in flight."""
+        same task still in flight. `since`: when the change was received (clock
+        seconds), to time the dispatch latency."""
         prev = self._chains.get(task_id) or succeed(None)
         done: Deferred = Deferred()
 
         def run(_: Any) -> None:
-            d = maybeDeferred(self._push_task, task_id)
+            d = maybeDeferred(self._push_task, task_id, since, source)
             d.addErrback(lambda f: self.log.failure("pushing task {id} failed", f, id=task_id))
             d.addBoth(lambda _: done.callback(None))
 
@@ -117,7 +129,7 @@ class Dispatcher(Service):
         return done
 
     @inlineCallbacks
-    def _push_task(self, task_id: int):
+    def _push_task(self, task_id: int, since: float | None = None, source: str = "local"):
         sessions = [s for s in self.manager.sessions.values() if not s.closed]
         if not sessions:
             return
@@ -126,9 +138,10 @@ class Dispatcher(Service):
         payload = task_json(task) if task is not None else None
         for session in sessions:
             wanted = task is not None and task.enabled and session.agent.id in routed
-            self._apply(session, task_id, payload, wanted, seq)
+            self._apply(session, task_id, payload, wanted, seq, since, source)
 
-    def _apply(self, session: AgentSession, task_id: int, payload: dict | None, wanted: bool, seq: int) -> None:
+    def _apply(self, session: AgentSession, task_id: int, payload: dict | None, wanted: bool, seq: int,
+               since: float | None = None, source: str = "local") -> None:
         """Tell the agent the difference, unless a read that started later already did."""
         if session.decided_by.get(task_id, 0) > seq:
             return
@@ -136,19 +149,29 @@ class Dispatcher(Service):
         had = session.view.get(task_id)
         if wanted:
             if had is None:
-                session.send(framing.TASK_ADD, payload)
-                self.log.info("task {id} ({name}) routed to agent {agent}", id=task_id, name=payload["name"],
-                              agent=session.agent.name)
+                event = framing.TASK_ADD
+                session.send(event, payload)
+                self.log.info("task {id} ({name}) routed to agent {agent} ({ip})", id=task_id, name=payload["name"],
+                              agent=session.agent.name, ip=session.remote_ip)
             elif had != payload:
-                session.send(framing.TASK_UPDATE, payload)
-                self.log.debug("task {id} updated on agent {agent}", id=task_id, agent=session.agent.name)
+                event = framing.TASK_UPDATE
+                session.send(event, payload)
+                self.log.info("task {id} ({name}) updated on agent {agent}", id=task_id, name=payload["name"],
+                              agent=session.agent.name)
             else:
                 return
             session.view[task_id] = payload
         elif had is not None:
-            session.send(framing.TASK_REMOVE, payload or had)
+            event = framing.TASK_REMOVE
+            session.send(event, payload or had)
             del session.view[task_id]
-            self.log.info("task {id} removed from agent {agent}", id=task_id, agent=session.agent.name)
+            self.log.info("task {id} ({name}) removed from agent {agent}", id=task_id, name=(payload or had).get("name"),
+                          agent=session.agent.name)
+        else:
+            return
+        if since is not None and not session.closed:
+            self.stats.timing("dispatch.latency", (self.clock.seconds() - since) * 1000.0,
+                              tags={"event": event, "source": source})
 
     @inlineCallbacks
     def resync(self, session: AgentSession):

@@ -6,7 +6,10 @@ and every public one, changes only its own, and sees only its own tasks.
 """
 from __future__ import annotations
 
+from typing import Any
+
 from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.logger import Logger
 
 from taskd.db.agents import Agent, AgentFilter, AgentStore
 from taskd.db.catalog import CatalogStore, Metric, MetricFilter
@@ -19,13 +22,18 @@ from taskd.server.auth import User
 from taskd.server.events import EventBus
 from taskd.server.render import agent_json, task_json
 from taskd.server.validation import AgentInput
+from taskd.stats import NULL_STATS
+
+log = Logger(namespace="taskd.server.registry")
 
 
 class AgentService:
-    def __init__(self, agents: AgentStore, catalog: CatalogStore, events: EventBus) -> None:
+    def __init__(self, agents: AgentStore, catalog: CatalogStore, events: EventBus, *,
+                 stats: Any = NULL_STATS) -> None:
         self.agents = agents
         self.catalog = catalog
         self.events = events
+        self.stats = stats
 
     @inlineCallbacks
     def visible(self, user: User, agent_id: int) -> "Deferred[Agent]":
@@ -49,6 +57,7 @@ class AgentService:
         agent = yield self.agents.create(
             user.org_id, spec.name, enabled=bool(spec.enabled), public=bool(spec.public), tags=spec.tags or ()
         )
+        log.info("agent {name} ({id}) registered in org {org}", name=agent.name, id=agent.id, org=agent.org_id)
         self.events.publish("agent.created", agent_event(agent))
         return agent
 
@@ -66,6 +75,12 @@ class AgentService:
             agent = yield self.agents.create(user.org_id, name, enabled=True, public=True, tags=())
         except Conflict:  # created concurrently by another connection
             return (yield self.agents.get_by_name(user.org_id, name))
+        except Exception:
+            self.stats.incr("agents.autocreate_failure")
+            raise
+        self.stats.incr("agents.autocreate_success")
+        log.info("agent {name} ({id}) auto-created in org {org} on its first connection", name=agent.name,
+                 id=agent.id, org=agent.org_id)
         self.events.publish("agent.created", agent_event(agent))
         return agent
 
@@ -79,6 +94,8 @@ class AgentService:
             public=spec.public if spec.public is not None else current.public,
             tags=spec.tags if spec.tags is not None else current.tags,
         )
+        log.info("agent {name} ({id}) updated: enabled {enabled}, public {public}, tags {tags}", name=new.name,
+                 id=new.id, enabled=new.enabled, public=new.public, tags=",".join(new.tags) or "none")
         self.events.publish("agent.updated", {"old": agent_event(old), "new": agent_event(new)})
         return new
 
@@ -88,6 +105,7 @@ class AgentService:
         old = yield self.agents.delete(agent_id)
         if old is None:
             raise NotFound(f"agent {agent_id} does not exist")
+        log.info("agent {name} ({id}) deleted", name=old.name, id=old.id)
         self.events.publish("agent.deleted", agent_event(old))
         return old
 
@@ -104,10 +122,11 @@ class TaskService:
     """Tasks of the caller's org. An `any` task gets its agent here, right after it is
     written, so every server learns the assignment from the database with the event."""
 
-    def __init__(self, tasks: TaskStore, events: EventBus, pool: DBPool) -> None:
+    def __init__(self, tasks: TaskStore, events: EventBus, pool: DBPool, *, stats: Any = NULL_STATS) -> None:
         self.tasks = tasks
         self.events = events
         self.pool = pool
+        self.stats = stats
 
     def list(self, user: User, flt: TaskFilter, page: Page) -> "Deferred[list[Task]]":
         return self.tasks.list(user.org_id, flt, page)
@@ -128,6 +147,8 @@ class TaskService:
     def create(self, user: User, spec: TaskSpec) -> "Deferred[Task]":
         task = yield self.tasks.create(user.org_id, spec)
         yield self.pool.do(ensure_any_assignment, task)
+        self.stats.incr("api.tasks_create")
+        log.info("task {id} ({name}) created in org {org}", id=task.id, name=task.name, org=task.org_id)
         self.events.publish("task.created", task_json(task))
         return task
 
@@ -135,12 +156,16 @@ class TaskService:
     def update(self, user: User, task_id: int, spec: TaskSpec) -> "Deferred[Task]":
         old, new = yield self.tasks.update(user.org_id, task_id, spec)
         yield self.pool.do(ensure_any_assignment, new)
+        self.stats.incr("api.tasks_update")
+        log.info("task {id} ({name}) updated in org {org}", id=new.id, name=new.name, org=new.org_id)
         self.events.publish("task.updated", {"old": task_json(old), "new": task_json(new)})
         return new
 
     @inlineCallbacks
     def delete(self, user: User, task_id: int) -> "Deferred[Task]":
         old = yield self.tasks.delete(user.org_id, task_id)
+        self.stats.incr("api.tasks_delete")
+        log.info("task {id} ({name}) deleted in org {org}", id=old.id, name=old.name, org=old.org_id)
         self.events.publish("task.deleted", task_json(old))
         return old
 

@@ -26,7 +26,7 @@ from taskd.db.catalog import CatalogStore
 from taskd.db.engine import create_engine
 from taskd.db.pool import DBPool
 from taskd.db.sessions import SessionStore
-from taskd.db.tasks import TaskStore
+from taskd.db.tasks import TaskStore, count_by_enabled
 from taskd.server.api.app import Api
 from taskd.server.api.site import TaskdSite
 from taskd.server.auth import Authenticator
@@ -36,8 +36,12 @@ from taskd.server.registry import AgentService, TaskService
 from taskd.server.sessions import SessionManager
 from taskd.server.websocket import SocketEndpoint, make_factory
 from taskd.services import OrderedMultiService
+from taskd.stats import SERVER_PREFIX, GaugeReporter, make_stats
 
 log = Logger(namespace="taskd.server")
+
+GAUGE_INTERVAL = 10.0
+"""How often the periodic gauges (running, agents.connected, tasks.active/disabled) are sent."""
 
 
 class PoolService(Service):
@@ -109,6 +113,7 @@ class Server:
     sessions: SessionManager
     dispatcher: Dispatcher
     instance_id: str
+    stats: Any = None
 
 
 def describe_db(settings: Any, engine: Engine) -> str:
@@ -136,14 +141,15 @@ def build_server(settings: Any, reactor: Any = None) -> Server:
 
     pool = DBPool(engine, reactor, max_threads=None if engine.dialect.name == "sqlite" else settings.db_pool_size)
     instance_id = instance_identity(settings)
+    stats = make_stats(settings, SERVER_PREFIX, reactor)
     events = EventBus(instance_id)
     catalog = CatalogStore(pool)
-    agents = AgentService(AgentStore(pool), catalog, events)
-    tasks = TaskService(TaskStore(pool), events, pool)
+    agents = AgentService(AgentStore(pool), catalog, events, stats=stats)
+    tasks = TaskService(TaskStore(pool), events, pool, stats=stats)
     sessions = SessionManager(
         pool=pool, store=SessionStore(pool), catalog=catalog, events=events, instance_id=instance_id,
         clock=reactor, heartbeat_interval=settings.heartbeat_interval,
-        task_list_interval=settings.task_list_interval,
+        task_list_interval=settings.task_list_interval, stats=stats,
     )
     try:
         sessions.clear_stale_sync()
@@ -151,7 +157,7 @@ def build_server(settings: Any, reactor: Any = None) -> Server:
         raise StartupError(f"cannot clear this server's stale sessions: {str(exc).splitlines()[0]}") from None
     dispatcher = Dispatcher(
         manager=sessions, pool=pool, events=events, clock=reactor, instance_id=instance_id,
-        relocate_delay=settings.relocate_delay, sweep_interval=settings.task_list_interval,
+        relocate_delay=settings.relocate_delay, sweep_interval=settings.task_list_interval, stats=stats,
     )
     socket = SocketEndpoint(agents, make_factory(sessions), autocreate=settings.agent_autocreate)
     auth = Authenticator(
@@ -162,12 +168,14 @@ def build_server(settings: Any, reactor: Any = None) -> Server:
         invalid_ttl=settings.auth_invalid_ttl,
         clock=reactor,
     )
-    api = Api(agents, tasks, auth, max_body_size=settings.max_body_size, socket=socket)
+    api = Api(agents, tasks, auth, max_body_size=settings.max_body_size, socket=socket, stats=stats)
     site = TaskdSite(api.resource(), max_body_size=settings.max_body_size)
 
     root = OrderedMultiService()
     # Started in this order, stopped in reverse: the listener stops accepting first, then
-    # the sessions close their sockets (recording offline), and the pool goes last.
+    # the sessions close their sockets (recording offline), then the pool; the stats
+    # client goes last, so what the others report on their way down is still sent.
+    stats.setServiceParent(root)
     PoolService(pool).setServiceParent(root)
     if settings.exchange:
         from taskd.server.amqp import AmqpTransport
@@ -178,13 +186,22 @@ def build_server(settings: Any, reactor: Any = None) -> Server:
         transport.setServiceParent(root)  # stops after the sessions, so their offline events get out
     sessions.setServiceParent(root)
     dispatcher.setServiceParent(root)
+    if stats.enabled:
+        def gauges() -> Deferred:
+            connected = len(sessions.sessions)
+            return pool.do(count_by_enabled).addCallback(lambda counts: {
+                "agents.connected": connected, "tasks.active": counts[0], "tasks.disabled": counts[1]})
+
+        GaugeReporter(stats, reactor, gauges, GAUGE_INTERVAL).setServiceParent(root)
+        log.info("sending metrics to statsd at {addr} ({flavour}), prefix {prefix}", addr=settings.statsd_addr,
+                 flavour=settings.statsd_type, prefix=stats.prefix)
     listener = ListenerService(reactor, settings.addr, site)
     listener.setServiceParent(root)
     if not settings.admin_key:
         log.warn("admin-key is empty: only keys accepted by {endpoint} can use the API", endpoint=settings.auth_endpoint)
     log.info("server instance {id}; events {where}", id=instance_id,
              where=f"over RabbitMQ exchange {settings.exchange}" if settings.exchange else "in-process")
-    return Server(root, engine, pool, events, agents, tasks, api, listener, sessions, dispatcher, instance_id)
+    return Server(root, engine, pool, events, agents, tasks, api, listener, sessions, dispatcher, instance_id, stats)
 
 
 def instance_identity(settings: Any) -> str:

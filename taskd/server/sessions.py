@@ -24,6 +24,7 @@ from taskd.db.routes import tasks_for_agents
 from taskd.db.sessions import OnlineChange, SessionStore
 from taskd.server.events import EventBus
 from taskd.server.render import task_json
+from taskd.stats import NULL_STATS
 from taskd.timeutil import rfc3339, utcnow
 from taskd.wire import framing
 from taskd.wire.framing import Frame, FrameError
@@ -74,8 +75,10 @@ class SessionManager(Service):
 
     def __init__(self, *, pool: DBPool, store: SessionStore, catalog: CatalogStore, events: EventBus,
                  instance_id: str, clock: Any, heartbeat_interval: float = 2.0,
-                 task_list_interval: float = 60.0, shutdown_timeout: float = 5.0) -> None:
+                 task_list_interval: float = 60.0, shutdown_timeout: float = 5.0,
+                 stats: Any = NULL_STATS) -> None:
         self.pool = pool
+        self.stats = stats
         self.store = store
         self.catalog = catalog
         self.events = events
@@ -142,6 +145,7 @@ class SessionManager(Service):
     def attach(self, agent: Agent, version: int, remote_ip: str, transport: SessionTransport) -> AgentSession:
         """A websocket for `agent` just opened: record it, then tell the agent its tasks."""
         session = AgentSession(agent, version, remote_ip, transport)
+        self.stats.incr("agents.connections_accepted")
         d = self.store.open(agent.id, version=version, remote_ip=remote_ip, server=self.instance_id)
         d.addCallback(self._opened, session)
         d.addErrback(self._open_failed, session)
@@ -155,6 +159,7 @@ class SessionManager(Service):
             return
         old = self.sessions.get(session.agent.id)
         self.sessions[session.agent.id] = session
+        self.stats.gauge("agents.connected", len(self.sessions))
         if old is not None:
             self.log.info("agent {name} reconnected; closing its previous connection {old}",
                           name=session.agent.name, old=old.id)
@@ -181,11 +186,14 @@ class SessionManager(Service):
         if session.closed:
             return session.gone
         session.closed = True
-        self.log.info("agent {name} disconnected ({reason})", name=session.agent.name, reason=reason or "closed")
+        self.log.info("agent {name} disconnected ({reason}): agent {id} from {ip}, session {sid}",
+                      name=session.agent.name, reason=reason or "closed", id=session.agent.id,
+                      ip=session.remote_ip, sid=session.id)
         if session.id is None:  # still being recorded; _opened will forget it
             return session.gone
         if self.sessions.get(session.agent.id) is session:
             del self.sessions[session.agent.id]
+            self.stats.gauge("agents.connected", len(self.sessions))
         self._forget(session)
         return session.gone
 

@@ -30,6 +30,7 @@ from taskd.config import (
     parse_listen_addr,
     url,
 )
+from taskd.stats import SERVER_PREFIX, parse_stats_prefix
 
 ENV_PREFIX = "TASKSERVER_"
 DEFAULT_CONFIG_PATH = "/etc/taskd/task-server.ini"
@@ -49,6 +50,9 @@ SERVER_OPTIONS: tuple[Option, ...] = (
     Option("log-level", int_range(0, 6), "2",
            "Least severe messages logged: 0 TRACE, 1 DEBUG, 2 INFO, 3 WARN, 4 ERROR,"
            " 5 CRITICAL, 6 FATAL."),
+    Option("log-format", choice("text", "json"), "text",
+           "Log line format: text (classic twistd lines) or json (one JSON object per line,"
+           " for log shippers)."),
     Option("addr", parse_listen_addr, ":8082",
            "Where the REST API and the agents' websocket listen: :PORT, HOST:PORT,"
            " [IPv6]:PORT or a Twisted endpoint such as ssl:8443:privateKey=key.pem."),
@@ -69,6 +73,9 @@ SERVER_OPTIONS: tuple[Option, ...] = (
     Option("statsd-type", choice("standard", "datadog"), "standard",
            "statsd flavour: standard or datadog (with tags); also [stats] type.",
            sections=(("stats", "type"),)),
+    Option("stats-prefix", parse_stats_prefix, SERVER_PREFIX,
+           "Prefix of every metric name; $hostname is replaced by this host's name with"
+           " dots as underscores; also [stats] prefix.", sections=(("stats", "prefix"),)),
     Option("admin-key", str, "",
            "API key that acts as an admin of org 1; empty means no admin key is accepted.",
            aliases=("app-api-key",), secret=True),
@@ -110,6 +117,7 @@ _SECRETS = {opt.attr: opt for opt in SERVER_OPTIONS if opt.secret}
 @dataclass(frozen=True)
 class ServerSettings:
     log_level: int = 2
+    log_format: str = "text"
     addr: str = "tcp:8082"
     db_type: str = "sqlite3"
     db_connect_str: str = ""
@@ -117,6 +125,7 @@ class ServerSettings:
     stats_enabled: bool = False
     statsd_addr: str = "localhost:8125"
     statsd_type: str = "standard"
+    stats_prefix: str = SERVER_PREFIX
     admin_key: str = ""
     exchange: str = ""
     rabbitmq_url: str = "amqp://guest:guest@localhost:5672/"

@@ -6,6 +6,7 @@ envelope with the right status, and makes sure no traceback ever reaches a clien
 """
 from __future__ import annotations
 
+import json
 from typing import Any, Awaitable, Callable
 
 from klein import Klein
@@ -20,7 +21,9 @@ from taskd.server.api.envelope import error, respond
 from taskd.server.render import agent_json, metric_json, task_json
 from taskd.server.auth import AuthError, Authenticator, User, bearer_key
 from taskd.server.registry import AgentService, TaskService
+from taskd.server.websocket import client_ip
 from taskd.server.validation import PAGE_PARAMS, Query, parse_agent, parse_id, parse_task
+from taskd.stats import NULL_STATS
 
 Handler = Callable[..., Awaitable[Any]]
 PREFIX = "/api/v1"
@@ -43,7 +46,8 @@ class Api:
     log = Logger()
 
     def __init__(self, agents: AgentService, tasks: TaskService, auth: Authenticator, *, max_body_size: int,
-                 socket: Handler | None = None) -> None:
+                 socket: Handler | None = None, stats: Any = NULL_STATS) -> None:
+        self.stats = stats
         self.agents = agents
         self.tasks = tasks
         self.auth = auth
@@ -60,7 +64,10 @@ class Api:
     def _route(self, path: str, method: str, type_: str, handler: Handler, *, auth: bool = True,
                raw: bool = False) -> None:
         async def endpoint(request: IRequest, **kwargs: Any) -> Any:
-            return await self._endpoint(request, type_, handler, auth, kwargs, raw)
+            result = await self._endpoint(request, type_, handler, auth, kwargs, raw)
+            if raw:
+                self._socket_outcome(request, kwargs, result)
+            return result
 
         endpoint.__name__ = f"{method} {path}"
         self.app.route(path, methods=[method], strict_slashes=False, endpoint=endpoint.__name__)(endpoint)
@@ -89,6 +96,21 @@ class Api:
                              method=request.method.decode("ascii", "replace"),
                              path=request.path.decode("utf-8", "replace"))
             return error(request, 500, "internal server error; the server log has the details")
+
+    def _socket_outcome(self, request: IRequest, kwargs: dict, result: Any) -> None:
+        """Count and log a refused agent websocket upgrade (accepted ones are counted
+        when the socket opens, by the session manager)."""
+        status = request.code
+        if status < 400:
+            return
+        self.stats.incr("agents.connections_failed", tags={"status": status})
+        try:
+            reason = json.loads(result)["meta"]["message"]
+        except Exception:
+            reason = ""
+        self.log.info("agent connection refused: {name} from {ip}: HTTP {status} {reason}",
+                      name=str(kwargs.get("agent_name", ""))[:255], ip=client_ip(request), status=status,
+                      reason=reason)
 
     async def _authenticate(self, request: IRequest) -> User:
         headers = request.requestHeaders
