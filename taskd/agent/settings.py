@@ -11,29 +11,15 @@ import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 
-from taskd.config import (
-    ConfigError,
-    Option,
-    choice,
-    int_range,
-    load,
-    parse_bool,
-    parse_duration,
-    parse_host_port,
-    url,
-)
-from taskd.stats import AGENT_PREFIX, parse_stats_prefix
+from taskd.common_options import logging_options, stats_options
+from taskd.config import ConfigError, Option, load, parse_duration, url
+from taskd.stats import AGENT_PREFIX
 
 ENV_PREFIX = "TASKAGENT_"
 DEFAULT_CONFIG_PATH = "/etc/taskd/task-agent.ini"
 
 AGENT_OPTIONS: tuple[Option, ...] = (
-    Option("log-level", int_range(0, 6), "2",
-           "Least severe messages logged: 0 TRACE, 1 DEBUG, 2 INFO, 3 WARN, 4 ERROR,"
-           " 5 CRITICAL, 6 FATAL."),
-    Option("log-format", choice("text", "json"), "text",
-           "Log line format: text (classic twistd lines) or json (one JSON object per line,"
-           " for log shippers)."),
+    *logging_options(),
     Option("server-url", url("ws", "wss"), "ws://localhost:8082/api/v1",
            "The task-server's API base as a websocket URL (ws:// or wss://); the agent"
            " connects to <server-url>/socket/<name>/1."),
@@ -41,17 +27,7 @@ AGENT_OPTIONS: tuple[Option, ...] = (
            "tsdb-gw base URL the tasks' metrics are published to."),
     Option("snap-url", url("http", "https"), "http://localhost:8181/",
            "The local Snap daemon's REST API."),
-    Option("stats-enabled", parse_bool, "false",
-           "Send the agent's own metrics to statsd; also [stats] enabled.",
-           sections=(("stats", "enabled"),)),
-    Option("statsd-addr", parse_host_port, "localhost:8125",
-           "HOST:PORT of the statsd server; also [stats] addr.", sections=(("stats", "addr"),)),
-    Option("statsd-type", choice("standard", "datadog"), "standard",
-           "statsd flavour: standard or datadog (with tags); also [stats] type.",
-           sections=(("stats", "type"),)),
-    Option("stats-prefix", parse_stats_prefix, AGENT_PREFIX,
-           "Prefix of every metric name; $hostname is replaced by this host's name with"
-           " dots as underscores; also [stats] prefix.", sections=(("stats", "prefix"),)),
+    *stats_options("agent", AGENT_PREFIX),
     Option("api-key", str, "",
            "API key sent as 'Authorization: Bearer' to the task-server (and given to Snap's"
            " publisher for tsdb-gw).", secret=True),

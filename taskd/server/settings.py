@@ -16,6 +16,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 
+from taskd.common_options import logging_options, stats_options
 from taskd.config import (
     ConfigError,
     Option,
@@ -26,11 +27,10 @@ from taskd.config import (
     load,
     parse_bool,
     parse_duration,
-    parse_host_port,
     parse_listen_addr,
     url,
 )
-from taskd.stats import SERVER_PREFIX, parse_stats_prefix
+from taskd.stats import SERVER_PREFIX
 
 ENV_PREFIX = "TASKSERVER_"
 DEFAULT_CONFIG_PATH = "/etc/taskd/task-server.ini"
@@ -47,12 +47,7 @@ def redact_userinfo(value: str) -> str:
 
 
 SERVER_OPTIONS: tuple[Option, ...] = (
-    Option("log-level", int_range(0, 6), "2",
-           "Least severe messages logged: 0 TRACE, 1 DEBUG, 2 INFO, 3 WARN, 4 ERROR,"
-           " 5 CRITICAL, 6 FATAL."),
-    Option("log-format", choice("text", "json"), "text",
-           "Log line format: text (classic twistd lines) or json (one JSON object per line,"
-           " for log shippers)."),
+    *logging_options(),
     Option("addr", parse_listen_addr, ":8082",
            "Where the REST API and the agents' websocket listen: :PORT, HOST:PORT,"
            " [IPv6]:PORT or a Twisted endpoint such as ssl:8443:privateKey=key.pem."),
@@ -64,18 +59,7 @@ SERVER_OPTIONS: tuple[Option, ...] = (
            secret=True, redact=redact_userinfo),
     Option("db-pool-size", int_range(1, 100), "10",
            "Most database connections held open at once (1..100)."),
-    Option("stats-enabled", parse_bool, "false",
-           "Send the server's own metrics to statsd; also [stats] enabled.",
-           sections=(("stats", "enabled"),)),
-    Option("statsd-addr", parse_host_port, "localhost:8125",
-           "HOST:PORT of the statsd server; also [stats] addr.",
-           sections=(("stats", "addr"),)),
-    Option("statsd-type", choice("standard", "datadog"), "standard",
-           "statsd flavour: standard or datadog (with tags); also [stats] type.",
-           sections=(("stats", "type"),)),
-    Option("stats-prefix", parse_stats_prefix, SERVER_PREFIX,
-           "Prefix of every metric name; $hostname is replaced by this host's name with"
-           " dots as underscores; also [stats] prefix.", sections=(("stats", "prefix"),)),
+    *stats_options("server", SERVER_PREFIX),
     Option("admin-key", str, "",
            "API key that acts as an admin of org 1; empty means no admin key is accepted.",
            aliases=("app-api-key",), secret=True),
