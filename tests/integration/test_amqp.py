@@ -10,7 +10,7 @@ import json
 import os
 import shutil
 import uuid
-from typing import Any, Callable
+from typing import Any
 
 import pika
 import pytest

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import pytest_twisted
 
-from tests.integration.harness import ADMIN_KEY, ORG2_KEY, ORG3_KEY, Reply, assert_error
+from tests.integration.harness import ADMIN_KEY, ORG2_KEY, ORG3_KEY, assert_error
 
 AGENTS = "/api/v1/agents"
 METRICS = "/api/v1/metrics"

@@ -15,7 +15,7 @@ import pytest_twisted
 import sqlalchemy as sa
 
 from taskd.db import models
-from tests.integration.harness import ADMIN_KEY, ORG2_KEY, Reply, assert_error
+from tests.integration.harness import ADMIN_KEY, ORG2_KEY, assert_error
 from tests.notes_requests import NOTES_TASK
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import uuid
-from typing import Any
 
 import pytest
 import pytest_twisted
