@@ -3,15 +3,23 @@
 PYTHON ?= python3
 VENV ?= .venv
 PIP := $(VENV)/bin/pip
+# The one pin file, hashed. pip will not take hashes in a -c file next to an editable
+# install, so the venv gets a copy with the hashes stripped (same pins, same versions);
+# debian/rules uses the hashed file itself with --require-hashes.
 CONSTRAINTS := requirements/constraints.txt
+VENV_CONSTRAINTS := $(VENV)/constraints-nohash.txt
 STAMP := $(VENV)/.installed
+PIP_TOOLS ?= pip-tools==7.6.2
+# `make lock LOCK_FLAGS=--upgrade` re-pins everything to the newest releases.
+LOCK_FLAGS ?=
 
-.PHONY: venv run test lock clean
+.PHONY: venv run test lock package-test clean
 
 $(STAMP): setup.cfg pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q -c $(CONSTRAINTS) --config-settings editable_mode=compat -e '.[test,mysql]'
+	sed -E -e '/^[[:space:]]*--hash=/d' -e 's/[[:space:]]*\\$$//' $(CONSTRAINTS) > $(VENV_CONSTRAINTS)
+	$(PIP) install -q -c $(VENV_CONSTRAINTS) --config-settings editable_mode=compat -e '.[test,mysql]'
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -21,15 +29,31 @@ run: $(STAMP)
 	mkdir -p var
 	$(VENV)/bin/twistd --nodaemon --pidfile= taskserver --config etc/task-server.dev.ini
 
-## Run the whole test suite (needs MariaDB on 127.0.0.1:3306; see .ci/run).
+## Run the whole test suite (needs MariaDB on 127.0.0.1:3306 and nginx; see .ci/run).
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest
 
-## Re-pin every dependency after changing setup.cfg.
+## Re-pin after changing setup.cfg: keeps existing pins, resolves what changed, and
+## writes every pin with the sha256 hashes of all its files on PyPI.
 lock:
-	rm -rf .lockvenv && $(PYTHON) -m venv .lockvenv && .lockvenv/bin/pip install -q '.[test,mysql]'
-	( head -2 $(CONSTRAINTS); .lockvenv/bin/pip freeze | grep -vi '^taskd' ) > $(CONSTRAINTS).new && mv $(CONSTRAINTS).new $(CONSTRAINTS)
-	rm -rf .lockvenv
+	rm -rf .lockvenv && $(PYTHON) -m venv .lockvenv && .lockvenv/bin/pip install -q --upgrade pip '$(PIP_TOOLS)'
+	sed -n '/^#/!q;p' $(CONSTRAINTS) > $(CONSTRAINTS).header
+	env -u PIP_FIND_LINKS PIP_CONFIG_FILE=/dev/null .lockvenv/bin/pip-compile -q $(LOCK_FLAGS) \
+	  --generate-hashes --allow-unsafe --strip-extras --no-emit-find-links --no-emit-index-url \
+	  --no-header --extra test --extra mysql -o $(CONSTRAINTS) setup.cfg
+	cat $(CONSTRAINTS).header $(CONSTRAINTS) > $(CONSTRAINTS).new && mv $(CONSTRAINTS).new $(CONSTRAINTS)
+	rm -rf .lockvenv $(CONSTRAINTS).header
+
+## Build the Debian package, install it, run the server as the unit does, purge it (root).
+package-test:
+	bash ci/package-test.sh
 
 clean:
 	rm -rf $(VENV) *.egg-info var
+
+## Benchmarks (issue 6): a real twistd taskserver against bare Klein/Autobahn in the same
+## run, one table, bench/results.md; under 10 minutes. BENCH_FLAGS=--mysql uses MariaDB.
+BENCH_FLAGS ?=
+.PHONY: bench
+bench: $(STAMP)
+	$(VENV)/bin/python -m bench $(BENCH_FLAGS)
