@@ -21,23 +21,52 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class ServerProcess:
-    def __init__(self, workdir: Path, name: str, **keys: str) -> None:
+class _Daemon:
+    """A `twistd <plugin>` child process with its INI file and log (stdout + stderr)."""
+
+    plugin = ""
+
+    def __init__(self, workdir: Path, name: str, keys: dict[str, str]) -> None:
         self.name = name
-        self.port = free_port()
-        self.base = f"http://127.0.0.1:{self.port}"
         self.config = workdir / f"{name}.ini"
         self.logfile = workdir / f"{name}.log"
-        keys = {"addr": f"127.0.0.1:{self.port}", "instance-id": name, "log-level": "1", **keys}
         self.config.write_text("".join(f"{k} = {v}\n" for k, v in keys.items()))
         self.proc: subprocess.Popen | None = None
 
-    async def start(self, timeout: float = 30.0) -> "ServerProcess":
+    def spawn(self, env: dict[str, str]) -> None:
         with open(self.logfile, "ab") as log:  # the child keeps its own descriptor
             self.proc = subprocess.Popen(
-                [TWISTD, "--nodaemon", "--pidfile=", "taskserver", "--config", str(self.config)],
-                stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                [TWISTD, "--nodaemon", "--pidfile=", self.plugin, "--config", str(self.config)],
+                stdout=log, stderr=subprocess.STDOUT, env={**env, "PYTHONUNBUFFERED": "1"},
             )
+
+    async def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else 0
+        self.proc.send_signal(sig)
+        deadline = reactor.seconds() + timeout
+        while self.proc.poll() is None:
+            if reactor.seconds() > deadline:
+                self.proc.kill()
+                raise AssertionError(f"{self.name} did not stop within {timeout}s:\n{self.log()}")
+            await deferLater(reactor, 0.05, lambda: None)
+        return self.proc.returncode
+
+    def log(self) -> str:
+        return self.logfile.read_text(errors="replace") if self.logfile.exists() else ""
+
+
+class ServerProcess(_Daemon):
+    plugin = "taskserver"
+
+    def __init__(self, workdir: Path, name: str, **keys: str) -> None:
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        super().__init__(workdir, name, {"addr": f"127.0.0.1:{self.port}", "instance-id": name,
+                                          "log-level": "1", **keys})
+
+    async def start(self, timeout: float = 30.0) -> "ServerProcess":
+        self.spawn(dict(os.environ))
         deadline = reactor.seconds() + timeout
         while True:
             if self.proc.poll() is not None:
@@ -53,41 +82,18 @@ class ServerProcess:
                 raise AssertionError(f"{self.name} did not start:\n{self.log()}")
             await deferLater(reactor, 0.1, lambda: None)
 
-    async def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
-        if self.proc is None or self.proc.poll() is not None:
-            return self.proc.returncode if self.proc else 0
-        self.proc.send_signal(sig)
-        deadline = reactor.seconds() + timeout
-        while self.proc.poll() is None:
-            if reactor.seconds() > deadline:
-                self.proc.kill()
-                raise AssertionError(f"{self.name} did not stop within {timeout}s:\n{self.log()}")
-            await deferLater(reactor, 0.05, lambda: None)
-        return self.proc.returncode
 
-    def log(self) -> str:
-        return self.logfile.read_text(errors="replace") if self.logfile.exists() else ""
+class AgentProcess(_Daemon):
+    """A real `twistd taskagent` process. `keys` are the INI keys (`name` among them,
+    hence `label` for the files)."""
 
-
-class AgentProcess:
-    """A real `twistd taskagent` process; its log (stdout + stderr) goes to `logfile`.
-    `keys` are the INI keys (`name` among them, hence `label` for the files)."""
+    plugin = "taskagent"
 
     def __init__(self, workdir: Path, label: str, /, **keys: str) -> None:
-        name = self.name = label
-        self.config = workdir / f"{name}.ini"
-        self.logfile = workdir / f"{name}.log"
-        self.config.write_text("".join(f"{k} = {v}\n" for k, v in keys.items()))
-        self.proc: subprocess.Popen | None = None
+        super().__init__(workdir, label, keys)
 
     def start(self) -> "AgentProcess":
-        env = {k: v for k, v in os.environ.items() if not k.startswith("TASKAGENT_")}
-        with open(self.logfile, "ab") as log:  # the child keeps its own descriptor
-            self.proc = subprocess.Popen(
-                [TWISTD, "--nodaemon", "--pidfile=", "taskagent", "--config", str(self.config)],
-                stdout=log, stderr=subprocess.STDOUT, env={**env, "PYTHONUNBUFFERED": "1"},
-            )
-        log.close()
+        self.spawn({k: v for k, v in os.environ.items() if not k.startswith("TASKAGENT_")})
         return self
 
     async def wait_log(self, text: str, timeout: float = 20.0) -> str:
@@ -101,18 +107,3 @@ class AgentProcess:
                 raise AssertionError(f"{self.name} did not log {text!r} within {timeout}s:\n{self.log()}")
             await deferLater(reactor, 0.05, lambda: None)
         return self.log()
-
-    async def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
-        if self.proc is None or self.proc.poll() is not None:
-            return self.proc.returncode if self.proc else 0
-        self.proc.send_signal(sig)
-        deadline = reactor.seconds() + timeout
-        while self.proc.poll() is None:
-            if reactor.seconds() > deadline:
-                self.proc.kill()
-                raise AssertionError(f"{self.name} did not stop within {timeout}s:\n{self.log()}")
-            await deferLater(reactor, 0.05, lambda: None)
-        return self.proc.returncode
-
-    def log(self) -> str:
-        return self.logfile.read_text(errors="replace") if self.logfile.exists() else ""
