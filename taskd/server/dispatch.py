@@ -136,42 +136,52 @@ class Dispatcher(Service):
         seq = self.manager.next_read()
         task, routed = yield self.pool.do(routing_snapshot, task_id, [s.agent.id for s in sessions])
         payload = task_json(task) if task is not None else None
+        told: dict[str, list[AgentSession]] = {}
+        frames: dict = {}  # one encoding per (event, payload) for the whole fan-out
         for session in sessions:
             wanted = task is not None and task.enabled and session.agent.id in routed
-            self._apply(session, task_id, payload, wanted, seq, since, source)
+            event = self._apply(session, task_id, payload, wanted, seq, since, source, frames)
+            if event is not None:
+                told.setdefault(event, []).append(session)
+        if told:
+            name = payload["name"] if payload else next(iter(told.values()))[0].view.get(task_id, {}).get("name")
+            self.log.info("task {id} ({name}): {summary}", id=task_id, name=name, summary=_summary(told))
 
     def _apply(self, session: AgentSession, task_id: int, payload: dict | None, wanted: bool, seq: int,
-               since: float | None = None, source: str = "local") -> None:
-        """Tell the agent the difference, unless a read that started later already did."""
+               since: float | None = None, source: str = "local", frames: dict | None = None) -> str | None:
+        """Tell the agent the difference, unless a read that started later already did;
+        returns the event sent, if any. `frames` caches encoded frames across agents."""
         if session.decided_by.get(task_id, 0) > seq:
-            return
+            return None
         session.decided_by[task_id] = seq
         had = session.view.get(task_id)
         if wanted:
             if had is None:
                 event = framing.TASK_ADD
-                session.send(event, payload)
-                self.log.info("task {id} ({name}) routed to agent {agent} ({ip})", id=task_id, name=payload["name"],
-                              agent=session.agent.name, ip=session.remote_ip)
             elif had != payload:
                 event = framing.TASK_UPDATE
-                session.send(event, payload)
-                self.log.info("task {id} ({name}) updated on agent {agent}", id=task_id, name=payload["name"],
-                              agent=session.agent.name)
             else:
-                return
+                return None
+            body = payload
             session.view[task_id] = payload
         elif had is not None:
-            event = framing.TASK_REMOVE
-            session.send(event, payload or had)
+            event, body = framing.TASK_REMOVE, payload or had
             del session.view[task_id]
-            self.log.info("task {id} ({name}) removed from agent {agent}", id=task_id, name=(payload or had).get("name"),
-                          agent=session.agent.name)
         else:
-            return
+            return None
+        key = (event, id(body))
+        data = frames.get(key) if frames is not None else None
+        if data is None:
+            data = framing.encode_json(event, body)
+            if frames is not None:
+                frames[key] = data
+        session.send_frame(data)
+        self.log.debug("{event} task {id} to agent {agent} ({ip})", event=event, id=task_id,
+                       agent=session.agent.name, ip=session.remote_ip)
         if since is not None and not session.closed:
             self.stats.timing("dispatch.latency", (self.clock.seconds() - since) * 1000.0,
                               tags={"event": event, "source": source})
+        return event
 
     @inlineCallbacks
     def resync(self, session: AgentSession):
@@ -180,7 +190,11 @@ class Dispatcher(Service):
         lists = yield self.pool.do(tasks_for_agents, [session.agent.id])
         wanted = {t.id: task_json(t) for t in lists.get(session.agent.id, [])}
         for task_id in sorted(set(session.view) | set(wanted)):
-            self._apply(session, task_id, wanted.get(task_id), task_id in wanted, seq)
+            event = self._apply(session, task_id, wanted.get(task_id), task_id in wanted, seq)
+            if event is not None:
+                self.log.info("task {id} ({name}): {event} to agent {agent} ({ip})", id=task_id,
+                              name=(wanted.get(task_id) or {}).get("name"), event=event,
+                              agent=session.agent.name, ip=session.remote_ip)
 
     def _agent_updated(self, agent: dict) -> None:
         """Tags or visibility may have changed: reload the held agent and re-route it."""
@@ -246,3 +260,13 @@ class Dispatcher(Service):
             self.log.info("task {id} ({name}) {how}", id=task.id, name=task.name, how=how)
             payload = task_json(task)
             self.events.publish("task.updated", {"old": payload, "new": payload})
+
+
+def _summary(told: dict[str, list[AgentSession]], shown: int = 5) -> str:
+    """`taskAdd to agent a1 (10.0.0.1), agent a2 (…)`; past `shown` agents, a count."""
+    parts = []
+    for event, sessions in told.items():
+        names = ", ".join(f"agent {s.agent.name} ({s.remote_ip})" for s in sessions[:shown])
+        more = f" and {len(sessions) - shown} more" if len(sessions) > shown else ""
+        parts.append(f"{event} to {names}{more}")
+    return "; ".join(parts)

@@ -74,7 +74,7 @@ class ListenerService(Service):
 
     def startService(self) -> None:
         super().startService()
-        d = serverFromString(self.reactor, self.description).listen(self.factory)
+        d = serverFromString(self.reactor, with_backlog(self.description)).listen(self.factory)
 
         def started(port: Any) -> Any:
             self.port = port
@@ -96,6 +96,19 @@ class ListenerService(Service):
         if self.port is not None:
             return self.port.stopListening()
         return None
+
+
+LISTEN_BACKLOG = 1024
+
+
+def with_backlog(description: str) -> str:
+    """Twisted listens with a backlog of 50; when thousands of agents reconnect at once
+    after a restart the kernel drops their SYNs and they wait for TCP retransmits
+    (bench/results.md, reconnect storm). An explicit `backlog=` in `addr` is kept."""
+    kind = description.split(":", 1)[0]
+    if kind in ("tcp", "tcp6", "ssl") and "backlog=" not in description:
+        return f"{description}:backlog={LISTEN_BACKLOG}"
+    return description
 
 
 @dataclass

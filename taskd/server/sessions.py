@@ -58,8 +58,12 @@ class AgentSession:
     gone: Deferred = field(default_factory=Deferred)     # fires once detached
 
     def send(self, event: str, value: Any) -> None:
+        self.send_frame(framing.encode_json(event, value))
+
+    def send_frame(self, data: bytes) -> None:
+        """An already encoded frame (a fan-out encodes once for every agent)."""
         if not self.closed:
-            self.transport.send_frame(framing.encode_json(event, value))
+            self.transport.send_frame(data)
 
     def __repr__(self) -> str:
         return f"<session {self.id} agent {self.agent.name}({self.agent.id})>"

@@ -210,7 +210,7 @@ async def test_no_secret_in_any_log_line(capture, mysql_secret_dsn):
     # autobahn logs handshakes (Authorization header included) at debug; txaio, which
     # gates them, must still be at its default level although taskd ran at log-level 0.
     assert txaio.get_global_log_level() == "info"
-    for line in ("agent agent1 (", "routed to agent agent1", "created Snap task", "removed Snap task",
+    for line in ("agent agent1 (", "taskAdd to agent agent1", "created Snap task", "removed Snap task",
                  "agent connection refused: intruder"):
         assert capture.contains(line), line
     leaks = capture.leaks(errors)

@@ -52,3 +52,4 @@ def test_pick_is_random_among_candidates_and_none_when_empty():
     rng = random.Random(7)
     chosen = {pick([agent(1), agent(2), agent(3)], rng).id for _ in range(50)}
     assert chosen == {1, 2, 3}
+
