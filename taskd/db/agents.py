@@ -11,6 +11,7 @@ from sqlalchemy.exc import IntegrityError
 from twisted.internet.defer import Deferred
 
 from taskd.db import models as m
+from taskd.db.catalog import refresh_org_catalog
 from taskd.errors import Conflict, NotFound
 from taskd.db.listing import Page, match, paginate
 from taskd.db.pool import DBPool
@@ -206,7 +207,7 @@ class AgentStore:
                 _set_tags(conn, agent_id, old.org_id, tags, now)
             if public != old.public:
                 # The agent's catalog entries follow its visibility.
-                _republish_catalog(conn, agent_id, old.org_id, public)
+                refresh_org_catalog(conn, old.org_id, now)
             return old, load_agent(conn, agent_id)
 
         return self.pool.do(thd)
@@ -223,13 +224,7 @@ class AgentStore:
                     conn.execute(sa.delete(table).where(table.c.agent_id == agent_id))
                 conn.execute(sa.delete(m.agent).where(m.agent.c.id == agent_id))
                 # The org catalog is derived from agents' metrics: drop what only it gave.
-                _republish_catalog(conn, agent_id, old.org_id, old.public)
+                refresh_org_catalog(conn, old.org_id)
             return old
 
         return self.pool.do(thd)
-
-
-def _republish_catalog(conn: Connection, agent_id: int, org_id: int, public: bool) -> None:
-    from taskd.db.catalog import refresh_org_catalog
-
-    refresh_org_catalog(conn, org_id)

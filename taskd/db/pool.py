@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from typing import Any, Callable, TypeVar
 
-from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError
 from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThreadPool
@@ -101,5 +101,3 @@ class DBPool:
         """Run in the calling thread: for start-up before the reactor runs, and CLIs."""
         return self._run(fn, args, kwargs)
 
-
-ConnFn = Callable[[Connection], Any]

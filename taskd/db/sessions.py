@@ -84,16 +84,6 @@ class SessionStore:
         """The same, blocking: for start-up, before the reactor runs."""
         return self.pool.run_sync(_clear_server, server, self.now())
 
-    def sessions_of(self, agent_id: int) -> "Deferred[list[tuple[str, str, int]]]":
-        """(session id, server, version) of each session the agent has."""
-        def thd(conn: Connection) -> list[tuple[str, str, int]]:
-            s = m.agent_session.c
-            return [tuple(r) for r in conn.execute(
-                sa.select(s.id, s.server, s.version).where(s.agent_id == agent_id).order_by(s.created)
-            )]
-
-        return self.pool.do(thd)
-
 
 def _clear_server(conn: Connection, server: str, now: datetime) -> list[OnlineChange]:
     s = m.agent_session.c

@@ -95,7 +95,6 @@ class SessionManager(Service):
         self.startup_changes: list[OnlineChange] = []
         self.on_change: Callable[..., Any] | None = None  # set by the dispatcher: (session, initial=)
         self._ticker: LoopingCall | None = None
-        self._stopping = False
         self._reads = 0
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -123,7 +122,6 @@ class SessionManager(Service):
         """Close every socket with a normal close code, wait (bounded) for the agents to
         be marked offline, then drop whatever this server still has recorded."""
         super().stopService()
-        self._stopping = True
         if self._ticker is not None and self._ticker.running:
             self._ticker.stop()
         sessions = list(self.sessions.values())

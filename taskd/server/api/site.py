@@ -16,14 +16,6 @@ from taskd.server.api.envelope import error
 class TaskdRequest(Request):
     body_too_large = False
 
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        # Belt and braces with Site(parsePOSTFormSubmission=False): Request.__init__
-        # sets this per instance (default True); form bodies would then land in
-        # request.args, i.e. be taken for query parameters, and a malformed multipart
-        # body would get a bare 400.
-        self._parsePOSTFormSubmission = False
-
     def _limit(self) -> int:
         return getattr(self.channel.site, "max_body_size", 1 << 20)
 
