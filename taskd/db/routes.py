@@ -198,17 +198,13 @@ def release_unqualified(conn: Connection, agent_id: int) -> list[tuple[Task, int
 
 def assign_unassigned(conn: Connection, agent_ids: Sequence[int] | None = None) -> list[Task]:
     """Give unassigned `any` tasks to qualifying online agents (optionally only to the
-    given ones, e.g. an agent that just connected); returns the tasks assigned."""
+    given ones, e.g. an agent that just connected); returns the tasks assigned. The
+    route type is filtered by the database (JSON path, on sqlite and MySQL alike): this
+    runs on every agent connect, so it must not decode every task's route."""
     idx = m.route_by_any_index
-    # route is JSON, queried differently on each database: filter its type in Python,
-    # on two narrow columns, before loading the few tasks that are `any`.
-    unassigned = conn.execute(
-        sa.select(m.task.c.id, m.task.c.route).where(~m.task.c.id.in_(sa.select(idx.c.task_id)))
-    ).all()
-    any_ids = [r.id for r in unassigned if (r.route or {}).get("type") == ANY]
-    if not any_ids:
-        return []
-    rows = _tasks(conn, conn.execute(sa.select(m.task).where(m.task.c.id.in_(any_ids))))
+    rows = _tasks(conn, conn.execute(sa.select(m.task).where(
+        m.task.c.route["type"].as_string() == ANY, ~m.task.c.id.in_(sa.select(idx.c.task_id)),
+    )))
     if not rows:
         return []
     a = m.agent.c
