@@ -34,7 +34,13 @@ class DatabaseConfigError(ValueError):
 def mysql_url(connect_str: str) -> URL:
     """A SQLAlchemy URL for PyMySQL from a Go DSN or a URL."""
     if "://" in connect_str:
-        url = make_url(connect_str)
+        try:
+            url = make_url(connect_str)
+        except (ValueError, sa.exc.ArgumentError):
+            # The parser's own message may quote the URL, password included.
+            raise DatabaseConfigError(
+                "db-connect-str: not a valid mysql:// URL (check the port is a number)"
+            ) from None
         if url.get_backend_name() not in ("mysql", "mariadb"):
             raise DatabaseConfigError(
                 f"db-connect-str: a {url.get_backend_name()!r} URL cannot be used with db-type = mysql"

@@ -31,7 +31,8 @@ def test_sqlalchemy_urls_are_accepted_and_use_pymysql():
     assert mysql_url("mysql+pymysql://u:p@h/d?charset=utf8mb4").query["charset"] == "utf8mb4"
 
 
-@pytest.mark.parametrize("bad", ["", "not a dsn", "u:p@tcp(h:notaport)/db", "postgresql://u@h/d", "u:p@tcp(h:3306)/"])
+@pytest.mark.parametrize("bad", ["", "not a dsn", "u:p@tcp(h:notaport)/db", "postgresql://u@h/d", "u:p@tcp(h:3306)/",
+                                 "mysql://u:secret@h:abc/d"])
 def test_bad_mysql_strings_name_the_key(bad):
     with pytest.raises(DatabaseConfigError, match="db-connect-str"):
         mysql_url(bad)
