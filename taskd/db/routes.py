@@ -123,11 +123,11 @@ def _visible_online(conn: Connection, org_id: int, exclude: int | None = None) -
 
 
 def ensure_any_assignment(conn: Connection, task: Task) -> int | None:
-    """Give an `any` task an agent if it has none or its agent no longer qualifies
-    (drops the assignment of a task that is no longer `any`). Returns the agent id."""
+    """Give an `any` task an agent if it has none or its agent no longer qualifies.
+    Returns the agent id. (A task whose route stops being `any` loses its assignment
+    when the task is written: tasks._write_children.)"""
     idx = m.route_by_any_index
     if task.route.type != ANY:
-        conn.execute(sa.delete(idx).where(idx.c.task_id == task.id))
         return None
     current = any_assignee(conn, task.id)
     if current is not None:

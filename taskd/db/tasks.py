@@ -113,19 +113,18 @@ def _check_route_ids(conn: Connection, org_id: int, ids: Sequence[int]) -> None:
             + ", ".join(str(i) for i in missing)
         )
 
-def _write_children(conn: Connection, task_id: int, org_id: int, spec: TaskSpec, now: datetime) -> None:
+def _write_children(conn: Connection, task_id: int, org_id: int, spec: TaskSpec, now: datetime,
+                    *, fresh: bool = False) -> None:
     """(Re)write task_metric and the byIds/byTags indexes; the `any` assignment is the
-    router's business and is only dropped when the route stops being `any`."""
-    conn.execute(sa.delete(m.task_metric).where(m.task_metric.c.task_id == task_id))
+    router's business and is only dropped when the route stops being `any`. `fresh`: the
+    task was just inserted, so there is nothing to delete first."""
+    if not fresh:
+        _delete_children(conn, task_id, keep_any=spec.route.type == ANY)
     if spec.metrics:
         conn.execute(sa.insert(m.task_metric), [
             {"task_id": task_id, "namespace": ns, "version": ver, "created": now}
             for ns, ver in spec.metrics.items()
         ])
-    conn.execute(sa.delete(m.route_by_id_index).where(m.route_by_id_index.c.task_id == task_id))
-    conn.execute(sa.delete(m.route_by_tag_index).where(m.route_by_tag_index.c.task_id == task_id))
-    if spec.route.type != ANY:
-        conn.execute(sa.delete(m.route_by_any_index).where(m.route_by_any_index.c.task_id == task_id))
     if spec.route.type == BY_IDS:
         conn.execute(sa.insert(m.route_by_id_index), [
             {"task_id": task_id, "agent_id": i, "created": now} for i in sorted(set(spec.route.ids))
@@ -134,6 +133,14 @@ def _write_children(conn: Connection, task_id: int, org_id: int, spec: TaskSpec,
         conn.execute(sa.insert(m.route_by_tag_index), [
             {"task_id": task_id, "org_id": org_id, "tag": t, "created": now} for t in sorted(set(spec.route.tags))
         ])
+
+def _delete_children(conn: Connection, task_id: int, *, keep_any: bool = False) -> None:
+    tables = [m.task_metric, m.route_by_id_index, m.route_by_tag_index]
+    if not keep_any:
+        tables.append(m.route_by_any_index)
+    for table in tables:
+        conn.execute(sa.delete(table).where(table.c.task_id == task_id))
+
 
 def _conflict(name: str) -> Conflict:
     return Conflict(f"a task named {name!r} already exists in this org; choose another name")
@@ -168,7 +175,7 @@ class TaskStore:
                 )).inserted_primary_key[0]
             except IntegrityError:
                 raise _conflict(spec.name) from None
-            _write_children(conn, task_id, org_id, spec, now)
+            _write_children(conn, task_id, org_id, spec, now, fresh=True)
             return load_task(conn, org_id, task_id)
 
         return self.pool.do(thd)
@@ -202,8 +209,7 @@ class TaskStore:
             old = load_task(conn, org_id, task_id)
             if old is None:
                 raise NotFound(f"task {task_id} does not exist in this org")
-            for table in (m.task_metric, m.route_by_id_index, m.route_by_tag_index, m.route_by_any_index):
-                conn.execute(sa.delete(table).where(table.c.task_id == task_id))
+            _delete_children(conn, task_id)
             conn.execute(sa.delete(m.task).where(m.task.c.id == task_id))
             return old
 

@@ -16,7 +16,7 @@ from taskd.db.catalog import CatalogStore, Metric, MetricFilter
 from taskd.db.listing import Page
 from taskd.db.pool import DBPool
 from taskd.db.routes import ensure_any_assignment, routed_agents
-from taskd.db.tasks import Task, TaskFilter, TaskSpec, TaskStore
+from taskd.db.tasks import ANY, Task, TaskFilter, TaskSpec, TaskStore
 from taskd.errors import Conflict, Forbidden, NotFound
 from taskd.server.auth import User
 from taskd.server.events import EventBus
@@ -146,7 +146,8 @@ class TaskService:
     @inlineCallbacks
     def create(self, user: User, spec: TaskSpec) -> "Deferred[Task]":
         task = yield self.tasks.create(user.org_id, spec)
-        yield self.pool.do(ensure_any_assignment, task)
+        if task.route.type == ANY:
+            yield self.pool.do(ensure_any_assignment, task)
         self.stats.incr("api.tasks_create")
         log.info("task {id} ({name}) created in org {org}", id=task.id, name=task.name, org=task.org_id)
         self.events.publish("task.created", task_json(task))
@@ -155,7 +156,8 @@ class TaskService:
     @inlineCallbacks
     def update(self, user: User, task_id: int, spec: TaskSpec) -> "Deferred[Task]":
         old, new = yield self.tasks.update(user.org_id, task_id, spec)
-        yield self.pool.do(ensure_any_assignment, new)
+        if new.route.type == ANY:
+            yield self.pool.do(ensure_any_assignment, new)
         self.stats.incr("api.tasks_update")
         log.info("task {id} ({name}) updated in org {org}", id=new.id, name=new.name, org=new.org_id)
         self.events.publish("task.updated", {"old": task_json(old), "new": task_json(new)})
