@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 
 from taskd.common_options import logging_options, stats_options
-from taskd.config import ConfigError, Option, load, parse_duration, url
+from taskd.config import ConfigError, Option, choice, int_range, load, parse_bool, parse_duration, parse_host_port, url
 from taskd.stats import AGENT_PREFIX
 
 ENV_PREFIX = "TASKAGENT_"
@@ -39,6 +39,32 @@ AGENT_OPTIONS: tuple[Option, ...] = (
            "The server's heartbeat interval; three missed heartbeats mean a dead connection."),
     Option("ca-bundle", str, "",
            "PEM file of extra CA certificates trusted for wss:// (the system CAs are always trusted)."),
+    Option("executor", choice("snap", "builtin"), "snap",
+           "What runs the tasks: snap (the local Snap daemon at snap-url, as the original"
+           " agent) or builtin (collectors in this process, chosen by the task's taskType)."),
+    Option("status-interval", parse_duration, "10s",
+           "How often changed task statuses are sent to the server (coalesced per task)."),
+    Option("publisher", choice("tsdbgw", "graphite"), "tsdbgw",
+           "builtin executor: where metrics go: tsdbgw (POST to tsdb-url) or graphite"
+           " (carbon plaintext to graphite-addr)."),
+    Option("tsdb-key", str, "",
+           "Bearer key for tsdb-gw; empty means api-key (as the Snap publisher used).", secret=True),
+    Option("tsdb-snappy", parse_bool, "true",
+           "Send tsdb-gw batches snappy-framed (rt-metric-binary-snappy) instead of plain rt-metric-binary."),
+    Option("tsdb-batch-size", int_range(1, 1_000_000), "5000",
+           "Most metrics per tsdb-gw POST; a full batch is sent at once."),
+    Option("tsdb-flush-interval", parse_duration, "1s",
+           "Longest a metric waits before its (partial) batch is sent."),
+    Option("tsdb-queue-size", int_range(1, 100_000_000), "200000",
+           "Most metrics held while tsdb-gw is slow or down; beyond it new metrics are dropped and counted."),
+    Option("tsdb-max-backoff", parse_duration, "30s",
+           "Longest wait between retries of a batch after a connection error or 5xx (jittered, doubling from 0.1s)."),
+    Option("tsdb-timeout", parse_duration, "10s",
+           "Timeout of one tsdb-gw request."),
+    Option("graphite-addr", parse_host_port, "localhost:2003",
+           "HOST:PORT of the carbon plaintext receiver (publisher = graphite)."),
+    Option("ns1-api-url", url("http", "https"), "https://api.nsone.net/",
+           "Base URL of the NS1 API used by the ns1 collector (/v1/stats/qps/<zone>)."),
 )
 
 
@@ -58,6 +84,18 @@ class AgentSettings:
     reconnect_max_backoff: float = 30.0
     heartbeat_interval: float = 2.0
     ca_bundle: str = ""
+    executor: str = "snap"
+    status_interval: float = 10.0
+    publisher: str = "tsdbgw"
+    tsdb_key: str = ""
+    tsdb_snappy: bool = True
+    tsdb_batch_size: int = 5000
+    tsdb_flush_interval: float = 1.0
+    tsdb_queue_size: int = 200000
+    tsdb_max_backoff: float = 30.0
+    tsdb_timeout: float = 10.0
+    graphite_addr: str = "localhost:2003"
+    ns1_api_url: str = "https://api.nsone.net/"
     config_path: str | None = None
     config_file_missing: bool = False
 
@@ -66,12 +104,17 @@ class AgentSettings:
         return self.name or socket.gethostname()
 
     @property
+    def tsdb_bearer(self) -> str:
+        """The key sent to tsdb-gw: tsdb-key, else api-key."""
+        return self.tsdb_key or self.api_key
+
+    @property
     def socket_url(self) -> str:
         return f"{self.server_url.rstrip('/')}/socket/{self.agent_name}/1"
 
     def __repr__(self) -> str:
         shown = ", ".join(
-            f"{f.name}={'***' if f.name == 'api_key' and self.api_key else repr(getattr(self, f.name))}"
+            f"{f.name}={'***' if f.name in ('api_key', 'tsdb_key') and getattr(self, f.name) else repr(getattr(self, f.name))}"
             for f in fields(self)
         )
         return f"AgentSettings({shown})"

@@ -27,9 +27,10 @@ TASK_UPDATE = "taskUpdate"
 TASK_REMOVE = "taskRemove"
 # Agent -> server
 CATALOG = "catalog"
+TASK_STATUS = "taskStatus"  # per-task status (docs/protocol.md); old agents never send it
 
 SERVER_EVENTS = frozenset({HEARTBEAT, TASK_LIST, TASK_ADD, TASK_UPDATE, TASK_REMOVE})
-AGENT_EVENTS = frozenset({CATALOG})
+AGENT_EVENTS = frozenset({CATALOG, TASK_STATUS})
 
 PROTOCOL_VERSION = 1  # the <version> in /socket/<agent>/<version>
 

@@ -1,0 +1,72 @@
+"""What the agent needs from whatever runs its tasks, and what it reports back.
+
+The task cache decides *which* tasks the agent should run; an executor makes that so.
+Two exist: ``snap`` (the local Snap daemon, :mod:`taskd.agent.snap`) and ``builtin``
+(collectors in this process, :mod:`taskd.agent.builtin.executor`). Both are Twisted
+services taking the same two callbacks, so the agent assembles either the same way and
+the cache/reconciliation logic stays shared.
+
+`TaskStatus` is the one status shape both produce; it travels to the server in the
+``taskStatus`` event (docs/protocol.md) and is what ``GET /api/v1/tasks/<id>`` shows.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Protocol
+
+OK = "ok"
+ERROR = "error"
+PENDING = "pending"  # known to the executor, not run yet
+OUTCOMES = (OK, ERROR, PENDING)
+
+SendCatalog = Callable[[list[dict]], None]
+
+
+@dataclass(frozen=True)
+class TaskStatus:
+    """The latest known state of one task on this agent.
+
+    ``last_run`` is a Unix time (seconds, float) or None before the first run;
+    ``duration`` the last run's seconds; ``metrics`` how many points the last run
+    published (built-in) or None (Snap does not say); ``runs``/``failures`` are
+    cumulative counts (Snap's ``hit_count``/``failed_count``); ``skipped`` counts runs
+    not started because the previous one was still going.
+    """
+
+    task_id: int
+    executor: str
+    outcome: str = PENDING
+    error: str = ""
+    last_run: float | None = None
+    duration: float | None = None
+    metrics: int | None = None
+    runs: int = 0
+    failures: int = 0
+    skipped: int = 0
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "taskId": self.task_id, "executor": self.executor, "outcome": self.outcome,
+            "error": self.error, "lastRun": self.last_run, "duration": self.duration,
+            "metrics": self.metrics, "runs": self.runs, "failures": self.failures,
+            "skipped": self.skipped,
+        }
+
+
+ReportStatus = Callable[[TaskStatus], None]
+
+
+class Executor(Protocol):
+    """The executor interface (also an IService: started before the connection, stopped after).
+
+    Constructed with ``send_catalog`` (hand the agent's catalog records to the server) and
+    ``report_status`` (a task's new TaskStatus; the agent coalesces and sends them).
+    """
+
+    name: str
+
+    def set_tasks(self, tasks: Mapping[int, dict]) -> None:
+        """The full desired task set (task id -> task JSON from the server); reconcile to it."""
+
+    def resend_catalog(self) -> None:
+        """Send the catalog again (called on every connection to a server)."""
