@@ -12,7 +12,8 @@ from taskd.daemon import DaemonMaker, options_class
 
 AgentOptions = options_class(
     "AgentOptions", table=AGENT_OPTIONS, env_prefix=ENV_PREFIX, default_config=DEFAULT_CONFIG_PATH,
-    what="Runs the task-agent: keeps a websocket to the task-server and runs its tasks through Snap.",
+    what="Runs the task-agent: keeps a websocket to the task-server and runs its tasks through Snap"
+         " (executor = snap) or its built-in collectors (executor = builtin).",
 )
 
 

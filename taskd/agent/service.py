@@ -1,11 +1,15 @@
-"""Assembles the task-agent: the Snap driver and the server connection, in order.
+"""Assembles the task-agent: an executor, the server connection and the status reporter.
 
-The driver starts first (it supervises Snap whether or not the server is reachable) and
-stops last; the connection hands every server frame to the task cache, which hands the
-desired task set to the driver. On every (re)connection the agent re-sends its catalog,
-since the server forgets nothing but may be a different server than last time. With
-stats enabled, a statsd client is the first child (so it stops last) and a gauge reporter
-sends running, tasks.active, snap.reachable and server.connected every 10 s.
+The executor (``executor = snap``: the Snap driver; ``builtin``: collectors in this
+process publishing to tsdb-gw or graphite) starts first — it keeps running whether or
+not the server is reachable — and stops last; the connection hands every server frame to
+the task cache, which hands the desired task set to the executor and tells the status
+reporter which tasks still exist. The status reporter stops before the connection, so
+its final flush still reaches the server. On every (re)connection the agent re-sends its
+catalog and every task status, since the server on the other end may be a different one.
+With stats enabled, a statsd client is the first child (so it stops last) and a gauge
+reporter sends running, tasks.active, snap.reachable (snap executor), published/dropped
+(builtin) and server.connected every 10 s.
 """
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ import taskd
 from taskd.agent.cache import TaskCache
 from taskd.agent.connection import ServerConnection
 from taskd.agent.settings import AgentSettings
+from taskd.agent.status import StatusReporter
 from taskd.services import OrderedMultiService
 from taskd.stats import AGENT_PREFIX, GaugeReporter, make_stats
 from taskd.wire import framing
@@ -32,33 +37,82 @@ class Agent:
             from twisted.internet import reactor as _reactor
 
             reactor = _reactor
-        from taskd.agent.snap import SnapDriver
-
         self.settings = settings
         self.service = OrderedMultiService()
         self.stats = make_stats(settings, AGENT_PREFIX, reactor)
-        self.driver = SnapDriver(
-            snap_url=settings.snap_url, agent_name=settings.agent_name, tsdb_url=settings.tsdb_url,
-            api_key=settings.api_key, clock=reactor, send_catalog=self.send_catalog, stats=self.stats,
-            **(snap_intervals or {}),
-        )
-        self.cache = TaskCache(self.driver.set_tasks, stats=self.stats)
+        self.status = StatusReporter(send=self._send, clock=reactor, interval=settings.status_interval,
+                                     stats=self.stats)
+        self.publisher: Any = None
+        if settings.executor == "builtin":
+            self.driver = self._builtin(settings, reactor)
+        else:
+            from taskd.agent.snap import SnapDriver
+
+            self.driver = SnapDriver(
+                snap_url=settings.snap_url, agent_name=settings.agent_name, tsdb_url=settings.tsdb_url,
+                api_key=settings.api_key, clock=reactor, send_catalog=self.send_catalog, stats=self.stats,
+                report_status=self.status.report, status_interval=settings.status_interval,
+                **(snap_intervals or {}),
+            )
+        self.cache = TaskCache(self._apply, stats=self.stats)
         self.connection = ServerConnection(
             url=settings.socket_url, api_key=settings.api_key, reactor=reactor, on_frame=self.cache.handle,
-            on_connected=self.driver.resend_catalog, max_backoff=settings.reconnect_max_backoff,
+            on_connected=self._connected, max_backoff=settings.reconnect_max_backoff,
             heartbeat_interval=settings.heartbeat_interval, ca_bundle=settings.ca_bundle, stats=self.stats,
         )
         self.stats.setServiceParent(self.service)
+        if self.publisher is not None:
+            self.publisher.setServiceParent(self.service)  # stops after the executor: final flush
         self.driver.setServiceParent(self.service)
         self.connection.setServiceParent(self.service)
+        self.status.setServiceParent(self.service)
         if self.stats.enabled:
             GaugeReporter(self.stats, reactor, self.gauges, GAUGE_INTERVAL).setServiceParent(self.service)
             log.info("sending metrics to statsd at {addr} ({flavour}), prefix {prefix}", addr=settings.statsd_addr,
                      flavour=settings.statsd_type, prefix=self.stats.prefix)
 
+    def _builtin(self, settings: AgentSettings, reactor: Any) -> Any:
+        from taskd.agent.builtin.collector import load_collectors
+        from taskd.agent.builtin.executor import BuiltinExecutor
+
+        if settings.publisher == "graphite":
+            from taskd.agent.builtin.graphite import GraphitePublisher
+
+            self.publisher = GraphitePublisher(addr=settings.graphite_addr, queue_size=settings.tsdb_queue_size,
+                                               reactor=reactor, stats=self.stats)
+        else:
+            from taskd.agent.builtin.tsdbgw import TsdbGwPublisher
+
+            self.publisher = TsdbGwPublisher(
+                url=settings.tsdb_url, key=settings.tsdb_bearer, snappy=settings.tsdb_snappy,
+                batch_size=settings.tsdb_batch_size, flush_interval=settings.tsdb_flush_interval,
+                queue_size=settings.tsdb_queue_size, max_backoff=settings.tsdb_max_backoff,
+                timeout=settings.tsdb_timeout, reactor=reactor, stats=self.stats)
+        collectors = load_collectors(reactor=reactor, settings=settings)
+        log.info("built-in executor with collector(s) {names}; publishing to {where}",
+                 names=", ".join(sorted(collectors)) or "(none)",
+                 where=settings.graphite_addr if settings.publisher == "graphite" else settings.tsdb_url)
+        return BuiltinExecutor(collectors=collectors, publisher=self.publisher, clock=reactor,
+                               send_catalog=self.send_catalog, report_status=self.status.report, stats=self.stats)
+
+    def _apply(self, tasks: dict[int, dict]) -> None:
+        self.driver.set_tasks(tasks)
+        self.status.retain(tasks)
+
+    def _connected(self) -> None:
+        self.driver.resend_catalog()
+        self.status.connected()
+
+    def _send(self, event: str, value: Any) -> bool:
+        return self.connection.send(event, value)
+
     def gauges(self) -> dict[str, int]:
-        return {"tasks.active": len(self.cache.tasks), "snap.reachable": int(self.driver.snap_reachable),
-                "server.connected": int(self.connection.connected)}
+        values = {"tasks.active": len(self.cache.tasks), "server.connected": int(self.connection.connected)}
+        if self.publisher is not None:
+            values.update({"metrics.published": self.publisher.published, "metrics.dropped": self.publisher.dropped})
+        else:
+            values["snap.reachable"] = int(self.driver.snap_reachable)
+        return values
 
     def send_catalog(self, records: list[dict]) -> None:
         if self.connection.send(framing.CATALOG, records):
@@ -66,8 +120,9 @@ class Agent:
 
 
 def make_service(settings: AgentSettings) -> OrderedMultiService:
-    log.info("taskd task-agent {version} starting as {name}; server {url}; snap {snap}",
-             version=taskd.__version__, name=settings.agent_name, url=settings.socket_url, snap=settings.snap_url)
+    log.info("taskd task-agent {version} starting as {name}; server {url}; executor {executor}{snap}",
+             version=taskd.__version__, name=settings.agent_name, url=settings.socket_url,
+             executor=settings.executor, snap=f" (snap {settings.snap_url})" if settings.executor == "snap" else "")
     if settings.config_file_missing:
         log.info("no config file at {path}; using defaults, flags and environment", path=settings.config_path)
     if not settings.api_key:

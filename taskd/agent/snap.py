@@ -60,6 +60,8 @@ from taskd.agent.snap_wire import (  # re-exported: callers and tests use these 
     snap_task_request,
     updated_after_creation,
 )
+from taskd.agent.executor import TaskStatus
+from taskd.agent.snap_status import SnapStatusTracker
 from taskd.stats import NULL_STATS
 
 __all__ = ["SnapDriver", "SnapError", "SnapUnreachable", "PREFIX", "snap_task_request",
@@ -74,6 +76,10 @@ class _Built:
 class SnapDriver(Service):
     """Keeps the local Snap daemon running exactly the desired ``raintank-apps`` tasks.
 
+    The ``snap`` executor (taskd/agent/executor.py). Every ``status_interval`` (and after
+    every reconcile) it reads the tasks' counters off Snap's task list and reports their
+    status (taskd/agent/snap_status.py).
+
     ``snap_reachable`` says whether the last global-config probe got an answer;
     ``last_catalog`` is the last catalog fetched from Snap (None before the first).
     """
@@ -86,8 +92,13 @@ class SnapDriver(Service):
                  http: Any = None, supervise_interval: float = 1.0,
                  catalog_interval: float = 300.0, sweep_interval: float = 60.0,
                  request_timeout: float = 10.0, stop_timeout: float = 5.0,
-                 stop_poll: float = 0.25, stats: Any = NULL_STATS) -> None:
+                 stop_poll: float = 0.25, stats: Any = NULL_STATS,
+                 report_status: Callable[[TaskStatus], None] = lambda status: None,
+                 status_interval: float = 10.0) -> None:
         self.stats = stats
+        self.report_status = report_status
+        self.status_interval = status_interval
+        self._status = SnapStatusTracker()
         self.snap_url = snap_url.rstrip("/")  # as the Go agent: <url>/v1/...
         self.agent_name, self.tsdb_url, self._api_key = agent_name, tsdb_url, api_key
         self.clock = clock
@@ -156,7 +167,8 @@ class SnapDriver(Service):
         super().startService()
         for fn, interval, now in ((self._supervise, self.supervise_interval, True),
                                   (self._catalog_tick, self.catalog_interval, False),
-                                  (self._sweep_tick, self.sweep_interval, False)):
+                                  (self._sweep_tick, self.sweep_interval, False),
+                                  (self._status_tick, self.status_interval, False)):
             loop = LoopingCall(self._spawn, fn)
             loop.clock = self.clock
             loop.start(interval, now=now).addErrback(
@@ -304,6 +316,22 @@ class SnapDriver(Service):
         if self.snap_reachable:
             self._want_reconcile(sweep=True)
 
+    async def _status_tick(self) -> None:
+        if not self.snap_reachable or self._reconciling or self._desired is None:
+            return  # a reconcile reports statuses from its own listing
+        try:
+            listing = await self._call("GET", "/v1/tasks", "scheduled_task_list_returned")
+        except (SnapError, SnapUnreachable) as e:
+            self.log.debug("reading task statuses from Snap failed: {err}", err=str(e))
+            return
+        tasks = listing.get("ScheduledTasks") if isinstance(listing, dict) else None
+        if isinstance(tasks, list):
+            self._report_statuses(tasks)
+
+    def _report_statuses(self, tasks: list) -> None:
+        for status in self._status.update(tasks, self._desired or {}):
+            self.report_status(status)
+
     async def _refresh_catalog(self) -> None:
         try:
             entries = await self._call("GET", "/v1/metrics", "metrics_returned")
@@ -375,6 +403,7 @@ class SnapDriver(Service):
         tasks = listing.get("ScheduledTasks") if isinstance(listing, dict) else None
         if not isinstance(tasks, list):
             raise SnapError(200, "the task list has no ScheduledTasks array")
+        self._report_statuses(tasks)
         ours: dict[str, list[dict]] = {}
         for t in tasks:
             if isinstance(t, dict) and isinstance(t.get("name"), str) and \
@@ -407,6 +436,7 @@ class SnapDriver(Service):
             request = snap_task_request(tid, task)
         except ValueError as e:
             self._problem(name, f"task {tid} cannot be run by Snap: {e}")
+            self.report_status(self._status.unrunnable(tid, f"cannot be run by Snap: {e}"))
             return True  # not retryable: a new version of the task will come
         updated = task.get("updated")
         keep: dict | None = None

@@ -552,3 +552,32 @@ async def test_stop_service_cancels_work_quietly(make, snap, clock, logs):
     await driver.stopService()
     assert not [e for e in logs if "log_failure" in e]
     snap.hang = False
+
+
+# --- task status (issue 7) --------------------------------------------------------------
+
+@pytest_twisted.ensureDeferred
+async def test_status_follows_snaps_counters_every_status_interval(make, snap, clock):
+    reports: list = []
+    driver = await started(make(report_status=reports.append, status_interval=10.0), {1: server_task(1)})
+    [task] = ours(snap)["raintank-apps:1"]
+    snap.tick(2)
+    await advance(clock, driver, 10)
+    assert (reports[-1].task_id, reports[-1].executor, reports[-1].outcome, reports[-1].runs) == (1, "snap", "ok", 2)
+    snap.fail_task(task.id, "publish failed: 401 Unauthorized")
+    snap.tick(1)
+    await advance(clock, driver, 10)
+    assert (reports[-1].outcome, reports[-1].error, reports[-1].failures) == \
+        ("error", "publish failed: 401 Unauthorized", 1)
+    snap.heal_task(task.id)
+    snap.tick(1)
+    await advance(clock, driver, 10)
+    assert (reports[-1].outcome, reports[-1].error, reports[-1].runs) == ("ok", "", 4)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_task_snap_cannot_run_is_reported_as_an_error(make, snap, clock):
+    reports: list = []
+    await started(make(report_status=reports.append), {3: dict(server_task(3), interval=0)})
+    assert [(s.task_id, s.outcome) for s in reports] == [(3, "error")]
+    assert reports[0].error.startswith("cannot be run by Snap")

@@ -1,0 +1,106 @@
+"""Coalesces the executor's task statuses and sends them to the server as ``taskStatus``.
+
+An executor reports every run (a 1,000-task agent on 10 s intervals reports 100 times a
+second); the server only needs the latest state per task, so reports overwrite each
+other here and at most one ``taskStatus`` frame (split into chunks of ``max_batch``
+entries) leaves every ``interval``, carrying only the tasks whose status changed. A task
+the agent stops running is announced once with a removal marker, so the server can drop
+its row. After every (re)connection everything known is sent again: the server on the
+other end may be a different one, or may have lost its buffered statuses.
+
+Old servers ignore the event (the original server logged unknown events and went on).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable
+
+from twisted.application.service import Service
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+from taskd.agent.executor import TaskStatus
+from taskd.stats import NULL_STATS
+from taskd.wire import framing
+
+Send = Callable[[str, Any], bool]
+
+
+class StatusReporter(Service):
+    log = Logger(namespace="taskd.agent.status")
+
+    def __init__(self, *, send: Send, clock: IReactorTime, interval: float = 10.0,
+                 max_batch: int = 1000, stats: Any = NULL_STATS) -> None:
+        self.send = send
+        self.clock = clock
+        self.interval = interval
+        self.max_batch = max_batch
+        self.stats = stats
+        self.latest: dict[int, TaskStatus] = {}
+        self._dirty: set[int] = set()
+        self._removed: set[int] = set()
+        self._loop: LoopingCall | None = None
+        self._soon: Any = None
+
+    # -- fed by the executor and the task cache ------------------------------------------
+
+    def report(self, status: TaskStatus) -> None:
+        """The task's newest status; sent with the next flush if it differs from the last."""
+        if self.latest.get(status.task_id) == status:
+            return
+        self.latest[status.task_id] = status
+        self._dirty.add(status.task_id)
+        self._removed.discard(status.task_id)
+
+    def retain(self, task_ids: Iterable[int]) -> None:
+        """The agent's task set is now ``task_ids``: forget (and announce) the others."""
+        keep = set(task_ids)
+        for tid in [t for t in self.latest if t not in keep]:
+            del self.latest[tid]
+            self._dirty.discard(tid)
+            self._removed.add(tid)
+
+    def connected(self) -> None:
+        """A new connection: everything known is news to the server on the other end."""
+        self._dirty = set(self.latest)
+        if self.running and self._soon is None:
+            self._soon = self.clock.callLater(0, self._flush_soon)
+
+    # -- sending --------------------------------------------------------------------------
+
+    def _flush_soon(self) -> None:
+        self._soon = None
+        self.flush()
+
+    def flush(self) -> int:
+        """Send what changed; returns the number of entries sent (0 when not connected)."""
+        if not self._dirty and not self._removed:
+            return 0
+        entries = [self.latest[t].to_wire() for t in sorted(self._dirty)]
+        entries += [{"taskId": t, "removed": True} for t in sorted(self._removed)]
+        for start in range(0, len(entries), self.max_batch):
+            if not self.send(framing.TASK_STATUS, entries[start:start + self.max_batch]):
+                return 0  # not connected: kept; connected() sends it all again anyway
+        self._dirty.clear()
+        self._removed.clear()
+        self.stats.incr("status.sent", len(entries))
+        self.log.debug("sent {n} task status update(s)", n=len(entries))
+        return len(entries)
+
+    def startService(self) -> None:
+        super().startService()
+        self._loop = LoopingCall(self.flush)
+        self._loop.clock = self.clock
+        self._loop.start(self.interval, now=False).addErrback(
+            lambda f: self.log.failure("task status loop stopped", f))
+
+    def stopService(self) -> Any:
+        super().stopService()
+        if self._soon is not None and self._soon.active():
+            self._soon.cancel()
+        self._soon = None
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        self._loop = None
+        self.flush()  # the last word, if the connection is still up
+        return None
