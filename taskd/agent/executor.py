@@ -29,8 +29,9 @@ class TaskStatus:
     ``last_run`` is a Unix time (seconds, float) or None before the first run;
     ``duration`` the last run's seconds; ``metrics`` how many points the last run
     published (built-in) or None (Snap does not say); ``runs``/``failures`` are
-    cumulative counts (Snap's ``hit_count``/``failed_count``); ``skipped`` counts runs
-    not started because the previous one was still going.
+    cumulative counts (Snap's ``hit_count``/``failed_count``); ``skipped`` counts slots
+    not run: because the previous run was still going, or because the agent was too
+    late for them (the clock jumped, the reactor was blocked).
     """
 
     task_id: int

@@ -98,7 +98,11 @@ class Collector:
         raise NotImplementedError
 
     async def collect(self, config: Any, task: TaskInfo) -> list[Sample]:
-        """Run once with the parsed config; return the samples or raise CollectError."""
+        """Run once with the parsed config; return the samples or raise CollectError.
+
+        The executor never cancels a run: a collector must time out its own I/O (every
+        built-in one takes a ``timeout`` key), or each later slot is skipped while it hangs.
+        """
         raise NotImplementedError
 
 
