@@ -1,0 +1,72 @@
+"""The ``tcp`` collector: can a TCP connection to host:port be made, and how fast.
+
+A connect that fails (refused, unreachable, timeout) is the run's error, so the task's
+status shows why; a connect that succeeds yields ``connect_time`` and ``success`` = 1.
+The connection is closed at once; nothing is sent.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from twisted.internet.endpoints import HostnameEndpoint, connectProtocol
+from twisted.internet.protocol import Protocol
+
+from taskd.agent.builtin.collector import Collector, Sample, TaskInfo
+from taskd.agent.builtin.collectors.common import Field, catalog, parse_fields, run, series
+
+METRICS = ("connect_time", "success")
+
+
+def _host(value: str) -> str:
+    host = value.strip()
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not host or any(c.isspace() for c in host) or "/" in host:
+        raise ValueError("must be a host name or IP address")
+    return host
+
+
+def _port(value: int) -> int:
+    if not 1 <= value <= 65535:
+        raise ValueError("must be 1-65535")
+    return value
+
+
+FIELDS = (
+    Field("host", "string", required=True, check=_host),
+    Field("port", "integer", required=True, check=_port),
+)
+
+
+@dataclass(frozen=True)
+class TcpConfig:
+    host: str
+    port: int
+    timeout: float
+
+
+class TcpCollector(Collector):
+    """taskType ``tcp``: connect_time (ms) and success (1.0) of a TCP connect."""
+
+    name = "tcp"
+    namespace = "/raintank/apps/tcp"
+    catalog = catalog(name, METRICS, FIELDS)
+
+    def parse_config(self, config: Mapping[str, Any], task: TaskInfo) -> TcpConfig:
+        return TcpConfig(**parse_fields(self.namespace, config, FIELDS, task))
+
+    async def collect(self, config: TcpConfig, task: TaskInfo) -> list[Sample]:
+        where = f"[{config.host}]" if ":" in config.host else config.host
+        return await run(self.reactor, config.timeout, f"connect to {where}:{config.port}",
+                         self._connect(config, task))
+
+    async def _connect(self, cfg: TcpConfig, task: TaskInfo) -> list[Sample]:
+        # HostnameEndpoint resolves without blocking and tries IPv6/IPv4 addresses in turn.
+        endpoint = HostnameEndpoint(self.reactor, cfg.host, cfg.port, timeout=cfg.timeout)
+        start = self.reactor.seconds()
+        protocol = await connectProtocol(endpoint, Protocol())
+        elapsed = self.reactor.seconds() - start
+        protocol.transport.loseConnection()
+        return [Sample(series(self.name, task, "connect_time"), elapsed * 1000, "ms"),
+                Sample(series(self.name, task, "success"), 1.0)]
