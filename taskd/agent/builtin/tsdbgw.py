@@ -1,0 +1,355 @@
+"""The tsdb-gw publisher: batches points and POSTs them to ``<tsdb-url>/metrics``.
+
+Wire format: :mod:`taskd.agent.builtin.metricdata` (``rt-metric-binary[-snappy]``,
+``Authorization: Bearer <key>``; reference ``tsdb-gw-wire.md`` §4). How it behaves, and
+why it differs from the Go publishers it replaces (§5), which retried every failure
+forever and so let one bad batch block everything behind it:
+
+* Points are queued and sent in batches of at most ``batch_size``: a full batch goes at
+  once, a partial one at the next ``flush_interval`` tick.
+* One request is in flight at a time, so batches arrive in order; while a batch is being
+  retried, later points keep queueing behind it.
+* The queue is bounded (``queue_size`` points, counting the batch in flight), so a gateway
+  outage costs bounded memory. Points added beyond the bound are dropped and counted
+  exactly (``dropped``), and logged once per flush interval, never per point.
+* Connection errors, timeouts and 5xx are retried with capped exponential backoff and full
+  jitter (uniform in [0, min(max_backoff, 0.1 s * 2^n)]), so restarted gateways are not
+  hit by every agent at once. A 4xx is the gateway refusing *this* batch (bad key, bad
+  data): retrying cannot help, so the batch is dropped with one log line and the next
+  batch goes.
+* Points either gateway generation would reject (``metricdata.invalid_reason``) are
+  dropped in `add` (``invalid``): the old gateway refuses the whole batch for one.
+* `stopService` sends what is queued, giving up after ``stop_timeout`` (default
+  ``timeout``) and logging how many metrics were lost.
+
+Log lines name the URL (never the key) and how many metrics were affected.
+"""
+from __future__ import annotations
+
+import random
+from collections import deque
+from typing import Any, Sequence
+from urllib.parse import urlsplit, urlunsplit
+
+from twisted.application.service import Service
+from twisted.internet.defer import CancelledError, Deferred, TimeoutError, succeed
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+from taskd.agent.builtin.collector import Point
+from taskd.agent.builtin.metricdata import (CONTENT_TYPE, CONTENT_TYPE_SNAPPY, encode_message,
+                                            invalid_reason, snappy_frame)
+from taskd.stats import NULL_STATS
+
+__all__ = ["TsdbGwPublisher", "backoff_delay", "MIN_BACKOFF"]
+
+MIN_BACKOFF = 0.1  # seconds: the first retry's upper bound, as task-agent-ng's backoff
+RETRY_LOG_INTERVAL = 60.0  # while a batch keeps failing the same way, log it this often
+
+
+def backoff_delay(attempt: int, cap: float, rng: random.Random) -> float:
+    """Full jitter: uniform in [0, min(cap, 0.1 s * 2**attempt)] (attempt 0 is the first retry)."""
+    return rng.uniform(0.0, min(cap, MIN_BACKOFF * 2.0 ** min(attempt, 60)))
+
+
+def loggable_url(url: str) -> str:
+    """``url`` without any user:password part (it must not reach the log)."""
+    parts = urlsplit(url)
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit((parts.scheme, host, parts.path, parts.query, ""))
+
+
+class _Retry(Exception):
+    """A failure worth retrying; the message says what happened."""
+
+
+class TsdbGwPublisher(Service):
+    """Publishes points to tsdb-gw; see the module docstring. Counters since start:
+    ``published`` (accepted by the gateway), ``dropped`` (queue full), ``rejected`` (in
+    batches refused with a 4xx), ``invalid`` (refused in `add`), ``lost`` (unsent at
+    stop, or added after it), ``retries``."""
+
+    name = "tsdbgw"
+    log = Logger()  # namespace: taskd.agent.builtin.tsdbgw.TsdbGwPublisher
+
+    def __init__(self, *, url: str, key: str, snappy: bool = True, batch_size: int = 5000,
+                 flush_interval: float = 1.0, queue_size: int = 200000, max_backoff: float = 30.0,
+                 timeout: float = 10.0, stop_timeout: float | None = None, reactor: Any = None,
+                 clock: Any = None, http: Any = None, rng: random.Random | None = None,
+                 stats: Any = NULL_STATS) -> None:
+        """``http``: a treq-compatible client (``post(url, data=, headers=)`` returning a
+        Deferred response with ``.code`` and ``.content()``); default treq on ``reactor``.
+        Timers (flush, backoff, timeouts) run on ``clock`` (default ``reactor``)."""
+        if reactor is None:
+            from twisted.internet import reactor as _reactor
+            reactor = _reactor
+        self.url = url.rstrip("/") + "/metrics"
+        self.where = loggable_url(self.url)
+        self._key = key
+        self.snappy = snappy
+        self.content_type = CONTENT_TYPE_SNAPPY if snappy else CONTENT_TYPE
+        self.batch_size = max(1, batch_size)
+        self.flush_interval = flush_interval
+        self.queue_size = max(1, queue_size)
+        self.max_backoff = max(MIN_BACKOFF, max_backoff)
+        self.timeout = timeout
+        self.stop_timeout = timeout if stop_timeout is None else stop_timeout
+        self.clock = clock if clock is not None else reactor
+        self.rng = rng or random.Random()
+        self.stats = stats
+        self._pool: Any = None
+        if http is None:
+            from treq.client import HTTPClient
+            from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
+            self._pool = HTTPConnectionPool(reactor, persistent=True)
+            self._pool._factory = type("_Quiet", (_HTTP11ClientFactory,), {"noisy": False})
+            http = HTTPClient(Agent(reactor, pool=self._pool))
+        self._http = http
+        self.published = self.dropped = self.rejected = self.invalid = self.lost = self.retries = 0
+        self.requests = 0
+        self._queue: deque[Point] = deque()
+        self._inflight: list[Point] = []
+        self._busy = False
+        self._flush_due = False
+        self._stopping = self._giving_up = self._late_logged = False
+        self._loop: LoopingCall | None = None
+        self._request: Deferred | None = None
+        self._wake: tuple[Deferred, Any] | None = None
+        self._idle_waiters: list[Deferred] = []
+        self._window_dropped = self._window_invalid = 0
+        self._invalid_example = ""
+
+    # -- the Publisher contract ------------------------------------------------------------
+
+    @property
+    def queued(self) -> int:
+        """Points held: waiting, plus the batch in flight (what ``queue_size`` bounds)."""
+        return len(self._queue) + len(self._inflight)
+
+    def add(self, points: Sequence[Point]) -> None:
+        """Queue ``points``; never blocks, never raises (beyond the bound they are dropped)."""
+        try:
+            self._add(points)
+        except Exception:  # noqa: BLE001 - the collector's loop must never see our bugs
+            self.log.failure("tsdb-gw publisher: adding {n} metrics failed", n=len(points))
+
+    def _add(self, points: Sequence[Point]) -> None:
+        if self._stopping:
+            if not self._late_logged:
+                self._late_logged = True
+                self.log.warn("tsdb-gw publisher is stopped: metrics added from now on are lost"
+                              " ({n} in this call)", n=len(points))
+            self.lost += len(points)
+            return
+        dropped = 0
+        for point in points:
+            reason = invalid_reason(point)
+            if reason is not None:
+                self.invalid += 1
+                self._window_invalid += 1
+                self._invalid_example = f"{point.name!r}: {reason}"
+            elif self.queued >= self.queue_size:
+                dropped += 1
+            else:
+                self._queue.append(point)
+        if dropped:
+            self.dropped += dropped
+            self._window_dropped += dropped
+            self.stats.incr("tsdbgw.dropped", dropped)
+        if self.running and len(self._queue) >= self.batch_size:
+            self._kick()
+
+    # -- service ---------------------------------------------------------------------------
+
+    def startService(self) -> None:
+        super().startService()
+        self._loop = LoopingCall(self._tick)
+        self._loop.clock = self.clock
+        self._loop.start(self.flush_interval, now=False).addErrback(
+            lambda f: self.log.failure("tsdb-gw publisher: flush timer stopped", f))
+        if len(self._queue) >= self.batch_size:
+            self._kick()
+
+    def stopService(self) -> Deferred:
+        """Final flush: send what is queued (at most ``stop_timeout`` s), then close."""
+        super().stopService()
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        self._stopping = True
+        self._report_drops()
+        self._wake_up()  # a batch waiting for its retry is tried again now
+        return Deferred.fromCoroutine(self._final_flush())
+
+    async def _final_flush(self) -> None:
+        start, pending = self.clock.seconds(), self.queued
+        published = self.published
+        give_up = self.clock.callLater(self.stop_timeout, self._give_up)
+        try:
+            if self._queue:
+                self._kick()
+            await self._idle()
+        finally:
+            if give_up.active():
+                give_up.cancel()
+        lost = self.queued
+        self._queue.clear()
+        self._inflight = []
+        self.lost += lost
+        if lost:
+            self.log.warn("tsdb-gw publisher stopped: {lost} metrics lost (not accepted by {url} within"
+                          " {t:g} s); {sent} sent at stop", lost=lost, url=self.where, t=self.stop_timeout,
+                          sent=self.published - published)
+        elif pending:
+            self.log.info("tsdb-gw publisher stopped: final flush sent {n} metrics to {url} in {t:.1f} s",
+                          n=self.published - published, url=self.where, t=self.clock.seconds() - start)
+        if self._pool is not None:
+            await self._pool.closeCachedConnections()
+
+    def _give_up(self) -> None:
+        self._giving_up = True
+        self._wake_up()
+        if self._request is not None:
+            self._request.cancel()
+
+    # -- timers and the sender ---------------------------------------------------------------
+
+    def _tick(self) -> None:
+        self._report_drops()
+        self.stats.gauge("tsdbgw.queued", self.queued)
+        if self._queue:
+            self._flush_due = True
+            self._kick()
+
+    def _report_drops(self) -> None:
+        """The once-per-interval log of points refused by `add` (never one line per point)."""
+        if self._window_dropped:
+            self.log.warn("dropped {n} metrics: queue full (bound {bound}); tsdb-gw at {url} is slow or down",
+                          n=self._window_dropped, bound=self.queue_size, url=self.where)
+            self._window_dropped = 0
+        if self._window_invalid:
+            self.log.warn("dropped {n} invalid metrics (tsdb-gw would refuse them), e.g. {example}",
+                          n=self._window_invalid, example=self._invalid_example)
+            self.stats.incr("tsdbgw.invalid", self._window_invalid)
+            self._window_invalid = 0
+
+    def _kick(self) -> None:
+        """Start the sender unless it runs: it is the only one sending (one request at a time)."""
+        if self._busy or self._giving_up:
+            return
+        self._busy = True
+        Deferred.fromCoroutine(self._send_all()).addErrback(
+            lambda f: self.log.failure("tsdb-gw publisher: sender failed", f))
+
+    def _idle(self) -> Deferred:
+        if not self._busy:
+            return succeed(None)
+        d: Deferred = Deferred()
+        self._idle_waiters.append(d)
+        return d
+
+    def _has_work(self) -> bool:
+        if not self._queue or self._giving_up:
+            return False
+        return len(self._queue) >= self.batch_size or self._flush_due or self._stopping
+
+    async def _send_all(self) -> None:
+        try:
+            while self._has_work():
+                n = min(self.batch_size, len(self._queue))
+                self._inflight = [self._queue.popleft() for _ in range(n)]
+                if not self._queue:
+                    self._flush_due = False
+                await self._deliver(self._inflight)
+                if self._giving_up:
+                    return  # the batch stays counted in `queued`: the final flush counts it lost
+                self._inflight = []
+        finally:
+            self._busy = False
+            waiters, self._idle_waiters = self._idle_waiters, []
+            for d in waiters:
+                d.callback(None)
+
+    async def _deliver(self, batch: list[Point]) -> None:
+        """Send one batch until it is accepted, refused (4xx), or we give up at stop."""
+        body = encode_message(batch)
+        if self.snappy:
+            body = snappy_frame(body)
+        attempt, first_failure, last_logged, last_reason = 0, None, None, ""
+        while True:
+            try:
+                code, excerpt = await self._post(body)
+            except _Retry as problem:
+                if self._giving_up:
+                    return
+                now = self.clock.seconds()
+                reason = str(problem)
+                if first_failure is None:
+                    first_failure = now
+                if reason != last_reason or last_logged is None or now - last_logged >= RETRY_LOG_INTERVAL:
+                    self.log.warn("tsdb-gw at {url}: {reason}; retrying {n} metrics ({queued} queued)",
+                                  url=self.where, reason=reason, n=len(batch), queued=self.queued)
+                    last_logged, last_reason = now, reason
+                self.retries += 1
+                self.stats.incr("tsdbgw.retries")
+                await self._sleep(backoff_delay(attempt, self.max_backoff, self.rng))
+                attempt += 1
+                continue
+            if 200 <= code < 300:
+                self.published += len(batch)
+                self.stats.incr("tsdbgw.published", len(batch))
+                if first_failure is not None:
+                    self.log.info("tsdb-gw at {url} accepted {n} metrics after {tries} retries ({t:.1f} s)",
+                                  url=self.where, n=len(batch), tries=attempt,
+                                  t=self.clock.seconds() - first_failure)
+                return
+            self.rejected += len(batch)
+            self.stats.incr("tsdbgw.rejected", len(batch))
+            self.log.error("tsdb-gw at {url} refused {n} metrics with {code}: {body}; batch dropped",
+                           url=self.where, n=len(batch), code=code, body=excerpt)
+            return
+
+    async def _post(self, body: bytes) -> tuple[int, str]:
+        """One POST: (status, body excerpt) for non-5xx answers; _Retry for the rest."""
+        headers = {b"Authorization": [b"Bearer " + self._key.encode("utf-8")],
+                   b"Content-Type": [self.content_type.encode("ascii")]}
+
+        async def call() -> tuple[int, bytes]:
+            response = await self._http.post(self.url, data=body, headers=headers)
+            return response.code, await response.content()
+
+        self.requests += 1
+        d = Deferred.fromCoroutine(call())
+        d.addTimeout(self.timeout, self.clock)
+        self._request = d
+        try:
+            code, content = await d
+        except (CancelledError, TimeoutError):
+            raise _Retry("gave up at stop" if self._giving_up else f"no answer within {self.timeout:g} s") from None
+        except Exception as e:  # noqa: BLE001 - any transport failure is retried
+            reasons = getattr(e, "reasons", None)
+            cause = reasons[0].value if reasons else e
+            raise _Retry(self._redact(f"{type(cause).__name__}: {cause}")[:300]) from None
+        finally:
+            self._request = None
+        excerpt = self._redact(content[:300].decode("utf-8", "replace").strip()) or "empty body"
+        if code >= 500:
+            raise _Retry(f"answered {code}: {excerpt}")
+        return code, excerpt
+
+    def _redact(self, text: str) -> str:
+        return text.replace(self._key, "<key>") if self._key else text
+
+    def _sleep(self, seconds: float) -> Deferred:
+        """A backoff wait that `_wake_up` (stop, give up) ends early."""
+        d: Deferred = Deferred()
+        call = self.clock.callLater(seconds, self._wake_up)
+        self._wake = (d, call)
+        return d
+
+    def _wake_up(self) -> None:
+        if self._wake is None:
+            return
+        (d, call), self._wake = self._wake, None
+        if call.active():
+            call.cancel()
+        d.callback(None)
