@@ -57,3 +57,11 @@ BENCH_FLAGS ?=
 .PHONY: bench
 bench: $(STAMP)
 	$(VENV)/bin/python -m bench $(BENCH_FLAGS)
+
+## Agent benchmark (issue 7): a real twistd taskagent (builtin executor) runs 1,000 tcp tasks
+## every 10 s; lateness p50/p99/max, runs/s, skips, agent CPU and RSS over 60 s, written to
+## bench/agent-results.md; about 90 s. BENCH_AGENT_FLAGS=--smoke for the toy size.
+BENCH_AGENT_FLAGS ?=
+.PHONY: bench-agent
+bench-agent: $(STAMP)
+	$(VENV)/bin/python -m bench.agent_lateness $(BENCH_AGENT_FLAGS)

@@ -17,6 +17,9 @@ from taskd.wire import framing
 from taskd.wire.framing import Frame, FrameError
 
 
+LIST_SHOWN = 20  # task names in the taskList log line; a 1,000-task list is one short line
+
+
 def _task(value: Any) -> dict:
     if not isinstance(value, dict) or isinstance(value.get("id"), bool) or not isinstance(value.get("id"), int):
         raise FrameError("task payload is not a task object with an integer id")
@@ -58,8 +61,10 @@ class TaskCache:
             if not isinstance(items, list):
                 raise FrameError("taskList payload is not a list")
             tasks = {t["id"]: t for t in map(_task, items)}
+            shown = [f"{t['id']} ({t.get('name')})" for t in list(tasks.values())[:LIST_SHOWN]]
+            more = f", and {len(tasks) - LIST_SHOWN} more" if len(tasks) > LIST_SHOWN else ""
             self.log.info("task list: {n} task(s){names}", n=len(tasks),
-                          names=": " + ", ".join(f"{t['id']} ({t.get('name')})" for t in tasks.values()) if tasks else "")
+                          names=": " + ", ".join(shown) + more if tasks else "")
             changed = tasks != self.tasks or not self.have_list
             self._count(self.tasks, tasks)
             self.tasks = tasks

@@ -62,3 +62,19 @@ def test_first_task_list_is_applied_even_when_empty():
     c.handle(decode(encode_json("taskList", [])))
     c.handle(decode(encode_json("taskList", [])))
     assert applied == [{}]
+
+
+def test_a_long_task_list_is_logged_as_one_short_line():
+    from twisted.logger import formatEvent, globalLogPublisher
+
+    seen: list[str] = []
+    observer = lambda e: seen.append(formatEvent(e)) if e.get("log_namespace", "").startswith("taskd.agent") else None  # noqa: E731
+    globalLogPublisher.addObserver(observer)
+    try:
+        c, _ = cache()
+        c.handle(decode(encode_json(framing.TASK_LIST, [task(i) for i in range(1, 1001)])))
+    finally:
+        globalLogPublisher.removeObserver(observer)
+    [line] = seen
+    assert line.startswith("task list: 1000 task(s): 1 (t1), 2 (t2)") and line.endswith(", and 980 more")
+    assert "21 (t21)" not in line

@@ -1,0 +1,59 @@
+"""The agent benchmark's smoke mode, so `make bench-agent` cannot rot between full runs.
+
+`python -m bench.agent_lateness --smoke` runs the issue-7 agent benchmark at toy size: a
+real `twistd taskserver` and a real `twistd taskagent` (builtin executor, tsdbgw
+publisher, statsd on), 20 tcp tasks every second against a local listener, a 5 s window.
+This checks it completes and prints the table with a number in every row, that runs
+were seen at about the expected rate, and that no slot was skipped and no run failed.
+Lateness is not held to a target here (the machine may be busy).
+"""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+NUMBER_ROWS = [
+    "lateness p50 [ms]", "lateness p99 [ms]", "lateness max [ms]", "runs per second", "skipped slots",
+    "failed runs", "agent CPU [% of one core]", "agent RSS [MiB]", "metrics received per second",
+]
+
+
+def test_bench_agent_smoke(tmp_path):
+    t0, wall0 = time.monotonic(), time.time()
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.agent_lateness", "--smoke", "--workdir", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    took = time.monotonic() - t0
+    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr[-4000:]}"
+    table = [line for line in proc.stdout.splitlines() if line.startswith("|")]
+    assert table[0] == "| metric | value | note |", proc.stdout
+    cells = {}
+    for line in table[2:]:
+        parts = [p.strip() for p in line.strip("|").split("|")]
+        cells[parts[0]] = parts[1]
+    values = {}
+    for row in NUMBER_ROWS:
+        assert row in cells, f"no {row!r} row in:\n{proc.stdout}"
+        assert re.fullmatch(r"\d+(\.\d+)?", cells[row]), f"{row}: {cells[row]!r} is not a number\n{proc.stdout}"
+        values[row] = float(cells[row])
+    assert cells["tasks"].startswith("20 tcp tasks, every 1 s"), proc.stdout
+    assert values["skipped slots"] == 0, proc.stdout
+    assert values["failed runs"] == 0, proc.stdout
+    # 20 tasks every second: runs seen, at about that rate (statsd lines arrive in 0.25 s batches)
+    assert 16 <= values["runs per second"] <= 24, proc.stdout
+    assert values["metrics received per second"] > 0, proc.stdout
+    assert 0 <= values["lateness p50 [ms]"] <= values["lateness p99 [ms]"] <= values["lateness max [ms]"], proc.stdout
+    assert values["agent RSS [MiB]"] > 10, proc.stdout
+    assert "keeps its schedule" in cells, proc.stdout
+    assert (tmp_path / "agent-results.json").exists()
+    results = ROOT / "bench" / "agent-results.md"
+    assert not results.exists() or results.stat().st_mtime < wall0, "--smoke must not write bench/agent-results.md"
+    assert took < 60, f"smoke mode took {took:.1f} s (must stay under 60 s)"
