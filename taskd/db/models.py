@@ -172,3 +172,25 @@ route_by_any_index = sa.Table(
     sa.Index(None, "agent_id"),
     **TABLE_OPTS,
 )
+
+# The latest status each agent reported for each task it runs (the agent's `taskStatus`
+# event); `updated` is when this server stored it. One row per (task, agent), replaced
+# in place, so the table never grows beyond the tasks agents actually run.
+task_status = sa.Table(
+    "task_status",
+    metadata,
+    sa.Column("task_id", sa.Integer, _fk("task.id"), primary_key=True, autoincrement=False),
+    sa.Column("agent_id", sa.Integer, _fk("agent.id"), primary_key=True, autoincrement=False),
+    sa.Column("executor", sa.String(32), nullable=False),
+    sa.Column("outcome", sa.String(16), nullable=False),
+    sa.Column("error", sa.Text, nullable=False),
+    sa.Column("last_run", Timestamp, nullable=True),
+    sa.Column("duration", sa.Double, nullable=True),
+    sa.Column("metrics", sa.Integer, nullable=True),
+    sa.Column("runs", sa.BigInteger, nullable=False),
+    sa.Column("failures", sa.BigInteger, nullable=False),
+    sa.Column("skipped", sa.BigInteger, nullable=False),
+    sa.Column("updated", Timestamp, nullable=False),
+    sa.Index(None, "agent_id", "outcome"),  # failingTasks: count of "error" per agent
+    **TABLE_OPTS,
+)

@@ -1,6 +1,7 @@
 """Domain dataclasses as the JSON the original's clients know (camelCase, RFC 3339).
 
-Agents never show `orgId` (as in the original); tasks do.
+Agents never show `orgId` (as in the original); tasks do. A task status's `lastRun` is
+null before the first run rather than the zero time, which would read as a real run.
 """
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from typing import Any
 
 from taskd.db.agents import Agent
 from taskd.db.catalog import Metric
+from taskd.db.status import TaskStatusRow
 from taskd.db.tasks import Task
 from taskd.timeutil import rfc3339
 
@@ -50,4 +52,21 @@ def metric_json(m: Metric) -> dict[str, Any]:
         "policy": m.policy,
         "public": m.public,
         "created": rfc3339(m.created),
+    }
+
+
+def status_json(s: TaskStatusRow) -> dict[str, Any]:
+    return {
+        "agentId": s.agent_id,
+        "agentName": s.agent_name,
+        "executor": s.executor,
+        "outcome": s.outcome,
+        "error": s.error,
+        "lastRun": rfc3339(s.last_run) if s.last_run is not None else None,
+        "duration": s.duration,
+        "metrics": s.metrics,
+        "runs": s.runs,
+        "failures": s.failures,
+        "skipped": s.skipped,
+        "updated": rfc3339(s.updated),
     }

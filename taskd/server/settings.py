@@ -46,6 +46,14 @@ def redact_userinfo(value: str) -> str:
     return f"{scheme}{sep}{user}:***@{tail}" if at and colon else value
 
 
+def positive_duration(raw: str) -> float:
+    """A duration that drives a timer, where 0 would mean a busy loop."""
+    seconds = parse_duration(raw)
+    if seconds <= 0:
+        raise ValueError("must be longer than 0, e.g. 2s or 500ms")
+    return seconds
+
+
 SERVER_OPTIONS: tuple[Option, ...] = (
     *logging_options(),
     Option("addr", parse_listen_addr, ":8082",
@@ -92,6 +100,9 @@ SERVER_OPTIONS: tuple[Option, ...] = (
     Option("relocate-delay", parse_duration, "1s",
            "How long an offline agent may take to come back before its 'any' tasks move"
            " (plus up to 2.1s of jitter when the agent was on another server)."),
+    Option("status-flush-interval", positive_duration, "2s",
+           "How often the task statuses agents reported are written to the database, all"
+           " in one transaction; the API shows a status up to this much later."),
 )
 """Every task-server key, in the order help lists them."""
 
@@ -123,6 +134,7 @@ class ServerSettings:
     heartbeat_interval: float = 2.0
     task_list_interval: float = 60.0
     relocate_delay: float = 1.0
+    status_flush_interval: float = 2.0
     config_path: str | None = None
     config_file_missing: bool = False
 

@@ -26,7 +26,7 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _TRUE, _FALSE = {"true", "1", "yes", "on"}, {"false", "0", "no", "off"}
 
 AGENT_FIELDS = {"name", "enabled", "public", "tags"}
-AGENT_READ_ONLY = {"id", "orgId", "online", "onlineChange", "enabledChange", "created", "updated"}
+AGENT_READ_ONLY = {"id", "orgId", "online", "onlineChange", "enabledChange", "created", "updated", "failingTasks"}
 TASK_FIELDS = {"name", "taskType", "config", "interval", "route", "metrics", "enabled"}
 TASK_READ_ONLY = {"id", "orgId", "created", "updated", "agents", "status"}
 

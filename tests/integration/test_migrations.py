@@ -102,18 +102,78 @@ def test_downgrade_to_base_removes_every_table(fresh_db):
     assert _diff(engine) == []
 
 
-def test_cascade_deletes_children_at_the_database_level(fresh_db):
+@pytest.mark.parametrize("parent", ["agent", "task"])
+def test_cascade_deletes_children_at_the_database_level(fresh_db, parent):
     """The foreign keys themselves cascade (not only the stores' explicit deletes)."""
     _, engine = fresh_db
     migrate.upgrade(engine)
     with engine.begin() as conn:
         _seed(conn)
+        _seed_status(conn)
     with engine.begin() as conn:
-        conn.execute(sa.delete(models.agent))
-        conn.execute(sa.delete(models.task))
+        conn.execute(sa.delete(models.metadata.tables[parent]))
+    children = {"agent": (models.agent_tag, models.route_by_id_index, models.task_status),
+                "task": (models.task_metric, models.route_by_id_index, models.task_status)}
     with engine.connect() as conn:
-        for table in (models.agent_tag, models.task_metric, models.route_by_id_index):
-            assert conn.execute(sa.select(sa.func.count()).select_from(table)).scalar() == 0
+        for table in children[parent]:
+            assert conn.execute(sa.select(sa.func.count()).select_from(table)).scalar() == 0, table.name
+
+
+# -- 0002: task_status -------------------------------------------------------------------
+
+def _seed_status(conn: sa.Connection) -> None:
+    conn.execute(sa.insert(models.task_status).values(
+        task_id=1, agent_id=1, executor="snap", outcome="error", error="timed out", last_run=NOW, duration=0.25,
+        metrics=None, runs=2**40, failures=1, skipped=0, updated=NOW))
+
+
+def test_0002_adds_task_status_to_a_database_holding_0001_data(fresh_db):
+    _, engine = fresh_db
+    migrate.upgrade(engine, "0001")
+    with engine.begin() as conn:
+        _seed(conn)
+    migrate.upgrade(engine, "0002")
+    assert migrate.current_revision(engine) == "0002"
+    with engine.begin() as conn:
+        assert conn.execute(sa.select(models.task.c.name)).scalars().all() == ["example-task-1"]
+        assert conn.execute(sa.select(models.agent.c.created)).scalar() == NOW
+        assert conn.execute(sa.select(sa.func.count()).select_from(models.task_status)).scalar() == 0
+        _seed_status(conn)
+    with engine.connect() as conn:
+        row = conn.execute(sa.select(models.task_status)).one()
+    assert (row.outcome, row.last_run, row.updated, row.runs, row.duration) == ("error", NOW, NOW, 2**40, 0.25)
+    indexes = {ix["name"]: ix["column_names"] for ix in sa.inspect(engine).get_indexes("task_status")}
+    assert indexes["ix_task_status_agent_id_outcome"] == ["agent_id", "outcome"]
+    assert sa.inspect(engine).get_pk_constraint("task_status")["constrained_columns"] == ["task_id", "agent_id"]
+
+
+def test_0002_primary_key_is_one_row_per_task_and_agent(fresh_db):
+    _, engine = fresh_db
+    migrate.upgrade(engine, "0002")
+    with engine.begin() as conn:
+        _seed(conn)
+        _seed_status(conn)
+    with pytest.raises(sa.exc.IntegrityError):
+        with engine.begin() as conn:
+            _seed_status(conn)
+
+
+def test_0002_downgrade_drops_only_task_status(fresh_db):
+    _, engine = fresh_db
+    migrate.upgrade(engine, "0002")
+    with engine.begin() as conn:
+        _seed(conn)
+        _seed_status(conn)
+    migrate.downgrade(engine, "0001")
+    assert migrate.current_revision(engine) == "0001"
+    names = set(sa.inspect(engine).get_table_names())
+    assert "task_status" not in names and {"agent", "task", "route_by_id_index"} <= names
+    with engine.connect() as conn:
+        assert conn.execute(sa.select(models.task.c.name)).scalars().all() == ["example-task-1"]
+        assert conn.execute(sa.select(sa.func.count()).select_from(models.route_by_id_index)).scalar() == 1
+    migrate.upgrade(engine, "0002")
+    with engine.begin() as conn:
+        _seed_status(conn)  # the table is back, empty, and usable
 
 
 def test_taskd_db_command_upgrades_and_reports(fresh_db, tmp_path):

@@ -24,7 +24,7 @@ from tests.notes_requests import ALL, CURL, NotesRequest
 ZERO = "0001-01-01T00:00:00Z"
 RFC3339_UTC = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,9})?Z$")
 AGENT_KEYS = {"id", "name", "enabled", "enabledChange", "public", "tags",
-              "online", "onlineChange", "created", "updated"}
+              "online", "onlineChange", "created", "updated", "failingTasks"}
 TIMEOUT = 10.0  # seconds; a hung server fails the test instead of hanging the run
 
 
@@ -122,7 +122,8 @@ def build(notes: NotesRequest, api, name: str) -> bytes:
 
 
 def assert_registered(response: RawResponse, name: str) -> dict:
-    """The notes' documented answer (with tags [] rather than the original's null)."""
+    """The notes' documented answer (with tags [] rather than the original's null, and
+    taskd's read-only failingTasks)."""
     assert response.status == 200, (response.status, response.body)
     assert response.header("content-type").startswith("application/json")
     envelope = response.json
@@ -132,7 +133,7 @@ def assert_registered(response: RawResponse, name: str) -> dict:
     assert isinstance(agent["id"], int) and agent["id"] > 0
     assert agent["name"] == name
     assert agent["enabled"] is False and agent["public"] is False and agent["online"] is False
-    assert agent["tags"] == []
+    assert agent["tags"] == [] and agent["failingTasks"] == 0
     assert agent["enabledChange"] == ZERO and agent["onlineChange"] == ZERO
     assert RFC3339_UTC.match(agent["created"]) and RFC3339_UTC.match(agent["updated"])
     return agent

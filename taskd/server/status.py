@@ -1,0 +1,236 @@
+"""Task statuses from agents: validated per frame, coalesced in memory, written in bulk.
+
+Agents send `taskStatus` frames (docs/protocol.md) with the statuses that changed, and
+all of them again after every reconnect, so a server restart brings a burst of every
+task of every agent at once. Writing each status as it arrives would be a transaction
+per task; instead only the latest status per (task, agent) is kept here and written
+every `status-flush-interval` in one transaction of multi-row upserts, so 10,000
+statuses in an interval cost one pool job. The price is that the API shows a status up
+to one interval late, which is fine for something agents report every few seconds.
+
+A payload from an agent is never trusted: a malformed frame or entry costs one log
+line and is dropped (the socket stays open; old and new agents may disagree on
+details), and an agent may only report on tasks this server sent it, so it cannot write
+statuses onto other orgs' tasks.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from datetime import datetime, timezone
+from typing import Any, Callable, Protocol
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, inlineCallbacks, succeed
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+from taskd.db import status as status_db
+from taskd.db.status import TaskStatusRow
+from taskd.timeutil import utcnow
+from taskd.wire.framing import Frame, FrameError
+
+OUTCOMES = ("ok", "error", "pending")  # taskd.agent.executor.OUTCOMES
+MAX_INT = 2**31 - 1    # task ids and `metrics` are 32-bit columns
+MAX_COUNT = 2**63 - 1  # runs / failures / skipped are BIGINT
+MAX_EXECUTOR = 32
+MAX_ERROR = 4096       # characters: fits a MySQL TEXT (64 KiB) even at 4 bytes each
+MAX_UNIX_TIME = 253402300799.0  # 9999-12-31T23:59:59Z, the end of DATETIME
+SHOWN_PROBLEMS = 3
+
+Key = tuple[int, int]  # (task id, agent id)
+REMOVED = None         # a pending removal in the buffer
+
+
+class StatusSession(Protocol):
+    """What this needs of a session: its agent and the tasks it was sent (`view`)."""
+
+    agent: Any
+    view: dict[int, dict]
+
+
+class BadEntry(ValueError):
+    """One status entry is unusable; the message says why."""
+
+
+def _int(entry: dict, field: str, lo: int, hi: int, default: Any = ...) -> Any:
+    if field not in entry and default is not ...:
+        return default
+    value = entry.get(field)
+    if value is None and default is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise BadEntry(f"{field} must be an integer from {lo} to {hi}, not {value!r}")
+    return value
+
+
+def _number(entry: dict, field: str, hi: float) -> float | None:
+    value = entry.get(field)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= hi:
+        raise BadEntry(f"{field} must be null or a number from 0 to {hi:g}, not {value!r}")
+    return float(value)
+
+
+def parse_entry(entry: Any, agent_id: int) -> tuple[int, TaskStatusRow | None]:
+    """One element of a taskStatus array -> (task id, row), or (task id, None) for a
+    removal marker; BadEntry if it is not usable. Unknown fields are ignored so newer
+    agents can add some."""
+    if not isinstance(entry, dict):
+        raise BadEntry(f"is a {type(entry).__name__}, not an object")
+    task_id = _int(entry, "taskId", 1, MAX_INT)
+    removed = entry.get("removed", False)
+    if not isinstance(removed, bool):
+        raise BadEntry(f"(task {task_id}) removed must be true or false, not {removed!r}")
+    if removed:
+        return task_id, REMOVED
+    try:
+        executor = entry.get("executor")
+        if not isinstance(executor, str) or not 1 <= len(executor) <= MAX_EXECUTOR or not executor.isprintable():
+            raise BadEntry(f"executor must be a name such as 'snap' or 'builtin', not {executor!r}")
+        outcome = entry.get("outcome")
+        if outcome not in OUTCOMES:
+            raise BadEntry(f"outcome must be one of {', '.join(OUTCOMES)}, not {outcome!r}")
+        error = entry.get("error") or ""
+        if not isinstance(error, str):
+            raise BadEntry(f"error must be a string, not {error!r}")
+        last_run = _number(entry, "lastRun", MAX_UNIX_TIME)
+        duration = _number(entry, "duration", math.inf)
+        if duration is not None and not math.isfinite(duration):
+            raise BadEntry("duration must be finite")
+        row = TaskStatusRow(
+            task_id=task_id, agent_id=agent_id, executor=executor, outcome=outcome, error=error[:MAX_ERROR],
+            last_run=None if last_run is None else datetime.fromtimestamp(last_run, timezone.utc).replace(tzinfo=None),
+            duration=duration,
+            metrics=_int(entry, "metrics", 0, MAX_INT, default=None),
+            runs=_int(entry, "runs", 0, MAX_COUNT, default=0),
+            failures=_int(entry, "failures", 0, MAX_COUNT, default=0),
+            skipped=_int(entry, "skipped", 0, MAX_COUNT, default=0),
+        )
+    except BadEntry as exc:
+        raise BadEntry(f"(task {task_id}) {exc}") from None
+    return task_id, row
+
+
+def parse_payload(value: Any, agent_id: int) -> tuple[list[tuple[int, TaskStatusRow | None]], list[str]]:
+    """A decoded taskStatus payload -> (usable entries in order, problems). Raises
+    FrameError when the payload as a whole is not an array."""
+    if not isinstance(value, list):
+        raise FrameError("taskStatus payload must be a JSON array of task statuses")
+    entries, problems = [], []
+    for i, item in enumerate(value):
+        try:
+            entries.append(parse_entry(item, agent_id))
+        except BadEntry as exc:
+            problems.append(f"entry {i} {exc}")
+    return entries, problems
+
+
+class StatusService(Service):
+    """Buffers the latest status per (task, agent) and writes the buffer every
+    `flush_interval` seconds (and once more when stopped)."""
+
+    log = Logger(namespace="taskd.server.status")
+    name = "task-status"
+
+    def __init__(self, pool: Any, *, clock: Any, flush_interval: float = 2.0,
+                 now: Callable[[], datetime] = utcnow) -> None:
+        self.pool = pool
+        self.clock = clock
+        self.flush_interval = flush_interval
+        self.now = now
+        self.pending: dict[Key, TaskStatusRow | None] = {}
+        self.flushes = 0        # transactions committed (one per interval with work)
+        self.rows_written = 0   # statuses upserted (skipping those of deleted tasks/agents)
+        self.failed_flushes = 0
+        self._flushing: Deferred | None = None
+        self._loop: LoopingCall | None = None
+
+    # -- incoming ----------------------------------------------------------------------
+
+    def received(self, session: StatusSession, frame: Frame) -> None:
+        """One taskStatus frame from `session`'s agent; never raises."""
+        agent = session.agent
+        try:
+            entries, problems = parse_payload(frame.json(), agent.id)
+        except FrameError as exc:
+            self.log.warn("agent {name} ({id}) sent a bad taskStatus: {err}; ignored",
+                          name=agent.name, id=agent.id, err=str(exc))
+            return
+        if problems:
+            more = f" (and {len(problems) - SHOWN_PROBLEMS} more)" if len(problems) > SHOWN_PROBLEMS else ""
+            self.log.warn("agent {name} ({id}) sent {n} bad taskStatus entr{ies}, ignored: {problems}{more}",
+                          name=agent.name, id=agent.id, n=len(problems), ies="y" if len(problems) == 1 else "ies",
+                          problems="; ".join(problems[:SHOWN_PROBLEMS]), more=more)
+        unsent = []
+        for task_id, row in entries:
+            if row is REMOVED or task_id in session.view:
+                # A removal touches only this agent's own row, so it needs no check.
+                self.pending[(task_id, agent.id)] = row
+            else:
+                unsent.append(task_id)
+        if unsent:
+            # Normal right after a taskRemove crossed a status in flight; anything else
+            # is an agent reporting on tasks that are not its own.
+            self.log.debug("agent {name} ({id}) reported {n} task(s) it was not sent, ignored: {ids}",
+                           name=agent.name, id=agent.id, n=len(unsent), ids=sorted(unsent)[:10])
+
+    # -- writing -----------------------------------------------------------------------
+
+    def flush(self) -> Deferred:
+        """Write everything buffered in one transaction. While a flush runs, another
+        one waits for it (so an older batch can never overwrite a newer one); a failed
+        batch goes back into the buffer under any newer statuses, for the next flush."""
+        if self._flushing is not None:
+            waiter: Deferred = Deferred()
+            self._flushing.addBoth(lambda result: (waiter.callback(None), result)[1])
+            return waiter
+        if not self.pending:
+            return succeed(None)
+        batch, self.pending = self.pending, {}
+        now = self.now()
+        rows = [replace(r, updated=now) for r in batch.values() if r is not None]
+        removals = [key for key, r in batch.items() if r is None]
+        d = self.pool.do(status_db.apply, rows, removals)
+
+        def written(count: int) -> None:
+            self.flushes += 1
+            self.rows_written += count
+            self.log.debug("stored {n} task status(es), removed {r}", n=count, r=len(removals))
+
+        def failed(failure: Any) -> None:
+            self.failed_flushes += 1
+            for key, row in batch.items():
+                self.pending.setdefault(key, row)
+            self.log.failure("could not store {n} task status(es); retrying at the next flush", failure,
+                             n=len(batch))
+
+        def done(_: Any) -> None:
+            self._flushing = None
+
+        d.addCallbacks(written, failed).addBoth(done)
+        if not d.called:
+            self._flushing = d
+        return d
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    def startService(self) -> None:
+        super().startService()
+        self._loop = LoopingCall(self.flush)
+        self._loop.clock = self.clock
+        self._loop.start(self.flush_interval, now=False).addErrback(
+            lambda f: self.log.failure("task status flush timer stopped", f))
+
+    @inlineCallbacks
+    def stopService(self):
+        """Stops the timer and writes what is buffered (the pool stops after this)."""
+        super().stopService()
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        yield self.flush()  # waits for a running flush
+        yield self.flush()  # then writes what arrived meanwhile (or what it failed to write)
+        if self.pending:
+            self.log.warn("{n} task status(es) were not stored at shutdown; agents re-send them on reconnect",
+                          n=len(self.pending))
