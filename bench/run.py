@@ -615,7 +615,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
     ap.add_argument("--smoke", action="store_true", help="toy sizes, a few seconds, targets not enforced")
     ap.add_argument("--mysql", action="store_true", help="run taskd on MariaDB at 127.0.0.1:3306 (root)")
-    ap.add_argument("--out", help="results file (default: bench/results.md, or none with --smoke)")
+    ap.add_argument("--out", help="results file (default: bench/results.md, or none with --smoke or --only)")
     ap.add_argument("--workdir", help="where server logs and databases go (default: bench/out/<timestamp>)")
     ap.add_argument("--profile", metavar="DIR", help="record a py-spy profile of the server per scenario")
     ap.add_argument("--reps", type=int, help="repetitions (default 3)")
@@ -669,7 +669,8 @@ def main(argv: list[str] | None = None) -> int:
              "cores": bench.cores.describe(), "argv": list(argv if argv is not None else sys.argv[1:]),
              "mysql": a.mysql, "smoke": a.smoke, "workdir": str(workdir)}
     (workdir / "results.json").write_text(json.dumps(saved, indent=1))
-    out = a.out or (None if a.smoke else str(ROOT / "bench" / "results.md"))
+    # A partial run (--only) never replaces the committed results unless --out asks for it.
+    out = a.out or (None if a.smoke or a.only else str(ROOT / "bench" / "results.md"))
     if out:
         Path(out).with_suffix(".json").write_text(json.dumps(saved, indent=1))
         Path(out).write_text(report.markdown(table, results, sizes, machine, saved["cores"], saved["argv"],

@@ -165,10 +165,22 @@ def install_twistd_logger(parent: MutableMapping[str, Any] | None,
     ``parent`` is twistd's ServerOptions (None when a plugin's options are parsed
     alone, as in unit tests). An explicit ``--logger`` or ``--syslog`` wins.
     """
-    global _factory
+    global _factory, _installed
     if parent is None or parent.get("logger") is not None or parent.get("syslog"):
         return False
     _factory = observer_factory(predicate, parent.get("logfile"),
                                 bool(parent.get("nodaemon")), style)
+    _installed = predicate
     parent["logger"] = TWISTD_LOGGER
     return True
+
+
+_installed: LogLevelFilterPredicate | None = None
+
+
+def level_enabled(namespace: str, level: LogLevel) -> bool:
+    """Would an event at ``level`` in ``namespace`` be written? For hot paths that
+    would otherwise build an event per request only for the filter to drop it. True
+    when taskd did not install the process's observer (tests, another ``--logger``)."""
+    predicate = _installed
+    return predicate is None or level >= predicate.logLevelForNamespace(namespace)

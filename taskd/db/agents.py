@@ -158,6 +158,22 @@ class AgentStore:
 
         return self.pool.do(thd)
 
+    def get_many_by_name(self, keys: Sequence[tuple[int, str]]) -> "Deferred[dict[tuple[int, str], Agent]]":
+        """Agents by (org id, name), in one transaction; missing ones are left out."""
+        def thd(conn: Connection) -> dict[tuple[int, str], Agent]:
+            by_org: dict[int, set[str]] = {}
+            for org_id, name in keys:
+                by_org.setdefault(org_id, set()).add(name)
+            if not by_org:
+                return {}
+            a = m.agent.c
+            where = sa.or_(*(sa.and_(a.org_id == org_id, a.name.in_(sorted(names)))
+                             for org_id, names in sorted(by_org.items())))
+            return {(agent.org_id, agent.name): agent
+                    for agent in _agents(conn, conn.execute(sa.select(m.agent).where(where)))}
+
+        return self.pool.do(thd)
+
     def list(self, org_id: int, flt: AgentFilter, page: Page) -> "Deferred[list[Agent]]":
         a = m.agent.c
         stmt = sa.select(m.agent)

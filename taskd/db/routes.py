@@ -52,30 +52,36 @@ def any_assignee(conn: Connection, task_id: int) -> int | None:
 
 def routed_agents(conn: Connection, task: Task, among: Iterable[int] | None = None) -> set[int]:
     """Agents that should run `task` now (ignoring `enabled`), optionally only among some
-    agent ids (a server asks only about the agents it holds)."""
+    agent ids. Two queries whatever the number of agents: the online agents the route
+    selects, then the catalogs of just those (by subquery, not a list of their ids);
+    `among` (the agents a server holds) is applied here in Python, never as an SQL list
+    of thousands of ids (bench/analysis.md, fan-out)."""
     a = m.agent.c
-    among = None if among is None else set(among)
     if task.route.type == ANY:
         agent_id = any_assignee(conn, task.id)
-        return {agent_id} if agent_id is not None and (among is None or agent_id in among) else set()
-    if task.route.type == BY_IDS:
-        where = a.id.in_(task.route.ids)
-    elif task.route.type == BY_TAGS:
-        where = a.id.in_(
-            sa.select(m.agent_tag.c.agent_id).where(
-                m.agent_tag.c.org_id == task.org_id, m.agent_tag.c.tag.in_(task.route.tags)
-            )
-        )
+        routed = {agent_id} if agent_id is not None else set()
     else:
-        return set()
-    if among is not None:
-        if not among:
+        if task.route.type == BY_IDS:
+            where = a.id.in_(task.route.ids)
+        elif task.route.type == BY_TAGS:
+            where = a.id.in_(
+                sa.select(m.agent_tag.c.agent_id).where(
+                    m.agent_tag.c.org_id == task.org_id, m.agent_tag.c.tag.in_(task.route.tags)
+                )
+            )
+        else:
             return set()
-        where = sa.and_(where, a.id.in_(among))
-    return {
-        c.id for c in load_candidates(conn, sa.and_(where, a.online.is_(True)))
-        if covers(c.catalog, task.metrics)
-    }
+        selected = sa.select(a.id).where(where, a.online.is_(True))
+        routed = set(conn.execute(selected).scalars())
+        if routed and task.metrics:  # an empty metric list is covered by any catalog
+            am = m.agent_metric.c
+            catalogs: dict[int, set[tuple[str, int]]] = {}
+            for agent_id, ns, ver in conn.execute(
+                sa.select(am.agent_id, am.namespace, am.version).where(am.agent_id.in_(selected))
+            ):
+                catalogs.setdefault(agent_id, set()).add((ns, ver))
+            routed = {i for i in routed if covers(catalogs.get(i, ()), task.metrics)}
+    return routed if among is None else routed & set(among)
 
 
 def tasks_for_agents(conn: Connection, agent_ids: Sequence[int]) -> dict[int, list[Task]]:
@@ -196,6 +202,43 @@ def release_unqualified(conn: Connection, agent_id: int) -> list[tuple[Task, int
     return _move_any_tasks(conn, agent_id, unqualified)
 
 
+def release_unqualified_many(conn: Connection, agent_ids: Sequence[int]) -> list[tuple[Task, int | None]]:
+    """`release_unqualified` for each of `agent_ids` that holds an `any` task (one query
+    finds them; usually none do)."""
+    if not agent_ids:
+        return []
+    idx = m.route_by_any_index
+    holders = conn.execute(
+        sa.select(idx.c.agent_id).where(idx.c.agent_id.in_(sorted(set(agent_ids)))).distinct()
+    ).scalars().all()
+    moved = []
+    for agent_id in sorted(holders):
+        moved.extend(release_unqualified(conn, agent_id))
+    return moved
+
+
+def connect_assignments(conn: Connection, agent_ids: Sequence[int]) -> tuple[
+        list[tuple[Task, int | None]], list[tuple[Task, int | None]], dict[int, frozenset[tuple[str, int]]]]:
+    """For agents that just connected, in one transaction: move the `any` tasks they no
+    longer qualify for, then give them unassigned ones they do. Returns (moved, assigned),
+    each as (task, its agent now), and each agent's catalog."""
+    moved = release_unqualified_many(conn, agent_ids)
+    assigned = assign_unassigned(conn, agent_ids)
+    return moved, [(task, any_assignee(conn, task.id)) for task in assigned], catalogs_of(conn, agent_ids)
+
+
+def catalogs_of(conn: Connection, agent_ids: Sequence[int]) -> dict[int, frozenset[tuple[str, int]]]:
+    """Each agent's advertised (namespace, version) pairs (empty for none)."""
+    out: dict[int, set[tuple[str, int]]] = {i: set() for i in agent_ids}
+    if out:
+        am = m.agent_metric.c
+        for agent_id, ns, ver in conn.execute(
+            sa.select(am.agent_id, am.namespace, am.version).where(am.agent_id.in_(sorted(out)))
+        ):
+            out[agent_id].add((ns, ver))
+    return {i: frozenset(c) for i, c in out.items()}
+
+
 def assign_unassigned(conn: Connection, agent_ids: Sequence[int] | None = None) -> list[Task]:
     """Give unassigned `any` tasks to qualifying online agents (optionally only to the
     given ones, e.g. an agent that just connected); returns the tasks assigned. The
@@ -226,11 +269,12 @@ def assign_unassigned(conn: Connection, agent_ids: Sequence[int] | None = None) 
     return assigned
 
 
-def routing_snapshot(conn: Connection, task_id: int, among: Sequence[int]) -> tuple[Task | None, set[int]]:
-    """The task as it is now and which of `among` it is routed to (one transaction)."""
+def routing_snapshot(conn: Connection, task_id: int) -> tuple[Task | None, set[int]]:
+    """The task as it is now and every agent it is routed to (one transaction); the
+    caller picks the agents it holds."""
     from taskd.db.tasks import load_task_by_id
 
     task = load_task_by_id(conn, task_id)
     if task is None:
         return None, set()
-    return task, routed_agents(conn, task, among)
+    return task, routed_agents(conn, task)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Callable
+from typing import Callable, Sequence
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
@@ -63,6 +63,13 @@ class SessionStore:
 
         return self.pool.do(thd)
 
+    def open_many(self, items: Sequence[tuple[int, int, str]], *, server: str) -> "Deferred[list[tuple[str, OnlineChange | None]]]":
+        """`open` for many (agent id, version, remote ip) in one transaction: one insert
+        of all session rows, one update of the agents that were offline. Returns
+        (session id, online change) per item, in order; an agent listed twice changes
+        (at most) once; an agent that no longer exists gets no session (None)."""
+        return self.pool.do(_open_many, list(items), server, self.now())
+
     def close(self, session_id: str, agent_id: int) -> "Deferred[OnlineChange | None]":
         """Drop the session; the agent goes offline if it has no session left anywhere."""
         now = self.now()
@@ -105,3 +112,36 @@ def _clear_server(conn: Connection, server: str, now: datetime) -> list[OnlineCh
         if change:
             changes.append(change)
     return changes
+
+
+def _open_many(conn: Connection, items: list[tuple[int, int, str]], server: str,
+               now: datetime) -> list[tuple[str | None, OnlineChange | None]]:
+    if not items:
+        return []
+    ids = sorted({agent_id for agent_id, _, _ in items})
+    a = m.agent.c
+    # Locked (MySQL) so that an agent deleted meanwhile cannot fail the whole batch on the
+    # foreign key; one deleted before is skipped (its session id is None).
+    rows = {r.id: r for r in conn.execute(
+        sa.select(a.id, a.name, a.org_id, a.online).where(a.id.in_(ids)).order_by(a.id).with_for_update())}
+    session_ids = [str(uuid.uuid4()) if agent_id in rows else None for agent_id, _, _ in items]
+    values = [
+        {"id": sid, "agent_id": agent_id, "version": version, "remote_ip": remote_ip[:64], "server": server,
+         "created": now}
+        for sid, (agent_id, version, remote_ip) in zip(session_ids, items) if sid is not None
+    ]
+    if values:
+        conn.execute(sa.insert(m.agent_session), values)
+    offline = [i for i in ids if i in rows and not rows[i].online]
+    if offline:
+        conn.execute(sa.update(m.agent).where(a.id.in_(offline)).values(online=True, online_change=now))
+    pending = set(offline)
+    out = []
+    for sid, (agent_id, _, _) in zip(session_ids, items):
+        change = None
+        if agent_id in pending:
+            pending.discard(agent_id)
+            row = rows[agent_id]
+            change = OnlineChange(agent_id, row.name, row.org_id, True)
+        out.append((sid, change))
+    return out

@@ -119,6 +119,7 @@ class AmqpTransport(Service):
         self._to_send: deque[int] = deque()  # not yet sent on the current publish channel
         self._seq = self._resends = 0  # _resends: publish channels lost since a confirm
         self._proto: _Protocol | None = None  # set while connected and set up
+        self.connections = 0  # connections set up so far: a change means events may have been missed
         self._pub: TwistedChannel | None = None  # the publish channel (confirm mode)
         self._loop: Deferred | None = None
         self._drain_waiters: list[Deferred] = []
@@ -248,6 +249,7 @@ class AmqpTransport(Service):
         consume.on_closed.addBoth(self._consumer_closed, proto)
         ensureDeferred(self._consume(messages))
         self._proto = proto
+        self.connections += 1
         self._use_publisher(pub)  # only now: our own queue is bound and gets them too
         return proto
 

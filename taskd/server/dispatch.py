@@ -29,14 +29,16 @@ from taskd.db.agents import load_agent
 from taskd.db.pool import DBPool
 from taskd.db.routes import (
     assign_unassigned,
+    connect_assignments,
     release_unqualified,
     relocate_from,
     routing_snapshot,
     tasks_for_agents,
 )
-from taskd.db.tasks import Task
+from taskd.db.tasks import BY_IDS, BY_TAGS, Task
 from taskd.server.events import Event, EventBus
 from taskd.server.render import task_json
+from taskd.server.routing import covers
 from taskd.server.sessions import CLOSE_NORMAL, AgentSession, SessionManager
 from taskd.stats import NULL_STATS
 from taskd.wire import framing
@@ -62,9 +64,11 @@ class Dispatcher(Service):
         self.rng = rng or random.Random()
         self._chains: dict[int, Deferred] = {}
         self._pending_relocations: dict[int, Any] = {}
+        self._reloading: dict[int, int] = {}  # agent id -> reloads in flight (agent.updated)
         self._sweeper: LoopingCall | None = None
         events.subscribe(self.on_event)
         manager.on_change = self.agent_changed
+        manager.on_connect = self.agents_connected
 
     def startService(self) -> None:
         super().startService()
@@ -90,8 +94,13 @@ class Dispatcher(Service):
         kind, payload = event.type, event.payload
         received = self.clock.seconds()
         source = "local" if event.source == self.instance_id else "remote"
-        if kind in ("task.created", "task.deleted"):
+        if kind == "task.created":
+            # A task this server just wrote can be routed from memory (see _routed_here).
+            created = payload if event.source == self.instance_id else None
+            self.task_changed(payload["id"], since=received, source=source, created=created)
+        elif kind == "task.deleted":
             self.task_changed(payload["id"], since=received, source=source)
+            self.manager.forget_task(payload["id"])
         elif kind == "task.updated":
             self.task_changed(payload["new"]["id"], since=received, source=source)
         elif kind == "agent.offline":
@@ -107,15 +116,17 @@ class Dispatcher(Service):
                 session.transport.close(CLOSE_NORMAL, "agent deleted")
             self.sweep()
 
-    def task_changed(self, task_id: int, since: float | None = None, source: str = "local") -> Deferred:
+    def task_changed(self, task_id: int, since: float | None = None, source: str = "local",
+                     created: dict | None = None) -> Deferred:
         """Push task `task_id`'s current routing to local agents, after any push for the
         same task still in flight. `since`: when the change was received (clock
-        seconds), to time the dispatch latency."""
+        seconds), to time the dispatch latency. `created`: the task's JSON, when this
+        server has just created it."""
         prev = self._chains.get(task_id) or succeed(None)
         done: Deferred = Deferred()
 
         def run(_: Any) -> None:
-            d = maybeDeferred(self._push_task, task_id, since, source)
+            d = maybeDeferred(self._push_task, task_id, since, source, created)
             d.addErrback(lambda f: self.log.failure("pushing task {id} failed", f, id=task_id))
             d.addBoth(lambda _: done.callback(None))
 
@@ -129,23 +140,58 @@ class Dispatcher(Service):
         return done
 
     @inlineCallbacks
-    def _push_task(self, task_id: int, since: float | None = None, source: str = "local"):
+    def _push_task(self, task_id: int, since: float | None = None, source: str = "local",
+                   created: dict | None = None):
         sessions = [s for s in self.manager.sessions.values() if not s.closed]
         if not sessions:
             return
         seq = self.manager.next_read()
-        task, routed = yield self.pool.do(routing_snapshot, task_id, [s.agent.id for s in sessions])
-        payload = task_json(task) if task is not None else None
+        routed = self._routed_here(created, sessions) if created is not None else None
+        if routed is not None:
+            payload, enabled = self.manager.share(created), bool(created["enabled"])
+        else:
+            task, routed = yield self.pool.do(routing_snapshot, task_id)
+            payload = self.manager.share(task_json(task)) if task is not None else None
+            enabled = task is not None and task.enabled
         told: dict[str, list[AgentSession]] = {}
         frames: dict = {}  # one encoding per (event, payload) for the whole fan-out
         for session in sessions:
-            wanted = task is not None and task.enabled and session.agent.id in routed
+            wanted = enabled and session.agent.id in routed
             event = self._apply(session, task_id, payload, wanted, seq, since, source, frames)
             if event is not None:
                 told.setdefault(event, []).append(session)
         if told:
             name = payload["name"] if payload else next(iter(told.values()))[0].view.get(task_id, {}).get("name")
             self.log.info("task {id} ({name}): {summary}", id=task_id, name=name, summary=_summary(told))
+
+    def _routed_here(self, task: dict, sessions: list[AgentSession]) -> set[int] | None:
+        """The agents among `sessions` a byIds/byTags task this server has just created
+        is routed to, from what the sessions hold, with the rule of
+        db.routes.routed_agents (a held agent is online; its tags and org; its catalog
+        covers the task's metrics). None when that cannot be decided here, and the
+        database is asked: an `any` task (its agent is chosen in the database), or a
+        candidate whose catalog is unknown (being written) or whose agent is being
+        reloaded after a change. A newly created task is in no agent's view yet, so this
+        saves the read-back of what was just written (bench/analysis.md, API POST)."""
+        route = task.get("route") or {}
+        config = route.get("config") or {}
+        if route.get("type") == BY_IDS:
+            ids = set(config.get("ids") or ())
+            candidates = [s for s in sessions if s.agent.id in ids]
+        elif route.get("type") == BY_TAGS:
+            tags = set(config.get("tags") or ())
+            org_id = task.get("orgId")
+            candidates = [s for s in sessions if s.agent.org_id == org_id and not tags.isdisjoint(s.agent.tags)]
+        else:
+            return None
+        metrics = task.get("metrics") or {}
+        routed = set()
+        for session in candidates:
+            if session.agent.id in self._reloading or (metrics and session.catalog is None):
+                return None
+            if not metrics or covers(session.catalog, metrics):
+                routed.add(session.agent.id)
+        return routed
 
     def _apply(self, session: AgentSession, task_id: int, payload: dict | None, wanted: bool, seq: int,
                since: float | None = None, source: str = "local", frames: dict | None = None) -> str | None:
@@ -201,14 +247,20 @@ class Dispatcher(Service):
         session = self.manager.sessions.get(agent["id"])
         if session is None:
             return
+        self._reloading[agent["id"]] = self._reloading.get(agent["id"], 0) + 1
 
         def refreshed(fresh: Any) -> Any:
             if fresh is not None:
                 session.agent = fresh
             return self.agent_changed(session)
 
+        def reloaded(_: Any) -> None:
+            self._reloading[agent["id"]] -= 1
+            if not self._reloading[agent["id"]]:
+                del self._reloading[agent["id"]]
+
         self.pool.do(load_agent, agent["id"]).addCallback(refreshed).addErrback(
-            lambda f: self.log.failure("re-routing agent {id} failed", f, id=agent["id"]))
+            lambda f: self.log.failure("re-routing agent {id} failed", f, id=agent["id"])).addBoth(reloaded)
 
     @inlineCallbacks
     def agent_changed(self, session: AgentSession, initial: bool = False):
@@ -225,6 +277,23 @@ class Dispatcher(Service):
             self._announce([task], f"moved off agent {session.agent.name}, which no longer qualifies, "
                                    f"to {f'agent {new_agent}' if new_agent else 'nowhere (unassigned)'}")
         self._announce(assigned, f"assigned to agent {session.agent.name}")
+
+    @inlineCallbacks
+    def agents_connected(self, sessions: list[AgentSession]):
+        """Agents just connected (a batch of them): in one transaction move the `any`
+        tasks they no longer qualify for and give them unassigned ones they do, then send
+        each its first taskList (one read for the batch), which already holds those."""
+        released, assigned, catalogs = yield self.pool.do(connect_assignments, [s.agent.id for s in sessions])
+        for session in sessions:
+            if session.catalog is None:
+                session.catalog = catalogs.get(session.agent.id, frozenset())
+        yield self.manager.send_task_lists(sessions)
+        names = {s.agent.id: s.agent.name for s in sessions}
+        for task, new_agent in released:
+            self._announce([task], f"moved off a connecting agent that no longer qualifies, "
+                                   f"to {f'agent {new_agent}' if new_agent else 'nowhere (unassigned)'}")
+        for task, agent_id in assigned:
+            self._announce([task], f"assigned to agent {names.get(agent_id, agent_id)}")
 
     # -- relocation and sweeping -------------------------------------------------------
 

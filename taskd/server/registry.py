@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.defer import Deferred, fail, inlineCallbacks, succeed
 from twisted.logger import Logger
 
 from taskd.db.agents import Agent, AgentFilter, AgentStore
@@ -16,8 +16,10 @@ from taskd.db.catalog import CatalogStore, Metric, MetricFilter
 from taskd.db.listing import Page
 from taskd.db.pool import DBPool
 from taskd.db.routes import ensure_any_assignment, routed_agents
+from taskd.db.status import StatusStore, TaskStatusRow
 from taskd.db.tasks import ANY, Task, TaskFilter, TaskSpec, TaskStore
 from taskd.errors import Conflict, Forbidden, NotFound
+from taskd.server.agentcache import AgentCache, BatchLoader, ShortLived
 from taskd.server.auth import User
 from taskd.server.events import EventBus
 from taskd.server.render import agent_json, task_json
@@ -29,22 +31,39 @@ log = Logger(namespace="taskd.server.registry")
 
 class AgentService:
     def __init__(self, agents: AgentStore, catalog: CatalogStore, events: EventBus, *,
-                 stats: Any = NULL_STATS) -> None:
+                 stats: Any = NULL_STATS, status: StatusStore | None = None, clock: Any = None) -> None:
+        if clock is None:
+            from twisted.internet import reactor as clock
         self.agents = agents
+        self.status = status
         self.catalog = catalog
         self.events = events
         self.stats = stats
+        # Reads of one agent (GET, websocket upgrades) come from memory; see agentcache.
+        self.cache = AgentCache(events, clock)
+        self.failing = ShortLived(clock, ttl=FAILING_TTL)
+        # Upgrades arriving together (a reconnect storm) look their agents up together.
+        self.by_name = BatchLoader(clock, agents.get_many_by_name)
 
-    @inlineCallbacks
-    def visible(self, user: User, agent_id: int) -> "Deferred[Agent]":
-        agent = yield self.agents.get(agent_id)
-        if agent is None or not agent.visible_to(user.org_id):
-            raise NotFound(f"agent {agent_id} does not exist")
-        return agent
+    def visible(self, user: User, agent_id: int, *, fresh: bool = False) -> "Deferred[Agent]":
+        """The agent, if `user` may see it. From the cache unless `fresh` (a read that
+        a write will be based on goes to the database)."""
+        agent = None if fresh else self.cache.get(agent_id)
+        if agent is not None:
+            return succeed(agent) if agent.visible_to(user.org_id) else fail(_no_agent(agent_id))
+        token = self.cache.token()
+
+        def loaded(agent: Agent | None) -> Agent:
+            self.cache.put(agent, token)
+            if agent is None or not agent.visible_to(user.org_id):
+                raise _no_agent(agent_id)
+            return agent
+
+        return self.agents.get(agent_id).addCallback(loaded)
 
     @inlineCallbacks
     def owned(self, user: User, agent_id: int) -> "Deferred[Agent]":
-        agent = yield self.visible(user, agent_id)
+        agent = yield self.visible(user, agent_id, fresh=True)
         if agent.org_id != user.org_id:
             raise Forbidden(f"agent {agent_id} is a public agent of another org; only its owner can change it")
         return agent
@@ -65,8 +84,13 @@ class AgentService:
     def for_socket(self, user: User, name: str, *, autocreate: bool) -> "Deferred[Agent]":
         """The agent connecting under `name` in the key's org; created (enabled, public,
         as the later original did) when missing, unless auto-create is off."""
-        agent = yield self.agents.get_by_name(user.org_id, name)
+        agent = self.cache.get_by_name(user.org_id, name)
         if agent is not None:
+            return agent
+        token = self.cache.token()
+        agent = yield self.by_name.get((user.org_id, name))
+        if agent is not None:
+            self.cache.put(agent, token)
             return agent
         if not autocreate:
             raise NotFound(f"agent {name!r} is not registered in this org; register it with "
@@ -117,13 +141,32 @@ class AgentService:
     def catalog_list(self, user: User, flt: MetricFilter, page: Page) -> "Deferred[list[Metric]]":
         return self.catalog.list(user.org_id, flt, page)
 
+    def failing_tasks(self, agents: list[Agent]) -> "Deferred[dict[int, int]]":
+        """agent id -> tasks whose latest status there is an error: one grouped query
+        for a whole page of (already visible) agents."""
+        if self.status is None or not agents:
+            return succeed({a.id: 0 for a in agents})
+        # Counts up to FAILING_TTL old: a GET of an agent is then no database read at all.
+        found, missing = self.failing.lookup([a.id for a in agents])
+        if not missing:
+            return succeed(found)
+        token = self.failing.token()
+
+        def counted(counts: dict[int, int]) -> dict[int, int]:
+            self.failing.store(counts, token)
+            return {**found, **counts}
+
+        return self.status.failing_counts(missing).addCallback(counted)
+
 
 class TaskService:
     """Tasks of the caller's org. An `any` task gets its agent here, right after it is
     written, so every server learns the assignment from the database with the event."""
 
-    def __init__(self, tasks: TaskStore, events: EventBus, pool: DBPool, *, stats: Any = NULL_STATS) -> None:
+    def __init__(self, tasks: TaskStore, events: EventBus, pool: DBPool, *, stats: Any = NULL_STATS,
+                 status: StatusStore | None = None) -> None:
         self.tasks = tasks
+        self.status = status
         self.events = events
         self.pool = pool
         self.stats = stats
@@ -142,6 +185,13 @@ class TaskService:
         """Agents the task is currently routed to (its `any` agent, or the online,
         capable agents its ids or tags select)."""
         return self.pool.do(lambda conn: sorted(routed_agents(conn, task)))
+
+    def statuses(self, user: User, task: Task) -> "Deferred[list[TaskStatusRow]]":
+        """What each agent last reported about the (already visible) task, limited to
+        agents the caller may see."""
+        if self.status is None:
+            return succeed([])
+        return self.status.for_task(task.id, visible_to=user.org_id)
 
     @inlineCallbacks
     def create(self, user: User, spec: TaskSpec) -> "Deferred[Task]":
@@ -170,6 +220,14 @@ class TaskService:
         log.info("task {id} ({name}) deleted in org {org}", id=old.id, name=old.name, org=old.org_id)
         self.events.publish("task.deleted", task_json(old))
         return old
+
+
+FAILING_TTL = 2.0
+"""Seconds an agent's failingTasks count may be served from memory."""
+
+
+def _no_agent(agent_id: int) -> NotFound:
+    return NotFound(f"agent {agent_id} does not exist")
 
 
 def agent_event(agent: Agent) -> dict:

@@ -26,6 +26,7 @@ from taskd.db.catalog import CatalogStore
 from taskd.db.engine import create_engine
 from taskd.db.pool import DBPool
 from taskd.db.sessions import SessionStore
+from taskd.db.status import StatusStore
 from taskd.db.tasks import TaskStore, count_by_enabled
 from taskd.server.api.app import Api
 from taskd.server.api.site import TaskdSite
@@ -34,6 +35,7 @@ from taskd.server.events import EventBus
 from taskd.server.dispatch import Dispatcher
 from taskd.server.registry import AgentService, TaskService
 from taskd.server.sessions import SessionManager
+from taskd.server.status import StatusService
 from taskd.server.websocket import SocketEndpoint, make_factory
 from taskd.services import OrderedMultiService
 from taskd.stats import SERVER_PREFIX, GaugeReporter, make_stats
@@ -127,6 +129,7 @@ class Server:
     dispatcher: Dispatcher
     instance_id: str
     stats: Any = None
+    status: StatusService | None = None
 
 
 def describe_db(settings: Any, engine: Engine) -> str:
@@ -157,12 +160,15 @@ def build_server(settings: Any, reactor: Any = None) -> Server:
     stats = make_stats(settings, SERVER_PREFIX, reactor)
     events = EventBus(instance_id)
     catalog = CatalogStore(pool)
-    agents = AgentService(AgentStore(pool), catalog, events, stats=stats)
-    tasks = TaskService(TaskStore(pool), events, pool, stats=stats)
+    statuses = StatusStore(pool)
+    agents = AgentService(AgentStore(pool), catalog, events, stats=stats, status=statuses)
+    tasks = TaskService(TaskStore(pool), events, pool, stats=stats, status=statuses)
+    status = StatusService(pool, clock=reactor, flush_interval=settings.status_flush_interval)
+    agents.failing.generation = lambda: status.flushes  # counts read before a flush are read again
     sessions = SessionManager(
         pool=pool, store=SessionStore(pool), catalog=catalog, events=events, instance_id=instance_id,
         clock=reactor, heartbeat_interval=settings.heartbeat_interval,
-        task_list_interval=settings.task_list_interval, stats=stats,
+        task_list_interval=settings.task_list_interval, stats=stats, status=status,
     )
     try:
         sessions.clear_stale_sync()
@@ -186,10 +192,12 @@ def build_server(settings: Any, reactor: Any = None) -> Server:
 
     root = OrderedMultiService()
     # Started in this order, stopped in reverse: the listener stops accepting first, then
-    # the sessions close their sockets (recording offline), then the pool; the stats
-    # client goes last, so what the others report on their way down is still sent.
+    # the sessions close their sockets (recording offline), then the task statuses the
+    # agents sent until then are written, then the pool; the stats client goes last, so
+    # what the others report on their way down is still sent.
     stats.setServiceParent(root)
     PoolService(pool).setServiceParent(root)
+    status.setServiceParent(root)
     if settings.exchange:
         from taskd.server.amqp import AmqpTransport
 
@@ -214,7 +222,8 @@ def build_server(settings: Any, reactor: Any = None) -> Server:
         log.warn("admin-key is empty: only keys accepted by {endpoint} can use the API", endpoint=settings.auth_endpoint)
     log.info("server instance {id}; events {where}", id=instance_id,
              where=f"over RabbitMQ exchange {settings.exchange}" if settings.exchange else "in-process")
-    return Server(root, engine, pool, events, agents, tasks, api, listener, sessions, dispatcher, instance_id, stats)
+    return Server(root, engine, pool, events, agents, tasks, api, listener, sessions, dispatcher, instance_id, stats,
+                  status)
 
 
 def instance_identity(settings: Any) -> str:

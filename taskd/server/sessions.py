@@ -13,9 +13,10 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Protocol
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks, succeed
+from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from taskd.db.agents import Agent
 from taskd.db.catalog import CatalogStore
@@ -32,6 +33,8 @@ from taskd.wire.framing import Frame, FrameError
 CLOSE_NORMAL = 1000
 CLOSE_GOING_AWAY = 1001
 CLOSE_PROTOCOL_ERROR = 1002
+OPEN_BATCH = 500  # sessions recorded per transaction at most
+SLICE = 1000  # sessions handled per reactor turn (heartbeats) or per read (taskLists) by the timer
 
 
 class SessionTransport(Protocol):
@@ -54,6 +57,9 @@ class AgentSession:
     decided_by: dict[int, int] = field(default_factory=dict)
     next_task_list: float = 0.0
     closed: bool = False
+    # The (namespace, version) pairs the agent advertises, as stored; None while unknown
+    # (not loaded yet, or a new catalog being written): then routing asks the database.
+    catalog: frozenset[tuple[str, int]] | None = None
     ready: Deferred = field(default_factory=Deferred)    # fires once registered
     gone: Deferred = field(default_factory=Deferred)     # fires once detached
 
@@ -80,8 +86,9 @@ class SessionManager(Service):
     def __init__(self, *, pool: DBPool, store: SessionStore, catalog: CatalogStore, events: EventBus,
                  instance_id: str, clock: Any, heartbeat_interval: float = 2.0,
                  task_list_interval: float = 60.0, shutdown_timeout: float = 5.0,
-                 stats: Any = NULL_STATS) -> None:
+                 stats: Any = NULL_STATS, status: Any = None) -> None:
         self.pool = pool
+        self.status = status  # the StatusService taking taskStatus frames (None: ignored)
         self.stats = stats
         self.store = store
         self.catalog = catalog
@@ -94,6 +101,12 @@ class SessionManager(Service):
         self.sessions: dict[int, AgentSession] = {}  # agent id -> its session here
         self.startup_changes: list[OnlineChange] = []
         self.on_change: Callable[..., Any] | None = None  # set by the dispatcher: (session, initial=)
+        self.on_connect: Callable[..., Any] | None = None  # set by the dispatcher: (sessions)
+        self._opening: list[AgentSession] = []  # opened, waiting for the next batch
+        self._open_call: Any = None
+        self._open_busy = False
+        self._stopped = False  # stopService ran: sessions recorded from now on are closed at once
+        self._payloads: dict[int, dict] = {}  # task id -> the task JSON sessions share (see share)
         self._ticker: LoopingCall | None = None
         self._reads = 0
 
@@ -124,6 +137,15 @@ class SessionManager(Service):
         super().stopService()
         if self._ticker is not None and self._ticker.running:
             self._ticker.stop()
+        self._stopped = True
+        if self._open_call is not None and self._open_call.active():
+            self._open_call.cancel()
+        self._open_call = None
+        waiting_to_open, self._opening = self._opening, []
+        for session in waiting_to_open:  # never recorded: nothing to forget
+            session.closed = True
+            session.transport.close(CLOSE_NORMAL, "server shutting down")
+            session.gone.callback(None)
         sessions = list(self.sessions.values())
         if sessions:
             self.log.info("closing {n} agent connection(s)", n=len(sessions))
@@ -145,43 +167,87 @@ class SessionManager(Service):
     # -- sessions ----------------------------------------------------------------------
 
     def attach(self, agent: Agent, version: int, remote_ip: str, transport: SessionTransport) -> AgentSession:
-        """A websocket for `agent` just opened: record it, then tell the agent its tasks."""
+        """A websocket for `agent` just opened: record it, then tell the agent its tasks.
+
+        Sessions that open close together are handled together (a reconnect storm after
+        a restart is thousands at once): those that opened in the same reactor turn, or
+        while the previous batch was being brought up, are recorded in one transaction,
+        get their `any` tasks in one more, and their first taskLists from one read."""
         session = AgentSession(agent, version, remote_ip, transport)
         self.stats.incr("agents.connections_accepted")
-        d = self.store.open(agent.id, version=version, remote_ip=remote_ip, server=self.instance_id)
-        d.addCallback(self._opened, session)
-        d.addErrback(self._open_failed, session)
+        self._opening.append(session)
+        if self._open_call is None and not self._open_busy:
+            self._open_call = self.clock.callLater(0, self._open_next)
         return session
 
-    @inlineCallbacks
-    def _opened(self, result: tuple[str, OnlineChange | None], session: AgentSession):
-        session.id, change = result
-        if session.closed:  # the socket closed while the row was being written
-            yield self._forget(session)
+    def _open_next(self) -> None:
+        self._open_call = None
+        batch, self._opening = self._opening[:OPEN_BATCH], self._opening[OPEN_BATCH:]
+        if not batch:
             return
-        old = self.sessions.get(session.agent.id)
-        self.sessions[session.agent.id] = session
-        self.stats.gauge("agents.connected", len(self.sessions))
-        if old is not None:
-            self.log.info("agent {name} reconnected; closing its previous connection {old}",
-                          name=session.agent.name, old=old.id)
-            old.transport.close(CLOSE_NORMAL, "replaced by a newer connection")
-        self.log.info("agent {name} ({id}) connected from {ip}: session {sid}, protocol v{v}",
-                      name=session.agent.name, id=session.agent.id, ip=session.remote_ip,
-                      sid=session.id, v=session.version)
-        if change is not None:
-            self.events.publish("agent.online", online_payload(change))
-        if self.on_change is not None:
-            # The dispatcher first gives the agent any tasks waiting for one, so the
-            # initial taskList already holds them.
-            yield self.on_change(session, initial=True)
-        else:
-            yield self.send_task_lists([session])
-        session.ready.callback(session)
+        self._open_busy = True
+        d = self.store.open_many([(s.agent.id, s.version, s.remote_ip) for s in batch], server=self.instance_id)
+        d.addCallbacks(self._opened, self._open_failed, callbackArgs=(batch,), errbackArgs=(batch,))
 
-    def _open_failed(self, failure: Any, session: AgentSession) -> None:
-        self.log.failure("could not record the session of agent {name}", failure, name=session.agent.name)
-        session.transport.close(CLOSE_GOING_AWAY, "server error; reconnect later")
+        def next_batch(_: Any) -> None:
+            self._open_busy = False
+            if self._opening and self._open_call is None:
+                self._open_call = self.clock.callLater(0, self._open_next)
+
+        d.addBoth(next_batch)
+
+    @inlineCallbacks
+    def _opened(self, results: list[tuple[str | None, OnlineChange | None]], batch: list[AgentSession]):
+        ready = []
+        for (session_id, change), session in zip(results, batch):
+            if session_id is None:  # the agent was deleted before its session was recorded
+                session.transport.close(CLOSE_NORMAL, "agent deleted")
+                if not session.gone.called:
+                    session.gone.callback(None)
+                continue
+            session.id = session_id
+            if self._stopped and not session.closed:  # recorded while the server stops
+                session.transport.close(CLOSE_NORMAL, "server shutting down")
+            if session.closed or self._stopped:  # the socket closed while the row was being written
+                self._forget(session)
+                continue
+            old = self.sessions.get(session.agent.id)
+            self.sessions[session.agent.id] = session
+            if old is not None:
+                self.log.info("agent {name} reconnected; closing its previous connection {old}",
+                              name=session.agent.name, old=old.id)
+                old.transport.close(CLOSE_NORMAL, "replaced by a newer connection")
+            self.log.info("agent {name} ({id}) connected from {ip}: session {sid}, protocol v{v}",
+                          name=session.agent.name, id=session.agent.id, ip=session.remote_ip,
+                          sid=session.id, v=session.version)
+            if change is not None:
+                self.events.publish("agent.online", online_payload(change))
+            ready.append(session)
+        self.stats.gauge("agents.connected", len(self.sessions))
+        if not ready:
+            return
+        try:
+            if self.on_connect is not None:
+                # The dispatcher first gives the agents any tasks waiting for one, so
+                # the initial taskLists already hold them.
+                yield self.on_connect(ready)
+            else:
+                yield self.send_task_lists(ready)
+        except Exception:
+            self._open_failed(Failure(), ready)
+            return
+        for session in ready:
+            if not session.ready.called:
+                session.ready.callback(session)
+
+    def _open_failed(self, failure: Any, sessions: list[AgentSession]) -> None:
+        names = ", ".join(s.agent.name for s in sessions[:5]) + (" …" if len(sessions) > 5 else "")
+        self.log.failure("could not record or bring up the session(s) of {n} agent(s) ({names})", failure,
+                         n=len(sessions), names=names)
+        for session in sessions:
+            session.transport.close(CLOSE_GOING_AWAY, "server error; reconnect later")
+            if session.id is None and not session.gone.called:  # nothing recorded to forget
+                session.gone.callback(None)
 
     def detach(self, session: AgentSession, reason: str = "") -> Deferred:
         """The websocket closed (any reason)."""
@@ -191,7 +257,11 @@ class SessionManager(Service):
         self.log.info("agent {name} disconnected ({reason}): agent {id} from {ip}, session {sid}",
                       name=session.agent.name, reason=reason or "closed", id=session.agent.id,
                       ip=session.remote_ip, sid=session.id)
-        if session.id is None:  # still being recorded; _opened will forget it
+        if session.id is None:
+            if session in self._opening:  # not recorded yet, and now it never will be
+                self._opening.remove(session)
+                session.gone.callback(None)
+            # else: still being recorded; _opened will forget it
             return session.gone
         if self.sessions.get(session.agent.id) is session:
             del self.sessions[session.agent.id]
@@ -222,6 +292,12 @@ class SessionManager(Service):
             # database error) from leaving the queue failed, which would drop every later one.
             session.ready.addCallback(lambda _: self._catalog(session, frame)).addErrback(
                 self._catalog_failed, session)
+        elif frame.event == framing.TASK_STATUS:
+            # Queued on `ready` too: only then does `view` hold what the agent was sent,
+            # which is what its statuses are checked against.
+            if self.status is not None:
+                session.ready.addCallback(lambda _: self._task_status(session, frame)).addErrback(
+                    self._status_failed, session)
         else:
             self.log.warn("agent {name} sent unknown event {event!r}; ignored", name=session.agent.name,
                           event=frame.event)
@@ -233,7 +309,9 @@ class SessionManager(Service):
         except FrameError as exc:
             self.log.warn("agent {name} sent a bad catalog: {err}", name=session.agent.name, err=str(exc))
             return session
+        session.catalog = None  # changing: unknown until written
         count = yield self.catalog.replace_agent_catalog(session.agent.id, records)
+        session.catalog = frozenset((ns, ver) for ns, ver, _ in records)
         self.log.debug("agent {name} advertises {n} metric(s)", name=session.agent.name, n=count)
         if self.on_change is not None and not session.closed:
             yield self.on_change(session)
@@ -243,34 +321,70 @@ class SessionManager(Service):
         self.log.failure("could not store the catalog of agent {name}", failure, name=session.agent.name)
         return session
 
+    def _task_status(self, session: AgentSession, frame: Frame) -> AgentSession:
+        self.status.received(session, frame)
+        return session
+
+    def _status_failed(self, failure: Any, session: AgentSession) -> AgentSession:
+        self.log.failure("could not take the task statuses of agent {name}", failure, name=session.agent.name)
+        return session
+
     # -- timers ------------------------------------------------------------------------
 
     def tick(self) -> Deferred:
+        """Every agent's heartbeat, then the taskLists that are due. Heartbeats go out
+        in slices of SLICE sessions, one slice per reactor turn, so a push that arrives
+        meanwhile is not queued behind 10,000 heartbeat writes; due taskLists are read
+        and sent SLICE agents at a time."""
         now = self.clock.seconds()
         beat = framing.encode(framing.HEARTBEAT, rfc3339(utcnow()).encode())
-        due = []
-        for session in list(self.sessions.values()):
-            if session.closed:
-                continue
-            session.transport.send_frame(beat)
-            if session.next_task_list <= now:
-                due.append(session)
-        if due:
-            return self.send_task_lists(due).addErrback(
-                lambda f: self.log.failure("sending task lists failed", f))
-        return succeed(None)
+        sessions = list(self.sessions.values())
+        due: list[AgentSession] = []
+        done: Deferred = Deferred()
+
+        def beat_slice(start: int) -> None:
+            for session in sessions[start:start + SLICE]:
+                if session.closed:
+                    continue
+                session.transport.send_frame(beat)
+                if session.next_task_list <= now:
+                    due.append(session)
+            if start + SLICE < len(sessions):
+                self.clock.callLater(0, beat_slice, start + SLICE)
+            else:
+                lists_from(0)
+
+        def lists_from(start: int) -> None:
+            if start >= len(due):
+                done.callback(None)
+                return
+            d = self.send_task_lists(due[start:start + SLICE])
+            d.addErrback(lambda f: self.log.failure("sending task lists failed", f))
+            d.addCallback(lambda _: lists_from(start + SLICE))
+
+        beat_slice(0)
+        return done
 
     @inlineCallbacks
     def send_task_lists(self, sessions: Iterable[AgentSession]):
-        """Send each agent its full enabled task list (one DB round for all of them)."""
+        """Send each agent its full enabled task list (one DB round for all of them).
+        Agents running the same tasks share the task dicts (see `share`) and the
+        encoded frame."""
         sessions = [s for s in sessions if not s.closed]
         if not sessions:
             return
         seq = self.next_read()
         lists = yield self.pool.do(tasks_for_agents, [s.agent.id for s in sessions])
         now = self.clock.seconds()
+        payloads: dict[int, dict] = {}  # id(Task) -> its shared JSON (a read shares Task objects)
+        frames: dict[tuple[int, ...], bytes] = {}
         for session in sessions:
-            read = {t.id: task_json(t) for t in lists.get(session.agent.id, [])}
+            read = {}
+            for t in lists.get(session.agent.id, []):
+                payload = payloads.get(id(t))
+                if payload is None:
+                    payload = payloads[id(t)] = self.share(task_json(t))
+                read[t.id] = payload
             view = {}
             for task_id in set(read) | set(session.view):
                 if session.decided_by.get(task_id, 0) > seq:  # a newer read decided it
@@ -283,7 +397,26 @@ class SessionManager(Service):
                     session.decided_by[task_id] = seq
             session.view = view
             session.next_task_list = now + self.task_list_interval
-            session.send(framing.TASK_LIST, sorted(view.values(), key=lambda t: (t["name"], t["id"])))
+            listed = sorted(view.values(), key=lambda t: (t["name"], t["id"]))
+            key = tuple(id(t) for t in listed)  # the dicts are alive in views: ids are stable here
+            frame = frames.get(key)
+            if frame is None:
+                frame = frames[key] = framing.encode_json(framing.TASK_LIST, listed)
+            session.send_frame(frame)
+
+    def share(self, payload: dict) -> dict:
+        """One dict per task for every session that holds it: the one already known
+        when equal, else `payload` (which becomes the known one). Each agent's view
+        would otherwise keep its own copy of every task it runs (~1 KB each)."""
+        known = self._payloads.get(payload["id"])
+        if known == payload:
+            return known
+        self._payloads[payload["id"]] = payload
+        return payload
+
+    def forget_task(self, task_id: int) -> None:
+        """The task was deleted: stop keeping its shared dict."""
+        self._payloads.pop(task_id, None)
 
     def next_read(self) -> int:
         """Number a database read that will decide what agents are told. Reads finish in

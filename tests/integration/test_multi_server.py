@@ -94,3 +94,63 @@ async def test_two_servers_behave_as_one(tmp_path, mysql_dbs, exchange):
         for server in (a, b):
             await server.stop()
     assert "Traceback" not in a.log() + b.log(), a.log() + b.log()
+
+
+async def eventually(read, check, timeout: float = 5.0):
+    """Poll `read()` until `check(value)`; well below the agent cache's 60 s max age, so
+    only the event from the other server can have refreshed what this one shows."""
+    from twisted.internet import reactor
+    from twisted.internet.task import deferLater
+
+    deadline = reactor.seconds() + timeout
+    while True:
+        value = await read()
+        if check(value):
+            return value
+        assert reactor.seconds() < deadline, f"still {value!r} after {timeout}s"
+        await deferLater(reactor, 0.05, lambda: None)
+
+
+@pytest_twisted.ensureDeferred
+async def test_agent_reads_on_one_server_follow_changes_made_through_another(tmp_path, mysql_dbs, exchange):
+    """A caches agents it was asked about; what B changes (the API, the agent's
+    connection, deletion) reaches A's GET through B's agent.* events."""
+    dsn = mysql_dbs.dsn(mysql_dbs.create("cache"))
+    common = {"db-type": "mysql", "db-connect-str": dsn, "admin-key": ADMIN_KEY, "exchange": exchange,
+              "rabbitmq-url": "amqp://guest:guest@127.0.0.1:5672/"}
+    a = ServerProcess(tmp_path, "A", **common)
+    b = ServerProcess(tmp_path, "B", **common)
+    await a.start()
+    await b.start()
+    client = None
+    try:
+        agent = await call(b, "POST", "/api/v1/agents", {"name": "roamer", "tags": ["one"]})
+        path = f"/api/v1/agents/{agent['id']}"
+
+        async def on_a():
+            resp = await treq.request("GET", a.base + path, headers=HEADERS)
+            data = await resp.json()
+            return data["body"] if resp.code == 200 else resp.code
+
+        assert (await on_a())["tags"] == ["one"]
+        assert (await on_a())["tags"] == ["one"]  # now from A's cache
+
+        await call(b, "PUT", "/api/v1/agents", {"id": agent["id"], "tags": ["two"], "public": True})
+        shown = await eventually(on_a, lambda v: v["tags"] == ["two"])
+        assert shown["public"] is True
+
+        client = connect_agent(b.base, "roamer", ADMIN_KEY)
+        await client.opened
+        await client.next("taskList")
+        await eventually(on_a, lambda v: v["online"] is True)
+        await client.disconnect()
+        await eventually(on_a, lambda v: v["online"] is False)
+
+        await call(b, "DELETE", path)
+        await eventually(on_a, lambda v: v == 404)
+    finally:
+        if client is not None and not client.closed.called and client.protocol is not None:
+            client.protocol.dropConnection(abort=True)
+        for server in (a, b):
+            await server.stop()
+    assert "Traceback" not in a.log() + b.log(), a.log() + b.log()

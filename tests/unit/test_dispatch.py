@@ -21,7 +21,7 @@ from taskd.db.tasks import Route, Task
 from taskd.server.dispatch import REMOTE_JITTER, Dispatcher
 from taskd.server.events import EventBus
 from taskd.server.render import task_json
-from taskd.server.sessions import CLOSE_NORMAL, AgentSession
+from taskd.server.sessions import CLOSE_NORMAL, AgentSession, SessionManager
 from taskd.wire import framing
 
 T0 = datetime(2024, 1, 2, 3, 4, 5)
@@ -53,10 +53,11 @@ class FakePool:
     or a Deferred for the test to fire); without one, a neutral default."""
 
     DEFAULTS: dict[str, Callable[..., Any]] = {
-        "routing_snapshot": lambda task_id, among: (None, set()),
+        "routing_snapshot": lambda task_id: (None, set()),
         "relocate_from": lambda agent_id: [],
         "release_unqualified": lambda agent_id: [],
         "assign_unassigned": lambda agent_ids: [],
+        "connect_assignments": lambda agent_ids: ([], [], {}),
         "tasks_for_agents": lambda ids: {i: [] for i in ids},
         "load_agent": lambda agent_id: None,
     }
@@ -83,10 +84,14 @@ class FakeManager:
         self.sessions: dict[int, AgentSession] = {}
         self.on_change: Any = None
         self._reads = 0
+        self._payloads: dict[int, dict] = {}
 
     def next_read(self) -> int:
         self._reads += 1
         return self._reads
+
+    share = SessionManager.share
+    forget_task = SessionManager.forget_task
 
 
 def make_agent(agent_id: int, name: str | None = None) -> Agent:
@@ -127,7 +132,7 @@ class Rig:
 
     def route(self, task: Task | None, *agent_ids: int) -> None:
         """From now on the database says: `task` is routed to `agent_ids`."""
-        self.pool.handlers["routing_snapshot"] = lambda task_id, among: (task, set(agent_ids) & set(among))
+        self.pool.handlers["routing_snapshot"] = lambda task_id: (task, set(agent_ids))
 
     def relocations(self) -> list[Any]:
         return [c for c in self.clock.getDelayedCalls() if c.func == self.dispatcher._relocate]
@@ -190,7 +195,7 @@ def test_task_events_push_the_databases_routing_to_local_agents(rig):
     task = make_task()
     rig.route(task, 2)
     rig.events.publish("task.created", task_json(task))
-    assert rig.pool.called("routing_snapshot") == [(1, [1, 2])]
+    assert rig.pool.called("routing_snapshot") == [(1,)]  # no list of local agents
     assert rig.transports[1].take() == []
     assert rig.transports[2].take() == [("taskAdd", task_json(task))]
 
@@ -228,13 +233,97 @@ def test_no_local_agents_means_no_database_read(rig):
     assert rig.pool.called("routing_snapshot") == []
 
 
+# -- a task this server just created: routed from the sessions -----------------------------
+
+def routed_task(task_id: int = 1, *, route: dict, metrics: dict | None = None, enabled: bool = True,
+                org_id: int = 1) -> dict:
+    payload = task_json(make_task(task_id, enabled=enabled))
+    return {**payload, "orgId": org_id, "route": route, "metrics": metrics if metrics is not None else {}}
+
+
+def with_agent(rig: Rig, agent_id: int, *, org_id: int = 1, tags: tuple = (), catalog=frozenset()) -> None:
+    session = rig.connect(agent_id)
+    session.agent = Agent(agent_id, org_id, f"agent{agent_id}", True, T0, True, tags, True, T0, T0, T0)
+    session.catalog = catalog
+
+
+def test_a_created_by_ids_task_is_routed_from_memory(rig):
+    for i in (1, 2):
+        rig.session(i).catalog = frozenset()
+    payload = routed_task(route={"type": "byIds", "config": {"ids": [2, 99]}})
+    rig.events.publish("task.created", payload)
+    assert rig.pool.called("routing_snapshot") == []
+    assert rig.transports[2].take() == [("taskAdd", payload)]
+    assert rig.transports[1].take() == []
+    assert rig.session(2).view == {1: payload}
+
+
+def test_a_created_by_tags_task_goes_to_the_tagged_agents_of_its_org(rig):
+    rig.manager.sessions.clear()
+    with_agent(rig, 1, tags=("web", "db"))
+    with_agent(rig, 2, tags=("db",), org_id=2)  # another org's agent: tags are per org
+    with_agent(rig, 3, tags=("other",))
+    payload = routed_task(route={"type": "byTags", "config": {"tags": ["db", "x"]}})
+    rig.events.publish("task.created", payload)
+    assert rig.pool.called("routing_snapshot") == []
+    assert [rig.transports[i].take() for i in (1, 2, 3)] == [[("taskAdd", payload)], [], []]
+
+
+def test_catalogs_decide_in_memory_as_in_the_database(rig):
+    rig.manager.sessions.clear()
+    with_agent(rig, 1, tags=("t",), catalog=frozenset({("/x/cpu", 2)}))
+    with_agent(rig, 2, tags=("t",), catalog=frozenset({("/y/mem", 1)}))
+    with_agent(rig, 3, tags=("t",), catalog=frozenset())  # advertises nothing: runs anything
+    payload = routed_task(route={"type": "byTags", "config": {"tags": ["t"]}}, metrics={"/x/*": 0})
+    rig.events.publish("task.created", payload)
+    assert rig.pool.called("routing_snapshot") == []
+    assert [bool(rig.transports[i].take()) for i in (1, 2, 3)] == [True, False, True]
+
+
+def test_the_database_decides_when_memory_cannot(rig):
+    rig.manager.sessions.clear()
+    with_agent(rig, 1, tags=("t",), catalog=None)  # its catalog is being written
+    tagged = routed_task(1, route={"type": "byTags", "config": {"tags": ["t"]}}, metrics={"/x/*": 0})
+    rig.events.publish("task.created", tagged)
+    assert rig.pool.called("routing_snapshot") == [(1,)]
+
+    rig.session(1).catalog = frozenset()
+    anywhere = routed_task(2, route={"type": "any"})
+    rig.events.publish("task.created", anywhere)  # `any`: its agent is chosen in the database
+    assert rig.pool.called("routing_snapshot")[-1] == (2,)
+
+    remote = routed_task(3, route={"type": "byTags", "config": {"tags": ["t"]}})
+    rig.remote("task.created", remote)  # created elsewhere: re-read, as for every change
+    assert rig.pool.called("routing_snapshot")[-1] == (3,)
+
+    held: Deferred = Deferred()
+    rig.pool.handlers["load_agent"] = lambda agent_id: held
+    rig.events.publish("agent.updated", {"old": {"id": 1}, "new": {"id": 1}})  # tags may have changed
+    reloading = routed_task(4, route={"type": "byTags", "config": {"tags": ["t"]}})
+    rig.events.publish("task.created", reloading)
+    assert rig.pool.called("routing_snapshot")[-1] == (4,)
+    held.callback(None)
+    fresh = routed_task(5, route={"type": "byTags", "config": {"tags": ["t"]}})
+    rig.events.publish("task.created", fresh)
+    assert rig.pool.called("routing_snapshot")[-1] == (4,)  # reloaded: memory again
+
+
+def test_a_created_disabled_task_sends_nothing(rig):
+    for i in (1, 2):
+        rig.session(i).catalog = frozenset()
+    rig.events.publish("task.created", routed_task(route={"type": "byIds", "config": {"ids": [1, 2]}},
+                                                   enabled=False))
+    assert rig.pool.called("routing_snapshot") == []
+    assert rig.transports[1].take() == [] and rig.transports[2].take() == []
+
+
 # -- serialised pushes -----------------------------------------------------------------
 
 def test_pushes_for_one_task_are_serialised_so_a_slow_read_cannot_win(rig):
     """The first read is slow; a second change arrives meanwhile. The second read only
     starts once the first push is applied, so the agent ends with the later state."""
     reads: list[Deferred] = []
-    rig.pool.handlers["routing_snapshot"] = lambda task_id, among: reads.append(Deferred()) or reads[-1]
+    rig.pool.handlers["routing_snapshot"] = lambda task_id: reads.append(Deferred()) or reads[-1]
     old, new = make_task(interval=60), make_task(interval=30)
     first = rig.dispatcher.task_changed(1)
     second = rig.dispatcher.task_changed(1)
@@ -253,7 +342,7 @@ def test_pushes_for_one_task_are_serialised_so_a_slow_read_cannot_win(rig):
 
 def test_pushes_for_different_tasks_do_not_wait_for_each_other(rig):
     reads: dict[int, Deferred] = {}
-    rig.pool.handlers["routing_snapshot"] = lambda task_id, among: reads.setdefault(task_id, Deferred())
+    rig.pool.handlers["routing_snapshot"] = lambda task_id: reads.setdefault(task_id, Deferred())
     rig.dispatcher.task_changed(1)
     rig.dispatcher.task_changed(2)
     assert sorted(reads) == [1, 2]
@@ -263,7 +352,7 @@ def test_pushes_for_different_tasks_do_not_wait_for_each_other(rig):
 
 def test_a_failed_push_does_not_block_the_next_one(rig):
     reads = iter([fail(RuntimeError("db down")), succeed((make_task(), {1}))])
-    rig.pool.handlers["routing_snapshot"] = lambda task_id, among: next(reads)
+    rig.pool.handlers["routing_snapshot"] = lambda task_id: next(reads)
     first = rig.dispatcher.task_changed(1)
     second = rig.dispatcher.task_changed(1)
     assert first.called and second.called
@@ -362,6 +451,25 @@ def test_agent_changed_assigns_then_resyncs_the_view(rig):
     assert session.view == {1: task_json(kept), 2: task_json(newer), 4: task_json(fresh)}
 
 
+def test_connecting_agents_get_assignments_and_task_lists_as_one_batch(rig):
+    """One assignment transaction and one taskList read for all agents of a batch; the
+    tasks assigned are in their first taskList and announced to the other servers."""
+    s1, s2 = rig.session(1), rig.session(2)
+    given, moved = make_task(4), make_task(5)
+    order: list[Any] = []
+    rig.pool.handlers["connect_assignments"] = lambda ids: order.append("assign") or (
+        [(moved, 9)], [(given, 2)], {1: frozenset({("/x/y", 1)}), 2: frozenset()})
+    rig.manager.send_task_lists = lambda sessions: order.append([s.agent.id for s in sessions]) or succeed(None)
+    done = rig.dispatcher.agents_connected([s1, s2])
+    assert done.called
+    assert rig.pool.called("connect_assignments") == [([1, 2],)]
+    assert order == ["assign", [1, 2]]  # assigned first, so the taskLists hold the tasks
+    assert s1.catalog == frozenset({("/x/y", 1)}) and s2.catalog == frozenset()  # known from now on
+    assert rig.pool.called("release_unqualified") == rig.pool.called("assign_unassigned") == []
+    announced = [p["new"]["id"] for t, p in rig.published if t == "task.updated"]
+    assert sorted(announced) == [4, 5]
+
+
 def test_agent_deleted_closes_its_local_session_and_sweeps(rig):
     rig.remote("agent.deleted", {"id": 2, "name": "agent2", "orgId": 1})
     assert rig.transports[2].closes == [(CLOSE_NORMAL, "agent deleted")]
@@ -406,7 +514,7 @@ def test_a_slow_task_list_read_does_not_undo_a_newer_push(rig):
     held: Deferred = Deferred()
     rig.pool.handlers["tasks_for_agents"] = lambda ids: held
     rig.dispatcher.resync(session)                      # read #1 starts, held
-    rig.pool.handlers["routing_snapshot"] = lambda task_id, among: (new, {1})
+    rig.pool.handlers["routing_snapshot"] = lambda task_id: (new, {1})
     rig.dispatcher.task_changed(1)                      # read #2 starts and applies
     assert transport.take() == [("taskUpdate", task_json(new))]
     held.callback({1: [old]})                           # read #1 finishes with stale data

@@ -330,7 +330,7 @@ def test_dispatch_latency_runs_from_the_event_to_the_frame_written():
     try:
         rig.dispatcher.stats = stats = Recorder()
         reads: list[Deferred] = []
-        rig.pool.handlers["routing_snapshot"] = lambda task_id, among: reads.append(Deferred()) or reads[-1]
+        rig.pool.handlers["routing_snapshot"] = lambda task_id: reads.append(Deferred()) or reads[-1]
         rig.events.publish("task.created", task_json(make_task()))  # received at t=0
         rig.clock.advance(0.25)                                     # the database read takes 250 ms
         reads[0].callback((make_task(), {1}))

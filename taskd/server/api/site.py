@@ -7,10 +7,15 @@ not kept in memory: its bytes are discarded as they arrive and the API answers 4
 """
 from __future__ import annotations
 
+from twisted.logger import Logger, LogLevel
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request, Site
 
+from taskd.logsetup import level_enabled
 from taskd.server.api.envelope import error
+
+ACCESS_NAMESPACE = "taskd.server.access"
+access_log = Logger(namespace=ACCESS_NAMESPACE)
 
 
 class TaskdRequest(Request):
@@ -38,6 +43,22 @@ class TaskdRequest(Request):
 
 class TaskdSite(Site):
     requestFactory = TaskdRequest
+
+    def log(self, request: Request) -> None:
+        """One access line per request (method, URI, status, size, client; never
+        headers), at debug: at a few thousand requests/s, twisted.web's combined-format
+        line through the legacy log at info took a tenth of the reactor's time
+        (bench/analysis.md, API GET); not even built when debug is off."""
+        if not level_enabled(ACCESS_NAMESPACE, LogLevel.debug):
+            return
+        access_log.debug(
+            "{method} {uri} {code} {length} {ip}",
+            method=request.method.decode("ascii", "replace"),
+            uri=request.uri.decode("utf-8", "replace"),
+            code=request.code,
+            length=request.sentLength,
+            ip=getattr(request.getClientAddress(), "host", "-"),
+        )
 
     def __init__(self, resource: IResource, *, max_body_size: int, **kwargs) -> None:
         super().__init__(resource, parsePOSTFormSubmission=False, **kwargs)

@@ -1,0 +1,39 @@
+"""POST /api/v1/tasks under concurrency: creates arriving while a transaction runs are
+written together in the next one, and each request still gets its own answer (a taken
+name or a bad route fails only that request)."""
+from __future__ import annotations
+
+import pytest
+import pytest_twisted
+from twisted.internet.defer import Deferred, gatherResults
+
+TASK = {"metrics": {"/a/*": 0}, "config": {"/a": {"k": "v"}}, "interval": 60, "enabled": True,
+        "route": {"type": "byTags", "config": {"tags": ["x"]}}}
+
+
+@pytest_twisted.ensureDeferred
+async def test_concurrent_creates_share_transactions_and_fail_alone(api):
+    await api.ok("POST", "/api/v1/tasks", json_body={**TASK, "name": "taken"})
+    store = api.server.tasks.tasks
+    before = store.create_transactions
+    bodies = [{**TASK, "name": f"t{i:02d}"} for i in range(12)]
+    bodies[3] = {**TASK, "name": "taken"}
+    bodies[7] = {**TASK, "name": "bad-route", "route": {"type": "byIds", "config": {"ids": [987654]}}}
+    bodies[9] = {**TASK, "name": "t08"}  # the same name twice in one batch: only one wins
+    replies = await gatherResults([Deferred.fromCoroutine(api.request("POST", "/api/v1/tasks", json_body=b))
+                                   for b in bodies])
+    statuses = [r.status for r in replies]
+    assert statuses[3] == 409 and "taken" in replies[3].meta["message"]
+    assert statuses[7] == 400 and "987654" in replies[7].meta["message"]
+    assert sorted([statuses[8], statuses[9]]) == [200, 409]
+    ok = [r.body for r in replies if r.status == 200]
+    assert len(ok) == 9
+    assert store.create_transactions - before < len(bodies)  # some shared a transaction
+    for created in ok:  # what each request was answered is what was stored
+        got = await api.ok("GET", f"/api/v1/tasks/{created['id']}")
+        assert {k: got[k] for k in created} == created
+    names = sorted(t["name"] for t in await api.ok("GET", "/api/v1/tasks", params={"limit": 100}))
+    assert names == sorted(["taken"] + [b["name"] for i, b in enumerate(bodies) if i not in (3, 7, 9)])
+
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")

@@ -1,0 +1,260 @@
+"""SessionManager batches session opens: agents that connect close together are recorded
+in one transaction and brought up together (fakes for the store and pool, a Clock)."""
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+import pytest
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.task import Clock
+
+from taskd.db.agents import Agent
+from taskd.db.sessions import OnlineChange
+from taskd.server import sessions as sessions_module
+from taskd.server.events import EventBus
+from taskd.server.sessions import CLOSE_GOING_AWAY, CLOSE_NORMAL, SessionManager
+from taskd.wire import framing
+
+T0 = datetime(2024, 1, 2, 3, 4, 5)
+
+
+class FakeTransport:
+    def __init__(self) -> None:
+        self.frames: list[tuple[str, Any]] = []
+        self.closes: list[tuple[int, str]] = []
+
+    def send_frame(self, data: bytes) -> None:
+        frame = framing.decode(data)
+        self.frames.append((frame.event, frame.json()))
+
+    def close(self, code: int, reason: str) -> None:
+        self.closes.append((code, reason))
+
+
+class FakeStore:
+    """open_many answers with a Deferred the test fires (`finish`)."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[tuple[int, int, str]]] = []
+        self.pending: list[Deferred] = []
+        self.closed: list[tuple[str, int]] = []
+
+    def open_many(self, items, *, server):
+        self.batches.append(list(items))
+        d: Deferred = Deferred()
+        self.pending.append(d)
+        return d
+
+    def close(self, session_id, agent_id):
+        self.closed.append((session_id, agent_id))
+        return succeed(None)
+
+    def finish(self, index: int = 0, *, offline: set[int] = frozenset(), missing: set[int] = frozenset()) -> None:
+        items = self.batches[index]
+        seen: set[int] = set()
+        out = []
+        for n, (agent_id, _, _) in enumerate(items):
+            if agent_id in missing:
+                out.append((None, None))
+                continue
+            change = None
+            if agent_id in offline and agent_id not in seen:
+                change = OnlineChange(agent_id, f"agent{agent_id}", 1, True)
+            seen.add(agent_id)
+            out.append((f"s{index}-{n}", change))
+        self.pending[index].callback(out)
+
+
+class FakePool:
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, tuple]] = []
+
+    def do(self, fn, *args):
+        self.calls.append((fn.__name__, args))
+        if fn.__name__ == "tasks_for_agents":
+            return succeed({i: [] for i in args[0]})
+        raise AssertionError(fn.__name__)
+
+
+def agent(agent_id: int) -> Agent:
+    return Agent(agent_id, 1, f"agent{agent_id}", True, T0, True, (), False, None, T0, T0)
+
+
+class Rig:
+    def __init__(self) -> None:
+        self.clock = Clock()
+        self.store = FakeStore()
+        self.pool = FakePool()
+        self.events = EventBus("here")
+        self.published: list[tuple[str, Any]] = []
+        self.events.subscribe(lambda e: self.published.append((e.type, e.payload)))
+        self.manager = SessionManager(pool=self.pool, store=self.store, catalog=None, events=self.events,
+                                      instance_id="here", clock=self.clock)
+        self.transports: dict[int, FakeTransport] = {}
+
+    def attach(self, agent_id: int):
+        transport = self.transports[agent_id] = FakeTransport()
+        return self.manager.attach(agent(agent_id), 1, "10.0.0.1", transport)
+
+    def task_list_reads(self) -> list:
+        return [args[0] for name, args in self.pool.calls if name == "tasks_for_agents"]
+
+
+@pytest.fixture
+def rig() -> Rig:
+    return Rig()
+
+
+def test_sessions_opening_in_one_turn_are_recorded_together(rig):
+    sessions = [rig.attach(i) for i in (1, 2, 3)]
+    assert rig.store.batches == []  # recorded on the next reactor turn
+    rig.clock.advance(0)
+    assert rig.store.batches == [[(1, 1, "10.0.0.1"), (2, 1, "10.0.0.1"), (3, 1, "10.0.0.1")]]
+    rig.store.finish(0, offline={1, 3})
+    assert [("agent.online", 1), ("agent.online", 3)] == [(t, p["id"]) for t, p in rig.published]
+    assert rig.task_list_reads() == [[1, 2, 3]]  # one read for every first taskList
+    for i, s in zip((1, 2, 3), sessions):
+        assert s.ready.called and s.id is not None
+        assert rig.transports[i].frames == [("taskList", [])]
+    assert sorted(rig.manager.sessions) == [1, 2, 3]
+
+
+def test_sessions_opening_while_a_batch_is_recorded_form_the_next_batch(rig):
+    rig.attach(1)
+    rig.clock.advance(0)
+    for i in (2, 3):
+        rig.attach(i)
+    rig.clock.advance(0)
+    assert len(rig.store.batches) == 1  # waits for the batch in flight
+    rig.store.finish(0)
+    rig.clock.advance(0)
+    assert [[a for a, _, _ in b] for b in rig.store.batches] == [[1], [2, 3]]
+    rig.store.finish(1)
+    assert rig.task_list_reads() == [[1], [2, 3]]
+
+
+def test_a_batch_is_bounded(rig, monkeypatch):
+    monkeypatch.setattr(sessions_module, "OPEN_BATCH", 2)
+    for i in range(1, 6):
+        rig.attach(i)
+    rig.clock.advance(0)
+    rig.store.finish(0)
+    rig.clock.advance(0)
+    rig.store.finish(1)
+    rig.clock.advance(0)
+    assert [[a for a, _, _ in b] for b in rig.store.batches] == [[1, 2], [3, 4], [5]]
+
+
+def test_a_session_closed_before_its_batch_is_never_recorded(rig):
+    gone = rig.attach(1)
+    kept = rig.attach(2)
+    rig.manager.detach(gone, "closed")
+    assert gone.gone.called
+    rig.clock.advance(0)
+    assert [[a for a, _, _ in b] for b in rig.store.batches] == [[2]]
+    rig.store.finish(0)
+    assert kept.ready.called and list(rig.manager.sessions) == [2]
+
+
+def test_a_session_closed_while_its_batch_is_recorded_is_forgotten(rig):
+    closing = rig.attach(1)
+    rig.attach(2)
+    rig.clock.advance(0)
+    rig.manager.detach(closing, "closed")
+    rig.store.finish(0, offline={1, 2})
+    assert rig.store.closed == [("s0-0", 1)]
+    assert closing.gone.called and not closing.ready.called
+    assert list(rig.manager.sessions) == [2]
+    assert rig.task_list_reads() == [[2]]
+
+
+def test_an_agent_deleted_before_it_was_recorded_is_closed(rig):
+    deleted = rig.attach(1)
+    rig.attach(2)
+    rig.clock.advance(0)
+    rig.store.finish(0, missing={1})
+    assert rig.transports[1].closes == [(CLOSE_NORMAL, "agent deleted")]
+    assert deleted.gone.called and not deleted.ready.called
+    assert list(rig.manager.sessions) == [2] and rig.transports[2].frames == [("taskList", [])]
+
+
+def test_a_failed_batch_closes_its_sessions_and_the_next_batch_still_runs(rig):
+    first = rig.attach(1)
+    rig.clock.advance(0)
+    rig.attach(2)
+    rig.store.pending[0].errback(RuntimeError("database down"))
+    assert rig.transports[1].closes == [(CLOSE_GOING_AWAY, "server error; reconnect later")]
+    assert first.gone.called and rig.manager.sessions == {}
+    rig.clock.advance(0)
+    rig.store.finish(1)
+    assert list(rig.manager.sessions) == [2]
+
+
+def test_a_second_connection_in_the_same_batch_replaces_the_first(rig):
+    first = rig.attach(1)
+    transport_first = rig.transports[1]
+    second = rig.attach(1)
+    rig.clock.advance(0)
+    rig.store.finish(0, offline={1})
+    assert rig.manager.sessions[1] is second
+    assert transport_first.closes == [(CLOSE_NORMAL, "replaced by a newer connection")]
+    assert [t for t, _ in rig.published] == ["agent.online"]  # online once
+    assert first.id != second.id
+
+
+def test_the_dispatcher_brings_a_batch_up_with_one_assignment_transaction(rig):
+    calls = []
+
+    def on_connect(sessions):
+        calls.append([s.agent.id for s in sessions])
+        return rig.manager.send_task_lists(sessions)
+
+    rig.manager.on_connect = on_connect
+    for i in (1, 2):
+        rig.attach(i)
+    rig.clock.advance(0)
+    rig.store.finish(0)
+    assert calls == [[1, 2]]
+
+
+def test_stopping_closes_sessions_still_waiting_for_their_batch(rig):
+    waiting = rig.attach(1)
+    rig.manager.store.clear_server = lambda server: succeed([])
+    rig.manager.startService()
+    rig.manager.stopService()
+    assert rig.transports[1].closes == [(CLOSE_NORMAL, "server shutting down")]
+    assert waiting.gone.called
+    rig.clock.advance(1)
+    assert rig.store.batches == []
+
+
+def test_a_sessions_catalog_is_unknown_while_written_then_known(rig):
+    held: Deferred = Deferred()
+
+    class Catalog:
+        def replace_agent_catalog(self, agent_id, records):
+            return held
+
+    rig.manager.catalog = Catalog()
+    session = rig.attach(1)
+    rig.clock.advance(0)
+    rig.store.finish(0)
+    session.catalog = frozenset()  # as loaded when it connected
+    rig.manager.frame_received(session, framing.encode_json(framing.CATALOG, [
+        {"namespace": "/a/b", "version": 2}, {"namespace": "/c", "version": 0, "policy": None}]))
+    assert session.catalog is None  # routing asks the database meanwhile
+    held.callback(2)
+    assert session.catalog == frozenset({("/a/b", 2), ("/c", 0)})
+
+
+def test_a_batch_recorded_while_stopping_is_closed_not_brought_up(rig):
+    rig.manager.store.clear_server = lambda server: succeed([])
+    rig.manager.startService()
+    late = rig.attach(1)
+    rig.clock.advance(0)  # its batch is being recorded...
+    rig.manager.stopService()  # ...when the server stops
+    rig.store.finish(0, offline={1})
+    assert rig.transports[1].closes == [(CLOSE_NORMAL, "server shutting down")]
+    assert rig.store.closed == [("s0-0", 1)] and late.gone.called
+    assert rig.manager.sessions == {} and rig.task_list_reads() == []

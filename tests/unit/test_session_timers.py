@@ -1,0 +1,142 @@
+"""SessionManager's shared timer and taskLists: heartbeats in slices (a push is never
+queued behind every heartbeat), due taskLists read a slice at a time, and one task dict
+and one encoded frame shared by every agent that runs the same tasks."""
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from twisted.internet.defer import succeed
+from twisted.internet.task import Clock
+
+from taskd.db.agents import Agent
+from taskd.db.tasks import Route, Task
+from taskd.server import sessions as sessions_module
+from taskd.server.events import EventBus
+from taskd.server.render import task_json
+from taskd.server.sessions import AgentSession, SessionManager
+from taskd.wire import framing
+
+T0 = datetime(2024, 1, 2, 3, 4, 5)
+
+
+class Transport:
+    def __init__(self, log: list) -> None:
+        self.log = log  # shared by all transports: the order frames were written in
+        self.frames: list[tuple[str, Any]] = []
+
+    def send_frame(self, data: bytes) -> None:
+        frame = framing.decode(data)
+        self.frames.append((frame.event, frame.payload))
+        self.log.append((self, frame.event))
+
+    def close(self, code: int, reason: str) -> None:
+        pass
+
+
+class Pool:
+    def __init__(self, tasks: dict[int, list[Task]] | None = None) -> None:
+        self.tasks = tasks or {}
+        self.reads: list[list[int]] = []
+
+    def do(self, fn, ids):
+        assert fn.__name__ == "tasks_for_agents"
+        self.reads.append(list(ids))
+        return succeed({i: list(self.tasks.get(i, [])) for i in ids})
+
+
+def task(task_id: int, interval: int = 60) -> Task:
+    return Task(task_id, 1, f"task-{task_id}", "", {"/x": {"a": 1}}, interval, Route("byTags", {"tags": ["t"]}),
+                {}, True, T0, T0)
+
+
+class Turns:
+    """A clock whose callLater(0, ...) calls run only at the next `turn()`, like the
+    reactor's (twisted's Clock would run them all in one advance)."""
+
+    def __init__(self) -> None:
+        self.queued: list = []
+
+    def seconds(self) -> float:
+        return 0.0
+
+    def callLater(self, delay, fn, *args):
+        self.queued.append((fn, args))
+
+    def turn(self) -> None:
+        queued, self.queued = self.queued, []
+        for fn, args in queued:
+            fn(*args)
+
+
+def make(n: int, pool: Pool, clock: Any = None) -> tuple[SessionManager, Any, list]:
+    clock = clock or Clock()
+    manager = SessionManager(pool=pool, store=None, catalog=None, events=EventBus("here"), instance_id="here",
+                             clock=clock)
+    written: list = []
+    for i in range(1, n + 1):
+        agent = Agent(i, 1, f"a{i}", True, T0, True, (), True, T0, T0, T0)
+        session = AgentSession(agent, 1, "10.0.0.1", Transport(written), id=f"s{i}")
+        session.next_task_list = 1e9  # not due
+        manager.sessions[i] = session
+    return manager, clock, written
+
+
+def beats(manager: SessionManager) -> int:
+    return sum(1 for s in manager.sessions.values() for e, _ in s.transport.frames if e == framing.HEARTBEAT)
+
+
+def test_heartbeats_go_out_a_slice_per_reactor_turn(monkeypatch):
+    monkeypatch.setattr(sessions_module, "SLICE", 1000)
+    manager, clock, written = make(2500, Pool(), Turns())
+    done = manager.tick()
+    assert beats(manager) == 1000 and not done.called
+    # a push in between goes out now, not after the remaining 1,500 heartbeats
+    last = manager.sessions[2500]
+    last.send_frame(framing.encode_json(framing.TASK_ADD, {"id": 1}))
+    assert written[-1] == (last.transport, framing.TASK_ADD)
+    clock.turn()
+    assert beats(manager) == 2000
+    clock.turn()
+    assert beats(manager) == 2500 and done.called
+    assert [e for e, _ in last.transport.frames] == [framing.TASK_ADD, framing.HEARTBEAT]
+
+
+def test_due_task_lists_are_read_a_slice_at_a_time(monkeypatch):
+    monkeypatch.setattr(sessions_module, "SLICE", 2)
+    pool = Pool()
+    manager, clock, _ = make(5, pool)
+    for i in (1, 2, 4, 5):
+        manager.sessions[i].next_task_list = 0.0
+    done = manager.tick()
+    clock.advance(0)
+    clock.advance(0)
+    assert done.called
+    assert pool.reads == [[1, 2], [4, 5]]
+    assert [e for e, _ in manager.sessions[3].transport.frames] == [framing.HEARTBEAT]
+    assert [e for e, _ in manager.sessions[5].transport.frames] == [framing.HEARTBEAT, framing.TASK_LIST]
+
+
+def test_agents_running_the_same_tasks_share_the_dicts_and_the_frame(monkeypatch):
+    t1, t2 = task(1), task(2)
+    pool = Pool({1: [t1, t2], 2: [t1, t2], 3: [t1]})
+    manager, clock, _ = make(3, pool)
+    encoded: list[str] = []
+    real = framing.encode_json
+    monkeypatch.setattr(framing, "encode_json", lambda event, value: encoded.append(event) or real(event, value))
+    manager.send_task_lists(list(manager.sessions.values()))
+    s1, s2, s3 = (manager.sessions[i] for i in (1, 2, 3))
+    assert s1.view[1] is s2.view[1] is s3.view[1] and s1.view[2] is s2.view[2]
+    assert encoded == [framing.TASK_LIST, framing.TASK_LIST]  # two distinct lists, three agents
+    assert s1.transport.frames[-1] == (framing.TASK_LIST, s2.transport.frames[-1][1])
+    # a later read (a new Task object, equal content) keeps the same shared dict ...
+    pool.tasks = {1: [task(1), task(2)]}
+    manager.send_task_lists([s1])
+    assert s1.view[1] is s2.view[1]
+    # ... and a changed task replaces it for whoever is told next
+    pool.tasks = {1: [task(1, interval=10), task(2)]}
+    manager.send_task_lists([s1])
+    assert s1.view[1] == task_json(task(1, interval=10)) and s2.view[1] == task_json(t1)
+    assert manager.share(task_json(task(1, interval=10))) is s1.view[1]
+    manager.forget_task(1)
+    assert manager.share(task_json(task(1, interval=10))) is not s1.view[1]
