@@ -11,6 +11,7 @@ import uuid
 import pymysql
 import pytest
 import sqlalchemy as sa
+from twisted.logger import globalLogPublisher
 
 from taskd.db import models
 
@@ -79,3 +80,12 @@ def db_config(request, tmp_path, shared_mysql_db, mysql_dbs) -> tuple[str, str]:
     if request.param == "sqlite":
         return "sqlite3", str(tmp_path / "task-server.db")
     return "mysql", mysql_dbs.dsn(shared_mysql_db)
+
+
+@pytest.fixture
+def logs():
+    """Every log event emitted while the test runs (debug included), as dicts."""
+    events: list[dict] = []
+    globalLogPublisher.addObserver(events.append)
+    yield events
+    globalLogPublisher.removeObserver(events.append)

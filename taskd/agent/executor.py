@@ -14,6 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Protocol
 
+from twisted.logger import Logger
+
 OK = "ok"
 ERROR = "error"
 PENDING = "pending"  # known to the executor, not run yet
@@ -71,3 +73,24 @@ class Executor(Protocol):
 
     def resend_catalog(self) -> None:
         """Send the catalog again (called on every connection to a server)."""
+
+
+def desired_tasks(tasks: Mapping[Any, Any], log: Logger) -> dict[int, dict]:
+    """The runnable part of a desired set: integer ids, JSON-object tasks, not disabled.
+
+    Both executors take the cache's set through this, so they agree on what to ignore
+    (each ignored entry is logged; the server sends enabled tasks only, so a disabled one
+    is dropped silently).
+    """
+    desired: dict[int, dict] = {}
+    for key, task in tasks.items():
+        try:
+            task_id = int(key)
+        except (TypeError, ValueError):
+            log.warn("ignoring a task with id {key!r}: not an integer", key=key)
+            continue
+        if not isinstance(task, Mapping):
+            log.warn("ignoring task {id}: not a JSON object", id=task_id)
+        elif task.get("enabled", True) is not False:
+            desired[task_id] = dict(task)
+    return desired

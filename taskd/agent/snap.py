@@ -60,7 +60,7 @@ from taskd.agent.snap_wire import (  # re-exported: callers and tests use these 
     snap_task_request,
     updated_after_creation,
 )
-from taskd.agent.executor import TaskStatus
+from taskd.agent.executor import TaskStatus, desired_tasks
 from taskd.agent.snap_status import SnapStatusTracker
 from taskd.stats import NULL_STATS
 
@@ -136,18 +136,7 @@ class SnapDriver(Service):
 
     def set_tasks(self, tasks: Mapping[int, dict]) -> None:
         """The full desired set (server task JSON by task id); reconciles soon."""
-        desired: dict[int, dict] = {}
-        for key, task in tasks.items():
-            try:
-                task_id = int(key)
-            except (TypeError, ValueError):
-                self.log.warn("ignoring a task with id {key!r}: not an integer", key=key)
-                continue
-            if not isinstance(task, Mapping):
-                self.log.warn("ignoring task {id}: not a JSON object", id=task_id)
-            elif task.get("enabled", True) is not False:  # the server sends enabled ones only
-                desired[task_id] = dict(task)
-        self._desired = desired
+        self._desired = desired_tasks(tasks, self.log)
         self._want_reconcile()
 
     def resend_catalog(self) -> None:

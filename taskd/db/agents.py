@@ -236,7 +236,8 @@ class AgentStore:
             if old is not None:
                 # Explicit deletes as well as ON DELETE CASCADE: sqlite files created
                 # with foreign keys off, or tables from older tools, stay consistent.
-                for table in (m.agent_tag, m.agent_session, m.agent_metric, m.route_by_id_index, m.route_by_any_index):
+                for table in (m.agent_tag, m.agent_session, m.agent_metric, m.route_by_id_index, m.route_by_any_index,
+                              m.task_status):
                     conn.execute(sa.delete(table).where(table.c.agent_id == agent_id))
                 conn.execute(sa.delete(m.agent).where(m.agent.c.id == agent_id))
                 # The org catalog is derived from agents' metrics: drop what only it gave.

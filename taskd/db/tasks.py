@@ -278,6 +278,9 @@ class TaskStore:
             if old is None:
                 raise NotFound(f"task {task_id} does not exist in this org")
             _delete_children(conn, task_id)
+            # Statuses outlive updates (a fixed task clears its error on the next run),
+            # so they are not a child _delete_children rewrites; they go with the task.
+            conn.execute(sa.delete(m.task_status).where(m.task_status.c.task_id == task_id))
             conn.execute(sa.delete(m.task).where(m.task.c.id == task_id))
             return old
 

@@ -17,9 +17,10 @@ import json
 from typing import Any
 
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
-from twisted.protocols.policies import WrappingFactory
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
+
+from tests.fakes.loopback import TrackingFactory
 
 __all__ = ["CheckKeyResource", "FakeAuthEndpoint", "org", "start_auth_endpoint", "MODES"]
 
@@ -65,30 +66,6 @@ class CheckKeyResource(Resource):
         return json.dumps({"id": 1, "name": "key", **answer}).encode()
 
 
-class _TrackingFactory(WrappingFactory):
-    """Knows its open connections, so stop() can close them and wait."""
-
-    def __init__(self, wrapped: Site) -> None:
-        super().__init__(wrapped)
-        self._all_closed: list[Deferred[None]] = []
-
-    def unregisterProtocol(self, p: Any) -> None:
-        super().unregisterProtocol(p)
-        if not self.protocols:
-            waiting, self._all_closed = self._all_closed, []
-            for d in waiting:
-                d.callback(None)
-
-    def close_all(self) -> Deferred[None]:
-        if not self.protocols:
-            return succeed(None)
-        d: Deferred[None] = Deferred()
-        self._all_closed.append(d)
-        for p in list(self.protocols):
-            p.transport.abortConnection()
-        return d
-
-
 class FakeAuthEndpoint:
     """A running emulator: change ``keys`` and ``mode`` at any time."""
 
@@ -99,7 +76,7 @@ class FakeAuthEndpoint:
         self.tokens: list[str] = []  # every token received, in order
         self.url = ""
         self._port: Any = None
-        self._factory = _TrackingFactory(Site(CheckKeyResource(self)))
+        self._factory = TrackingFactory(Site(CheckKeyResource(self)))
 
     def start(self, reactor: Any = None) -> FakeAuthEndpoint:
         if reactor is None:

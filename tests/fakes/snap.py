@@ -35,11 +35,10 @@ import json
 from typing import Any, Callable
 from urllib.parse import quote_plus
 
-from twisted.internet.defer import Deferred, maybeDeferred, succeed
-from twisted.protocols.policies import WrappingFactory
 from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET, Request, Site
+from twisted.web.server import NOT_DONE_YET, Request
 
+from tests.fakes.loopback import LoopbackServer
 from tests.fakes.snap_state import SnapFault, SnapState, ns_matches, go_value
 
 __all__ = ["SnapEmulator", "SnapFault", "metric", "TYPES"]
@@ -237,36 +236,7 @@ def _task_action(snap: SnapEmulator, method: str, p: list[str], body: bytes, hos
 
 # -- the server ---------------------------------------------------------------------------
 
-class _QuietSite(Site):
-    noisy = False
-
-    def log(self, request: Request) -> None:  # no access log lines in the tests' output
-        pass
-
-
-class _TrackingFactory(WrappingFactory):
-    """Knows its open connections, so the emulator can drop them all."""
-
-    noisy = False
-
-    def close_all(self) -> Deferred[None]:
-        if not self.protocols:
-            return succeed(None)
-        done: Deferred[None] = Deferred()
-        self._waiting = getattr(self, "_waiting", []) + [done]
-        for p in list(self.protocols):
-            p.transport.abortConnection()
-        return done
-
-    def unregisterProtocol(self, p: Any) -> None:
-        super().unregisterProtocol(p)
-        if not self.protocols:
-            waiting, self._waiting = getattr(self, "_waiting", []), []
-            for d in waiting:
-                d.callback(None)
-
-
-class SnapEmulator(SnapState):
+class SnapEmulator(SnapState, LoopbackServer):
     """A running emulated snapd; see the module docstring for the knobs.
 
     Introspection: ``tasks`` (id → :class:`SnapTask`), ``global_config``, ``catalog``,
@@ -288,40 +258,8 @@ class SnapEmulator(SnapState):
         self.port = 0
         self._reactor: Any = None
         self._listener: Any = None
-        self._factory = _TrackingFactory(_QuietSite(_SnapResource(self)))
+        self._serve(_SnapResource(self))
 
-    @property
-    def down(self) -> bool:
-        return self._listener is None
-
-    def start(self, reactor: Any = None, port: int = 0) -> SnapEmulator:
-        """Listen on 127.0.0.1 (``port`` 0: the OS picks); call inside the running reactor."""
-        if reactor is None:
-            from twisted.internet import reactor  # type: ignore[no-redef]
-        self._reactor = reactor
+    def _started(self, reactor: Any) -> None:
         if self.clock is None:
             self.clock = reactor
-        self._listener = reactor.listenTCP(port or self.port, self._factory, interface="127.0.0.1")
-        self.port = self._listener.getHost().port
-        self.url = f"http://127.0.0.1:{self.port}"
-        return self
-
-    def set_down(self, down: bool = True) -> Deferred[None]:
-        """Down: stop listening and drop every connection (clients get refused).
-        Up again: listen on the same port."""
-        if down == self.down:
-            return succeed(None)
-        if not down:
-            self.start(self._reactor, self.port)
-            return succeed(None)
-        return self.stop()
-
-    def stop(self) -> Deferred[None]:
-        if self._listener is None:
-            return succeed(None)
-        listener, self._listener = self._listener, None
-        return Deferred.fromCoroutine(self._stop(listener))
-
-    async def _stop(self, listener: Any) -> None:
-        await maybeDeferred(listener.stopListening)
-        await self._factory.close_all()

@@ -48,11 +48,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import cramjam
-from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET, Request, Site
+from twisted.web.server import NOT_DONE_YET, Request
 
-from tests.fakes.snap import _TrackingFactory
+from tests.fakes.loopback import LoopbackServer
 
 __all__ = ["TsdbGwEmulator", "RequestRecord", "MsgpError", "decode_metric_array", "v1_id"]
 
@@ -259,7 +258,7 @@ class _MetricsResource(Resource):
         return gw._answer(request, gw.handle(request.getHeader(b"authorization"), ctype, body))
 
 
-class TsdbGwEmulator:
+class TsdbGwEmulator(LoopbackServer):
     """A running emulated tsdb-gw; see the module docstring."""
 
     def __init__(self, admin_key: str = "not_very_secret_key", org_keys: dict[str, int] | None = None,
@@ -276,10 +275,7 @@ class TsdbGwEmulator:
         self._failure: _Failure | None = None
         self._reactor: Any = None
         self._listener: Any = None
-        site = Site(_MetricsResource(self))
-        site.noisy = False
-        site.log = lambda request: None  # no access log lines in the tests' output
-        self._factory = _TrackingFactory(site)
+        self._serve(_MetricsResource(self))
 
     # -- test controls ------------------------------------------------------------------
 
@@ -291,39 +287,6 @@ class TsdbGwEmulator:
     def errors(self) -> list[RequestRecord]:
         """Requests refused for what they contained (not injected failures)."""
         return [r for r in self.requests if r.status not in (200, 0) and not r.injected]
-
-    @property
-    def down(self) -> bool:
-        return self._listener is None
-
-    def start(self, reactor: Any = None, port: int = 0) -> TsdbGwEmulator:
-        """Listen on 127.0.0.1 (``port`` 0: the OS picks, then reused by set_down(False))."""
-        if reactor is None:
-            from twisted.internet import reactor  # type: ignore[no-redef]
-        self._reactor = reactor
-        self._listener = reactor.listenTCP(port or self.port, self._factory, interface="127.0.0.1")
-        self.port = self._listener.getHost().port
-        self.url = f"http://127.0.0.1:{self.port}"
-        return self
-
-    def set_down(self, down: bool = True) -> Deferred[None]:
-        """Down: stop listening, drop every connection (refused). Up: listen on the same port."""
-        if down == self.down:
-            return succeed(None)
-        if not down:
-            self.start(self._reactor, self.port)
-            return succeed(None)
-        return self.stop()
-
-    def stop(self) -> Deferred[None]:
-        if self._listener is None:
-            return succeed(None)
-        listener, self._listener = self._listener, None
-        return Deferred.fromCoroutine(self._stop(listener))
-
-    async def _stop(self, listener: Any) -> None:
-        await maybeDeferred(listener.stopListening)
-        await self._factory.close_all()
 
     # -- the gateway's /metrics handler ---------------------------------------------------
 

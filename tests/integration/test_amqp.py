@@ -20,7 +20,7 @@ from twisted.internet.defer import ensureDeferred
 from twisted.internet.protocol import Factory
 from twisted.internet.task import deferLater
 from twisted.internet.utils import getProcessOutputAndValue
-from twisted.logger import LogLevel, formatEvent, globalLogPublisher
+from twisted.logger import LogLevel, formatEvent
 from twisted.protocols import portforward
 
 from tests.waiting import until
@@ -94,14 +94,6 @@ def exchange():
     conn = blocking()
     conn.channel().exchange_delete(name)
     conn.close()
-
-
-@pytest.fixture
-def logs():
-    events: list[dict] = []
-    globalLogPublisher.addObserver(events.append)
-    yield events
-    globalLogPublisher.removeObserver(events.append)
 
 
 def lines_of(logs: list[dict], server: Server, text: str = "") -> list[str]:

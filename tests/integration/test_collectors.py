@@ -23,7 +23,7 @@ from twisted.internet import defer, reactor
 from twisted.internet.interfaces import IOpenSSLContextFactory
 from twisted.internet.protocol import DatagramProtocol, Factory, Protocol
 from twisted.internet.testing import MemoryReactorClock
-from twisted.logger import formatEvent, globalLogPublisher
+from twisted.logger import formatEvent
 from twisted.names import authority, common, dns, server
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
@@ -363,14 +363,6 @@ async def ns1():
                            zones={"example.com": 12.5, "my zone/x.com": 3.0, "other.com": 1.0}).start()
     yield emulator
     await emulator.stop()
-
-
-@pytest.fixture
-def logs():
-    events: list[dict] = []
-    globalLogPublisher.addObserver(events.append)
-    yield events
-    globalLogPublisher.removeObserver(events.append)
 
 
 def ns1_collector(emulator: Ns1Emulator) -> Ns1Collector:

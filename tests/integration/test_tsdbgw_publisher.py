@@ -9,7 +9,7 @@ import msgpack
 import pytest
 import pytest_twisted
 import treq
-from twisted.logger import formatEvent, globalLogPublisher
+from twisted.logger import formatEvent
 
 from taskd.agent.builtin.collector import Point
 from taskd.agent.builtin.metricdata import encode_message, envelope, metric_id
@@ -22,14 +22,6 @@ KEY = "admin-key-for-tests"
 
 def pts(n: int, start: int = 0, **kw: Any) -> list[Point]:
     return [Point(1, f"m.{i}", float(i), 1500000000 + i, 10, **kw) for i in range(start, start + n)]
-
-
-@pytest.fixture
-def logs():
-    events: list[dict] = []
-    globalLogPublisher.addObserver(events.append)
-    yield events
-    globalLogPublisher.removeObserver(events.append)
 
 
 @pytest_twisted.async_yield_fixture

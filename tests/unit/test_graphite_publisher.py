@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 from twisted.internet.error import ConnectionDone, ConnectionRefusedError
 from twisted.internet.testing import MemoryReactorClock, StringTransport
-from twisted.logger import formatEvent, globalLogPublisher
+from twisted.logger import formatEvent
 from twisted.python.failure import Failure
 
 from taskd.agent.builtin.collector import Point
@@ -25,14 +25,6 @@ def sent(transport: StringTransport) -> list[str]:
 class TopRng:
     def uniform(self, a: float, b: float) -> float:
         return b
-
-
-@pytest.fixture
-def logs():
-    events: list[dict] = []
-    globalLogPublisher.addObserver(events.append)
-    yield events
-    globalLogPublisher.removeObserver(events.append)
 
 
 def lines(events: list[dict], text: str = "") -> list[str]:

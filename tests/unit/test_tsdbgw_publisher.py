@@ -10,7 +10,7 @@ import pytest
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.task import Clock
-from twisted.logger import formatEvent, globalLogPublisher
+from twisted.logger import formatEvent
 
 from taskd.agent.builtin.collector import Point
 from taskd.agent.builtin.metricdata import encode_message
@@ -96,14 +96,6 @@ class Stats:
 
     def gauge(self, name: str, value: float, tags: Any = None) -> None:
         pass
-
-
-@pytest.fixture
-def logs():
-    events: list[dict] = []
-    globalLogPublisher.addObserver(events.append)
-    yield events
-    globalLogPublisher.removeObserver(events.append)
 
 
 def lines(events: list[dict], text: str = "") -> list[str]:

@@ -33,7 +33,7 @@ from twisted.logger import Logger
 from taskd.agent.builtin.collector import CollectError, Collector, ConfigError, Point, TaskInfo
 from taskd.agent.builtin.publisher import Publisher
 from taskd.agent.builtin.scheduler import RUNNING, Scheduler
-from taskd.agent.executor import ERROR, OK, PENDING, ReportStatus, SendCatalog, TaskStatus
+from taskd.agent.executor import ERROR, OK, PENDING, ReportStatus, SendCatalog, TaskStatus, desired_tasks
 from taskd.stats import NULL_STATS
 
 __all__ = ["BuiltinExecutor"]
@@ -127,18 +127,7 @@ class BuiltinExecutor(Service):
 
     def set_tasks(self, tasks: Mapping[int, dict]) -> None:
         """The full desired set (task id -> server task JSON); applied now if running."""
-        desired: dict[int, dict] = {}
-        for key, task in tasks.items():
-            try:
-                task_id = int(key)
-            except (TypeError, ValueError):
-                self.log.warn("ignoring a task with id {key!r}: not an integer", key=key)
-                continue
-            if not isinstance(task, Mapping):
-                self.log.warn("ignoring task {id}: not a JSON object", id=task_id)
-            elif task.get("enabled", True) is not False:
-                desired[task_id] = dict(task)
-        self._desired = desired
+        self._desired = desired_tasks(tasks, self.log)
         if self.running:
             self._reconcile()
 
