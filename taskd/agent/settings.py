@@ -43,7 +43,8 @@ AGENT_OPTIONS: tuple[Option, ...] = (
            "What runs the tasks: snap (the local Snap daemon at snap-url, as the original"
            " agent) or builtin (collectors in this process, chosen by the task's taskType)."),
     Option("status-interval", parse_duration, "10s",
-           "How often changed task statuses are sent to the server (coalesced per task)."),
+           "How often changed task statuses are sent to the server (coalesced per task); a task"
+           " starting to fail or recovering is sent within 1 s."),
     Option("publisher", choice("tsdbgw", "graphite"), "tsdbgw",
            "builtin executor: where metrics go: tsdbgw (POST to tsdb-url) or graphite"
            " (carbon plaintext to graphite-addr)."),

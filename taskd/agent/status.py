@@ -2,8 +2,10 @@
 
 An executor reports every run (a 1,000-task agent on 10 s intervals reports 100 times a
 second); the server only needs the latest state per task, so reports overwrite each
-other here and at most one ``taskStatus`` frame (split into chunks of ``max_batch``
-entries) leaves every ``interval``, carrying only the tasks whose status changed. A task
+other here and one ``taskStatus`` frame (split into chunks of ``max_batch`` entries)
+leaves every ``interval``, carrying only the tasks whose status changed. A change of
+*outcome* (a task starts failing, or recovers) is what an operator waits for, so it is
+sent within ``urgent_delay`` (1 s) instead, still coalesced with whatever else changed. A task
 the agent stops running is announced once with a removal marker, so the server can drop
 its row. After every (re)connection everything known is sent again: the server on the
 other end may be a different one, or may have lost its buffered statuses.
@@ -30,12 +32,14 @@ class StatusReporter(Service):
     log = Logger(namespace="taskd.agent.status")
 
     def __init__(self, *, send: Send, clock: IReactorTime, interval: float = 10.0,
-                 max_batch: int = 1000, stats: Any = NULL_STATS) -> None:
+                 max_batch: int = 1000, urgent_delay: float = 1.0, stats: Any = NULL_STATS) -> None:
         self.send = send
         self.clock = clock
         self.interval = interval
         self.max_batch = max_batch
+        self.urgent_delay = min(urgent_delay, interval)
         self.stats = stats
+        self._sent_outcome: dict[int, str] = {}  # the outcome the server last heard per task
         self.latest: dict[int, TaskStatus] = {}
         self._dirty: set[int] = set()
         self._removed: set[int] = set()
@@ -51,22 +55,34 @@ class StatusReporter(Service):
         self.latest[status.task_id] = status
         self._dirty.add(status.task_id)
         self._removed.discard(status.task_id)
+        if status.outcome != self._sent_outcome.get(status.task_id):
+            self._soon_flush(self.urgent_delay)
 
     def retain(self, task_ids: Iterable[int]) -> None:
         """The agent's task set is now ``task_ids``: forget (and announce) the others."""
         keep = set(task_ids)
         for tid in [t for t in self.latest if t not in keep]:
             del self.latest[tid]
+            self._sent_outcome.pop(tid, None)
             self._dirty.discard(tid)
             self._removed.add(tid)
 
     def connected(self) -> None:
         """A new connection: everything known is news to the server on the other end."""
         self._dirty = set(self.latest)
-        if self.running and self._soon is None:
-            self._soon = self.clock.callLater(0, self._flush_soon)
+        self._soon_flush(0)
 
     # -- sending --------------------------------------------------------------------------
+
+    def _soon_flush(self, delay: float) -> None:
+        """Flush within ``delay`` (an earlier pending flush stands)."""
+        if not self.running:
+            return
+        if self._soon is not None and self._soon.active():
+            if self._soon.getTime() <= self.clock.seconds() + delay:
+                return
+            self._soon.cancel()
+        self._soon = self.clock.callLater(delay, self._flush_soon)
 
     def _flush_soon(self) -> None:
         self._soon = None
@@ -81,6 +97,8 @@ class StatusReporter(Service):
         for start in range(0, len(entries), self.max_batch):
             if not self.send(framing.TASK_STATUS, entries[start:start + self.max_batch]):
                 return 0  # not connected: kept; connected() sends it all again anyway
+        for t in self._dirty:
+            self._sent_outcome[t] = self.latest[t].outcome
         self._dirty.clear()
         self._removed.clear()
         self.stats.incr("status.sent", len(entries))

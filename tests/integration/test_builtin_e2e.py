@@ -67,7 +67,7 @@ class Stack:
         self.agent = AgentProcess(tmp, "task-agent", **{
             "log-level": "1", "server-url": f"ws://127.0.0.1:{self.server.port}/api/v1",
             "api-key": ADMIN_KEY, "name": "builtin1", "executor": "builtin",
-            "status-interval": "0.2s", **agent_keys})
+            **agent_keys})  # the default status-interval: outcome changes are sent within 1 s
 
     async def start(self) -> int:
         await self.server.start()

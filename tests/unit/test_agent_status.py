@@ -44,6 +44,27 @@ def test_many_reports_of_one_task_in_an_interval_are_one_entry_with_the_latest()
     assert wire.frames == [(framing.TASK_STATUS, [st(7, runs=100).to_wire()])]
 
 
+def test_an_outcome_change_is_sent_within_a_second_other_changes_wait_for_the_interval():
+    r, wire, clock = reporter()
+    r.report(st(1, runs=1))
+    clock.advance(1)  # first news of the task: urgent
+    assert [v for _, v in wire.frames] == [[st(1, runs=1).to_wire()]]
+    r.report(st(1, runs=2))  # same outcome: waits for the 10 s tick
+    clock.advance(5)
+    assert len(wire.frames) == 1
+    r.report(st(1, outcome=ERROR, runs=3, error="GET http://x/: connection refused"))
+    clock.advance(0.99)
+    assert len(wire.frames) == 1
+    clock.advance(0.01)  # failing now: sent 1 s after it was reported
+    assert wire.frames[-1][1] == [st(1, outcome=ERROR, runs=3, error="GET http://x/: connection refused").to_wire()]
+    r.report(st(1, outcome=ERROR, runs=4, error="GET http://x/: connection refused"))
+    clock.advance(1)
+    assert len(wire.frames) == 2  # still failing: no hurry
+    r.report(st(1, runs=5))
+    clock.advance(1)
+    assert wire.frames[-1][1] == [st(1, runs=5).to_wire()]  # recovered: sent at once
+
+
 def test_nothing_is_sent_when_nothing_changed():
     r, wire, clock = reporter()
     r.report(st(1))
