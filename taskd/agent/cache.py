@@ -1,10 +1,10 @@
 """The agent's view of its tasks: what the server last said it should run.
 
 Server events change it (`taskList` replaces it, `taskAdd`/`taskUpdate` put one task,
-`taskRemove` drops one); after every change the executor is handed the full desired set
-and reconciles against it, so a lost or repeated event can never leave the executor out
-of step for longer than the next `taskList`. Payloads that are not what the protocol
-says are logged and ignored, never fatal.
+`taskRemove` drops one); after every change (from the first `taskList` on) the executor
+is handed the full desired set and reconciles against it, so a lost or repeated event
+can never leave the executor out of step for longer than the next `taskList`. Payloads
+that are not what the protocol says are logged and ignored, never fatal.
 """
 from __future__ import annotations
 
@@ -34,8 +34,10 @@ class TaskCache:
         self.stats = stats
         self.tasks: dict[int, dict] = {}
         # Until the server's first taskList the executor must not act (it would remove
-        # tasks it cannot know are still wanted); that first list always goes through,
-        # even when empty, so stale executor tasks are then cleaned up.
+        # tasks it cannot know are still wanted: the Snap executor would reconcile to a
+        # one-task set after a lone taskAdd); events before it are recorded, not applied.
+        # That first list always goes through, even when empty, so stale executor tasks
+        # are then cleaned up.
         self.have_list = False
 
     def handle(self, frame: Frame) -> None:
@@ -53,7 +55,8 @@ class TaskCache:
             return
         if changed:
             self.stats.gauge("tasks.active", len(self.tasks))
-            self.apply(dict(self.tasks))
+            if self.have_list:  # an add/update/remove before the first list is only recorded
+                self.apply(dict(self.tasks))
 
     def _apply(self, event: str, value: Any) -> bool:
         if event == framing.TASK_LIST:

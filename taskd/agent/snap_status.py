@@ -7,6 +7,11 @@ the previous listing: failures grew → error; fires grew without failures → o
 moved → unchanged. On the first sight of a task (say, after an agent restart) a task whose
 every fire failed, or that Snap ``Disabled``, counts as failing. The two counters are
 passed on as ``runs``/``failures`` so an operator sees Snap's own numbers.
+
+A task update (or the sweep's re-creation of a Disabled task) replaces the Snap task with a
+new one whose counters start at 0, so comparing them with the old task's totals would keep
+a stale outcome until the new counts overtook the old. A new Snap task id or creation time,
+or a counter that went down, is therefore a first sight too.
 """
 from __future__ import annotations
 
@@ -23,6 +28,7 @@ class SnapStatusTracker:
 
     def __init__(self) -> None:
         self.last = {}
+        self._snap_task: dict[int, tuple] = {}  # task id -> (Snap task id, creation_timestamp) last seen
 
     def update(self, listing: Iterable[Mapping], desired: Mapping[int, object]) -> list[TaskStatus]:
         """Statuses of the desired tasks found in one ``GET /v1/tasks`` listing."""
@@ -44,6 +50,7 @@ class SnapStatusTracker:
             out.append(status)
         for tid in [t for t in self.last if t not in desired]:
             del self.last[tid]
+            self._snap_task.pop(tid, None)
         return out
 
     def unrunnable(self, tid: int, message: str) -> TaskStatus:
@@ -60,6 +67,11 @@ class SnapStatusTracker:
         message = t.get("last_failure_message") if isinstance(t.get("last_failure_message"), str) else ""
         last_run = _int(t.get("last_run_timestamp"), -1)
         prev = self.last.get(tid)
+        snap_task = (t.get("id"), t.get("creation_timestamp"))
+        if self._snap_task.get(tid, snap_task) != snap_task or \
+                (prev is not None and (hits < prev.runs or fails < prev.failures)):
+            prev = None  # a re-created Snap task: its counters started again (module docstring)
+        self._snap_task[tid] = snap_task
         if t.get("task_state") == DISABLED:
             outcome = ERROR
             message = f"Snap disabled the task after {fails} failed run(s)" + (f": {message}" if message else "")

@@ -31,18 +31,32 @@ def test_null_task_list_means_none():
 
 def test_add_update_remove():
     c, applied = cache()
+    c.handle(decode(encode_json("taskList", [])))
     c.handle(decode(encode_json("taskAdd", task(1))))
     c.handle(decode(encode_json("taskUpdate", task(1, interval=10))))
     c.handle(decode(encode_json("taskRemove", task(1))))
-    assert applied == [{1: task(1)}, {1: task(1, interval=10)}, {}]
+    assert applied == [{}, {1: task(1)}, {1: task(1, interval=10)}, {}]
 
 
 def test_repeats_do_not_reapply():
     c, applied = cache()
+    c.handle(decode(encode_json("taskList", [])))
     for _ in range(3):
         c.handle(decode(encode_json("taskAdd", task(1))))
     c.handle(decode(encode_json("taskRemove", task(9))))
-    assert applied == [{1: task(1)}]
+    assert applied == [{}, {1: task(1)}]
+
+
+def test_events_before_the_first_task_list_are_recorded_but_not_applied():
+    """A lone taskAdd must not make an executor reconcile to a one-task set (the Snap
+    executor would delete the agent's other tasks until the list came)."""
+    c, applied = cache()
+    c.handle(decode(encode_json("taskAdd", task(1))))
+    c.handle(decode(encode_json("taskUpdate", task(2))))
+    c.handle(decode(encode_json("taskRemove", task(1))))
+    assert applied == [] and c.tasks == {2: task(2)}
+    c.handle(decode(encode_json("taskList", [task(3)])))
+    assert applied == [{3: task(3)}]
 
 
 def test_undecodable_payloads_are_ignored():

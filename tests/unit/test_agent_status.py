@@ -182,3 +182,23 @@ def test_snap_unrunnable_task_reports_the_reason():
     tr = SnapStatusTracker()
     s = tr.unrunnable(5, "cannot be run by Snap: no metrics")
     assert (s.task_id, s.outcome, s.error) == (5, ERROR, "cannot be run by Snap: no metrics")
+
+
+def test_snap_re_created_task_is_a_first_sight_not_compared_with_the_old_totals():
+    tr = SnapStatusTracker()
+    desired = {1: {}}
+    [s] = tr.update([snap_task(1, hits=10, fails=3, msg="publish failed: 401")], desired)
+    assert s.outcome == OK  # first sight, some fires worked
+    [s] = tr.update([snap_task(1, hits=11, fails=4, msg="publish failed: 401")], desired)
+    assert s.outcome == ERROR
+    # updated: Snap's task is re-created with new counters
+    [s] = tr.update([snap_task(1, created=200)], desired)
+    assert (s.outcome, s.error, s.runs, s.failures) == (PENDING, "", 0, 0)
+    [s] = tr.update([snap_task(1, hits=2, created=200)], desired)
+    assert (s.outcome, s.runs) == (OK, 2)
+    # the same Snap task id and time, but the counters went down: also a new task
+    [s] = tr.update([snap_task(1, hits=5, fails=1, msg="x", created=200)], desired)
+    assert s.outcome == ERROR
+    t = snap_task(1, hits=1, created=200)
+    [s] = tr.update([t], desired)
+    assert (s.outcome, s.error, s.runs, s.failures) == (OK, "", 1, 0)

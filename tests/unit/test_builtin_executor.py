@@ -340,3 +340,40 @@ def test_slots_passed_over_by_a_late_reactor_count_as_skipped():
     assert r.status(1).runs == 2 and r.status(1).skipped == 2
     assert [p.time for p in r.publisher.points] == [FIRST, FIRST + 180]
     assert any(name == "builtin.lateness" and ms == 140_000 for kind, name, ms, _ in r.stats.calls)
+
+
+def test_a_sample_value_that_is_not_a_finite_number_is_the_runs_error_naming_the_series():
+    r = rig()
+    http = r.collectors["http"]
+    r.executor.set_tasks({1: task(1)})
+    for value, error in [(None, "x.y: value is not a number (NoneType)"),
+                         ("n/a", "x.y: value is not a number (str)"),
+                         (float("nan"), "x.y: value nan is not finite"),
+                         (float("-inf"), "x.y: value -inf is not finite")]:
+        http.answer = [Sample("a.b", 1), Sample("x.y", value)]
+        r.clock.advance(17 if r.clock.seconds() == START else 60)
+        assert (r.status(1).outcome, r.status(1).error) == (ERROR, error)
+    assert r.publisher.points == [] and r.status(1).failures == 4
+    http.answer = [Sample("a.b", 2), Sample("x.y", "1.5")]  # what float() takes is fine
+    r.clock.advance(60)
+    assert r.status(1).outcome == OK and [p.value for p in r.publisher.points] == [2.0, 1.5]
+    assert all(type(p.value) is float for p in r.publisher.points)
+
+
+def test_a_task_event_on_a_large_set_looks_only_at_the_task_that_changed(monkeypatch):
+    import taskd.agent.builtin.executor as module
+
+    fingerprinted: list[int] = []
+    real = module._fingerprint
+    monkeypatch.setattr(module, "_fingerprint", lambda t: fingerprinted.append(t["id"]) or real(t))
+    r = rig()
+    tasks = {i: task(i) for i in range(1, 1001)}
+    r.executor.set_tasks(tasks)  # as the cache hands it: the same dicts each time, a changed task is a new one
+    assert len(fingerprinted) == 1000 and r.collectors["http"].parsed == 1000
+    fingerprinted.clear()
+    tasks = {**tasks, 1001: task(1001)}
+    r.executor.set_tasks(tasks)
+    tasks = {**tasks, 5: task(5, interval=30, updated="2026-11-28T09:00:00Z")}
+    r.executor.set_tasks(tasks)
+    assert fingerprinted == [1001, 5] and r.collectors["http"].parsed == 1002
+    assert r.executor.scheduler.job(5).interval == 30

@@ -119,7 +119,16 @@ def test_ns1_url_quotes_the_zone_twice():
 @pytest.mark.parametrize("name", sorted(CLASSES))
 def test_minimal_config_gets_the_defaults(name):
     assert parse(name, GOOD[name]).timeout == 10.0
-    assert parse(name, GOOD[name], TaskInfo(id=1, name="t", org_id=1, interval=4)).timeout == 4.0
+    assert parse(name, GOOD[name], TaskInfo(id=1, name="t", org_id=1, interval=4)).timeout == 3.2
+
+
+@pytest.mark.parametrize("name", sorted(CLASSES))
+def test_a_timeout_is_kept_below_the_interval_so_a_hanging_run_ends_before_the_next_slot(name):
+    task = TaskInfo(id=1, name="t", org_id=1, interval=10)
+    assert parse(name, {**GOOD[name], "timeout": 30}, task).timeout == 8.0
+    assert parse(name, {**GOOD[name], "timeout": 10}, task).timeout == 8.0
+    assert parse(name, {**GOOD[name], "timeout": 7.5}, task).timeout == 7.5
+    assert parse(name, {**GOOD[name], "timeout": 30}).timeout == 30.0  # interval 60: 48 s allowed
 
 
 def test_http_full_config():

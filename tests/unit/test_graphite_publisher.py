@@ -66,6 +66,17 @@ def test_line_format():
     assert carbon_line(p) == b"a_b;host=web_01;z=1 -2.0 7\n"
     assert carbon_line(Point(1, "a", float("nan"), 7, 10)) is None
     assert carbon_line(Point(1, "", 1.0, 7, 10)) is None
+    assert carbon_line(Point(1, "a", None, 7, 10)) is None  # type: ignore[arg-type]
+    assert carbon_line(Point(1, "a", "n/a", 7, 10)) is None  # type: ignore[arg-type]
+
+
+def test_points_that_cannot_be_written_are_counted_invalid_and_the_rest_of_the_call_still_goes(reactor):
+    pub = make(reactor)
+    _, transport = connect(reactor)
+    pub.add([Point(1, "a", None, 7, 10), Point(1, b"bytes", 1.0, 7, 10),  # type: ignore[arg-type]
+             Point(1, "b", "n/a", 7, 10), Point(1, "ok", 2, 7, 10)])  # type: ignore[arg-type]
+    assert sent(transport) == ["ok 2.0 7"]
+    assert (pub.published, pub.invalid) == (1, 3)
 
 
 def test_writes_when_connected(reactor):

@@ -154,6 +154,11 @@ def test_envelope():
     (Point(1, "m", 1.0, 1, 10, tags=("k=",)), "invalid tag"),
     (Point(1, "m", 1.0, 1, 10, tags=("k!=v",)), "invalid tag"),
     (Point(1, "m", 1.0, 1, 10, tags=("k=a;b",)), "invalid tag"),
+    (Point(1, "m", None, 1, 10), "value None is not a finite number"),  # type: ignore[arg-type]
+    (Point(1, "m", "n/a", 1, 10), "value 'n/a' is not a finite number"),  # type: ignore[arg-type]
+    (Point(1, "m", float("nan"), 1, 10), "value nan is not a finite number"),
+    (Point(1, "m", float("-inf"), 1, 10), "value -inf is not a finite number"),
+    (Point(1, "m", 10 ** 400, 1, 10), "is not a finite number"),
 ])
 def test_invalid_points_are_named(point, reason):
     assert reason in (invalid_reason(point) or "")

@@ -7,10 +7,12 @@ from typing import Any
 
 import cramjam
 import pytest
-from twisted.internet.defer import Deferred, fail, succeed
-from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.defer import CancelledError, Deferred, fail, succeed
+from twisted.internet.error import ConnectingCancelledError, ConnectionRefusedError
 from twisted.internet.task import Clock
 from twisted.logger import formatEvent
+from twisted.python.failure import Failure
+from twisted.web.client import ResponseNeverReceived
 
 from taskd.agent.builtin.collector import Point
 from taskd.agent.builtin.metricdata import encode_message
@@ -52,17 +54,25 @@ class FakeHttp:
 
     auto: Any = None
     calls: list[Call] = field(default_factory=list)
+    on_cancel: Any = None  # what a cancelled request fails with (default: CancelledError)
 
     def post(self, url: str, data: bytes, headers: dict) -> Deferred:
         if isinstance(self.auto, Exception):
-            self.calls.append(Call(url, data, headers, fail(self.auto)))
-            return fail(self.auto)
+            d = fail(self.auto)  # one Deferred: a second, never-awaited one is an unhandled error at GC
+            self.calls.append(Call(url, data, headers, d))
+            return d
         if self.auto is not None:
             d = succeed(Response(self.auto, b'"auto"'))
             self.calls.append(Call(url, data, headers, d))
             return d
         call = Call(url, data, headers, Deferred())
-        call.d = Deferred(lambda _d: setattr(call, "cancelled", True))
+
+        def cancel(d: Deferred) -> None:
+            call.cancelled = True
+            if self.on_cancel is not None:
+                d.errback(self.on_cancel)
+
+        call.d = Deferred(cancel)
         self.calls.append(call)
         return call.d
 
@@ -325,3 +335,67 @@ def test_the_key_and_url_credentials_are_never_logged(clock, http, logs):
     assert "https://gw.example/metrics" in text
     assert KEY not in text and "pw@" not in text
     assert loggable_url("http://a:b@h:1/p") == "http://h:1/p"
+
+
+@pytest.mark.parametrize("cancel_error", [
+    ResponseNeverReceived([Failure(CancelledError())]),  # what twisted.web raises while waiting
+    ConnectingCancelledError(None),                      # ... and while connecting
+])
+def test_a_timeout_is_logged_as_no_answer_whatever_the_cancel_raised(clock, http, logs, cancel_error):
+    http.on_cancel = cancel_error
+    pub = make(clock, http, batch_size=1, timeout=5.0)
+    pub.add(pts(1))
+    clock.advance(5.0)
+    assert http.calls[0].cancelled
+    assert lines(logs, "retrying") == [
+        "tsdb-gw at http://gw.example:8080/metrics: no answer within 5 s; retrying 1 metrics (1 queued)"]
+
+
+def test_values_that_are_not_finite_numbers_are_invalid_and_the_batch_still_goes(clock, http, logs):
+    pub = make(clock, http, batch_size=2)
+    pub.add([Point(1, "ok", 1.0, 1, 10), Point(1, "none", None, 1, 10), Point(1, "na", "n/a", 1, 10),
+             Point(1, "nan", float("nan"), 1, 10), Point(1, "ok2", 2, 1, 10)])
+    assert http.calls[0].names() == ["ok", "ok2"]
+    assert pub.invalid == 3
+    clock.advance(1.0)
+    assert lines(logs, "invalid") == ["dropped 3 invalid metrics (tsdb-gw would refuse them), e.g. 'nan': "
+                                      "value nan is not a finite number"]
+
+
+def test_a_batch_that_cannot_be_encoded_is_dropped_counted_and_logged_and_the_next_goes(clock, http, logs):
+    stats = Stats()
+    pub = make(clock, http, batch_size=2, stats=stats)
+    pub.add([Point(1, "ok", 1.0, 1, 10), Point(1, b"bytes-name", 1.0, 1, 10)])  # type: ignore[arg-type]
+    assert http.calls == [] and pub.invalid == 2 == stats.counts["tsdbgw.invalid"]
+    assert pub.queued == 0 and lines(logs, "encoding 2 metrics failed; batch dropped")
+    pub.add(pts(2))
+    assert http.calls[0].names() == ["m.0", "m.1"]
+
+
+def test_refusals_with_one_status_are_logged_once_then_once_per_flush_interval(clock, http, logs):
+    pub = make(clock, http, batch_size=1, flush_interval=1.0)
+    for i in range(5):
+        pub.add(pts(1, i))
+        http.answer(401, b'"invalid key"')
+    pub.add(pts(1, 5))
+    http.answer(400, b'"bad mtype"')
+    assert pub.rejected == 6
+    assert lines(logs, "refused") == [
+        'tsdb-gw at http://gw.example:8080/metrics refused 1 metrics with 401: "invalid key"; batch dropped',
+        'tsdb-gw at http://gw.example:8080/metrics refused 1 metrics with 400: "bad mtype"; batch dropped']
+    clock.advance(1.0)
+    assert lines(logs, "refused")[2:] == [
+        'tsdb-gw at http://gw.example:8080/metrics refused 4 more metrics with 401 (last: "invalid key"); dropped']
+    for i in range(3):  # more in the next interval: summed into its line
+        pub.add(pts(1, 6 + i))
+        http.answer(401, b'"invalid key"')
+    assert len(lines(logs, "refused")) == 3
+    clock.advance(1.0)
+    assert lines(logs, "refused")[3:] == [
+        'tsdb-gw at http://gw.example:8080/metrics refused 3 more metrics with 401 (last: "invalid key"); dropped']
+    clock.advance(1.0)  # a quiet interval: the next refusal is news again
+    pub.add(pts(1, 9))
+    http.answer(401, b'"invalid key"')
+    assert lines(logs, "refused")[4:] == [
+        'tsdb-gw at http://gw.example:8080/metrics refused 1 metrics with 401: "invalid key"; batch dropped']
+    assert pub.rejected == 10

@@ -11,6 +11,13 @@ tasks were) goes to the one collector whose ``namespace`` is a key of its config
 that cannot run here (unknown type, bad config, bad interval) is an ERROR status saying
 why, never an exception out of `set_tasks`: one bad task must not stop the others.
 
+Sample values are made floats while the run is collected. One that ``float()`` cannot turn
+into a finite number (None, "n/a", NaN, ±inf) fails the whole run with an error naming the
+series, rather than being dropped and counted later: a publisher cannot send it (graphite
+cannot store NaN/inf, tsdb-gw's JSON cannot carry them, and before this check it cost the
+tsdb-gw publisher whole batches), and a task status saying which series is broken tells
+the collector's author more than a publisher's ``invalid`` counter would.
+
 Statuses are reported when a task is first scheduled (PENDING), when it cannot be
 scheduled (ERROR), after every run, and when a slot is skipped. Counters (runs, failures,
 skipped) are kept per task id for as long as the task is desired. Errors are logged when
@@ -49,6 +56,21 @@ class _Unrunnable(Exception):
 
 def _fingerprint(task: Mapping[str, Any]) -> str:
     return json.dumps([task.get(k) for k in _MATTERS], sort_keys=True, default=str)
+
+
+def _value(sample: Any) -> float:
+    """The sample's value as a finite float, or CollectError naming the series.
+
+    Done while collecting so a bad value is the run's error, never an exception in a
+    publisher where it would cost the whole batch (see the module docstring for NaN/inf).
+    """
+    try:
+        value = float(sample.value)
+    except (TypeError, ValueError, OverflowError):
+        raise CollectError(f"{sample.name}: value is not a number ({type(sample.value).__name__})") from None
+    if not math.isfinite(value):
+        raise CollectError(f"{sample.name}: value {value!r} is not finite")
+    return value
 
 
 def _phase(task: Mapping[str, Any], task_id: int) -> int:
@@ -126,7 +148,13 @@ class BuiltinExecutor(Service):
     # -- the Executor contract ----------------------------------------------------------
 
     def set_tasks(self, tasks: Mapping[int, dict]) -> None:
-        """The full desired set (task id -> server task JSON); applied now if running."""
+        """The full desired set (task id -> server task JSON); applied now if running.
+
+        Task dicts are taken as immutable: one passed again (the same object) is known
+        unchanged without being looked at, so an event costs one identity check per other
+        task rather than a fingerprint each. The task cache never edits a task dict in
+        place (a changed task arrives as a new one).
+        """
         self._desired = desired_tasks(tasks, self.log)
         if self.running:
             self._reconcile()
@@ -178,14 +206,18 @@ class BuiltinExecutor(Service):
             self.scheduler.remove(task_id)
             state.generation += 1
             self.log.info("{task} removed", task=state.label)
+        tasks = self._tasks
         for task_id, task in self._desired.items():
-            self._put(task_id, task)
-        self.stats.gauge("builtin.tasks", sum(1 for s in self._tasks.values() if s.scheduled))
+            state = tasks.get(task_id)
+            if state is None or state.task is not task or state.fingerprint is None:
+                self._put(task_id, task)  # else the very dict applied last time: unchanged (set_tasks)
+        self.stats.gauge("builtin.tasks", len(self.scheduler))
 
     def _put(self, task_id: int, task: dict) -> None:
-        fingerprint = _fingerprint(task)
         state = self._tasks.get(task_id)
+        fingerprint = _fingerprint(task)
         if state is not None and state.fingerprint == fingerprint:
+            state.task = task  # an equal copy: next time the identity check suffices
             return
         if state is None:
             state = self._tasks[task_id] = _Task(task_id, TaskStatus(task_id, self.name))
@@ -271,7 +303,7 @@ class BuiltinExecutor(Service):
         try:
             samples = await collector.collect(cfg, info)
             when = math.floor(slot)
-            points = [Point(org_id=info.org_id, name=s.name, value=s.value, time=when,
+            points = [Point(org_id=info.org_id, name=s.name, value=_value(s), time=when,
                             interval=info.interval, unit=s.unit, mtype=s.mtype, tags=tuple(s.tags))
                       for s in samples]
         except Exception as exc:  # noqa: BLE001 - any collector failure is the run's error

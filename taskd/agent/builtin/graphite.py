@@ -14,16 +14,16 @@ How it behaves, and why:
   us as a push producer), lines are queued in a bounded queue of ``queue_size`` points;
   beyond it new points are dropped, counted exactly (``dropped``) and logged once per
   ``flush_interval``, never per point. Memory stays bounded when carbon is down or slow.
-* Points carbon cannot store (empty name, non-finite value) are dropped in `add`
-  (``invalid``), as is whitespace in names and tags replaced by ``_`` (it would split
-  the line).
+* Points carbon cannot store (empty name, a value that is not a finite real number) are
+  dropped in `add` and counted (``invalid``), never raised over: an exception there would
+  lose the rest of the call uncounted. Whitespace in names and tags is replaced by ``_``
+  (it would split the line).
 * `stopService` writes what is queued and closes the connection (Twisted sends the
   buffer before closing); if carbon is unreachable it keeps trying for ``stop_timeout``
   seconds, then logs how many metrics were lost.
 """
 from __future__ import annotations
 
-import math
 import random
 import re
 from collections import deque
@@ -38,6 +38,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from taskd.agent.builtin.collector import Point
+from taskd.agent.builtin.metricdata import finite_value
 from taskd.agent.builtin.tsdbgw import backoff_delay
 from taskd.stats import NULL_STATS, split_host_port
 
@@ -50,8 +51,8 @@ _SPACE = re.compile(r"\s")
 
 def carbon_line(point: Point) -> bytes | None:
     """The plaintext line for ``point`` (None if carbon could not store it)."""
-    value = float(point.value)
-    if not point.name or not math.isfinite(value):
+    value = finite_value(point.value)
+    if not point.name or value is None:
         return None
     name = _SPACE.sub("_", point.name)
     if point.tags:
@@ -170,7 +171,10 @@ class GraphitePublisher(Service):
             return
         dropped = 0
         for point in points:
-            line = carbon_line(point)
+            try:
+                line = carbon_line(point)
+            except Exception:  # noqa: BLE001 - e.g. a name that is not a str: this point is invalid
+                line = None
             if line is None:
                 self.invalid += 1
             elif len(self._queue) >= self.queue_size:

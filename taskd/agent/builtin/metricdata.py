@@ -12,6 +12,8 @@ generations decode it and compute the same Id; tags are ``key=value`` strings, s
 from __future__ import annotations
 
 import hashlib
+import math
+import numbers
 import struct
 from typing import Iterable, Sequence
 
@@ -20,7 +22,7 @@ import cramjam
 from taskd.agent.builtin.collector import Point
 
 __all__ = ["MTYPES", "FORMAT_MSGP", "CONTENT_TYPE", "CONTENT_TYPE_SNAPPY", "metric_id",
-           "invalid_reason", "pack_int", "pack_str", "pack_float", "pack_array_header",
+           "finite_value", "invalid_reason", "pack_int", "pack_str", "pack_float", "pack_array_header",
            "encode_point", "encode_points", "envelope", "encode_message", "snappy_frame"]
 
 #: The mtypes both gateway generations accept (§1.1); an empty one means ``gauge``.
@@ -56,12 +58,32 @@ def _tag_problem(tag: str) -> str | None:
     return None
 
 
-def invalid_reason(point: Point) -> str | None:
-    """Why either gateway generation would reject ``point`` (§1.1 Validate, §2.3), or None.
+def finite_value(value: object) -> float | None:
+    """``value`` as a float if it is a finite real number, else None (never raises).
 
-    The old gateway answers 400 and drops the *whole batch* for one bad metric, so the
-    publisher filters these out before they can poison a batch.
+    Publishers check values with this so a bad one is counted as invalid instead of raising
+    while the batch is encoded. NaN and ±inf count as invalid: graphite cannot store them,
+    tsdb-gw's JSON cannot carry them, and the executor already fails a run that yields one.
     """
+    if not isinstance(value, numbers.Real):
+        return None
+    try:
+        number = float(value)
+    except (OverflowError, TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+def invalid_reason(point: Point) -> str | None:
+    """Why ``point`` cannot be sent: either gateway generation would reject it (§1.1
+    Validate, §2.3), or its value is not a finite real number (`finite_value`); or None.
+
+    The old gateway answers 400 and drops the *whole batch* for one bad metric, and a value
+    `pack_float` cannot pack would fail the whole encode, so the publisher filters these
+    out before they can poison a batch.
+    """
+    if finite_value(point.value) is None:
+        return f"value {point.value!r:.40} is not a finite number"
     if point.org_id == 0:
         return "org-id cannot be 0"
     if point.interval == 0:

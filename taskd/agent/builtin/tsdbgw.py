@@ -15,10 +15,13 @@ forever and so let one bad batch block everything behind it:
 * Connection errors, timeouts and 5xx are retried with capped exponential backoff and full
   jitter (uniform in [0, min(max_backoff, 0.1 s * 2^n)]), so restarted gateways are not
   hit by every agent at once. A 4xx is the gateway refusing *this* batch (bad key, bad
-  data): retrying cannot help, so the batch is dropped with one log line and the next
-  batch goes.
-* Points either gateway generation would reject (``metricdata.invalid_reason``) are
-  dropped in `add` (``invalid``): the old gateway refuses the whole batch for one.
+  data): retrying cannot help, so the batch is dropped and the next batch goes. The first
+  refusal with a status is logged at once; further ones with it are summed into one line
+  per flush interval (a wrong key refuses every batch).
+* Points either gateway generation would reject, or whose value is not a finite number
+  (``metricdata.invalid_reason``), are dropped in `add` (``invalid``): the old gateway
+  refuses the whole batch for one. Should encoding a batch still fail, that batch is
+  dropped, counted as ``invalid`` and logged: the sender never loses one uncounted.
 * `stopService` sends what is queued, giving up after ``stop_timeout`` (default
   ``timeout``) and logging how many metrics were lost.
 
@@ -32,7 +35,7 @@ from typing import Any, Sequence
 from urllib.parse import urlsplit, urlunsplit
 
 from twisted.application.service import Service
-from twisted.internet.defer import CancelledError, Deferred, TimeoutError, succeed
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
@@ -118,6 +121,9 @@ class TsdbGwPublisher(Service):
         self._idle_waiters: list[Deferred] = []
         self._window_dropped = self._window_invalid = 0
         self._invalid_example = ""
+        # status -> [metrics refused since the last report, last body excerpt]; a status is
+        # here from its first (logged) refusal until an interval passes without another
+        self._window_refused: dict[int, list] = {}
 
     # -- the Publisher contract ------------------------------------------------------------
 
@@ -195,6 +201,7 @@ class TsdbGwPublisher(Service):
         self._queue.clear()
         self._inflight = []
         self.lost += lost
+        self._report_drops()  # refusals during the final flush
         if lost:
             self.log.warn("tsdb-gw publisher stopped: {lost} metrics lost (not accepted by {url} within"
                           " {t:g} s); {sent} sent at stop", lost=lost, url=self.where, t=self.stop_timeout,
@@ -231,6 +238,13 @@ class TsdbGwPublisher(Service):
                           n=self._window_invalid, example=self._invalid_example)
             self.stats.incr("tsdbgw.invalid", self._window_invalid)
             self._window_invalid = 0
+        for code, (n, excerpt) in list(self._window_refused.items()):
+            if not n:
+                del self._window_refused[code]  # quiet for an interval: the next one is logged at once
+                continue
+            self.log.error("tsdb-gw at {url} refused {n} more metrics with {code} (last: {body}); dropped",
+                           url=self.where, n=n, code=code, body=excerpt)
+            self._window_refused[code] = [0, excerpt]
 
     def _kick(self) -> None:
         """Start the sender unless it runs: it is the only one sending (one request at a time)."""
@@ -271,9 +285,15 @@ class TsdbGwPublisher(Service):
 
     async def _deliver(self, batch: list[Point]) -> None:
         """Send one batch until it is accepted, refused (4xx), or we give up at stop."""
-        body = encode_message(batch)
-        if self.snappy:
-            body = snappy_frame(body)
+        try:
+            body = encode_message(batch)
+            if self.snappy:
+                body = snappy_frame(body)
+        except Exception:  # noqa: BLE001 - a point `invalid_reason` let through: drop the batch, counted
+            self.invalid += len(batch)
+            self.stats.incr("tsdbgw.invalid", len(batch))
+            self.log.failure("tsdb-gw publisher: encoding {n} metrics failed; batch dropped", n=len(batch))
+            return
         attempt, first_failure, last_logged, last_reason = 0, None, None, ""
         while True:
             try:
@@ -304,8 +324,14 @@ class TsdbGwPublisher(Service):
                 return
             self.rejected += len(batch)
             self.stats.incr("tsdbgw.rejected", len(batch))
-            self.log.error("tsdb-gw at {url} refused {n} metrics with {code}: {body}; batch dropped",
-                           url=self.where, n=len(batch), code=code, body=excerpt)
+            seen = self._window_refused.get(code)
+            if seen is None:
+                self._window_refused[code] = [0, excerpt]
+                self.log.error("tsdb-gw at {url} refused {n} metrics with {code}: {body}; batch dropped",
+                               url=self.where, n=len(batch), code=code, body=excerpt)
+            else:  # summed into the once-per-interval line (`_report_drops`)
+                seen[0] += len(batch)
+                seen[1] = excerpt
             return
 
     async def _post(self, body: bytes) -> tuple[int, str]:
@@ -317,15 +343,26 @@ class TsdbGwPublisher(Service):
             response = await self._http.post(self.url, data=body, headers=headers)
             return response.code, await response.content()
 
+        # twisted.web answers a cancel with ResponseNeverReceived([CancelledError]) or
+        # ConnectingCancelledError, not CancelledError, so whether the timeout fired is
+        # remembered here rather than read off the exception.
+        timed_out = False
+
+        def on_timeout(result: Any, timeout: float) -> Any:
+            nonlocal timed_out
+            timed_out = True
+            return result
+
         self.requests += 1
         d = Deferred.fromCoroutine(call())
-        d.addTimeout(self.timeout, self.clock)
+        d.addTimeout(self.timeout, self.clock, onTimeoutCancel=on_timeout)
         self._request = d
         try:
             code, content = await d
-        except (CancelledError, TimeoutError):
-            raise _Retry("gave up at stop" if self._giving_up else f"no answer within {self.timeout:g} s") from None
         except Exception as e:  # noqa: BLE001 - any transport failure is retried
+            if self._giving_up or timed_out:
+                raise _Retry("gave up at stop" if self._giving_up else
+                             f"no answer within {self.timeout:g} s") from None
             reasons = getattr(e, "reasons", None)
             cause = reasons[0].value if reasons else e
             raise _Retry(self._redact(f"{type(cause).__name__}: {cause}")[:300]) from None

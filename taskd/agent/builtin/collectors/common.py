@@ -96,16 +96,30 @@ def _typed(field: Field, value: Any) -> Any:
     raise ConfigError(f"{field.name}: expected {_EXPECTED[kind]}, got {_json_type(value)}")
 
 
+#: A run's timeout is at most this share of the task's interval, so a hanging target's run
+#: ends before the next slot even when it started late. At the full interval it would end
+#: at (or, started late, after) the next slot, which would then be skipped: every other run.
+MAX_TIMEOUT_SHARE = 0.8
+
+
+def max_timeout(task: TaskInfo) -> float | None:
+    """The longest timeout a run of ``task`` may have (None without a positive interval)."""
+    return MAX_TIMEOUT_SHARE * task.interval if task.interval > 0 else None
+
+
 def default_timeout(task: TaskInfo) -> float:
-    """min(10 s, the task's interval): a run should end before the next one is due."""
-    return float(min(DEFAULT_TIMEOUT, task.interval)) if task.interval > 0 else DEFAULT_TIMEOUT
+    """min(10 s, 0.8 × the task's interval): a run should end before the next one is due."""
+    cap = max_timeout(task)
+    return min(DEFAULT_TIMEOUT, cap) if cap is not None else DEFAULT_TIMEOUT
 
 
 def parse_fields(namespace: str, config: Any, fields: Iterable[Field], task: TaskInfo) -> dict[str, Any]:
     """Check ``config`` against ``fields`` (+ ``timeout``); return every key's value or default.
 
     A JSON null counts as absent. Messages name the key and never echo values, so a
-    secret put in the wrong key does not end up in the task's error.
+    secret put in the wrong key does not end up in the task's error. A configured
+    ``timeout`` above 0.8 × the interval is lowered to it (`max_timeout`) rather than
+    refused: tasks that worked before keep working, without skipping every other slot.
     """
     fields = (*fields, TIMEOUT)
     if config is None:
@@ -132,6 +146,9 @@ def parse_fields(namespace: str, config: Any, fields: Iterable[Field], task: Tas
             except ValueError as exc:
                 raise ConfigError(f"{field.name}: {exc}") from None
         values[field.name] = value
+    cap = max_timeout(task)
+    if cap is not None and values["timeout"] > cap:
+        values["timeout"] = cap
     return values
 
 
