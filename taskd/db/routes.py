@@ -14,6 +14,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 
 from taskd.db import models as m
+from taskd.db.agents import Agent, load_agents
 from taskd.db.tasks import ANY, BY_IDS, BY_TAGS, Task, _tasks
 from taskd.server.routing import Candidate, can_run, covers, pick
 from taskd.timeutil import utcnow
@@ -218,13 +219,17 @@ def release_unqualified_many(conn: Connection, agent_ids: Sequence[int]) -> list
 
 
 def connect_assignments(conn: Connection, agent_ids: Sequence[int]) -> tuple[
-        list[tuple[Task, int | None]], list[tuple[Task, int | None]], dict[int, frozenset[tuple[str, int]]]]:
+        list[tuple[Task, int | None]], list[tuple[Task, int | None]], dict[int, frozenset[tuple[str, int]]],
+        dict[int, Agent]]:
     """For agents that just connected, in one transaction: move the `any` tasks they no
     longer qualify for, then give them unassigned ones they do. Returns (moved, assigned),
-    each as (task, its agent now), and each agent's catalog."""
+    each as (task, its agent now), each agent's catalog, and each agent as it is now (the
+    one its websocket was accepted with was read before its session was held here, so an
+    `agent.updated` in between reached no session)."""
     moved = release_unqualified_many(conn, agent_ids)
     assigned = assign_unassigned(conn, agent_ids)
-    return moved, [(task, any_assignee(conn, task.id)) for task in assigned], catalogs_of(conn, agent_ids)
+    return (moved, [(task, any_assignee(conn, task.id)) for task in assigned], catalogs_of(conn, agent_ids),
+            load_agents(conn, agent_ids))
 
 
 def catalogs_of(conn: Connection, agent_ids: Sequence[int]) -> dict[int, frozenset[tuple[str, int]]]:

@@ -60,13 +60,17 @@ class AgentCache:
         return self.get(agent_id) if agent_id is not None else None
 
     def token(self) -> int:
-        """Take before reading the database; hand to `put` with what was read."""
+        """Take before reading the database; hand to `put` with what was read. Notes a
+        reconnect of the event transport first, so a read started after it counts."""
+        self._usable()
         return self._generation
 
     def put(self, agent: Agent | None, token: int) -> None:
         """Store what a read that started at `token` returned, unless an agent event
-        arrived meanwhile (the read may predate that change)."""
-        if agent is None or token != self._generation or not self._usable():
+        arrived meanwhile (the read may predate that change). `_usable` goes first: a
+        reconnect of the event transport since the read began (events may have been
+        missed) empties the cache and moves the generation on, so the read is not kept."""
+        if agent is None or not self._usable() or token != self._generation:
             return
         if agent.id not in self._by_id and len(self._by_id) >= self.max_size:
             self._drop(next(iter(self._by_id)))  # the oldest entry

@@ -99,8 +99,11 @@ class Dispatcher(Service):
             created = payload if event.source == self.instance_id else None
             self.task_changed(payload["id"], since=received, source=source, created=created)
         elif kind == "task.deleted":
-            self.task_changed(payload["id"], since=received, source=source)
-            self.manager.forget_task(payload["id"])
+            # Its shared dict is dropped once the push is done, in the task's chain: a
+            # push for it still in flight would share it again (kept for good).
+            task_id = payload["id"]
+            self.task_changed(task_id, since=received, source=source).addCallback(
+                lambda _: self.manager.forget_task(task_id))
         elif kind == "task.updated":
             self.task_changed(payload["new"]["id"], since=received, source=source)
         elif kind == "agent.offline":
@@ -171,14 +174,21 @@ class Dispatcher(Service):
         covers the task's metrics). None when that cannot be decided here, and the
         database is asked: an `any` task (its agent is chosen in the database), or a
         candidate whose catalog is unknown (being written) or whose agent is being
-        reloaded after a change. A newly created task is in no agent's view yet, so this
-        saves the read-back of what was just written (bench/analysis.md, API POST)."""
+        reloaded after a change, or a held agent that may have changed unseen (byTags).
+        A newly created task is in no agent's view yet, so this saves the read-back of
+        what was just written (bench/analysis.md, API POST)."""
         route = task.get("route") or {}
         config = route.get("config") or {}
         if route.get("type") == BY_IDS:
             ids = set(config.get("ids") or ())
             candidates = [s for s in sessions if s.agent.id in ids]
         elif route.get("type") == BY_TAGS:
+            # Every held agent's tags and org decide, so each must be as stored: read
+            # since its session was held here, while the event connection that would
+            # have brought any later agent.updated has stayed up, and not being reloaded.
+            epoch = self.event_epoch()
+            if epoch is None or any(s.agent_epoch != epoch or s.agent.id in self._reloading for s in sessions):
+                return None
             tags = set(config.get("tags") or ())
             org_id = task.get("orgId")
             candidates = [s for s in sessions if s.agent.org_id == org_id and not tags.isdisjoint(s.agent.tags)]
@@ -197,7 +207,7 @@ class Dispatcher(Service):
                since: float | None = None, source: str = "local", frames: dict | None = None) -> str | None:
         """Tell the agent the difference, unless a read that started later already did;
         returns the event sent, if any. `frames` caches encoded frames across agents."""
-        if session.decided_by.get(task_id, 0) > seq:
+        if session.decided(task_id) > seq:
             return None
         session.decided_by[task_id] = seq
         had = session.view.get(task_id)
@@ -242,16 +252,33 @@ class Dispatcher(Service):
                               name=(wanted.get(task_id) or {}).get("name"), event=event,
                               agent=session.agent.name, ip=session.remote_ip)
 
+    def event_epoch(self) -> Any:
+        """Names the unbroken stream of events this server receives: every agent change
+        since then has reached it. 0 with no transport (every event is in-process), the
+        transport's connection count while connected, None while disconnected."""
+        transport = self.events.transport
+        if transport is None:
+            return 0
+        if not getattr(transport, "connected", False):
+            return None
+        return getattr(transport, "connections", None)
+
+    def _refresh(self, session: AgentSession, fresh: Any, seq: int, epoch: Any) -> None:
+        """Hold `fresh` (read by read `seq` under `epoch`) as the session's agent, unless a
+        read that started later already set it (reads finish in any order)."""
+        if fresh is not None and seq > session.agent_read:
+            session.agent, session.agent_read, session.agent_epoch = fresh, seq, epoch
+
     def _agent_updated(self, agent: dict) -> None:
         """Tags or visibility may have changed: reload the held agent and re-route it."""
         session = self.manager.sessions.get(agent["id"])
-        if session is None:
+        if session is None:  # or not yet: agents_connected reads it after it is held
             return
         self._reloading[agent["id"]] = self._reloading.get(agent["id"], 0) + 1
+        seq, epoch = self.manager.next_read(), self.event_epoch()
 
         def refreshed(fresh: Any) -> Any:
-            if fresh is not None:
-                session.agent = fresh
+            self._refresh(session, fresh, seq, epoch)
             return self.agent_changed(session)
 
         def reloaded(_: Any) -> None:
@@ -281,12 +308,17 @@ class Dispatcher(Service):
     @inlineCallbacks
     def agents_connected(self, sessions: list[AgentSession]):
         """Agents just connected (a batch of them): in one transaction move the `any`
-        tasks they no longer qualify for and give them unassigned ones they do, then send
-        each its first taskList (one read for the batch), which already holds those."""
-        released, assigned, catalogs = yield self.pool.do(connect_assignments, [s.agent.id for s in sessions])
+        tasks they no longer qualify for, give them unassigned ones they do, and re-read
+        the agents (now that their sessions are held, every later change reaches them),
+        then send each its first taskList (one read for the batch), which already holds
+        those."""
+        seq, epoch = self.manager.next_read(), self.event_epoch()
+        released, assigned, catalogs, agents = yield self.pool.do(
+            connect_assignments, [s.agent.id for s in sessions])
         for session in sessions:
             if session.catalog is None:
                 session.catalog = catalogs.get(session.agent.id, frozenset())
+            self._refresh(session, agents.get(session.agent.id), seq, epoch)
         yield self.manager.send_task_lists(sessions)
         names = {s.agent.id: s.agent.name for s in sessions}
         for task, new_agent in released:

@@ -163,7 +163,8 @@ def build_server(settings: Any, reactor: Any = None) -> Server:
     statuses = StatusStore(pool)
     agents = AgentService(AgentStore(pool), catalog, events, stats=stats, status=statuses)
     tasks = TaskService(TaskStore(pool), events, pool, stats=stats, status=statuses)
-    status = StatusService(pool, clock=reactor, flush_interval=settings.status_flush_interval)
+    status = StatusService(pool, clock=reactor, flush_interval=settings.status_flush_interval,
+                           instance_id=instance_id)
     agents.failing.generation = lambda: status.flushes  # counts read before a flush are read again
     sessions = SessionManager(
         pool=pool, store=SessionStore(pool), catalog=catalog, events=events, instance_id=instance_id,
@@ -192,12 +193,14 @@ def build_server(settings: Any, reactor: Any = None) -> Server:
 
     root = OrderedMultiService()
     # Started in this order, stopped in reverse: the listener stops accepting first, then
-    # the sessions close their sockets (recording offline), then the task statuses the
-    # agents sent until then are written, then the pool; the stats client goes last, so
-    # what the others report on their way down is still sent.
+    # the task statuses the agents sent until then are written, while their sessions
+    # here still exist (only statuses of agents with a session on this server are
+    # written: an agent that already reconnected elsewhere reports there, and this
+    # server's last flush must not land on top of that); then the sessions close their
+    # sockets (recording offline), then the pool; the stats client goes last, so what
+    # the others report on their way down is still sent.
     stats.setServiceParent(root)
     PoolService(pool).setServiceParent(root)
-    status.setServiceParent(root)
     if settings.exchange:
         from taskd.server.amqp import AmqpTransport
 
@@ -206,6 +209,7 @@ def build_server(settings: Any, reactor: Any = None) -> Server:
         events.transport = transport
         transport.setServiceParent(root)  # stops after the sessions, so their offline events get out
     sessions.setServiceParent(root)
+    status.setServiceParent(root)  # stops before the sessions (see above)
     dispatcher.setServiceParent(root)
     if stats.enabled:
         def gauges() -> Deferred:

@@ -53,15 +53,28 @@ class AgentSession:
     id: str | None = None
     view: dict[int, dict] = field(default_factory=dict)  # task id -> task JSON last sent
     # task id -> sequence number of the database read that last decided it (see
-    # SessionManager.next_read): a read that started earlier never overrides it.
+    # SessionManager.next_read): a read that started earlier never overrides it. A task
+    # without an entry was last decided by read `decided_floor`: each taskList drops the
+    # entries of tasks it left out of the view (see `decided`), or every push of every
+    # task of the cluster would leave one here for good.
     decided_by: dict[int, int] = field(default_factory=dict)
+    decided_floor: int = 0
     next_task_list: float = 0.0
     closed: bool = False
     # The (namespace, version) pairs the agent advertises, as stored; None while unknown
     # (not loaded yet, or a new catalog being written): then routing asks the database.
     catalog: frozenset[tuple[str, int]] | None = None
+    # Which read set `agent` (see SessionManager.next_read; 0: the websocket's, before the
+    # session was held here), and the event connection it was read under (see
+    # Dispatcher.event_epoch; None: unknown, so routing asks the database).
+    agent_read: int = 0
+    agent_epoch: Any = None
     ready: Deferred = field(default_factory=Deferred)    # fires once registered
     gone: Deferred = field(default_factory=Deferred)     # fires once detached
+
+    def decided(self, task_id: int) -> int:
+        """The sequence number of the read that last decided task `task_id` here."""
+        return self.decided_by.get(task_id, self.decided_floor)
 
     def send(self, event: str, value: Any) -> None:
         self.send_frame(framing.encode_json(event, value))
@@ -105,9 +118,11 @@ class SessionManager(Service):
         self._opening: list[AgentSession] = []  # opened, waiting for the next batch
         self._open_call: Any = None
         self._open_busy = False
+        self._batch: Deferred | None = None  # the batch being recorded and brought up
         self._stopped = False  # stopService ran: sessions recorded from now on are closed at once
         self._payloads: dict[int, dict] = {}  # task id -> the task JSON sessions share (see share)
         self._ticker: LoopingCall | None = None
+        self._listing = False  # a round of due taskLists is being read and sent (see tick)
         self._reads = 0
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -146,6 +161,11 @@ class SessionManager(Service):
             session.closed = True
             session.transport.close(CLOSE_NORMAL, "server shutting down")
             session.gone.callback(None)
+        if self._batch is not None:
+            # Being recorded: once written its sessions are closed and forgotten (see
+            # _opened); clearing this server's sessions before the write commits would
+            # leave them recorded, and their agents online, until the next start.
+            yield self._batch
         sessions = list(self.sessions.values())
         if sessions:
             self.log.info("closing {n} agent connection(s)", n=len(sessions))
@@ -191,10 +211,13 @@ class SessionManager(Service):
 
         def next_batch(_: Any) -> None:
             self._open_busy = False
+            self._batch = None
             if self._opening and self._open_call is None:
                 self._open_call = self.clock.callLater(0, self._open_next)
 
         d.addBoth(next_batch)
+        if self._open_busy:  # not over already
+            self._batch = d
 
     @inlineCallbacks
     def _opened(self, results: list[tuple[str | None, OnlineChange | None]], batch: list[AgentSession]):
@@ -334,11 +357,15 @@ class SessionManager(Service):
     def tick(self) -> Deferred:
         """Every agent's heartbeat, then the taskLists that are due. Heartbeats go out
         in slices of SLICE sessions, one slice per reactor turn, so a push that arrives
-        meanwhile is not queued behind 10,000 heartbeat writes; due taskLists are read
-        and sent SLICE agents at a time."""
+        meanwhile is not queued behind 10,000 heartbeat writes. The returned Deferred
+        (which the timer waits for) fires once the heartbeats are out, never later: the
+        due taskLists are read and sent SLICE agents at a time on their own (`_send_due`),
+        so a slow database delays taskLists, not heartbeats, whose absence would make
+        every agent drop its connection. While such a round runs, ticks start no other."""
         now = self.clock.seconds()
         beat = framing.encode(framing.HEARTBEAT, rfc3339(utcnow()).encode())
         sessions = list(self.sessions.values())
+        collect = not self._listing  # a round still running: only heartbeats this time
         due: list[AgentSession] = []
         done: Deferred = Deferred()
 
@@ -347,23 +374,31 @@ class SessionManager(Service):
                 if session.closed:
                     continue
                 session.transport.send_frame(beat)
-                if session.next_task_list <= now:
+                if collect and session.next_task_list <= now:
                     due.append(session)
             if start + SLICE < len(sessions):
                 self.clock.callLater(0, beat_slice, start + SLICE)
             else:
-                lists_from(0)
+                if due:
+                    self._send_due(due)
+                done.callback(None)
+
+        beat_slice(0)
+        return done
+
+    def _send_due(self, due: list[AgentSession]) -> None:
+        """One round of due taskLists, a read of SLICE agents at a time."""
+        self._listing = True
 
         def lists_from(start: int) -> None:
-            if start >= len(due):
-                done.callback(None)
+            if start >= len(due) or self._stopped:
+                self._listing = False
                 return
             d = self.send_task_lists(due[start:start + SLICE])
             d.addErrback(lambda f: self.log.failure("sending task lists failed", f))
             d.addCallback(lambda _: lists_from(start + SLICE))
 
-        beat_slice(0)
-        return done
+        lists_from(0)
 
     @inlineCallbacks
     def send_task_lists(self, sessions: Iterable[AgentSession]):
@@ -376,26 +411,33 @@ class SessionManager(Service):
         seq = self.next_read()
         lists = yield self.pool.do(tasks_for_agents, [s.agent.id for s in sessions])
         now = self.clock.seconds()
-        payloads: dict[int, dict] = {}  # id(Task) -> its shared JSON (a read shares Task objects)
+        # id(Task) -> its shared JSON (a read shares Task objects). Made only for a task
+        # a view takes: one this read saw before its deletion must not be shared again.
+        payloads: dict[int, dict] = {}
         frames: dict[tuple[int, ...], bytes] = {}
         for session in sessions:
-            read = {}
-            for t in lists.get(session.agent.id, []):
-                payload = payloads.get(id(t))
-                if payload is None:
-                    payload = payloads[id(t)] = self.share(task_json(t))
-                read[t.id] = payload
+            read = {t.id: t for t in lists.get(session.agent.id, [])}
             view = {}
             for task_id in set(read) | set(session.view):
-                if session.decided_by.get(task_id, 0) > seq:  # a newer read decided it
+                if session.decided(task_id) > seq:  # a newer read decided it
                     if task_id in session.view:
                         view[task_id] = session.view[task_id]
                 elif task_id in read:
-                    view[task_id] = read[task_id]
+                    t = read[task_id]
+                    payload = payloads.get(id(t))
+                    if payload is None:
+                        payload = payloads[id(t)] = self.share(task_json(t))
+                    view[task_id] = payload
                     session.decided_by[task_id] = seq
                 else:
                     session.decided_by[task_id] = seq
             session.view = view
+            # Every task left out of the view is now decided by this read (or by a newer
+            # one, whose entry stays): the floor says so without an entry per task.
+            session.decided_floor = max(session.decided_floor, seq)
+            if len(session.decided_by) > len(view):  # each task in the view has an entry
+                session.decided_by = {task_id: decided for task_id, decided in session.decided_by.items()
+                                      if task_id in view or decided > session.decided_floor}
             session.next_task_list = now + self.task_list_interval
             listed = sorted(view.values(), key=lambda t: (t["name"], t["id"]))
             key = tuple(id(t) for t in listed)  # the dicts are alive in views: ids are stable here
@@ -415,7 +457,8 @@ class SessionManager(Service):
         return payload
 
     def forget_task(self, task_id: int) -> None:
-        """The task was deleted: stop keeping its shared dict."""
+        """The task was deleted (and that push is done: see Dispatcher.on_event): stop
+        keeping its shared dict."""
         self._payloads.pop(task_id, None)
 
     def next_read(self) -> int:

@@ -95,12 +95,15 @@ def parse_entry(entry: Any, agent_id: int) -> tuple[int, TaskStatusRow | None]:
         error = entry.get("error") or ""
         if not isinstance(error, str):
             raise BadEntry(f"error must be a string, not {error!r}")
+        # JSON may carry a lone surrogate ("\ud800"), which no database driver can
+        # encode: such a row would fail the flush of every status in the batch.
+        error = error[:MAX_ERROR].encode("utf-8", "replace").decode("utf-8")
         last_run = _number(entry, "lastRun", MAX_UNIX_TIME)
         duration = _number(entry, "duration", math.inf)
         if duration is not None and not math.isfinite(duration):
             raise BadEntry("duration must be finite")
         row = TaskStatusRow(
-            task_id=task_id, agent_id=agent_id, executor=executor, outcome=outcome, error=error[:MAX_ERROR],
+            task_id=task_id, agent_id=agent_id, executor=executor, outcome=outcome, error=error,
             last_run=None if last_run is None else datetime.fromtimestamp(last_run, timezone.utc).replace(tzinfo=None),
             duration=duration,
             metrics=_int(entry, "metrics", 0, MAX_INT, default=None),
@@ -135,8 +138,12 @@ class StatusService(Service):
     name = "task-status"
 
     def __init__(self, pool: Any, *, clock: Any, flush_interval: float = 2.0,
-                 now: Callable[[], datetime] = utcnow) -> None:
+                 now: Callable[[], datetime] = utcnow, instance_id: str | None = None) -> None:
         self.pool = pool
+        # Statuses are written only for agents with a session on this server (None: no
+        # such check), so a late flush here never overwrites what an agent that moved
+        # on reported to its new server (taskd.db.status.upsert_many).
+        self.instance_id = instance_id
         self.clock = clock
         self.flush_interval = flush_interval
         self.now = now
@@ -144,6 +151,7 @@ class StatusService(Service):
         self.flushes = 0        # transactions committed (one per interval with work)
         self.rows_written = 0   # statuses upserted (skipping those of deleted tasks/agents)
         self.failed_flushes = 0
+        self.rows_refused = 0   # statuses the database refused, dropped (see flush)
         self._flushing: Deferred | None = None
         self._loop: LoopingCall | None = None
 
@@ -181,7 +189,9 @@ class StatusService(Service):
     def flush(self) -> Deferred:
         """Write everything buffered in one transaction. While a flush runs, another
         one waits for it (so an older batch can never overwrite a newer one); a failed
-        batch goes back into the buffer under any newer statuses, for the next flush."""
+        batch goes back into the buffer under any newer statuses, for the next flush.
+        Single statuses the database refuses are dropped with a log line instead
+        (taskd.db.status), so that one of them cannot fail every later flush."""
         if self._flushing is not None:
             waiter: Deferred = Deferred()
             self._flushing.addBoth(lambda result: (waiter.callback(None), result)[1])
@@ -192,12 +202,22 @@ class StatusService(Service):
         now = self.now()
         rows = [replace(r, updated=now) for r in batch.values() if r is not None]
         removals = [key for key, r in batch.items() if r is None]
-        d = self.pool.do(status_db.apply, rows, removals)
+        d = self.pool.do(status_db.apply, rows, removals, self.instance_id)
 
-        def written(count: int) -> None:
+        def written(result: tuple[int, list[tuple[TaskStatusRow, str]]]) -> None:
+            count, refused = result
             self.flushes += 1
             self.rows_written += count
             self.log.debug("stored {n} task status(es), removed {r}", n=count, r=len(removals))
+            if refused:
+                # Dropped, not put back: retried, they would fail again, and with them
+                # the whole batch of every later flush.
+                self.rows_refused += len(refused)
+                shown = "; ".join(f"task {row.task_id} of agent {row.agent_id} ({why})"
+                                  for row, why in refused[:SHOWN_PROBLEMS])
+                more = f" (and {len(refused) - SHOWN_PROBLEMS} more)" if len(refused) > SHOWN_PROBLEMS else ""
+                self.log.warn("the database refused {n} task status(es), dropped: {shown}{more}",
+                              n=len(refused), shown=shown, more=more)
 
         def failed(failure: Any) -> None:
             self.failed_flushes += 1

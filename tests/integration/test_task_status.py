@@ -348,3 +348,50 @@ async def test_store_upserts_skips_the_deleted_and_counts_failures(api):
         assert status_db.for_task(conn, 2)[0].last_run == datetime(2026, 1, 2, 3, 4, 5, 123456)
         status_db.delete(conn, [(1, 1), (1, 3), (2, 7)])
         assert [r.agent_id for r in status_db.for_task(conn, 1)] == [2]
+
+
+@pytest_twisted.ensureDeferred
+async def test_store_writes_only_for_agents_held_here_and_drops_what_the_database_refuses(api):
+    engine = api.server.engine
+    with engine.begin() as conn:
+        conn.execute(sa.insert(models.agent), [
+            {"id": i, "org_id": 1, "name": f"a{i}", "enabled": True, "public": False, "online": True,
+             "created": T0, "updated": T0} for i in (1, 2, 3)])
+        conn.execute(sa.insert(models.task), [
+            {"id": i, "org_id": 1, "name": f"t{i}", "task_type": "", "config": {}, "interval": 60,
+             "route": {"type": "any"}, "enabled": True, "created": T0, "updated": T0} for i in (1, 2, 3)])
+        conn.execute(sa.insert(models.agent_session), [
+            {"id": f"s{i}", "agent_id": i, "version": 1, "remote_ip": "10.0.0.1", "server": server, "created": T0}
+            for i, server in ((1, "srv-a"), (2, "srv-b"))])  # agent 3 has no session
+    with engine.begin() as conn:
+        status_db.upsert_many(conn, [_row(3, 1), _row(3, 2, runs=7)])  # written before
+    with engine.begin() as conn:
+        written, refused = status_db.apply(conn, [
+            _row(1, 1), _row(2, 1, error="\ud800"), _row(1, 2), _row(1, 3), _row(3, 2, runs=1),
+        ], [(3, 1), (3, 2)], "srv-a")
+    assert written == 1
+    assert [(r.task_id, r.agent_id) for r, _ in refused] == [(2, 1)]
+    with engine.connect() as conn:
+        rows = {(r.task_id, r.agent_id): r.runs for r in conn.execute(sa.select(models.task_status))}
+    # srv-b's agent 2 keeps what its own server wrote; agent 3 (no session) gets nothing.
+    assert rows == {(1, 1): 0, (3, 2): 7}
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_flush_after_the_agent_left_this_server_writes_nothing(db_config):
+    api = await start_server(*db_config, status_flush_interval=3600)
+    engine = api.server.engine
+    try:
+        client, agent_id = await online(api, "moved-on")
+        task_id = await task_for(api, client, agent_id, "t1")
+        client.send(framing.TASK_STATUS, [status(task_id, outcome="error")])
+        await until(lambda: api.server.status.pending, what="the status buffered")
+        await client.disconnect()
+        await until(lambda: not api.server.sessions.sessions, what="the session closed")
+        await until_api(lambda: api.ok("GET", f"{AGENTS}/{agent_id}"), lambda a: not a["online"], "offline")
+        await api.server.status.flush()
+        assert count(engine) == 0 and api.server.status.pending == {}
+        assert api.server.status.failed_flushes == 0
+    finally:
+        await stop_server(api)
+        engine.dispose()

@@ -57,7 +57,7 @@ class FakePool:
         "relocate_from": lambda agent_id: [],
         "release_unqualified": lambda agent_id: [],
         "assign_unassigned": lambda agent_ids: [],
-        "connect_assignments": lambda agent_ids: ([], [], {}),
+        "connect_assignments": lambda agent_ids: ([], [], {}, {}),
         "tasks_for_agents": lambda ids: {i: [] for i in ids},
         "load_agent": lambda agent_id: None,
     }
@@ -244,6 +244,7 @@ def routed_task(task_id: int = 1, *, route: dict, metrics: dict | None = None, e
 def with_agent(rig: Rig, agent_id: int, *, org_id: int = 1, tags: tuple = (), catalog=frozenset()) -> None:
     session = rig.connect(agent_id)
     session.agent = Agent(agent_id, org_id, f"agent{agent_id}", True, T0, True, tags, True, T0, T0, T0)
+    session.agent_epoch = 0  # read since it was held, under the (in-process) event stream
     session.catalog = catalog
 
 
@@ -306,6 +307,98 @@ def test_the_database_decides_when_memory_cannot(rig):
     fresh = routed_task(5, route={"type": "byTags", "config": {"tags": ["t"]}})
     rig.events.publish("task.created", fresh)
     assert rig.pool.called("routing_snapshot")[-1] == (4,)  # reloaded: memory again
+
+
+class EventTransport:
+    """The parts of AmqpTransport the dispatcher looks at."""
+
+    def __init__(self) -> None:
+        self.connected, self.connections = True, 1
+
+    def publish(self, event: dict) -> None:
+        pass
+
+
+def tagged_agent(agent_id: int, *tags: str) -> Agent:
+    return Agent(agent_id, 1, f"agent{agent_id}", True, T0, True, tags, True, T0, T0, T0)
+
+
+def test_by_tags_routing_uses_the_agents_read_once_their_sessions_are_held(rig):
+    """The agent a websocket was accepted with was read before its session was held
+    here, so an agent.updated in between reached no session: memory may not decide
+    for it until the connect read (after the session is held) has refreshed it."""
+    rig.manager.sessions.clear()
+    with_agent(rig, 1, tags=("old",))
+    session = rig.session(1)
+    session.agent_epoch = None  # as attached: the websocket's read
+    tagged = routed_task(1, route={"type": "byTags", "config": {"tags": ["new"]}})
+    rig.events.publish("task.created", tagged)
+    assert rig.pool.called("routing_snapshot") == [(1,)]
+    rig.pool.handlers["connect_assignments"] = lambda ids: ([], [], {1: frozenset()}, {1: tagged_agent(1, "new")})
+    rig.dispatcher.agents_connected([session])
+    assert session.agent.tags == ("new",)
+    rig.transports[1].take()
+    again = routed_task(2, route={"type": "byTags", "config": {"tags": ["new"]}})
+    rig.events.publish("task.created", again)
+    assert rig.pool.called("routing_snapshot") == [(1,)]  # from memory, with the tags now stored
+    assert rig.transports[1].take() == [("taskAdd", again)]
+
+
+def test_by_tags_routing_asks_the_database_once_agent_events_may_have_been_missed(rig):
+    """While the broker is away, and after it came back, another server's agent.updated
+    may never arrive: until an agent is read again, its held tags are not trusted."""
+    rig.manager.sessions.clear()
+    rig.events.transport = transport = EventTransport()
+    with_agent(rig, 1, tags=("t",))
+    with_agent(rig, 2, tags=("t",))
+    rig.pool.handlers["connect_assignments"] = lambda ids: ([], [], {}, {i: tagged_agent(i, "t") for i in ids})
+    rig.dispatcher.agents_connected([rig.session(1), rig.session(2)])
+    created = iter(range(1, 100))
+
+    def from_memory() -> bool:
+        task_id = next(created)
+        rig.events.publish("task.created", routed_task(task_id, route={"type": "byTags", "config": {"tags": ["t"]}}))
+        return task_id not in [args[0] for args in rig.pool.called("routing_snapshot")]
+
+    assert from_memory()
+    transport.connected = False
+    assert not from_memory()
+    transport.connected, transport.connections = True, 2
+    assert not from_memory()
+    rig.pool.handlers["load_agent"] = lambda agent_id: tagged_agent(agent_id, "t")
+    rig.events.publish("agent.updated", {"old": {"id": 1}, "new": {"id": 1}})
+    assert rig.session(1).agent_epoch == 2
+    assert not from_memory()  # agent 2 is still as read before the reconnect
+    rig.events.publish("agent.updated", {"old": {"id": 2}, "new": {"id": 2}})
+    assert from_memory()
+    # byIds routing needs no more of an agent than its id: memory still decides
+    transport.connected = False
+    task_id = next(created)
+    rig.events.publish("task.created", routed_task(task_id, route={"type": "byIds", "config": {"ids": [1]}}))
+    assert task_id not in [args[0] for args in rig.pool.called("routing_snapshot")]
+
+
+def test_an_older_read_of_the_agent_never_replaces_a_newer_one(rig):
+    session = rig.session(1)
+    held: Deferred = Deferred()
+    rig.pool.handlers["connect_assignments"] = lambda ids: held
+    rig.dispatcher.agents_connected([session])  # read 1 starts ...
+    rig.pool.handlers["load_agent"] = lambda agent_id: tagged_agent(1, "newer")
+    rig.events.publish("agent.updated", {"old": {"id": 1}, "new": {"id": 1}})  # ... read 2 starts and ends
+    held.callback(([], [], {}, {1: tagged_agent(1, "older")}))  # read 1 ends
+    assert session.agent.tags == ("newer",)
+
+
+def test_a_deleted_tasks_shared_dict_is_dropped_after_a_push_still_in_flight(rig):
+    task = make_task(1)
+    held: Deferred = Deferred()
+    rig.pool.handlers["routing_snapshot"] = lambda task_id: held
+    rig.remote("task.updated", {"old": task_json(task), "new": task_json(task)})  # its read is slow
+    rig.route(None)  # then the task is deleted
+    rig.remote("task.deleted", task_json(task))
+    held.callback((task, {1}))  # the update's read, from before the delete, ends
+    assert rig.transports[1].take() == [("taskAdd", task_json(task)), ("taskRemove", task_json(task))]
+    assert rig.manager._payloads == {}
 
 
 def test_a_created_disabled_task_sends_nothing(rig):
@@ -458,13 +551,15 @@ def test_connecting_agents_get_assignments_and_task_lists_as_one_batch(rig):
     given, moved = make_task(4), make_task(5)
     order: list[Any] = []
     rig.pool.handlers["connect_assignments"] = lambda ids: order.append("assign") or (
-        [(moved, 9)], [(given, 2)], {1: frozenset({("/x/y", 1)}), 2: frozenset()})
+        [(moved, 9)], [(given, 2)], {1: frozenset({("/x/y", 1)}), 2: frozenset()}, {1: make_agent(1, "renamed")})
     rig.manager.send_task_lists = lambda sessions: order.append([s.agent.id for s in sessions]) or succeed(None)
     done = rig.dispatcher.agents_connected([s1, s2])
     assert done.called
     assert rig.pool.called("connect_assignments") == [([1, 2],)]
     assert order == ["assign", [1, 2]]  # assigned first, so the taskLists hold the tasks
     assert s1.catalog == frozenset({("/x/y", 1)}) and s2.catalog == frozenset()  # known from now on
+    assert s1.agent.name == "renamed" and s1.agent_epoch == 0  # as it is now that it is held
+    assert s2.agent.name == "agent2" and s2.agent_epoch is None  # not found (deleted): left as it was
     assert rig.pool.called("release_unqualified") == rig.pool.called("assign_unassigned") == []
     announced = [p["new"]["id"] for t, p in rig.published if t == "task.updated"]
     assert sorted(announced) == [4, 5]

@@ -141,6 +141,20 @@ def test_bypassed_while_the_event_transport_is_down_and_emptied_after_it_reconne
     assert cache.get(1) is not None
 
 
+def test_a_read_that_began_before_a_broker_reconnect_is_not_stored(cache, bus):
+    """No event arrived during the gap (it may have been missed): the reconnect alone
+    must keep what was read before it out of the cache."""
+    transport = bus.transport = FakeTransport()
+    assert cache.get(1) is None  # the cache has seen connection 1
+    token = cache.token()
+    transport.connected = False
+    transport.connected, transport.connections = True, 2
+    cache.put(agent(1), token)  # the first look at the cache since the reconnect
+    assert cache.get(1) is None and len(cache) == 0
+    cache.put(agent(1), cache.token())
+    assert cache.get(1) is not None
+
+
 def test_short_lived_values_expire_and_follow_the_generation(clock):
     generation = [0]
     values = ShortLived(clock, ttl=2.0, generation=lambda: generation[0])

@@ -258,3 +258,19 @@ def test_a_batch_recorded_while_stopping_is_closed_not_brought_up(rig):
     assert rig.transports[1].closes == [(CLOSE_NORMAL, "server shutting down")]
     assert rig.store.closed == [("s0-0", 1)] and late.gone.called
     assert rig.manager.sessions == {} and rig.task_list_reads() == []
+
+
+def test_stopping_waits_for_a_batch_being_recorded_before_clearing_the_server(rig):
+    """Cleared first, the batch's rows (and its agents' online flags) would be written
+    after the clear and stay until the next start."""
+    order: list[str] = []
+    rig.manager.store.clear_server = lambda server: order.append("clear") or succeed([])
+    rig.manager.startService()
+    late = rig.attach(1)
+    rig.clock.advance(0)  # its batch is being recorded...
+    stopped = rig.manager.stopService()  # ...when the server stops
+    assert order == [] and not stopped.called
+    real_close = rig.store.close
+    rig.store.close = lambda session_id, agent_id: order.append("close") or real_close(session_id, agent_id)
+    rig.store.finish(0, offline={1})
+    assert order == ["close", "clear"] and stopped.called and late.gone.called

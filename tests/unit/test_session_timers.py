@@ -3,10 +3,11 @@ queued behind every heartbeat), due taskLists read a slice at a time, and one ta
 and one encoded frame shared by every agent that runs the same tasks."""
 from __future__ import annotations
 
+import json
 from datetime import datetime
 from typing import Any
 
-from twisted.internet.defer import succeed
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 
 from taskd.db.agents import Agent
@@ -140,3 +141,68 @@ def test_agents_running_the_same_tasks_share_the_dicts_and_the_frame(monkeypatch
     assert manager.share(task_json(task(1, interval=10))) is s1.view[1]
     manager.forget_task(1)
     assert manager.share(task_json(task(1, interval=10))) is not s1.view[1]
+
+
+class StalledPool(Pool):
+    """A database that does not answer until the test says so."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.held: list[Deferred] = []
+
+    def do(self, fn, ids):
+        assert fn.__name__ == "tasks_for_agents"
+        self.reads.append(list(ids))
+        self.held.append(Deferred())
+        return self.held[-1]
+
+
+def test_heartbeats_never_wait_for_the_database():
+    """A stalled taskList read must not hold back the next heartbeats: without them,
+    every agent's watchdog would drop its connection at once."""
+    pool = StalledPool()
+    manager, clock, _ = make(3, pool)
+    for session in manager.sessions.values():
+        session.next_task_list = 0.0  # all due
+    manager.startService()
+    try:
+        for _ in range(5):
+            clock.advance(manager.heartbeat_interval)
+        assert beats(manager) == 15
+        assert pool.reads == [[1, 2, 3]]  # one round of taskLists at a time
+        pool.held[0].callback({i: [] for i in (1, 2, 3)})
+        assert all(s.transport.frames[-1][0] == framing.TASK_LIST for s in manager.sessions.values())
+        manager.sessions[2].next_task_list = 0.0
+        clock.advance(manager.heartbeat_interval)
+        assert beats(manager) == 18 and pool.reads == [[1, 2, 3], [2]]  # the next round, once that one ended
+    finally:
+        manager._ticker.stop()
+
+
+def test_a_task_list_keeps_decisions_only_for_its_view_and_older_reads_still_lose():
+    """A push decides a task for every session, routed there or not; kept for good,
+    that is an entry per session per task of the whole cluster."""
+    pool = StalledPool()
+    manager, _, _ = make(1, pool)
+    session = manager.sessions[1]
+    manager.send_task_lists([session])  # read A (older) ...
+    for task_id in (7, 8, 9):  # ... pushes of tasks not routed here decide them meanwhile
+        session.decided_by[task_id] = manager.next_read()
+    manager.send_task_lists([session])  # read B
+    pool.held[1].callback({1: [task(1)]})
+    assert set(session.view) == {1} and set(session.decided_by) == {1}
+    pool.held[0].callback({1: [task(1), task(9)]})  # A saw task 9, but a push after A decided it
+    assert set(session.view) == {1}
+    assert [e for e, _ in session.transport.frames] == [framing.TASK_LIST, framing.TASK_LIST]
+    assert json.loads(session.transport.frames[-1][1]) == [task_json(task(1))]
+
+
+def test_a_task_list_read_in_flight_does_not_share_a_deleted_task_again():
+    pool = StalledPool()
+    manager, _, _ = make(1, pool)
+    session = manager.sessions[1]
+    manager.send_task_lists([session])  # the read sees task 1 ...
+    session.decided_by[1] = manager.next_read()  # ... which is deleted: the delete push
+    manager.forget_task(1)
+    pool.held[0].callback({1: [task(1), task(2)]})
+    assert set(session.view) == {2} and set(manager._payloads) == {2}

@@ -14,13 +14,14 @@ from typing import Any, Callable
 
 import pytest
 import sqlalchemy as sa
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import Deferred, fail, maybeDeferred
 from twisted.internet.task import Clock
 from twisted.logger import Logger, formatEvent
 
 from taskd.db import models
 from taskd.db import status as status_db
-from taskd.db.status import TaskStatusRow
+from taskd.db.engine import create_engine
+from taskd.db.status import MAX_REFUSALS, TaskStatusRow
 from taskd.server.status import MAX_ERROR, StatusService, parse_entry, parse_payload
 from taskd.wire import framing
 from taskd.wire.framing import Frame, FrameError
@@ -128,8 +129,7 @@ class SqlitePool:
     `hold()` makes the next call wait for the test instead."""
 
     def __init__(self) -> None:
-        self.engine = sa.create_engine("sqlite://")
-        sa.event.listen(self.engine, "connect", lambda c, _: c.execute("PRAGMA foreign_keys=ON"))
+        self.engine = create_engine("sqlite3", ":memory:")  # taskd's sqlite set-up: real savepoints
         models.metadata.create_all(self.engine)
         self.calls: list[str] = []
         self.statements: list[str] = []
@@ -148,7 +148,7 @@ class SqlitePool:
             d: Deferred = Deferred()
             self.held.append((d, fn, args))
             return d
-        return succeed(self.run(fn, *args))
+        return maybeDeferred(self.run, fn, *args)  # like DBPool: an exception fails the Deferred
 
     def run(self, fn: Callable, *args: Any) -> Any:
         with self.engine.begin() as conn:
@@ -175,12 +175,13 @@ class SqlitePool:
 
 
 class Rig:
-    def __init__(self, agents: int = 2, tasks: int = 3) -> None:
+    def __init__(self, agents: int = 2, tasks: int = 3, instance_id: str | None = None) -> None:
         self.clock = Clock()
         self.pool = SqlitePool()
         self.pool.seed(agents, tasks)
         self.logs: list[str] = []
-        self.service = StatusService(self.pool, clock=self.clock, flush_interval=2.0, now=lambda: STORED)
+        self.service = StatusService(self.pool, clock=self.clock, flush_interval=2.0, now=lambda: STORED,
+                                     instance_id=instance_id)
         self.service.log = Logger(namespace="test", observer=lambda e: self.logs.append(formatEvent(e)))
         self.service.startService()
 
@@ -329,3 +330,99 @@ def test_the_wire_shape_of_the_agent_is_accepted():
             TaskStatus(6, "snap", "error", "boom", 1767323045.0, 1.5, None, 4, 1, 2).to_wire()]
     entries, problems = parse_payload(json.loads(json.dumps(wire)), 9)
     assert problems == [] and [(t, r.outcome) for t, r in entries] == [(5, "pending"), (6, "error")]
+
+
+# -- what the database refuses ---------------------------------------------------------------
+
+def test_a_lone_surrogate_in_an_error_is_stored_replaced(rig):
+    """JSON accepts "\\ud800"; no database driver can encode it."""
+    rig.service.received(session(1), Frame(framing.TASK_STATUS, json.dumps([status(1, error="bad \ud800 x")]).encode()))
+    assert rig.service.pending[(1, 1)].error == "bad ? x"
+    rig.tick()
+    assert rig.service.failed_flushes == 0 and set(rig.pool.rows()) == {(1, 1)}
+
+
+def refused_row(task_id: int = 2, agent_id: int = 1) -> TaskStatusRow:
+    """A status the database cannot store (what parse_entry no longer lets through)."""
+    return TaskStatusRow(task_id=task_id, agent_id=agent_id, executor="snap", outcome="error", error="\ud800")
+
+
+def test_a_status_the_database_refuses_is_dropped_alone_not_failing_every_flush(rig):
+    rig.service.received(session(1), frame([status(1), status(3)]))
+    rig.service.received(session(2), frame([status(2)]))
+    rig.service.pending[(2, 1)] = refused_row()
+    rig.tick()
+    assert rig.service.failed_flushes == 0 and rig.service.pending == {}
+    assert set(rig.pool.rows()) == {(1, 1), (3, 1), (2, 2)} and rig.service.rows_refused == 1
+    [line] = [line for line in rig.logs if "refused" in line]
+    assert line.startswith("the database refused 1 task status(es), dropped: task 2 of agent 1 (UnicodeEncodeError")
+    rig.service.received(session(1), frame([status(2, runs=9)]))
+    rig.tick()
+    assert rig.pool.rows()[(2, 1)][1] == 9 and rig.service.failed_flushes == 0
+
+
+def test_a_database_refusing_everything_fails_the_flush_instead_of_dropping_it(rig, monkeypatch):
+    """Not the data's fault (a full disk, say): the batch is kept for the next flush,
+    after a bounded number of tries."""
+    tries: list[int] = []
+
+    def refuse(conn: Any, rows: list) -> None:
+        tries.append(len(rows))
+        raise sa.exc.OperationalError("INSERT", {}, Exception("database or disk is full"))
+
+    monkeypatch.setattr(status_db, "_upsert", refuse)
+    rig.service.received(session(1), frame([status(1), status(2), status(3)]))
+    rig.service.pending[(1, 2)] = refused_row(1, 2)
+    rig.tick()
+    assert rig.service.failed_flushes == 1 and rig.service.rows_refused == 0 and len(rig.service.pending) == 4
+    assert len(tries) == 7  # 4 rows, 2 halves, 4 single rows: then no row was written at all
+    big = Rig(agents=1, tasks=2000)
+    big.service.received(session(1, tasks=range(1, 2001)), frame([status(t) for t in range(1, 2001)]))
+    tries.clear()
+    big.tick()
+    assert big.service.failed_flushes == 1 and len(tries) == MAX_REFUSALS and len(big.service.pending) == 2000
+    big.service.stopService()
+
+
+# -- only the statuses of this server's agents ----------------------------------------------
+
+def test_only_agents_with_a_session_on_this_server_are_written():
+    rig = Rig(agents=3, instance_id="srv-a")
+    with rig.pool.engine.begin() as conn:
+        conn.execute(sa.insert(models.agent_session), [
+            {"id": f"s{i}", "agent_id": i, "version": 1, "remote_ip": "10.0.0.1", "server": server, "created": T0}
+            for i, server in ((1, "srv-a"), (2, "srv-b"))])  # agent 3: no session anywhere
+    for agent_id in (1, 2, 3):
+        rig.service.received(session(agent_id), frame([status(1, runs=agent_id), status(2)]))
+    rig.tick()
+    assert set(rig.pool.rows()) == {(1, 1), (2, 1)} and rig.service.rows_written == 2
+    with rig.pool.engine.begin() as conn:  # what the agents' servers wrote
+        conn.execute(sa.insert(models.task_status), [
+            {"task_id": 3, "agent_id": i, "executor": "snap", "outcome": "ok", "error": "", "runs": 0,
+             "failures": 0, "skipped": 0, "updated": T0} for i in (1, 2)])
+    for agent_id in (1, 2):
+        rig.service.received(session(agent_id), frame([{"taskId": 3, "removed": True}]))
+    rig.tick()
+    assert set(rig.pool.rows()) == {(1, 1), (2, 1), (3, 2)}  # agent 2's row is srv-b's to remove
+    rig.service.stopService()
+
+
+def test_a_transient_error_behind_a_failed_savepoint_rollback_fails_the_flush(rig, monkeypatch):
+    """A deadlock ends the whole transaction (MySQL): what fails next is the rollback to
+    the savepoint. That is the database's state, not a row to drop: the flush is retried."""
+    deadlock = sa.exc.OperationalError("INSERT", {}, Exception(1213, "Deadlock found"))
+
+    real = status_db._upsert
+
+    def refuse(conn: Any, rows: list) -> None:
+        if all(r["task_id"] != 2 for r in rows):
+            return real(conn, rows)
+        try:
+            raise deadlock
+        except sa.exc.OperationalError:
+            raise sa.exc.OperationalError("ROLLBACK TO SAVEPOINT", {}, Exception(1305, "SAVEPOINT does not exist"))
+
+    monkeypatch.setattr(status_db, "_upsert", refuse)
+    rig.service.received(session(1), frame([status(1), status(2)]))
+    rig.tick()
+    assert rig.service.failed_flushes == 1 and rig.service.rows_refused == 0 and len(rig.service.pending) == 2
