@@ -36,6 +36,8 @@ def load(path: str) -> dict[str, list[tuple[list[str], int]]]:
             if not line:
                 continue
             stack, _, count = line.rpartition(" ")
+            if not count.isdigit():  # a frame name that contained a line break: not a sample line
+                continue
             frames = stack.split(";")
             thread = frames[0] if frames and frames[0].startswith(("thread", "process")) else "all"
             if thread != "all":
