@@ -43,7 +43,7 @@ from typing import Any
 
 from bench import dbsetup, report
 from bench.dbsetup import agent_name
-from bench.httpc import Http
+from bench.httpc import Http, dechunk
 from bench.procs import ROOT, TWISTD, Cores, ServerProc, cpu_seconds, free_port, rss_bytes, taskd_server
 from bench.run import raise_nofile
 
@@ -170,7 +170,7 @@ class TsdbSink(asyncio.Protocol):
                 headers[k.strip().lower()] = v.strip()
             start = end + 4
             if "chunked" in headers.get("transfer-encoding", "").lower():
-                parsed = _dechunk(self.buf, start)
+                parsed = dechunk(self.buf, start)
                 if parsed is None:
                     return
                 body, used = parsed
@@ -202,21 +202,6 @@ class TsdbSink(asyncio.Protocol):
             return
         TsdbSink.bodies.append((now, len(body), len(names)))
         TsdbSink.series.update(n for n in names if isinstance(n, str))
-
-
-def _dechunk(buf: bytearray, pos: int) -> tuple[bytes, int] | None:
-    body = bytearray()
-    while True:
-        eol = buf.find(b"\r\n", pos)
-        if eol < 0:
-            return None
-        size = int(bytes(buf[pos:eol]).split(b";")[0], 16)
-        if len(buf) < eol + 2 + size + 2:
-            return None
-        body += buf[eol + 2: eol + 2 + size]
-        pos = eol + 2 + size + 2
-        if size == 0:
-            return bytes(body), pos
 
 
 # -- the agent process -------------------------------------------------------------------------

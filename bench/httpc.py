@@ -54,6 +54,22 @@ class HttpConn(asyncio.Protocol):
         return await self.waiter
 
 
+def dechunk(buf: bytearray, pos: int) -> tuple[bytes, int] | None:
+    """A chunked body starting at ``pos``: (body, end position), or None if incomplete."""
+    body = bytearray()
+    while True:
+        eol = buf.find(b"\r\n", pos)
+        if eol < 0:
+            return None
+        size = int(bytes(buf[pos:eol]).split(b";")[0], 16)
+        if len(buf) < eol + 2 + size + 2:
+            return None
+        body += buf[eol + 2: eol + 2 + size]
+        pos = eol + 2 + size + 2
+        if size == 0:
+            return bytes(body), pos
+
+
 def parse_response(buf: bytearray) -> tuple[int, bytes, int] | None:
     end = buf.find(b"\r\n\r\n")
     if end < 0:
@@ -62,19 +78,8 @@ def parse_response(buf: bytearray) -> tuple[int, bytes, int] | None:
     status = int(head[9:12])
     start = end + 4
     if "transfer-encoding: chunked" in head:
-        body = bytearray()
-        pos = start
-        while True:
-            eol = buf.find(b"\r\n", pos)
-            if eol < 0:
-                return None
-            size = int(bytes(buf[pos:eol]).split(b";")[0], 16)
-            if len(buf) < eol + 2 + size + 2:
-                return None
-            body += buf[eol + 2: eol + 2 + size]
-            pos = eol + 2 + size + 2
-            if size == 0:
-                return status, bytes(body), pos
+        got = dechunk(buf, start)
+        return None if got is None else (status, got[0], got[1])
     length = 0
     i = head.find("\r\ncontent-length:")
     if i >= 0:
