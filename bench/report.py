@@ -215,9 +215,25 @@ METHOD = """\
 """
 
 
+def machine_section(m: dict[str, Any], cores: str, packages: tuple[str, ...]) -> list[str]:
+    """The "## Machine" lines both result files start with (m: the machine description)."""
+    v = m["versions"]
+    names = {"autobahn": "Autobahn", "klein": "Klein"}
+    return [
+        "## Machine",
+        "",
+        f"* nproc {m['nproc']} ({m['affinity']} usable); CPU: {m['cpu']}; memory {m['memory']}; {m['kernel']}",
+        f"* Python {m['python']}, " + ", ".join(f"{names.get(p, p)} {v[p]}" for p in packages),
+        f"* open files (`ulimit -n`): {m['nofile']}",
+        f"* {cores}",
+        f"* load average (1/5/15 min) at start {m['load_start']}, at end {m['load_end']} — other engineers' "
+        "test runs may share this machine",
+        "",
+    ]
+
+
 def markdown(tbl: str, results: Any, sizes: Any, m: dict[str, Any], cores: str, argv: list[str], *, mysql: bool,
              workdir: Path) -> str:
-    v = m["versions"]
     ctx = results.context
 
     def cmed(key: str, f: str = "{:.0f}") -> str:
@@ -231,16 +247,7 @@ def markdown(tbl: str, results: Any, sizes: Any, m: dict[str, Any], cores: str, 
         f"{m['duration']:.0f} s. Database: {'MariaDB' if mysql else 'sqlite'}. Server logs of this run: "
         f"`{workdir.relative_to(workdir.parents[2]) if len(workdir.parents) > 2 else workdir}` (not committed).",
         "",
-        "## Machine",
-        "",
-        f"* nproc {m['nproc']} ({m['affinity']} usable); CPU: {m['cpu']}; memory {m['memory']}; {m['kernel']}",
-        f"* Python {m['python']}, Twisted {v['Twisted']}, Autobahn {v['autobahn']}, Klein {v['klein']}, "
-        f"SQLAlchemy {v['SQLAlchemy']}, PyMySQL {v['PyMySQL']}",
-        f"* open files (`ulimit -n`): {m['nofile']}",
-        f"* {cores}",
-        f"* load average (1/5/15 min) at start {m['load_start']}, at end {m['load_end']} — other engineers' "
-        "test runs may share this machine",
-        "",
+        *machine_section(m, cores, ("Twisted", "autobahn", "klein", "SQLAlchemy", "PyMySQL")),
         "## Results",
         "",
         tbl,

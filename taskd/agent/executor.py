@@ -16,10 +16,13 @@ from typing import Any, Callable, Mapping, Protocol
 
 from twisted.logger import Logger
 
-OK = "ok"
-ERROR = "error"
-PENDING = "pending"  # known to the executor, not run yet
-OUTCOMES = (OK, ERROR, PENDING)
+from taskd.wire.framing import STATUS_ERROR as ERROR
+from taskd.wire.framing import STATUS_OK as OK
+from taskd.wire.framing import STATUS_OUTCOMES as OUTCOMES
+from taskd.wire.framing import STATUS_PENDING as PENDING
+
+__all__ = ["OK", "ERROR", "PENDING", "OUTCOMES", "TaskStatus", "SendCatalog", "ReportStatus", "Executor",
+           "desired_tasks"]
 
 SendCatalog = Callable[[list[dict]], None]
 

@@ -24,8 +24,8 @@ from twisted.internet.defer import Deferred
 
 from taskd.db import models as m
 from taskd.db.pool import DBPool, is_transient
+from taskd.wire.framing import STATUS_ERROR as ERROR
 
-ERROR = "error"
 CHUNK = 500
 """Rows per statement: 500 x 12 columns stays far below sqlite's and MySQL's placeholder
 and packet limits, and a chunk is still one round trip for a whole agent's tasks."""

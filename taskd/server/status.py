@@ -28,9 +28,9 @@ from twisted.logger import Logger
 from taskd.db import status as status_db
 from taskd.db.status import TaskStatusRow
 from taskd.timeutil import utcnow
+from taskd.wire.framing import STATUS_OUTCOMES as OUTCOMES
 from taskd.wire.framing import Frame, FrameError
 
-OUTCOMES = ("ok", "error", "pending")  # taskd.agent.executor.OUTCOMES
 MAX_INT = 2**31 - 1    # task ids and `metrics` are 32-bit columns
 MAX_COUNT = 2**63 - 1  # runs / failures / skipped are BIGINT
 MAX_EXECUTOR = 32

@@ -29,6 +29,12 @@ TASK_REMOVE = "taskRemove"
 CATALOG = "catalog"
 TASK_STATUS = "taskStatus"  # per-task status (docs/protocol.md); old agents never send it
 
+# taskStatus outcomes (docs/protocol.md): what the agent sends and the server stores.
+STATUS_OK = "ok"
+STATUS_ERROR = "error"
+STATUS_PENDING = "pending"  # known to the executor, not run yet
+STATUS_OUTCOMES = (STATUS_OK, STATUS_ERROR, STATUS_PENDING)
+
 SERVER_EVENTS = frozenset({HEARTBEAT, TASK_LIST, TASK_ADD, TASK_UPDATE, TASK_REMOVE})
 AGENT_EVENTS = frozenset({CATALOG, TASK_STATUS})
 
