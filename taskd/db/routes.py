@@ -16,7 +16,7 @@ from sqlalchemy.exc import IntegrityError
 from taskd.db import models as m
 from taskd.db.agents import Agent, load_agents
 from taskd.db.tasks import ANY, BY_IDS, BY_TAGS, Task, _tasks
-from taskd.server.routing import Candidate, can_run, covers, pick
+from taskd.routing import Candidate, can_run, covers, pick
 from taskd.timeutil import utcnow
 
 

@@ -16,7 +16,7 @@ from taskd.db.listing import Page, match, paginate
 from taskd.db.pool import DBPool
 from taskd.timeutil import utcnow
 
-ANY, BY_TAGS, BY_IDS = "any", "byTags", "byIds"
+from taskd.routing import ANY, BY_IDS, BY_TAGS  # noqa: F401 (re-exported)
 
 @dataclass(frozen=True)
 class Route:

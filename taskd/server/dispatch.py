@@ -38,7 +38,7 @@ from taskd.db.routes import (
 from taskd.db.tasks import BY_IDS, BY_TAGS, Task
 from taskd.server.events import Event, EventBus
 from taskd.server.render import task_json
-from taskd.server.routing import covers
+from taskd.routing import covers
 from taskd.server.sessions import CLOSE_NORMAL, AgentSession, SessionManager
 from taskd.stats import NULL_STATS
 from taskd.wire import framing

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import random
 
-from taskd.server.routing import Candidate, can_run, covers, pick
+from taskd.routing import Candidate, can_run, covers, pick
 
 
 def agent(id=1, org=1, public=False, online=True, catalog=()):
@@ -53,3 +53,24 @@ def test_pick_is_random_among_candidates_and_none_when_empty():
     chosen = {pick([agent(1), agent(2), agent(3)], rng).id for _ in range(50)}
     assert chosen == {1, 2, 3}
 
+
+
+def test_selects_by_ids_names_listed_agents_only():
+    from taskd.routing import BY_IDS, selects
+    assert selects(BY_IDS, [1, 5], [], 9, agent())
+    assert not selects(BY_IDS, [5], [], 9, agent())
+
+
+def test_selects_by_tags_needs_the_tasks_org_and_a_shared_tag():
+    from taskd.routing import BY_TAGS, selects
+    tagged = Candidate(1, 1, False, True, frozenset({"dc1"}), frozenset())
+    assert selects(BY_TAGS, [], ["dc1", "dc2"], 1, tagged)
+    assert not selects(BY_TAGS, [], ["dc1"], 2, tagged)
+    assert not selects(BY_TAGS, [], ["dc3"], 1, tagged)
+
+
+def test_routes_to_needs_online_and_covering_catalog():
+    from taskd.routing import BY_IDS, routes_to
+    assert routes_to(BY_IDS, [1], [], 1, {}, agent())
+    assert not routes_to(BY_IDS, [1], [], 1, {}, agent(online=False))
+    assert not routes_to(BY_IDS, [1], [], 1, {"/a/*": 0}, agent(catalog=[("/x/y", 1)]))

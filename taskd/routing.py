@@ -1,4 +1,8 @@
-"""Which agents may run a task: the capability rule, kept pure so it is easy to test.
+"""Which agents may run a task: the routing rule, once, for every layer that applies it.
+
+Neutral ground: imports nothing of taskd's, so the database layer (which pre-filters in
+SQL and finishes here) and the server's in-memory path (routing a just-created task from
+the sessions it holds) apply the same rule. Kept pure so it is easy to test.
 
 An agent qualifies for a task when it is online, routed to (by id, by tag, or holding the
 task's `any` assignment), and either advertises no catalog at all or advertises a metric
@@ -43,6 +47,29 @@ def covers(catalog: Iterable[tuple[str, int]], metrics: Mapping[str, int]) -> bo
         any(_pattern_matches(pattern, ns) and (version == 0 or version == v) for ns, v in catalog)
         for pattern, version in metrics.items()
     )
+
+
+ANY = "any"
+BY_IDS = "byIds"
+BY_TAGS = "byTags"
+
+
+def selects(route_type: str, ids: Iterable[int], tags: Iterable[str], org_id: int, agent: Candidate) -> bool:
+    """Does a byIds/byTags route (of a task of `org_id`) name `agent`? byIds: the agent's
+    id is listed; byTags: the agent is of the task's org and has one of the tags. An
+    `any` route names no agent by itself (its agent is the one assigned: `can_run`)."""
+    if route_type == BY_IDS:
+        return agent.id in set(ids)
+    if route_type == BY_TAGS:
+        return agent.org_id == org_id and not set(tags).isdisjoint(agent.tags)
+    return False
+
+
+def routes_to(route_type: str, ids: Iterable[int], tags: Iterable[str], org_id: int,
+              metrics: Mapping[str, int], agent: Candidate) -> bool:
+    """Should `agent` run a byIds/byTags task now (ignoring `enabled`)? Named by the
+    route, online, and its catalog covers the task's metrics."""
+    return agent.online and selects(route_type, ids, tags, org_id, agent) and covers(agent.catalog, metrics)
 
 
 def can_run(agent: Candidate, org_id: int, metrics: Mapping[str, int]) -> bool:
