@@ -302,8 +302,10 @@ def _key_lines(text: str) -> dict[tuple[str, str], int]:
     return lines
 
 
-def read_ini(path: str, options: Iterable[Option]) -> dict[str, _Raw] | None:
-    """Raw values from the file by key name; None when there is no such file."""
+def read_ini(path: str, options: Iterable[Option], *, only_known: bool = False) -> dict[str, _Raw] | None:
+    """Raw values from the file by key name; None when there is no such file.
+    `only_known`: skip the keys and sections of other options (a tool that reads a
+    few keys of a daemon's file) instead of refusing them."""
     try:
         with open(path, encoding="utf-8-sig") as f:
             text = f.read()
@@ -340,6 +342,8 @@ def read_ini(path: str, options: Iterable[Option]) -> dict[str, _Raw] | None:
     layer: dict[str, _Raw] = {}
     for section in parser.sections():
         known = spellings if section == _TOP else by_section.get(section.lower())
+        if known is None and only_known:
+            continue
         if known is None:
             raise ConfigError(f"[{section}]", "is not a known section; the only one is "
                               + ", ".join(f"[{s}]" for s in by_section),
@@ -348,6 +352,8 @@ def read_ini(path: str, options: Iterable[Option]) -> dict[str, _Raw] | None:
         for key, value in parser.items(section):
             origin = f"{path} line {lines.get((section, key), 0)}"
             opt = known.get(key)
+            if opt is None and only_known:
+                continue
             if opt is None:
                 close = difflib.get_close_matches(key, list(known), n=1)
                 hint = f"; did you mean {where}{close[0]}?" if close else ""
@@ -370,7 +376,7 @@ def _parse_value(opt: Option, raw: _Raw) -> Any:
 
 def load(options: Iterable[Option], *, path: str | None = None,
          env: Mapping[str, str] = os.environ, env_prefix: str = "TASKSERVER_",
-         flags: Mapping[str, str | None] | None = None) -> Loaded:
+         flags: Mapping[str, str | None] | None = None, only_known: bool = False) -> Loaded:
     """Merge defaults < file ``path`` < ``env`` < ``flags`` into parsed values.
 
     ``flags`` maps key names or aliases (as given after ``--``) to their text;
@@ -378,7 +384,7 @@ def load(options: Iterable[Option], *, path: str | None = None,
     """
     options = list(options)
     spellings = _spellings(options)
-    file_layer = read_ini(path, options) if path is not None else None
+    file_layer = read_ini(path, options, only_known=only_known) if path is not None else None
     env_layer: dict[str, _Raw] = {}
     for spelling, opt in spellings.items():
         if env.get(var := opt.env_var(env_prefix, spelling)):

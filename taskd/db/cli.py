@@ -1,4 +1,4 @@
-"""`taskd-db`: the operator's handle on the schema, reading the server's own config.
+"""`taskd-db`: the operator's handle on the schema, reading the server's own config file.
 
 The server applies migrations itself at start-up; this command lets an operator do it
 ahead of a rollout (or check where a database stands) without starting a server:
@@ -11,10 +11,25 @@ from __future__ import annotations
 import argparse
 import sys
 
-from taskd.config import ConfigError
+import os
+
+from taskd.config import ConfigError, load
 from taskd.db import migrate
 from taskd.db.engine import DatabaseConfigError, create_engine
-from taskd.server.settings import load_server_settings
+from taskd.db.options import DB_OPTIONS
+
+ENV_PREFIX = "TASKSERVER_"  # the task-server's: the same environment configures both
+
+
+def load_db_settings(path: str, flags: dict[str, str], env: dict[str, str] | None = None) -> tuple[str, str]:
+    """(db-type, db-connect-str) from defaults < the file's database keys (its other
+    keys are the server's business) < environment < flags. Raises ConfigError."""
+    values = load(DB_OPTIONS, path=path, env=os.environ if env is None else env, env_prefix=ENV_PREFIX,
+                  flags=flags, only_known=True)
+    if values["db-type"] == "mysql" and not values["db-connect-str"].strip():
+        raise ConfigError("db-connect-str", "must be set when db-type is mysql"
+                          f" (db-type from {values.origins['db-type']})")
+    return values["db-type"], values["db-connect-str"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,8 +54,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     flags = {"db-type": args.db_type, "db-connect-str": args.db_connect_str}
     try:
-        settings = load_server_settings(args.config, flags={k: v for k, v in flags.items() if v is not None})
-        engine = create_engine(settings.db_type, settings.db_connect_str, pool_size=1)
+        db_type, connect_str = load_db_settings(args.config, {k: v for k, v in flags.items() if v is not None})
+        engine = create_engine(db_type, connect_str, pool_size=1)
         if args.command == "upgrade":
             migrate.upgrade(engine)
             print(f"schema at {migrate.current_revision(engine)}")

@@ -24,7 +24,7 @@ from twisted.internet.defer import Deferred
 
 from taskd.db import models as m
 from taskd.db.pool import DBPool, is_transient
-from taskd.wire.framing import STATUS_ERROR as ERROR
+from taskd.outcomes import STATUS_ERROR as ERROR
 
 CHUNK = 500
 """Rows per statement: 500 x 12 columns stays far below sqlite's and MySQL's placeholder

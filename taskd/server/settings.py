@@ -30,20 +30,11 @@ from taskd.config import (
     parse_listen_addr,
     url,
 )
+from taskd.db.options import DB_OPTIONS, DEFAULT_SQLITE_PATH, redact_userinfo  # noqa: F401
 from taskd.stats import SERVER_PREFIX
 
 ENV_PREFIX = "TASKSERVER_"
 DEFAULT_CONFIG_PATH = "/etc/taskd/task-server.ini"
-DEFAULT_SQLITE_PATH = "/var/lib/taskd/task-server.db"
-"""What an empty db-connect-str means when db-type is sqlite3."""
-
-
-def redact_userinfo(value: str) -> str:
-    """Hide the password of ``scheme://user:pass@host`` or ``user:pass@tcp(host)``."""
-    head, at, tail = value.rpartition("@")
-    scheme, sep, userinfo = head.rpartition("://")
-    user, colon, _ = userinfo.partition(":")
-    return f"{scheme}{sep}{user}:***@{tail}" if at and colon else value
 
 
 def positive_duration(raw: str) -> float:
@@ -59,14 +50,7 @@ SERVER_OPTIONS: tuple[Option, ...] = (
     Option("addr", parse_listen_addr, ":8082",
            "Where the REST API and the agents' websocket listen: :PORT, HOST:PORT,"
            " [IPv6]:PORT or a Twisted endpoint such as ssl:8443:privateKey=key.pem."),
-    Option("db-type", choice("sqlite3", "mysql"), "sqlite3",
-           "Database engine: sqlite3 or mysql."),
-    Option("db-connect-str", str, "",
-           f"Database to use: for sqlite3 a file path (empty means {DEFAULT_SQLITE_PATH}),"
-           " for mysql a DSN USER:PASSWORD@tcp(HOST:3306)/DBNAME (required).",
-           secret=True, redact=redact_userinfo),
-    Option("db-pool-size", int_range(1, 100), "10",
-           "Most database connections held open at once (1..100)."),
+    *DB_OPTIONS,
     *stats_options("server", SERVER_PREFIX),
     Option("admin-key", str, "",
            "API key that acts as an admin of org 1; empty means no admin key is accepted.",

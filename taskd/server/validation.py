@@ -16,7 +16,17 @@ from typing import Any, Mapping
 from taskd.db.listing import Page
 from taskd.db.tasks import ANY, BY_IDS, BY_TAGS, Route, TaskSpec
 from taskd.errors import Invalid
-from taskd.server.api.bodies import ParsedBody
+
+
+
+@dataclass(frozen=True)
+class ParsedBody:
+    """A request body as the API parsed it (taskd.server.api.bodies), before validation:
+    defined here, below the HTTP layer, so validation does not import it."""
+
+    kind: str  # "json" | "form" | "empty"
+    data: Any  # json: decoded value; form: dict[str, list[str]]; empty: None
+
 
 NAME_RE = re.compile(r"^[0-9a-zA-Z_-]+$")
 MAX_NAME = 255

@@ -14,7 +14,6 @@ from typing import Any
 from autobahn.twisted.resource import WebSocketResource
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from twisted.logger import Logger
-from twisted.web.iweb import IRequest
 
 from taskd.db.agents import Agent
 from taskd.errors import Invalid
@@ -22,6 +21,7 @@ from taskd.server.registry import AgentService
 from taskd.server.sessions import CLOSE_PROTOCOL_ERROR, AgentSession, SessionManager
 from taskd.server.validation import NAME_RE
 from taskd.wire.framing import FrameError
+from taskd.server.peer import client_ip  # noqa: F401 (re-exported)
 
 log = Logger(namespace="taskd.server.websocket")
 
@@ -99,17 +99,6 @@ def make_factory(manager: SessionManager, *, max_frame: int = 8 << 20) -> WebSoc
         autoPingTimeout=20,
     )
     return factory
-
-
-def client_ip(request: IRequest) -> str:
-    """The agent's address; behind a local reverse proxy (nginx) its forwarded one."""
-    peer = request.getClientAddress()
-    host = getattr(peer, "host", "") or ""
-    if host in ("127.0.0.1", "::1"):
-        forwarded = request.getHeader(b"x-forwarded-for") or request.getHeader(b"x-real-ip")
-        if forwarded:
-            return forwarded.decode("latin-1").split(",")[0].strip()[:64] or host
-    return host
 
 
 class SocketEndpoint:

@@ -30,10 +30,7 @@ CATALOG = "catalog"
 TASK_STATUS = "taskStatus"  # per-task status (docs/protocol.md); old agents never send it
 
 # taskStatus outcomes (docs/protocol.md): what the agent sends and the server stores.
-STATUS_OK = "ok"
-STATUS_ERROR = "error"
-STATUS_PENDING = "pending"  # known to the executor, not run yet
-STATUS_OUTCOMES = (STATUS_OK, STATUS_ERROR, STATUS_PENDING)
+from taskd.outcomes import STATUS_ERROR, STATUS_OK, STATUS_OUTCOMES, STATUS_PENDING  # noqa: E402,F401
 
 SERVER_EVENTS = frozenset({HEARTBEAT, TASK_LIST, TASK_ADD, TASK_UPDATE, TASK_REMOVE})
 AGENT_EVENTS = frozenset({CATALOG, TASK_STATUS})

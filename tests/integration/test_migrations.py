@@ -178,8 +178,12 @@ def test_0002_downgrade_drops_only_task_status(fresh_db):
 
 def test_taskd_db_command_upgrades_and_reports(fresh_db, tmp_path):
     (db_type, connect_str), engine = fresh_db
+    # The server's own example file, every other key and section in it: taskd-db reads
+    # just the database keys and leaves the rest to the server.
+    example = (Path(__file__).parents[2] / "etc" / "task-server.ini").read_text()
+    lines = [ln for ln in example.splitlines() if not ln.startswith(("db-type", "db-connect-str"))]
     cfg = tmp_path / "server.ini"
-    cfg.write_text(f"db-type = {db_type}\ndb-connect-str = {connect_str}\n")
+    cfg.write_text(f"db-type = {db_type}\ndb-connect-str = {connect_str}\n" + "\n".join(lines) + "\n")
     cli = [sys.executable, "-m", "taskd.db.cli", "--config", str(cfg)]
     out = subprocess.run(cli + ["upgrade"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr

@@ -21,7 +21,7 @@ from taskd.server.api.envelope import error, respond
 from taskd.server.render import agent_json, metric_json, status_json, task_json
 from taskd.server.auth import AuthError, Authenticator, User, bearer_key
 from taskd.server.registry import AgentService, TaskService
-from taskd.server.websocket import client_ip
+from taskd.server.peer import client_ip
 from taskd.server.validation import PAGE_PARAMS, Query, parse_agent, parse_id, parse_task
 from taskd.stats import NULL_STATS
 

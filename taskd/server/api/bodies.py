@@ -22,9 +22,10 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs
+
+from taskd.server.validation import ParsedBody  # noqa: F401 (what parse_body returns)
 
 __all__ = ["BodyError", "ParsedBody", "parse_body"]
 
@@ -35,12 +36,6 @@ class BodyError(Exception):
     def __init__(self, message: str) -> None:
         super().__init__(message)
         self.message = message
-
-
-@dataclass(frozen=True)
-class ParsedBody:
-    kind: str  # "json" | "form" | "empty"
-    data: Any  # json: decoded value; form: dict[str, list[str]]; empty: None
 
 
 # RFC 2046 boundary characters (a little more lenient on length).
