@@ -12,8 +12,10 @@ from typing import Iterable, Sequence
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
+from twisted.internet.defer import Deferred
 
 from taskd.db import models as m
+from taskd.db.pool import DBPool
 from taskd.db.agents import Agent, load_agents
 from taskd.db.tasks import ANY, BY_IDS, BY_TAGS, Task, _tasks
 from taskd.routing import Candidate, can_run, covers, pick
@@ -283,3 +285,42 @@ def routing_snapshot(conn: Connection, task_id: int) -> tuple[Task | None, set[i
     if task is None:
         return None, set()
     return task, routed_agents(conn, task)
+
+
+class RouteStore:
+    """The routing aggregate behind the connector (`db.routes`): who a task goes to, what
+    agents run, and the `any` assignments. Each call is one transaction in the pool."""
+
+    def __init__(self, pool: DBPool) -> None:
+        self._pool = pool
+
+    def snapshot(self, task_id: int) -> "Deferred[tuple[Task | None, set[int]]]":
+        """The task as it is now and every agent it is routed to."""
+        return self._pool.do(routing_snapshot, task_id)
+
+    def routed_agents(self, task: Task) -> "Deferred[list[int]]":
+        """The agents that should run `task` now (ignoring `enabled`), sorted."""
+        return self._pool.do(_sorted_routed, task)
+
+    def tasks_for_agents(self, agent_ids: Sequence[int]) -> "Deferred[dict[int, list[Task]]]":
+        return self._pool.do(tasks_for_agents, list(agent_ids))
+
+    def ensure_any_assignment(self, task: Task) -> "Deferred[int | None]":
+        return self._pool.do(ensure_any_assignment, task)
+
+    def release_unqualified(self, agent_id: int) -> "Deferred[list[tuple[Task, int | None]]]":
+        return self._pool.do(release_unqualified, agent_id)
+
+    def assign_unassigned(self, agent_ids: Sequence[int] | None = None) -> "Deferred[list[Task]]":
+        return self._pool.do(assign_unassigned, None if agent_ids is None else list(agent_ids))
+
+    def connect_assignments(self, agent_ids: Sequence[int]) -> Deferred:
+        """See `connect_assignments`: (moved, assigned, catalogs, agents)."""
+        return self._pool.do(connect_assignments, list(agent_ids))
+
+    def relocate_from(self, agent_id: int) -> "Deferred[list[tuple[Task, int | None]]]":
+        return self._pool.do(relocate_from, agent_id)
+
+
+def _sorted_routed(conn: Connection, task: Task) -> list[int]:
+    return sorted(routed_agents(conn, task))

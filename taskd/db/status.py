@@ -243,7 +243,7 @@ def failing_counts(conn: Connection, agent_ids: Sequence[int]) -> dict[int, int]
 
 
 class StatusStore:
-    """The read side for the API (the write side is StatusService's flush)."""
+    """Task statuses: the API's reads and the status service's bulk writes."""
 
     def __init__(self, pool: DBPool) -> None:
         self.pool = pool
@@ -253,3 +253,8 @@ class StatusStore:
 
     def failing_counts(self, agent_ids: Sequence[int]) -> "Deferred[dict[int, int]]":
         return self.pool.do(failing_counts, list(agent_ids))
+
+    def apply(self, rows: Sequence[TaskStatusRow], removals: Iterable[tuple[int, int]],
+              server: str | None = None) -> Deferred:
+        """Write a flush: upserts and removals in one transaction (see `apply`)."""
+        return self.pool.do(apply, list(rows), list(removals), server)

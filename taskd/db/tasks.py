@@ -297,6 +297,10 @@ class TaskStore:
 
         return self.pool.do(thd)
 
+    def count_by_enabled(self) -> "Deferred[tuple[int, int]]":
+        """(enabled, disabled) tasks of every org: the tasks.active/tasks.disabled gauges."""
+        return self.pool.do(count_by_enabled)
+
     def get(self, org_id: int, task_id: int) -> "Deferred[Task | None]":
         return self.pool.do(load_task, org_id, task_id)
 

@@ -25,16 +25,7 @@ from twisted.internet.defer import Deferred, inlineCallbacks, maybeDeferred, suc
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from taskd.db.agents import load_agent
-from taskd.db.pool import DBPool
-from taskd.db.routes import (
-    assign_unassigned,
-    connect_assignments,
-    release_unqualified,
-    relocate_from,
-    routing_snapshot,
-    tasks_for_agents,
-)
+from taskd.db.connector import Database
 from taskd.db.tasks import BY_IDS, BY_TAGS, Task
 from taskd.server.events import Event, EventBus
 from taskd.server.render import task_json
@@ -50,12 +41,12 @@ class Dispatcher(Service):
     log = Logger(namespace="taskd.server.dispatch")
     name = "dispatch"
 
-    def __init__(self, *, manager: SessionManager, pool: DBPool, events: EventBus, clock: Any,
+    def __init__(self, *, manager: SessionManager, db: Database, events: EventBus, clock: Any,
                  instance_id: str, relocate_delay: float = 1.0, sweep_interval: float = 60.0,
                  rng: random.Random | None = None, stats: Any = NULL_STATS) -> None:
         self.manager = manager
         self.stats = stats
-        self.pool = pool
+        self.db = db
         self.events = events
         self.clock = clock
         self.instance_id = instance_id
@@ -153,7 +144,7 @@ class Dispatcher(Service):
         if routed is not None:
             payload, enabled = self.manager.share(created), bool(created["enabled"])
         else:
-            task, routed = yield self.pool.do(routing_snapshot, task_id)
+            task, routed = yield self.db.routes.snapshot(task_id)
             payload = self.manager.share(task_json(task)) if task is not None else None
             enabled = task is not None and task.enabled
         told: dict[str, list[AgentSession]] = {}
@@ -243,7 +234,7 @@ class Dispatcher(Service):
     def resync(self, session: AgentSession):
         """Bring one agent's view to the database's truth with individual events."""
         seq = self.manager.next_read()
-        lists = yield self.pool.do(tasks_for_agents, [session.agent.id])
+        lists = yield self.db.routes.tasks_for_agents([session.agent.id])
         wanted = {t.id: task_json(t) for t in lists.get(session.agent.id, [])}
         for task_id in sorted(set(session.view) | set(wanted)):
             event = self._apply(session, task_id, wanted.get(task_id), task_id in wanted, seq)
@@ -286,7 +277,7 @@ class Dispatcher(Service):
             if not self._reloading[agent["id"]]:
                 del self._reloading[agent["id"]]
 
-        self.pool.do(load_agent, agent["id"]).addCallback(refreshed).addErrback(
+        self.db.agents.get(agent["id"]).addCallback(refreshed).addErrback(
             lambda f: self.log.failure("re-routing agent {id} failed", f, id=agent["id"])).addBoth(reloaded)
 
     @inlineCallbacks
@@ -294,8 +285,8 @@ class Dispatcher(Service):
         """The agent connected (`initial`), or its catalog/tags changed: move the `any`
         tasks it no longer qualifies for, give it unassigned ones it does, then bring it
         up to date — with its first taskList when it just connected."""
-        released = yield self.pool.do(release_unqualified, session.agent.id)
-        assigned = yield self.pool.do(assign_unassigned, [session.agent.id])
+        released = yield self.db.routes.release_unqualified(session.agent.id)
+        assigned = yield self.db.routes.assign_unassigned([session.agent.id])
         if initial:
             yield self.manager.send_task_lists([session])
         else:
@@ -313,8 +304,8 @@ class Dispatcher(Service):
         then send each its first taskList (one read for the batch), which already holds
         those."""
         seq, epoch = self.manager.next_read(), self.event_epoch()
-        released, assigned, catalogs, agents = yield self.pool.do(
-            connect_assignments, [s.agent.id for s in sessions])
+        released, assigned, catalogs, agents = yield self.db.routes.connect_assignments(
+            [s.agent.id for s in sessions])
         for session in sessions:
             if session.catalog is None:
                 session.catalog = catalogs.get(session.agent.id, frozenset())
@@ -339,7 +330,7 @@ class Dispatcher(Service):
     def _relocate(self, agent_id: int):
         self._pending_relocations.pop(agent_id, None)
         try:
-            moved = yield self.pool.do(relocate_from, agent_id)
+            moved = yield self.db.routes.relocate_from(agent_id)
         except Exception:
             self.log.failure("relocating the tasks of agent {id} failed", id=agent_id)
             return
@@ -351,7 +342,7 @@ class Dispatcher(Service):
             self.events.publish("task.updated", {"old": payload, "new": payload})
 
     def sweep(self) -> Deferred:
-        d = self.pool.do(assign_unassigned, None)
+        d = self.db.routes.assign_unassigned(None)
         d.addCallback(self._announce, "assigned by the periodic sweep")
         d.addErrback(lambda f: self.log.failure("assigning unassigned tasks failed", f))
         return d

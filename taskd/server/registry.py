@@ -14,8 +14,7 @@ from twisted.logger import Logger
 from taskd.db.agents import Agent, AgentFilter, AgentStore
 from taskd.db.catalog import CatalogStore, Metric, MetricFilter
 from taskd.db.listing import Page
-from taskd.db.pool import DBPool
-from taskd.db.routes import ensure_any_assignment, routed_agents
+from taskd.db.routes import RouteStore
 from taskd.db.status import StatusStore, TaskStatusRow
 from taskd.db.tasks import ANY, Task, TaskFilter, TaskSpec, TaskStore
 from taskd.errors import Conflict, Forbidden, NotFound
@@ -163,12 +162,12 @@ class TaskService:
     """Tasks of the caller's org. An `any` task gets its agent here, right after it is
     written, so every server learns the assignment from the database with the event."""
 
-    def __init__(self, tasks: TaskStore, events: EventBus, pool: DBPool, *, stats: Any = NULL_STATS,
+    def __init__(self, tasks: TaskStore, events: EventBus, routes: RouteStore, *, stats: Any = NULL_STATS,
                  status: StatusStore | None = None) -> None:
         self.tasks = tasks
         self.status = status
         self.events = events
-        self.pool = pool
+        self.routes = routes
         self.stats = stats
 
     def list(self, user: User, flt: TaskFilter, page: Page) -> "Deferred[list[Task]]":
@@ -184,7 +183,7 @@ class TaskService:
     def routed_to(self, task: Task) -> "Deferred[list[int]]":
         """Agents the task is currently routed to (its `any` agent, or the online,
         capable agents its ids or tags select)."""
-        return self.pool.do(lambda conn: sorted(routed_agents(conn, task)))
+        return self.routes.routed_agents(task)
 
     def statuses(self, user: User, task: Task) -> "Deferred[list[TaskStatusRow]]":
         """What each agent last reported about the (already visible) task, limited to
@@ -197,7 +196,7 @@ class TaskService:
     def create(self, user: User, spec: TaskSpec) -> "Deferred[Task]":
         task = yield self.tasks.create(user.org_id, spec)
         if task.route.type == ANY:
-            yield self.pool.do(ensure_any_assignment, task)
+            yield self.routes.ensure_any_assignment(task)
         self.stats.incr("api.tasks_create")
         log.info("task {id} ({name}) created in org {org}", id=task.id, name=task.name, org=task.org_id)
         self.events.publish("task.created", task_json(task))
@@ -207,7 +206,7 @@ class TaskService:
     def update(self, user: User, task_id: int, spec: TaskSpec) -> "Deferred[Task]":
         old, new = yield self.tasks.update(user.org_id, task_id, spec)
         if new.route.type == ANY:
-            yield self.pool.do(ensure_any_assignment, new)
+            yield self.routes.ensure_any_assignment(new)
         self.stats.incr("api.tasks_update")
         log.info("task {id} ({name}) updated in org {org}", id=new.id, name=new.name, org=new.org_id)
         self.events.publish("task.updated", {"old": task_json(old), "new": task_json(new)})

@@ -21,13 +21,9 @@ from twisted.logger import Logger
 import taskd
 from taskd.daemon import StartupError
 from taskd.db import migrate
-from taskd.db.agents import AgentStore
-from taskd.db.catalog import CatalogStore
+from taskd.db.connector import Database
 from taskd.db.engine import create_engine
 from taskd.db.pool import DBPool
-from taskd.db.sessions import SessionStore
-from taskd.db.status import StatusStore
-from taskd.db.tasks import TaskStore, count_by_enabled
 from taskd.server.api.app import Api
 from taskd.server.api.site import TaskdSite
 from taskd.server.auth import Authenticator
@@ -46,19 +42,21 @@ GAUGE_INTERVAL = 10.0
 """How often the periodic gauges (running, agents.connected, tasks.active/disabled) are sent."""
 
 
-class PoolService(Service):
+class DatabaseService(Service):
+    """Starts and stops the connector's thread pool with the server."""
+
     name = "db-pool"
 
-    def __init__(self, pool: DBPool) -> None:
-        self.pool = pool
+    def __init__(self, db: Database) -> None:
+        self.db = db
 
     def startService(self) -> None:
         super().startService()
-        self.pool.start()
+        self.db.start()
 
     def stopService(self) -> None:
         super().stopService()
-        self.pool.stop()
+        self.db.stop()
 
 
 class ListenerService(Service):
@@ -130,6 +128,7 @@ class Server:
     instance_id: str
     stats: Any = None
     status: StatusService | None = None
+    db: Database | None = None  # the connector; `pool` is its pool, for tests that inspect the database
 
 
 def describe_db(settings: Any, engine: Engine) -> str:
@@ -155,19 +154,17 @@ def build_server(settings: Any, reactor: Any = None) -> Server:
         raise StartupError(f"db-connect-str: cannot open the {settings.db_type} database: {first}") from None
     log.info("database {db}, schema at revision {rev}", db=describe_db(settings, engine), rev=migrate.head_revision())
 
-    pool = DBPool(engine, reactor, max_threads=None if engine.dialect.name == "sqlite" else settings.db_pool_size)
+    db = Database.open(engine, reactor, max_threads=None if engine.dialect.name == "sqlite" else settings.db_pool_size)
     instance_id = instance_identity(settings)
     stats = make_stats(settings, SERVER_PREFIX, reactor)
     events = EventBus(instance_id)
-    catalog = CatalogStore(pool)
-    statuses = StatusStore(pool)
-    agents = AgentService(AgentStore(pool), catalog, events, stats=stats, status=statuses)
-    tasks = TaskService(TaskStore(pool), events, pool, stats=stats, status=statuses)
-    status = StatusService(pool, clock=reactor, flush_interval=settings.status_flush_interval,
+    agents = AgentService(db.agents, db.catalog, events, stats=stats, status=db.status)
+    tasks = TaskService(db.tasks, events, db.routes, stats=stats, status=db.status)
+    status = StatusService(db.status, clock=reactor, flush_interval=settings.status_flush_interval,
                            instance_id=instance_id)
     agents.failing.generation = lambda: status.flushes  # counts read before a flush are read again
     sessions = SessionManager(
-        pool=pool, store=SessionStore(pool), catalog=catalog, events=events, instance_id=instance_id,
+        db=db, events=events, instance_id=instance_id,
         clock=reactor, heartbeat_interval=settings.heartbeat_interval,
         task_list_interval=settings.task_list_interval, stats=stats, status=status,
     )
@@ -176,7 +173,7 @@ def build_server(settings: Any, reactor: Any = None) -> Server:
     except Exception as exc:
         raise StartupError(f"cannot clear this server's stale sessions: {str(exc).splitlines()[0]}") from None
     dispatcher = Dispatcher(
-        manager=sessions, pool=pool, events=events, clock=reactor, instance_id=instance_id,
+        manager=sessions, db=db, events=events, clock=reactor, instance_id=instance_id,
         relocate_delay=settings.relocate_delay, sweep_interval=settings.task_list_interval, stats=stats,
     )
     socket = SocketEndpoint(agents, make_factory(sessions), autocreate=settings.agent_autocreate)
@@ -200,7 +197,7 @@ def build_server(settings: Any, reactor: Any = None) -> Server:
     # sockets (recording offline), then the pool; the stats client goes last, so what
     # the others report on their way down is still sent.
     stats.setServiceParent(root)
-    PoolService(pool).setServiceParent(root)
+    DatabaseService(db).setServiceParent(root)
     if settings.exchange:
         from taskd.server.amqp import AmqpTransport
 
@@ -214,7 +211,7 @@ def build_server(settings: Any, reactor: Any = None) -> Server:
     if stats.enabled:
         def gauges() -> Deferred:
             connected = len(sessions.sessions)
-            return pool.do(count_by_enabled).addCallback(lambda counts: {
+            return db.tasks.count_by_enabled().addCallback(lambda counts: {
                 "agents.connected": connected, "tasks.active": counts[0], "tasks.disabled": counts[1]})
 
         GaugeReporter(stats, reactor, gauges, GAUGE_INTERVAL).setServiceParent(root)
@@ -226,8 +223,8 @@ def build_server(settings: Any, reactor: Any = None) -> Server:
         log.warn("admin-key is empty: only keys accepted by {endpoint} can use the API", endpoint=settings.auth_endpoint)
     log.info("server instance {id}; events {where}", id=instance_id,
              where=f"over RabbitMQ exchange {settings.exchange}" if settings.exchange else "in-process")
-    return Server(root, engine, pool, events, agents, tasks, api, listener, sessions, dispatcher, instance_id, stats,
-                  status)
+    return Server(root, engine, db.pool, events, agents, tasks, api, listener, sessions, dispatcher, instance_id, stats,
+                  status, db)
 
 
 def instance_identity(settings: Any) -> str:

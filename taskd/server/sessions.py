@@ -19,10 +19,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from taskd.db.agents import Agent
-from taskd.db.catalog import CatalogStore
-from taskd.db.pool import DBPool
-from taskd.db.routes import tasks_for_agents
-from taskd.db.sessions import OnlineChange, SessionStore
+from taskd.db.connector import Database
+from taskd.db.sessions import OnlineChange
 from taskd.server.events import EventBus
 from taskd.server.render import task_json
 from taskd.stats import NULL_STATS
@@ -96,15 +94,15 @@ class SessionManager(Service):
     log = Logger(namespace="taskd.server.sessions")
     name = "sessions"
 
-    def __init__(self, *, pool: DBPool, store: SessionStore, catalog: CatalogStore, events: EventBus,
+    def __init__(self, *, db: Database, events: EventBus,
                  instance_id: str, clock: Any, heartbeat_interval: float = 2.0,
                  task_list_interval: float = 60.0, shutdown_timeout: float = 5.0,
                  stats: Any = NULL_STATS, status: Any = None) -> None:
-        self.pool = pool
+        self.db = db
         self.status = status  # the StatusService taking taskStatus frames (None: ignored)
         self.stats = stats
-        self.store = store
-        self.catalog = catalog
+        self.store = db.sessions
+        self.catalog = db.catalog
         self.events = events
         self.instance_id = instance_id
         self.clock = clock
@@ -409,7 +407,7 @@ class SessionManager(Service):
         if not sessions:
             return
         seq = self.next_read()
-        lists = yield self.pool.do(tasks_for_agents, [s.agent.id for s in sessions])
+        lists = yield self.db.routes.tasks_for_agents([s.agent.id for s in sessions])
         now = self.clock.seconds()
         # id(Task) -> its shared JSON (a read shares Task objects). Made only for a task
         # a view takes: one this read saw before its deletion must not be shared again.

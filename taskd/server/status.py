@@ -25,7 +25,7 @@ from twisted.internet.defer import Deferred, inlineCallbacks, succeed
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from taskd.db import status as status_db
+from taskd.db.status import StatusStore
 from taskd.db.status import TaskStatusRow
 from taskd.timeutil import utcnow
 from taskd.wire.framing import STATUS_OUTCOMES as OUTCOMES
@@ -137,9 +137,9 @@ class StatusService(Service):
     log = Logger(namespace="taskd.server.status")
     name = "task-status"
 
-    def __init__(self, pool: Any, *, clock: Any, flush_interval: float = 2.0,
+    def __init__(self, store: StatusStore, *, clock: Any, flush_interval: float = 2.0,
                  now: Callable[[], datetime] = utcnow, instance_id: str | None = None) -> None:
-        self.pool = pool
+        self.store = store
         # Statuses are written only for agents with a session on this server (None: no
         # such check), so a late flush here never overwrites what an agent that moved
         # on reported to its new server (taskd.db.status.upsert_many).
@@ -202,7 +202,7 @@ class StatusService(Service):
         now = self.now()
         rows = [replace(r, updated=now) for r in batch.values() if r is not None]
         removals = [key for key, r in batch.items() if r is None]
-        d = self.pool.do(status_db.apply, rows, removals, self.instance_id)
+        d = self.store.apply(rows, removals, self.instance_id)
 
         def written(result: tuple[int, list[tuple[TaskStatusRow, str]]]) -> None:
             count, refused = result

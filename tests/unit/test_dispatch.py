@@ -23,6 +23,7 @@ from taskd.server.events import EventBus
 from taskd.server.render import task_json
 from taskd.server.sessions import CLOSE_NORMAL, AgentSession, SessionManager
 from taskd.wire import framing
+from taskd.db.connector import Database
 
 T0 = datetime(2024, 1, 2, 3, 4, 5)
 HERE = "srv-a"
@@ -113,7 +114,7 @@ class Rig:
         for agent_id in agent_ids:
             self.connect(agent_id)
         self.dispatcher = Dispatcher(
-            manager=self.manager, pool=self.pool, events=self.events, clock=self.clock, instance_id=HERE,
+            manager=self.manager, db=Database(self.pool), events=self.events, clock=self.clock, instance_id=HERE,
             relocate_delay=relocate_delay, sweep_interval=60.0, rng=random.Random(SEED),
         )
         self.published: list[tuple[str, Any]] = []

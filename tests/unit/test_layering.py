@@ -8,6 +8,7 @@ rule, outcomes), then `db/` and `wire/`, then `server/` and `agent/` (which shar
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -67,6 +68,14 @@ def violations() -> list[str]:
 
 def test_no_module_imports_upward():
     assert violations() == []
+
+
+def test_only_the_database_layer_runs_jobs_in_the_pool():
+    """`pool.do` is private to taskd/db: the rest calls the connector's stores."""
+    outside = [f"{module_name(p)} line {n}"
+               for p in sorted(ROOT.rglob("*.py")) if "db" not in p.relative_to(ROOT).parts[:1]
+               for n, line in enumerate(p.read_text().splitlines(), 1) if re.search(r"\bpool\.do\(", line)]
+    assert outside == []
 
 
 @pytest.mark.parametrize("source, banned", [

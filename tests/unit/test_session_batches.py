@@ -15,6 +15,7 @@ from taskd.server import sessions as sessions_module
 from taskd.server.events import EventBus
 from taskd.server.sessions import CLOSE_GOING_AWAY, CLOSE_NORMAL, SessionManager
 from taskd.wire import framing
+from taskd.db.connector import Database
 
 T0 = datetime(2024, 1, 2, 3, 4, 5)
 
@@ -89,7 +90,9 @@ class Rig:
         self.events = EventBus("here")
         self.published: list[tuple[str, Any]] = []
         self.events.subscribe(lambda e: self.published.append((e.type, e.payload)))
-        self.manager = SessionManager(pool=self.pool, store=self.store, catalog=None, events=self.events,
+        db = Database(self.pool)
+        db.sessions = self.store  # a fake session store over the fake pool's routing reads
+        self.manager = SessionManager(db=db, events=self.events,
                                       instance_id="here", clock=self.clock)
         self.transports: dict[int, FakeTransport] = {}
 

@@ -17,6 +17,7 @@ from taskd.server.events import EventBus
 from taskd.server.render import task_json
 from taskd.server.sessions import AgentSession, SessionManager
 from taskd.wire import framing
+from taskd.db.connector import Database
 
 T0 = datetime(2024, 1, 2, 3, 4, 5)
 
@@ -72,7 +73,7 @@ class Turns:
 
 def make(n: int, pool: Pool, clock: Any = None) -> tuple[SessionManager, Any, list]:
     clock = clock or Clock()
-    manager = SessionManager(pool=pool, store=None, catalog=None, events=EventBus("here"), instance_id="here",
+    manager = SessionManager(db=Database(pool), events=EventBus("here"), instance_id="here",
                              clock=clock)
     written: list = []
     for i in range(1, n + 1):

@@ -25,6 +25,7 @@ from taskd.db.status import MAX_REFUSALS, TaskStatusRow
 from taskd.server.status import MAX_ERROR, StatusService, parse_entry, parse_payload
 from taskd.wire import framing
 from taskd.wire.framing import Frame, FrameError
+from taskd.db.status import StatusStore
 
 T0 = datetime(2026, 1, 2, 3, 4, 5)
 STORED = datetime(2026, 1, 2, 3, 4, 9, 250000)
@@ -180,7 +181,7 @@ class Rig:
         self.pool = SqlitePool()
         self.pool.seed(agents, tasks)
         self.logs: list[str] = []
-        self.service = StatusService(self.pool, clock=self.clock, flush_interval=2.0, now=lambda: STORED,
+        self.service = StatusService(StatusStore(self.pool), clock=self.clock, flush_interval=2.0, now=lambda: STORED,
                                      instance_id=instance_id)
         self.service.log = Logger(namespace="test", observer=lambda e: self.logs.append(formatEvent(e)))
         self.service.startService()
