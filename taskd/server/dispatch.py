@@ -38,7 +38,7 @@ from taskd.db.routes import (
 from taskd.db.tasks import BY_IDS, BY_TAGS, Task
 from taskd.server.events import Event, EventBus
 from taskd.server.render import task_json
-from taskd.routing import covers
+from taskd.routing import Candidate, routes_to, selects
 from taskd.server.sessions import CLOSE_NORMAL, AgentSession, SessionManager
 from taskd.stats import NULL_STATS
 from taskd.wire import framing
@@ -178,28 +178,27 @@ class Dispatcher(Service):
         A newly created task is in no agent's view yet, so this saves the read-back of
         what was just written (bench/analysis.md, API POST)."""
         route = task.get("route") or {}
-        config = route.get("config") or {}
-        if route.get("type") == BY_IDS:
-            ids = set(config.get("ids") or ())
-            candidates = [s for s in sessions if s.agent.id in ids]
-        elif route.get("type") == BY_TAGS:
+        route_type = route.get("type")
+        if route_type not in (BY_IDS, BY_TAGS):
+            return None
+        if route_type == BY_TAGS:
             # Every held agent's tags and org decide, so each must be as stored: read
             # since its session was held here, while the event connection that would
             # have brought any later agent.updated has stayed up, and not being reloaded.
             epoch = self.event_epoch()
             if epoch is None or any(s.agent_epoch != epoch or s.agent.id in self._reloading for s in sessions):
                 return None
-            tags = set(config.get("tags") or ())
-            org_id = task.get("orgId")
-            candidates = [s for s in sessions if s.agent.org_id == org_id and not tags.isdisjoint(s.agent.tags)]
-        else:
-            return None
+        config = route.get("config") or {}
+        ids, tags, org_id = config.get("ids") or (), config.get("tags") or (), task.get("orgId")
         metrics = task.get("metrics") or {}
         routed = set()
-        for session in candidates:
+        for session in sessions:
+            held = _candidate(session)
+            if not selects(route_type, ids, tags, org_id, held):
+                continue
             if session.agent.id in self._reloading or (metrics and session.catalog is None):
                 return None
-            if not metrics or covers(session.catalog, metrics):
+            if routes_to(route_type, ids, tags, org_id, metrics, held):
                 routed.add(session.agent.id)
         return routed
 
@@ -361,6 +360,15 @@ class Dispatcher(Service):
             self.log.info("task {id} ({name}) {how}", id=task.id, name=task.name, how=how)
             payload = task_json(task)
             self.events.publish("task.updated", {"old": payload, "new": payload})
+
+
+def _candidate(session: AgentSession) -> Candidate:
+    """A held agent as the routing rule sees it: online (its session is held here), its
+    tags, org and advertised catalog (empty while unknown; the caller asks the database
+    then)."""
+    agent = session.agent
+    return Candidate(id=agent.id, org_id=agent.org_id, public=agent.public, online=True,
+                     tags=frozenset(agent.tags), catalog=session.catalog or frozenset())
 
 
 def _summary(told: dict[str, list[AgentSession]], shown: int = 5) -> str:
