@@ -37,7 +37,7 @@ from taskd.db.routes import (
 )
 from taskd.db.tasks import BY_IDS, BY_TAGS, Task
 from taskd.server.events import Event, EventBus
-from taskd.server.render import task_json
+from taskd.wire.messages import task_payload
 from taskd.routing import Candidate, routes_to, selects
 from taskd.server.sessions import CLOSE_NORMAL, AgentSession, SessionManager
 from taskd.stats import NULL_STATS
@@ -154,7 +154,7 @@ class Dispatcher(Service):
             payload, enabled = self.manager.share(created), bool(created["enabled"])
         else:
             task, routed = yield self.pool.do(routing_snapshot, task_id)
-            payload = self.manager.share(task_json(task)) if task is not None else None
+            payload = self.manager.share(task_payload(task)) if task is not None else None
             enabled = task is not None and task.enabled
         told: dict[str, list[AgentSession]] = {}
         frames: dict = {}  # one encoding per (event, payload) for the whole fan-out
@@ -243,7 +243,7 @@ class Dispatcher(Service):
         """Bring one agent's view to the database's truth with individual events."""
         seq = self.manager.next_read()
         lists = yield self.pool.do(tasks_for_agents, [session.agent.id])
-        wanted = {t.id: task_json(t) for t in lists.get(session.agent.id, [])}
+        wanted = {t.id: task_payload(t) for t in lists.get(session.agent.id, [])}
         for task_id in sorted(set(session.view) | set(wanted)):
             event = self._apply(session, task_id, wanted.get(task_id), task_id in wanted, seq)
             if event is not None:
@@ -346,7 +346,7 @@ class Dispatcher(Service):
             where = f"to agent {new_agent}" if new_agent else "nowhere (no qualifying agent online; unassigned)"
             self.log.info("task {id} ({name}) moved off offline agent {old} {where}", id=task.id,
                           name=task.name, old=agent_id, where=where)
-            payload = task_json(task)
+            payload = task_payload(task)
             self.events.publish("task.updated", {"old": payload, "new": payload})
 
     def sweep(self) -> Deferred:
@@ -358,7 +358,7 @@ class Dispatcher(Service):
     def _announce(self, tasks: list[Task], how: str) -> None:
         for task in tasks:
             self.log.info("task {id} ({name}) {how}", id=task.id, name=task.name, how=how)
-            payload = task_json(task)
+            payload = task_payload(task)
             self.events.publish("task.updated", {"old": payload, "new": payload})
 
 

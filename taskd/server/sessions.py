@@ -24,7 +24,7 @@ from taskd.db.pool import DBPool
 from taskd.db.routes import tasks_for_agents
 from taskd.db.sessions import OnlineChange, SessionStore
 from taskd.server.events import EventBus
-from taskd.server.render import task_json
+from taskd.wire.messages import parse_catalog, task_payload
 from taskd.stats import NULL_STATS
 from taskd.timeutil import rfc3339, utcnow
 from taskd.wire import framing
@@ -426,7 +426,7 @@ class SessionManager(Service):
                     t = read[task_id]
                     payload = payloads.get(id(t))
                     if payload is None:
-                        payload = payloads[id(t)] = self.share(task_json(t))
+                        payload = payloads[id(t)] = self.share(task_payload(t))
                     view[task_id] = payload
                     session.decided_by[task_id] = seq
                 else:
@@ -467,24 +467,3 @@ class SessionManager(Service):
         numbers lets the result of the most recently *started* read win per task."""
         self._reads += 1
         return self._reads
-
-
-MAX_VERSION = 2**31 - 1  # the version columns are 32-bit signed integers
-
-
-def parse_catalog(value: Any) -> list[tuple[str, int, Any]]:
-    """Snap metric records -> (namespace, version, policy); tolerant of extra fields."""
-    if value is None:
-        return []
-    if not isinstance(value, list):
-        raise FrameError("catalog payload must be a JSON array of metric records")
-    out = []
-    for i, item in enumerate(value):
-        if not isinstance(item, dict) or not isinstance(item.get("namespace"), str) or not item["namespace"]:
-            raise FrameError(f"catalog record {i} has no namespace")
-        version = item.get("version", 0)
-        if isinstance(version, bool) or not isinstance(version, int) or not 0 <= version <= MAX_VERSION:
-            raise FrameError(f"catalog record {i} has a bad version {version!r}")
-        out.append((item["namespace"][:255], version, item.get("policy")))
-    return out
-
