@@ -310,20 +310,25 @@ class SessionManager(Service):
         """A binary frame from the agent; raises FrameError for a malformed one (the
         caller closes the connection with a protocol error)."""
         frame = framing.decode(data)
-        if frame.event == framing.CATALOG:
-            # Catalogs queue on `ready`; the errback keeps one failed catalog (e.g. a
-            # database error) from leaving the queue failed, which would drop every later one.
-            session.ready.addCallback(lambda _: self._catalog(session, frame)).addErrback(
-                self._catalog_failed, session)
-        elif frame.event == framing.TASK_STATUS:
-            # Queued on `ready` too: only then does `view` hold what the agent was sent,
-            # which is what its statuses are checked against.
-            if self.status is not None:
-                session.ready.addCallback(lambda _: self._task_status(session, frame)).addErrback(
-                    self._status_failed, session)
-        else:
+        handler = getattr(self, f"handle_{frame.event}", None) if frame.event in framing.AGENT_EVENTS else None
+        if handler is None:
             self.log.warn("agent {name} sent unknown event {event!r}; ignored", name=session.agent.name,
                           event=frame.event)
+            return
+        handler(session, frame)
+
+    def handle_catalog(self, session: AgentSession, frame: Frame) -> None:
+        # Catalogs queue on `ready`; the errback keeps one failed catalog (e.g. a
+        # database error) from leaving the queue failed, which would drop every later one.
+        session.ready.addCallback(lambda _: self._catalog(session, frame)).addErrback(
+            self._catalog_failed, session)
+
+    def handle_taskStatus(self, session: AgentSession, frame: Frame) -> None:
+        # Queued on `ready` too: only then does `view` hold what the agent was sent,
+        # which is what its statuses are checked against.
+        if self.status is not None:
+            session.ready.addCallback(lambda _: self._task_status(session, frame)).addErrback(
+                self._status_failed, session)
 
     @inlineCallbacks
     def _catalog(self, session: AgentSession, frame: Frame):
