@@ -42,14 +42,15 @@ class TaskCache:
 
     def handle(self, frame: Frame) -> None:
         """A frame from the server (heartbeats included)."""
-        if frame.event == framing.HEARTBEAT:
-            self.log.debug("heartbeat {time}", time=frame.payload.decode("utf-8", "replace"))
-            return
-        if frame.event not in framing.SERVER_EVENTS:
+        handler = getattr(self, f"handle_{frame.event}", None) if frame.event in framing.SERVER_EVENTS else None
+        if handler is None:
             self.log.warn("server sent unknown event {event!r}; ignored", event=frame.event)
             return
+        if frame.event == framing.HEARTBEAT:
+            handler(frame)
+            return
         try:
-            changed = self._apply(frame.event, frame.json())
+            changed = handler(frame.json())
         except FrameError as exc:
             self.log.warn("ignoring {event}: {err}", event=frame.event, err=str(exc))
             return
@@ -58,29 +59,43 @@ class TaskCache:
             if self.have_list:  # an add/update/remove before the first list is only recorded
                 self.apply(dict(self.tasks))
 
-    def _apply(self, event: str, value: Any) -> bool:
-        if event == framing.TASK_LIST:
-            items = [] if value is None else value  # the original server sent null for none
-            if not isinstance(items, list):
-                raise FrameError("taskList payload is not a list")
-            tasks = {t["id"]: t for t in map(_task, items)}
-            shown = [f"{t['id']} ({t.get('name')})" for t in list(tasks.values())[:LIST_SHOWN]]
-            more = f", and {len(tasks) - LIST_SHOWN} more" if len(tasks) > LIST_SHOWN else ""
-            self.log.info("task list: {n} task(s){names}", n=len(tasks),
-                          names=": " + ", ".join(shown) + more if tasks else "")
-            changed = tasks != self.tasks or not self.have_list
-            self._count(self.tasks, tasks)
-            self.tasks = tasks
-            self.have_list = True
-            return changed
+    # -- one handler per server event (framing.SERVER_EVENTS); each returns whether the
+    # -- task set changed.
+
+    def handle_heartbeat(self, frame: Frame) -> None:
+        self.log.debug("heartbeat {time}", time=frame.payload.decode("utf-8", "replace"))
+
+    def handle_taskList(self, value: Any) -> bool:
+        items = [] if value is None else value  # the original server sent null for none
+        if not isinstance(items, list):
+            raise FrameError("taskList payload is not a list")
+        tasks = {t["id"]: t for t in map(_task, items)}
+        shown = [f"{t['id']} ({t.get('name')})" for t in list(tasks.values())[:LIST_SHOWN]]
+        more = f", and {len(tasks) - LIST_SHOWN} more" if len(tasks) > LIST_SHOWN else ""
+        self.log.info("task list: {n} task(s){names}", n=len(tasks),
+                      names=": " + ", ".join(shown) + more if tasks else "")
+        changed = tasks != self.tasks or not self.have_list
+        self._count(self.tasks, tasks)
+        self.tasks = tasks
+        self.have_list = True
+        return changed
+
+    def handle_taskRemove(self, value: Any) -> bool:
         task = _task(value)
-        if event == framing.TASK_REMOVE:
-            self.log.info("task {id} ({name}) removed", id=task["id"], name=task.get("name"))
-            if self.tasks.pop(task["id"], None) is None:
-                return False
-            self.stats.incr("tasks.removed")
-            return True
-        verb = "added" if event == framing.TASK_ADD else "updated"
+        self.log.info("task {id} ({name}) removed", id=task["id"], name=task.get("name"))
+        if self.tasks.pop(task["id"], None) is None:
+            return False
+        self.stats.incr("tasks.removed")
+        return True
+
+    def handle_taskAdd(self, value: Any) -> bool:
+        return self._put(value, "added")
+
+    def handle_taskUpdate(self, value: Any) -> bool:
+        return self._put(value, "updated")
+
+    def _put(self, value: Any, verb: str) -> bool:
+        task = _task(value)
         self.log.info("task {id} ({name}) {verb}: every {interval}s", id=task["id"], name=task.get("name"),
                       verb=verb, interval=task.get("interval"))
         changed = self.tasks.get(task["id"]) != task

@@ -26,10 +26,10 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from taskd.db.connector import Database
-from taskd.db.tasks import BY_IDS, BY_TAGS, Task
+from taskd.db.tasks import Task
 from taskd.server.events import Event, EventBus
-from taskd.server.render import task_json
-from taskd.routing import covers
+from taskd.wire.messages import task_payload
+from taskd.routing import BY_IDS, BY_TAGS, Candidate, routes_to, selects
 from taskd.server.sessions import CLOSE_NORMAL, AgentSession, SessionManager
 from taskd.stats import NULL_STATS
 from taskd.wire import framing
@@ -145,7 +145,7 @@ class Dispatcher(Service):
             payload, enabled = self.manager.share(created), bool(created["enabled"])
         else:
             task, routed = yield self.db.routes.snapshot(task_id)
-            payload = self.manager.share(task_json(task)) if task is not None else None
+            payload = self.manager.share(task_payload(task)) if task is not None else None
             enabled = task is not None and task.enabled
         told: dict[str, list[AgentSession]] = {}
         frames: dict = {}  # one encoding per (event, payload) for the whole fan-out
@@ -169,28 +169,27 @@ class Dispatcher(Service):
         A newly created task is in no agent's view yet, so this saves the read-back of
         what was just written (bench/analysis.md, API POST)."""
         route = task.get("route") or {}
-        config = route.get("config") or {}
-        if route.get("type") == BY_IDS:
-            ids = set(config.get("ids") or ())
-            candidates = [s for s in sessions if s.agent.id in ids]
-        elif route.get("type") == BY_TAGS:
+        route_type = route.get("type")
+        if route_type not in (BY_IDS, BY_TAGS):
+            return None
+        if route_type == BY_TAGS:
             # Every held agent's tags and org decide, so each must be as stored: read
             # since its session was held here, while the event connection that would
             # have brought any later agent.updated has stayed up, and not being reloaded.
             epoch = self.event_epoch()
             if epoch is None or any(s.agent_epoch != epoch or s.agent.id in self._reloading for s in sessions):
                 return None
-            tags = set(config.get("tags") or ())
-            org_id = task.get("orgId")
-            candidates = [s for s in sessions if s.agent.org_id == org_id and not tags.isdisjoint(s.agent.tags)]
-        else:
-            return None
+        config = route.get("config") or {}
+        ids, tags, org_id = config.get("ids") or (), config.get("tags") or (), task.get("orgId")
         metrics = task.get("metrics") or {}
         routed = set()
-        for session in candidates:
+        for session in sessions:
+            held = _candidate(session)
+            if not selects(route_type, ids, tags, org_id, held):
+                continue
             if session.agent.id in self._reloading or (metrics and session.catalog is None):
                 return None
-            if not metrics or covers(session.catalog, metrics):
+            if routes_to(route_type, ids, tags, org_id, metrics, held):
                 routed.add(session.agent.id)
         return routed
 
@@ -235,7 +234,7 @@ class Dispatcher(Service):
         """Bring one agent's view to the database's truth with individual events."""
         seq = self.manager.next_read()
         lists = yield self.db.routes.tasks_for_agents([session.agent.id])
-        wanted = {t.id: task_json(t) for t in lists.get(session.agent.id, [])}
+        wanted = {t.id: task_payload(t) for t in lists.get(session.agent.id, [])}
         for task_id in sorted(set(session.view) | set(wanted)):
             event = self._apply(session, task_id, wanted.get(task_id), task_id in wanted, seq)
             if event is not None:
@@ -338,7 +337,7 @@ class Dispatcher(Service):
             where = f"to agent {new_agent}" if new_agent else "nowhere (no qualifying agent online; unassigned)"
             self.log.info("task {id} ({name}) moved off offline agent {old} {where}", id=task.id,
                           name=task.name, old=agent_id, where=where)
-            payload = task_json(task)
+            payload = task_payload(task)
             self.events.publish("task.updated", {"old": payload, "new": payload})
 
     def sweep(self) -> Deferred:
@@ -350,8 +349,17 @@ class Dispatcher(Service):
     def _announce(self, tasks: list[Task], how: str) -> None:
         for task in tasks:
             self.log.info("task {id} ({name}) {how}", id=task.id, name=task.name, how=how)
-            payload = task_json(task)
+            payload = task_payload(task)
             self.events.publish("task.updated", {"old": payload, "new": payload})
+
+
+def _candidate(session: AgentSession) -> Candidate:
+    """A held agent as the routing rule sees it: online (its session is held here), its
+    tags, org and advertised catalog (empty while unknown; the caller asks the database
+    then)."""
+    agent = session.agent
+    return Candidate(id=agent.id, org_id=agent.org_id, public=agent.public, online=True,
+                     tags=frozenset(agent.tags), catalog=session.catalog or frozenset())
 
 
 def _summary(told: dict[str, list[AgentSession]], shown: int = 5) -> str:

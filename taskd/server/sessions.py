@@ -22,7 +22,7 @@ from taskd.db.agents import Agent
 from taskd.db.connector import Database
 from taskd.db.sessions import OnlineChange
 from taskd.server.events import EventBus
-from taskd.server.render import task_json
+from taskd.wire.messages import parse_catalog, task_payload
 from taskd.stats import NULL_STATS
 from taskd.timeutil import rfc3339, utcnow
 from taskd.wire import framing
@@ -308,20 +308,25 @@ class SessionManager(Service):
         """A binary frame from the agent; raises FrameError for a malformed one (the
         caller closes the connection with a protocol error)."""
         frame = framing.decode(data)
-        if frame.event == framing.CATALOG:
-            # Catalogs queue on `ready`; the errback keeps one failed catalog (e.g. a
-            # database error) from leaving the queue failed, which would drop every later one.
-            session.ready.addCallback(lambda _: self._catalog(session, frame)).addErrback(
-                self._catalog_failed, session)
-        elif frame.event == framing.TASK_STATUS:
-            # Queued on `ready` too: only then does `view` hold what the agent was sent,
-            # which is what its statuses are checked against.
-            if self.status is not None:
-                session.ready.addCallback(lambda _: self._task_status(session, frame)).addErrback(
-                    self._status_failed, session)
-        else:
+        handler = getattr(self, f"handle_{frame.event}", None) if frame.event in framing.AGENT_EVENTS else None
+        if handler is None:
             self.log.warn("agent {name} sent unknown event {event!r}; ignored", name=session.agent.name,
                           event=frame.event)
+            return
+        handler(session, frame)
+
+    def handle_catalog(self, session: AgentSession, frame: Frame) -> None:
+        # Catalogs queue on `ready`; the errback keeps one failed catalog (e.g. a
+        # database error) from leaving the queue failed, which would drop every later one.
+        session.ready.addCallback(lambda _: self._catalog(session, frame)).addErrback(
+            self._catalog_failed, session)
+
+    def handle_taskStatus(self, session: AgentSession, frame: Frame) -> None:
+        # Queued on `ready` too: only then does `view` hold what the agent was sent,
+        # which is what its statuses are checked against.
+        if self.status is not None:
+            session.ready.addCallback(lambda _: self._task_status(session, frame)).addErrback(
+                self._status_failed, session)
 
     @inlineCallbacks
     def _catalog(self, session: AgentSession, frame: Frame):
@@ -424,7 +429,7 @@ class SessionManager(Service):
                     t = read[task_id]
                     payload = payloads.get(id(t))
                     if payload is None:
-                        payload = payloads[id(t)] = self.share(task_json(t))
+                        payload = payloads[id(t)] = self.share(task_payload(t))
                     view[task_id] = payload
                     session.decided_by[task_id] = seq
                 else:
@@ -465,24 +470,3 @@ class SessionManager(Service):
         numbers lets the result of the most recently *started* read win per task."""
         self._reads += 1
         return self._reads
-
-
-MAX_VERSION = 2**31 - 1  # the version columns are 32-bit signed integers
-
-
-def parse_catalog(value: Any) -> list[tuple[str, int, Any]]:
-    """Snap metric records -> (namespace, version, policy); tolerant of extra fields."""
-    if value is None:
-        return []
-    if not isinstance(value, list):
-        raise FrameError("catalog payload must be a JSON array of metric records")
-    out = []
-    for i, item in enumerate(value):
-        if not isinstance(item, dict) or not isinstance(item.get("namespace"), str) or not item["namespace"]:
-            raise FrameError(f"catalog record {i} has no namespace")
-        version = item.get("version", 0)
-        if isinstance(version, bool) or not isinstance(version, int) or not 0 <= version <= MAX_VERSION:
-            raise FrameError(f"catalog record {i} has a bad version {version!r}")
-        out.append((item["namespace"][:255], version, item.get("policy")))
-    return out
-

@@ -1,0 +1,95 @@
+"""Typed payloads of the agent websocket, shared by server and agent.
+
+Why apart from the REST rendering (taskd/server/render.py): what a deployed agent is sent
+is a protocol contract, while the REST JSON may grow for API clients. Today both happen to
+carry the same task fields in the same order, so `TaskMessage.to_json()` encodes to the
+very bytes the server sent before this module existed (tests/unit/test_wire_messages.py
+holds that). Catalog records are validated here, once, for whoever reads them.
+
+Imports nothing of taskd's but the framing and the time format, so db/, server/ and agent/ may all use it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Mapping
+
+from taskd.timeutil import rfc3339
+from taskd.wire.framing import FrameError
+
+MAX_VERSION = 2**31 - 1  # the catalog version columns are 32-bit signed integers
+
+
+@dataclass(frozen=True)
+class TaskMessage:
+    """A task as an agent receives it in taskList/taskAdd/taskUpdate/taskRemove."""
+
+    id: int
+    name: str
+    task_type: str
+    org_id: int
+    config: Mapping[str, Any]
+    interval: int
+    route_type: str
+    route_config: Mapping[str, Any]
+    metrics: Mapping[str, int]
+    enabled: bool
+    created: datetime | None
+    updated: datetime | None
+
+    @classmethod
+    def of(cls, task: Any) -> "TaskMessage":
+        """From a stored task (any object with the db Task's attributes)."""
+        return cls(task.id, task.name, task.task_type, task.org_id, task.config, task.interval,
+                   task.route.type, task.route.config, task.metrics, task.enabled, task.created, task.updated)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "name": self.name,
+            "taskType": self.task_type,
+            "orgId": self.org_id,
+            "config": self.config,
+            "interval": self.interval,
+            "route": {"type": self.route_type, "config": self.route_config},
+            "metrics": self.metrics,
+            "enabled": self.enabled,
+            "created": rfc3339(self.created),
+            "updated": rfc3339(self.updated),
+        }
+
+
+def task_payload(task: Any) -> dict[str, Any]:
+    """The JSON an agent is sent for a stored task."""
+    return TaskMessage.of(task).to_json()
+
+
+@dataclass(frozen=True)
+class CatalogRecord:
+    """One metric an agent advertises in its catalog."""
+
+    namespace: str
+    version: int
+    policy: Any = None
+
+
+def parse_catalog(value: Any) -> list[tuple[str, int, Any]]:
+    """A catalog payload (Snap metric records) -> (namespace, version, policy); tolerant
+    of extra fields; FrameError naming the first bad record."""
+    return [(r.namespace, r.version, r.policy) for r in parse_catalog_records(value)]
+
+
+def parse_catalog_records(value: Any) -> list[CatalogRecord]:
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise FrameError("catalog payload must be a JSON array of metric records")
+    out = []
+    for i, item in enumerate(value):
+        if not isinstance(item, dict) or not isinstance(item.get("namespace"), str) or not item["namespace"]:
+            raise FrameError(f"catalog record {i} has no namespace")
+        version = item.get("version", 0)
+        if isinstance(version, bool) or not isinstance(version, int) or not 0 <= version <= MAX_VERSION:
+            raise FrameError(f"catalog record {i} has a bad version {version!r}")
+        out.append(CatalogRecord(item["namespace"][:255], version, item.get("policy")))
+    return out
