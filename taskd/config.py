@@ -31,6 +31,8 @@ from urllib.parse import urlsplit
 
 from twisted.internet.endpoints import _parse, _parseServer
 
+from taskd.timeutil import parse_go_duration
+
 Parser = Callable[[str], Any]
 """Raw text → value, or ValueError("is not an integer"): never quoting the text."""
 
@@ -73,9 +75,6 @@ def parse_bool(raw: str) -> bool:
 
 
 _SECONDS = re.compile(r"\d+(?:\.\d*)?|\.\d+")
-_GO_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
-_GO_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "μs": 1e-6, "ms": 1e-3,
-             "s": 1.0, "m": 60.0, "h": 3600.0}
 
 
 def parse_duration(raw: str) -> float:
@@ -83,15 +82,10 @@ def parse_duration(raw: str) -> float:
     text = raw.strip()
     if _SECONDS.fullmatch(text):
         return float(text)
-    total, pos = 0.0, 0
-    for m in _GO_DURATION_PART.finditer(text):
-        if m.start() != pos:
-            break
-        total += float(m[1]) * _GO_UNITS[m[2]]
-        pos = m.end()
-    if not text or pos != len(text):
-        raise ValueError("is not a duration such as 30s, 5m, 1m30s, 500ms or plain seconds")
-    return total
+    try:
+        return parse_go_duration(text) / 1e9
+    except ValueError:
+        raise ValueError("is not a duration such as 30s, 5m, 1m30s, 500ms or plain seconds") from None
 
 
 def int_list(lo: int | None = None, hi: int | None = None) -> Parser:
