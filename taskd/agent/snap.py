@@ -40,6 +40,8 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.web.iweb import IAgentEndpointFactory
+from zope.interface import implementer
 
 from taskd.agent.snap_wire import (  # re-exported: callers and tests use these names here
     AGENT_NAME_KEY,
@@ -115,8 +117,8 @@ class SnapDriver(Service):
             from twisted.internet import reactor
             from twisted.web.client import Agent, HTTPConnectionPool
             self._pool = HTTPConnectionPool(reactor, persistent=True)
-            self._pool._factory = _QuietHTTPFactory  # not a log line per poll while Snap is down
-            http = HTTPClient(Agent(reactor, pool=self._pool))
+            http = HTTPClient(Agent.usingEndpointFactory(
+                reactor, QuietEndpointFactory(reactor), pool=self._pool))
         self._http = http
         self.snap_reachable = False
         self.last_catalog: list[dict] | None = None
@@ -545,10 +547,31 @@ class SnapDriver(Service):
                 raise
 
 
-def _quiet_factory() -> type:
-    from twisted.web.client import _HTTP11ClientFactory
+class _QuietEndpoint:
+    """Connects with the pool's factory made quiet: not a "Starting factory" log line
+    per poll while Snap is down (``noisy`` is the factory's public switch)."""
 
-    return type("_QuietHTTPFactory", (_HTTP11ClientFactory,), {"noisy": False})
+    def __init__(self, endpoint: Any) -> None:
+        self._endpoint = endpoint
+
+    def connect(self, factory: Any) -> Any:
+        factory.noisy = False
+        return self._endpoint.connect(factory)
 
 
-_QuietHTTPFactory = _quiet_factory()
+@implementer(IAgentEndpointFactory)
+class QuietEndpointFactory:
+    """``IAgentEndpointFactory`` as Agent's default (HostnameEndpoint, browser-like TLS
+    for https), but with quiet connection factories."""
+
+    def __init__(self, reactor: Any) -> None:
+        self.reactor = reactor
+
+    def endpointForURI(self, uri: Any) -> Any:
+        from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+        from twisted.internet.ssl import optionsForClientTLS
+
+        endpoint = HostnameEndpoint(self.reactor, uri.host, uri.port)
+        if uri.scheme == b"https":
+            endpoint = wrapClientTLS(optionsForClientTLS(uri.host.decode("idna")), endpoint)
+        return _QuietEndpoint(endpoint)
