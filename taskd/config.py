@@ -29,7 +29,9 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-from twisted.internet.endpoints import _parse, _parseServer
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IStreamServerEndpointStringParser
+from twisted.plugin import getPlugins
 
 from taskd.timeutil import parse_go_duration
 
@@ -159,17 +161,41 @@ _HOST_PORT = re.compile(r"([^\s:\[\]]*):(\d+)")
 _V6_PORT = re.compile(r"\[([^\]\s]+)\]:(\d+)")
 
 
+_BUILTIN_SERVER_TYPES = ("tcp", "unix", "ssl")  # serverFromString's own; others are plugins
+
+
 def _endpoint_type(text: str) -> str | None:
     """The endpoint type ``text`` starts with, if Twisted knows it (built in or
-    plugin): parsing the bare type is a ValueError only when it is unknown."""
+    plugin, matched case-insensitively as serverFromString does)."""
     kind = text.split(":", 1)[0]
-    try:
-        _parseServer(kind, None)
-    except ValueError:
-        return None
-    except TypeError:
-        pass
-    return kind.lower()
+    if kind in _BUILTIN_SERVER_TYPES:
+        return kind
+    if any(p.prefix.lower() == kind.lower() for p in getPlugins(IStreamServerEndpointStringParser)):
+        return kind.lower()
+    return None
+
+
+def _strports_args(text: str) -> tuple[list[str], dict[str, str]]:
+    """A strports description → (positional, keyword) arguments: ``:`` separates,
+    the first ``=`` of a part names it, a backslash escapes the next character."""
+    parts: list[list[str]] = [[""]]
+    escaped = False
+    for ch in text:
+        if escaped:
+            parts[-1][-1] += ch
+            escaped = False
+        elif ch == "\\":
+            escaped = True
+        elif ch == ":":
+            parts.append([""])
+        elif ch == "=" and len(parts[-1]) == 1:
+            parts[-1].append("")
+        else:
+            parts[-1][-1] += ch
+    if escaped:
+        raise ValueError(_ADDR_FORMS)
+    args = [p[0] for p in parts if len(p) == 1]
+    return args, {p[0]: p[1] for p in parts if len(p) == 2}
 
 
 def parse_listen_addr(raw: str) -> str:
@@ -187,11 +213,11 @@ def parse_listen_addr(raw: str) -> str:
             raise ValueError(_ADDR_FORMS)
         port = _port(m[2])
         return f"tcp:{port}:interface={m[1]}" if m[1] else f"tcp:{port}"
-    args, kwargs = _parse(text)
+    args, kwargs = _strports_args(text)
     first = args[1] if len(args) > 1 else kwargs.get("address" if kind == "unix" else "port")
     try:
-        if kind != "ssl":  # the ssl parser reads the certificate files: not now
-            _parseServer(text, None)
+        if kind in ("tcp", "unix"):  # ssl reads the certificate files, plugins act: not now
+            serverFromString(None, text)
         if kind in ("tcp", "tcp6", "ssl"):
             _port(first)
         elif kind == "unix" and not first:
