@@ -37,7 +37,7 @@ from typing import Any, Callable, Coroutine, Mapping
 from twisted.application.service import Service
 from twisted.internet.defer import CancelledError, Deferred, DeferredList
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.task import LoopingCall, deferLater
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IAgentEndpointFactory
@@ -65,6 +65,7 @@ from taskd.agent.snap_wire import (  # re-exported: callers and tests use these 
 from taskd.agent.executor import TaskStatus, desired_tasks
 from taskd.agent.snap_status import SnapStatusTracker
 from taskd.stats import NULL_STATS
+from taskd.timers import RepeatingTimer
 
 __all__ = ["SnapDriver", "SnapError", "SnapUnreachable", "PREFIX", "snap_task_request",
            "catalog_record", "updated_after_creation", "parse_go_duration"]
@@ -125,7 +126,7 @@ class SnapDriver(Service):
         self._reach_logged: bool | None = None  # the reachability last logged
         self._desired: dict[int, dict] | None = None  # None: no task list from the server yet
         self._built: dict[str, _Built] = {}  # Snap task id -> what this process created it from
-        self._loops: list[LoopingCall] = []
+        self._loops: list[RepeatingTimer] = []
         self._inflight: set[Deferred] = set()
         self._reconciling = False
         self._pending = self._pending_sweep = False
@@ -160,17 +161,15 @@ class SnapDriver(Service):
                                   (self._catalog_tick, self.catalog_interval, False),
                                   (self._sweep_tick, self.sweep_interval, False),
                                   (self._status_tick, self.status_interval, False)):
-            loop = LoopingCall(self._spawn, fn)
-            loop.clock = self.clock
-            loop.start(interval, now=now).addErrback(
-                lambda f, what=fn.__name__: self.log.failure("snap {what} loop stopped", f, what=what))
-            self._loops.append(loop)
+            timer = RepeatingTimer(self.clock, interval, lambda fn=fn: self._spawn(fn),
+                                   what=f"snap {fn.__name__} loop", now=now, log=self.log)
+            timer.startService()
+            self._loops.append(timer)
 
     def stopService(self) -> Deferred:
         super().stopService()
-        for loop in self._loops:
-            if loop.running:
-                loop.stop()
+        for timer in self._loops:
+            timer.stopService()
         self._loops = []
         self.snap_reachable = False  # a restarted service re-indexes on its first probe
         for d in list(self._inflight):
