@@ -1,4 +1,5 @@
-"""The Snap driver: runs the agent's tasks as tasks of the local Snap daemon (REST API v1).
+"""The Snap driver (its loops and reconcile; requests go through
+:class:`taskd.agent.snap.client.SnapClient`): runs the agent's tasks as tasks of the local Snap daemon (REST API v1).
 
 Behaviour of the Go task-agent (``original-behaviour.md`` §7, ``snap-rest-api.md`` §10),
 with its gaps closed. Three loops, all on the injected clock and each guarded so that a
@@ -37,13 +38,10 @@ from typing import Any, Callable, Coroutine, Mapping
 from twisted.application.service import Service
 from twisted.internet.defer import CancelledError, Deferred, DeferredList
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.iweb import IAgentEndpointFactory
-from zope.interface import implementer
 
-from taskd.agent.snap_wire import (  # re-exported: callers and tests use these names here
+from taskd.agent.snap.wire import (
     AGENT_NAME_KEY,
     API_KEY_KEY,
     CONFIG_PATH,
@@ -63,12 +61,12 @@ from taskd.agent.snap_wire import (  # re-exported: callers and tests use these 
     updated_after_creation,
 )
 from taskd.agent.executor import TaskStatus, desired_tasks
-from taskd.agent.snap_status import SnapStatusTracker
+from taskd.agent.snap.client import SnapClient
+from taskd.agent.snap.status import SnapStatusTracker
 from taskd.stats import NULL_STATS
 from taskd.timers import RepeatingTimer
 
-__all__ = ["SnapDriver", "SnapError", "SnapUnreachable", "PREFIX", "snap_task_request",
-           "catalog_record", "updated_after_creation", "parse_go_duration"]
+__all__ = ["SnapDriver"]
 
 @dataclass
 class _Built:
@@ -81,7 +79,7 @@ class SnapDriver(Service):
 
     The ``snap`` executor (taskd/agent/executor.py). Every ``status_interval`` (and after
     every reconcile) it reads the tasks' counters off Snap's task list and reports their
-    status (taskd/agent/snap_status.py).
+    status (taskd/agent/snap/status.py).
 
     ``snap_reachable`` says whether the last global-config probe got an answer;
     ``last_catalog`` is the last catalog fetched from Snap (None before the first).
@@ -112,15 +110,9 @@ class SnapDriver(Service):
         self.request_timeout = request_timeout
         self.stop_timeout = stop_timeout
         self.stop_poll = stop_poll
-        self._pool: Any = None
-        if http is None:
-            from treq.client import HTTPClient
-            from twisted.internet import reactor
-            from twisted.web.client import Agent, HTTPConnectionPool
-            self._pool = HTTPConnectionPool(reactor, persistent=True)
-            http = HTTPClient(Agent.usingEndpointFactory(
-                reactor, QuietEndpointFactory(reactor), pool=self._pool))
-        self._http = http
+        self.client = SnapClient(url=snap_url, api_key=api_key, clock=clock,
+                                 request_timeout=request_timeout, stop_timeout=stop_timeout,
+                                 stop_poll=stop_poll, is_running=lambda: self.running, http=http)
         self.snap_reachable = False
         self.last_catalog: list[dict] | None = None
         self._reach_logged: bool | None = None  # the reachability last logged
@@ -178,8 +170,7 @@ class SnapDriver(Service):
 
     async def _close(self) -> None:
         await self._idle()
-        if self._pool is not None:
-            await self._pool.closeCachedConnections()
+        await self.client.close()
 
     # -- plumbing -----------------------------------------------------------------------
 
@@ -197,47 +188,6 @@ class SnapDriver(Service):
 
         d.addBoth(done)
         return d
-
-    async def _sleep(self, seconds: float) -> None:
-        await deferLater(self.clock, seconds, lambda: None)
-
-    def _redact(self, text: str) -> str:
-        return text.replace(self._api_key, "<api-key>") if self._api_key else text
-
-    async def _call(self, method: str, path: str, expect_type: str, expect_code: int = 200,
-                    body: Any = None) -> Any:
-        """One request; the envelope's body on success, else SnapError / SnapUnreachable."""
-        kwargs: dict[str, Any] = {"timeout": self.request_timeout}
-        if method != "GET":
-            kwargs["headers"] = {b"Content-Type": [b"application/json"]}
-        if body is not None:
-            kwargs["data"] = json.dumps(body).encode("utf-8")
-        try:
-            response = await self._http.request(method, self.snap_url + path, **kwargs)
-            raw = await response.content()
-        except Exception as e:
-            if not self.running:
-                raise CancelledError() from None
-            reasons = getattr(e, "reasons", None)
-            cause = reasons[0].value if reasons else e
-            if isinstance(cause, CancelledError) or isinstance(e, CancelledError):
-                raise SnapUnreachable(f"no answer within {self.request_timeout:g} s") from None
-            raise SnapUnreachable(self._redact(f"{type(cause).__name__}: {cause}")[:300]) from None
-        try:
-            doc = json.loads(raw)
-        except ValueError:
-            doc = None
-        meta = doc.get("meta") if isinstance(doc, dict) else None
-        if not isinstance(meta, dict):  # plain-text 404/405/401, proxies, garbage
-            text = raw.decode("utf-8", "replace").strip()[:200]
-            raise SnapError(response.code, self._redact(text or "empty body"))
-        if meta.get("type") == expect_type and response.code == expect_code:
-            return doc.get("body")
-        reply = doc.get("body")
-        message = reply.get("message") if isinstance(reply, dict) else None
-        if meta.get("type") != "error" or not isinstance(message, str):
-            message = f"unexpected answer (meta.type {meta.get('type')!r})"
-        raise SnapError(response.code, self._redact(message))
 
     def _problem(self, key: Any, message: str) -> None:
         """Warn about a problem once; the same problem again is only a debug line."""
@@ -265,7 +215,7 @@ class SnapDriver(Service):
 
     async def _supervise(self) -> None:
         try:
-            config = await self._call("GET", CONFIG_PATH, "config_plugin_item_returned")
+            config = await self.client.call("GET", CONFIG_PATH, "config_plugin_item_returned")
             if not isinstance(config, dict):
                 raise SnapError(200, "the global plugin config is not an object")
         except (SnapError, SnapUnreachable) as e:
@@ -290,7 +240,7 @@ class SnapDriver(Service):
             return
         for key, value in wanted:
             try:
-                await self._call("PUT", CONFIG_PATH, "config_plugin_item_created", body={key: value})
+                await self.client.call("PUT", CONFIG_PATH, "config_plugin_item_created", body={key: value})
             except (SnapError, SnapUnreachable) as e:
                 self._problem("config", f"setting {key} in Snap's global plugin config failed: "
                                         f"{e}; retrying in {self.supervise_interval:g} s")
@@ -310,7 +260,7 @@ class SnapDriver(Service):
         if not self.snap_reachable or self._reconciling or self._desired is None:
             return  # a reconcile reports statuses from its own listing
         try:
-            listing = await self._call("GET", "/v1/tasks", "scheduled_task_list_returned")
+            listing = await self.client.call("GET", "/v1/tasks", "scheduled_task_list_returned")
         except (SnapError, SnapUnreachable) as e:
             self.log.debug("reading task statuses from Snap failed: {err}", err=str(e))
             return
@@ -324,7 +274,7 @@ class SnapDriver(Service):
 
     async def _refresh_catalog(self) -> None:
         try:
-            entries = await self._call("GET", "/v1/metrics", "metrics_returned")
+            entries = await self.client.call("GET", "/v1/metrics", "metrics_returned")
             if not isinstance(entries, list):
                 raise SnapError(200, "the metric catalog is not an array")
         except (SnapError, SnapUnreachable) as e:
@@ -389,7 +339,7 @@ class SnapDriver(Service):
         if self._desired is None:
             return True  # never act on "no tasks" before the server has said so
         desired = self._desired
-        listing = await self._call("GET", "/v1/tasks", "scheduled_task_list_returned")
+        listing = await self.client.call("GET", "/v1/tasks", "scheduled_task_list_returned")
         tasks = listing.get("ScheduledTasks") if isinstance(listing, dict) else None
         if not isinstance(tasks, list):
             raise SnapError(200, "the task list has no ScheduledTasks array")
@@ -465,7 +415,7 @@ class SnapDriver(Service):
             newer = (new > old) if (old and new) else (updated != built.updated)
             return f"the task was updated ({updated})" if newer else None
         try:
-            full = await self._call("GET", f"/v1/tasks/{c['id']}", "scheduled_task_returned")
+            full = await self.client.call("GET", f"/v1/tasks/{c['id']}", "scheduled_task_returned")
         except SnapError as e:
             if e.status == 404:
                 return "it is gone"
@@ -482,7 +432,7 @@ class SnapDriver(Service):
 
     async def _create(self, name: str, tid: int, request: dict, updated: Any) -> bool:
         try:
-            body = await self._call("POST", "/v1/tasks", "scheduled_task_created", 201, request)
+            body = await self.client.call("POST", "/v1/tasks", "scheduled_task_created", 201, request)
         except SnapError as e:
             self._problem(name, f"task {tid}: creating the Snap task failed: {e}; will retry")
             return False
@@ -498,7 +448,7 @@ class SnapDriver(Service):
     async def _remove(self, name: str, c: dict, reason: str) -> bool:
         sid = c["id"]
         try:
-            await self._stop_and_delete(sid)
+            await self.client.stop_and_delete(sid)
         except SnapError as e:
             self._problem((name, sid), f"{name}: removing Snap task {sid} ({reason}) failed: {e}; "
                                        "will retry")
@@ -509,68 +459,3 @@ class SnapDriver(Service):
         self.log.info("task {tid}: removed Snap task {sid} ({name}, {reason})", tid=name[len(PREFIX):],
                       sid=sid, name=name, reason=reason)
         return True
-
-    async def _stop_and_delete(self, sid: str) -> None:
-        """Enable if Disabled, stop if Running, wait out Stopping, delete. 404 = done."""
-        deadline = self.clock.seconds() + self.stop_timeout
-        path = f"/v1/tasks/{sid}"
-        for _ in range(100):
-            try:
-                task = await self._call("GET", path, "scheduled_task_returned")
-                state = task.get("task_state") if isinstance(task, dict) else None
-                if state == DISABLED:
-                    await self._tolerate(self._call("PUT", path + "/enable", "scheduled_task_enabled"))
-                elif state == RUNNING:
-                    await self._tolerate(self._call("PUT", path + "/stop", "scheduled_task_stopped"))
-                elif state == STOPPING:
-                    if self.clock.seconds() >= deadline:
-                        raise SnapError(0, f"still Stopping after {self.stop_timeout:g} s")
-                    await self._sleep(self.stop_poll)
-                else:
-                    await self._call("DELETE", path, "scheduled_task_removed")
-                    return
-            except SnapError as e:
-                if e.status == 404:
-                    return
-                if e.status != 500 or self.clock.seconds() >= deadline:
-                    raise  # a 500 is a race with Stopping ("Task must be stopped"): re-read
-                await self._sleep(self.stop_poll)
-        raise SnapError(0, "gave up: the task never reached a removable state")
-
-    async def _tolerate(self, call: Coroutine[Any, Any, Any]) -> None:
-        """A stop/enable that raced with another state change (500) is re-checked."""
-        try:
-            await call
-        except SnapError as e:
-            if e.status != 500:
-                raise
-
-
-class _QuietEndpoint:
-    """Connects with the pool's factory made quiet: not a "Starting factory" log line
-    per poll while Snap is down (``noisy`` is the factory's public switch)."""
-
-    def __init__(self, endpoint: Any) -> None:
-        self._endpoint = endpoint
-
-    def connect(self, factory: Any) -> Any:
-        factory.noisy = False
-        return self._endpoint.connect(factory)
-
-
-@implementer(IAgentEndpointFactory)
-class QuietEndpointFactory:
-    """``IAgentEndpointFactory`` as Agent's default (HostnameEndpoint, browser-like TLS
-    for https), but with quiet connection factories."""
-
-    def __init__(self, reactor: Any) -> None:
-        self.reactor = reactor
-
-    def endpointForURI(self, uri: Any) -> Any:
-        from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
-        from twisted.internet.ssl import optionsForClientTLS
-
-        endpoint = HostnameEndpoint(self.reactor, uri.host, uri.port)
-        if uri.scheme == b"https":
-            endpoint = wrapClientTLS(optionsForClientTLS(uri.host.decode("idna")), endpoint)
-        return _QuietEndpoint(endpoint)
