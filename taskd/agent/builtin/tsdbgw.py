@@ -41,6 +41,7 @@ from twisted.logger import Logger
 from taskd.agent.builtin.collector import Point
 from taskd.agent.builtin.metricdata import (CONTENT_TYPE, CONTENT_TYPE_SNAPPY, encode_message,
                                             invalid_reason, snappy_frame)
+from taskd.agent.httpclient import quiet_http_client
 from taskd.stats import NULL_STATS
 from taskd.timers import RepeatingTimer
 
@@ -102,11 +103,7 @@ class TsdbGwPublisher(Service):
         self.stats = stats
         self._pool: Any = None
         if http is None:
-            from treq.client import HTTPClient
-            from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
-            self._pool = HTTPConnectionPool(reactor, persistent=True)
-            self._pool._factory = type("_Quiet", (_HTTP11ClientFactory,), {"noisy": False})
-            http = HTTPClient(Agent(reactor, pool=self._pool))
+            http, self._pool = quiet_http_client(reactor)
         self._http = http
         self.published = self.dropped = self.rejected = self.invalid = self.lost = self.retries = 0
         self.requests = 0

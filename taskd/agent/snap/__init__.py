@@ -7,7 +7,7 @@
 
 The names below stay importable from ``taskd.agent.snap`` as before the split.
 """
-from taskd.agent.snap.client import QuietEndpointFactory, SnapClient
+from taskd.agent.snap.client import SnapClient
 from taskd.agent.snap.driver import SnapDriver
 from taskd.agent.snap.status import SnapStatusTracker
 from taskd.agent.snap.wire import (
@@ -20,6 +20,6 @@ from taskd.agent.snap.wire import (
     updated_after_creation,
 )
 
-__all__ = ["SnapDriver", "SnapClient", "QuietEndpointFactory", "SnapStatusTracker", "SnapError",
+__all__ = ["SnapDriver", "SnapClient", "SnapStatusTracker", "SnapError",
            "SnapUnreachable", "PREFIX", "snap_task_request", "catalog_record",
            "updated_after_creation", "parse_go_duration"]

@@ -13,9 +13,8 @@ from typing import Any, Callable, Coroutine
 from twisted.internet.defer import CancelledError
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
-from twisted.web.iweb import IAgentEndpointFactory
-from zope.interface import implementer
 
+from taskd.agent.httpclient import quiet_http_client
 from taskd.agent.snap.wire import DISABLED, RUNNING, STOPPING, SnapError, SnapUnreachable
 
 
@@ -33,12 +32,8 @@ class SnapClient:
         self.request_timeout, self.stop_timeout, self.stop_poll = request_timeout, stop_timeout, stop_poll
         self._pool: Any = None
         if http is None:
-            from treq.client import HTTPClient
             from twisted.internet import reactor
-            from twisted.web.client import Agent, HTTPConnectionPool
-            self._pool = HTTPConnectionPool(reactor, persistent=True)
-            http = HTTPClient(Agent.usingEndpointFactory(
-                reactor, QuietEndpointFactory(reactor), pool=self._pool))
+            http, self._pool = quiet_http_client(reactor)
         self._http = http
 
     async def close(self) -> None:
@@ -120,34 +115,3 @@ class SnapClient:
         except SnapError as e:
             if e.status != 500:
                 raise
-
-
-class _QuietEndpoint:
-    """Connects with the pool's factory made quiet: not a "Starting factory" log line
-    per poll while Snap is down (``noisy`` is the factory's public switch)."""
-
-    def __init__(self, endpoint: Any) -> None:
-        self._endpoint = endpoint
-
-    def connect(self, factory: Any) -> Any:
-        factory.noisy = False
-        return self._endpoint.connect(factory)
-
-
-@implementer(IAgentEndpointFactory)
-@implementer(IAgentEndpointFactory)
-class QuietEndpointFactory:
-    """``IAgentEndpointFactory`` as Agent's default (HostnameEndpoint, browser-like TLS
-    for https), but with quiet connection factories."""
-
-    def __init__(self, reactor: Any) -> None:
-        self.reactor = reactor
-
-    def endpointForURI(self, uri: Any) -> Any:
-        from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
-        from twisted.internet.ssl import optionsForClientTLS
-
-        endpoint = HostnameEndpoint(self.reactor, uri.host, uri.port)
-        if uri.scheme == b"https":
-            endpoint = wrapClientTLS(optionsForClientTLS(uri.host.decode("idna")), endpoint)
-        return _QuietEndpoint(endpoint)
