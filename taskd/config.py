@@ -29,7 +29,11 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-from twisted.internet.endpoints import _parse, _parseServer
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IStreamServerEndpointStringParser
+from twisted.plugin import getPlugins
+
+from taskd.timeutil import parse_go_duration
 
 Parser = Callable[[str], Any]
 """Raw text → value, or ValueError("is not an integer"): never quoting the text."""
@@ -73,9 +77,6 @@ def parse_bool(raw: str) -> bool:
 
 
 _SECONDS = re.compile(r"\d+(?:\.\d*)?|\.\d+")
-_GO_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
-_GO_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "μs": 1e-6, "ms": 1e-3,
-             "s": 1.0, "m": 60.0, "h": 3600.0}
 
 
 def parse_duration(raw: str) -> float:
@@ -83,15 +84,10 @@ def parse_duration(raw: str) -> float:
     text = raw.strip()
     if _SECONDS.fullmatch(text):
         return float(text)
-    total, pos = 0.0, 0
-    for m in _GO_DURATION_PART.finditer(text):
-        if m.start() != pos:
-            break
-        total += float(m[1]) * _GO_UNITS[m[2]]
-        pos = m.end()
-    if not text or pos != len(text):
-        raise ValueError("is not a duration such as 30s, 5m, 1m30s, 500ms or plain seconds")
-    return total
+    try:
+        return parse_go_duration(text) / 1e9
+    except ValueError:
+        raise ValueError("is not a duration such as 30s, 5m, 1m30s, 500ms or plain seconds") from None
 
 
 def int_list(lo: int | None = None, hi: int | None = None) -> Parser:
@@ -165,17 +161,41 @@ _HOST_PORT = re.compile(r"([^\s:\[\]]*):(\d+)")
 _V6_PORT = re.compile(r"\[([^\]\s]+)\]:(\d+)")
 
 
+_BUILTIN_SERVER_TYPES = ("tcp", "unix", "ssl")  # serverFromString's own; others are plugins
+
+
 def _endpoint_type(text: str) -> str | None:
     """The endpoint type ``text`` starts with, if Twisted knows it (built in or
-    plugin): parsing the bare type is a ValueError only when it is unknown."""
+    plugin, matched case-insensitively as serverFromString does)."""
     kind = text.split(":", 1)[0]
-    try:
-        _parseServer(kind, None)
-    except ValueError:
-        return None
-    except TypeError:
-        pass
-    return kind.lower()
+    if kind in _BUILTIN_SERVER_TYPES:
+        return kind
+    if any(p.prefix.lower() == kind.lower() for p in getPlugins(IStreamServerEndpointStringParser)):
+        return kind.lower()
+    return None
+
+
+def _strports_args(text: str) -> tuple[list[str], dict[str, str]]:
+    """A strports description → (positional, keyword) arguments: ``:`` separates,
+    the first ``=`` of a part names it, a backslash escapes the next character."""
+    parts: list[list[str]] = [[""]]
+    escaped = False
+    for ch in text:
+        if escaped:
+            parts[-1][-1] += ch
+            escaped = False
+        elif ch == "\\":
+            escaped = True
+        elif ch == ":":
+            parts.append([""])
+        elif ch == "=" and len(parts[-1]) == 1:
+            parts[-1].append("")
+        else:
+            parts[-1][-1] += ch
+    if escaped:
+        raise ValueError(_ADDR_FORMS)
+    args = [p[0] for p in parts if len(p) == 1]
+    return args, {p[0]: p[1] for p in parts if len(p) == 2}
 
 
 def parse_listen_addr(raw: str) -> str:
@@ -193,11 +213,11 @@ def parse_listen_addr(raw: str) -> str:
             raise ValueError(_ADDR_FORMS)
         port = _port(m[2])
         return f"tcp:{port}:interface={m[1]}" if m[1] else f"tcp:{port}"
-    args, kwargs = _parse(text)
+    args, kwargs = _strports_args(text)
     first = args[1] if len(args) > 1 else kwargs.get("address" if kind == "unix" else "port")
     try:
-        if kind != "ssl":  # the ssl parser reads the certificate files: not now
-            _parseServer(text, None)
+        if kind in ("tcp", "unix"):  # ssl reads the certificate files, plugins act: not now
+            serverFromString(None, text)
         if kind in ("tcp", "tcp6", "ssl"):
             _port(first)
         elif kind == "unix" and not first:

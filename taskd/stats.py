@@ -42,8 +42,9 @@ from typing import Any, Callable, Mapping
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.protocol import DatagramProtocol
-from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+
+from taskd.timers import RepeatingTimer
 
 __all__ = ["NullStats", "NULL_STATS", "StatsClient", "GaugeReporter", "format_line",
            "expand_prefix", "parse_stats_prefix", "make_stats", "SERVER_PREFIX", "AGENT_PREFIX"]
@@ -199,7 +200,7 @@ class StatsClient(Service):
         self._retry_at = 0.0
         self._queue: list[str] = []
         self._queued_bytes = 0
-        self._loop: LoopingCall | None = None
+        self._timer: RepeatingTimer | None = None
         self._last_warn: float | None = None
         self._unlogged = 0
 
@@ -220,16 +221,15 @@ class StatsClient(Service):
 
     def startService(self) -> None:
         super().startService()
-        self._loop = LoopingCall(self.flush)
-        self._loop.clock = self.clock
-        self._loop.start(self.flush_interval, now=False).addErrback(
-            lambda f: self.log.failure("statsd flush timer stopped", f))
+        self._timer = RepeatingTimer(self.clock, self.flush_interval, self.flush,
+                                     what="statsd flush timer", log=self.log)
+        self._timer.startService()
         self._connect()
 
     def stopService(self) -> Deferred | None:
         super().stopService()
-        if self._loop is not None and self._loop.running:
-            self._loop.stop()
+        if self._timer is not None:
+            self._timer.stopService()
         self.flush()
         port, self._port, self._protocol = self._port, None, None
         if port is not None:
@@ -347,19 +347,18 @@ class GaugeReporter(Service):
         self.clock = clock
         self.collect = collect
         self.interval = interval
-        self._loop: LoopingCall | None = None
+        self._timer: RepeatingTimer | None = None
 
     def startService(self) -> None:
         super().startService()
-        self._loop = LoopingCall(self.report)
-        self._loop.clock = self.clock
-        self._loop.start(self.interval, now=True).addErrback(
-            lambda f: self.log.failure("stats gauge timer stopped", f))
+        self._timer = RepeatingTimer(self.clock, self.interval, self.report,
+                                     what="stats gauge timer", now=True, log=self.log)
+        self._timer.startService()
 
     def stopService(self) -> None:
         super().stopService()
-        if self._loop is not None and self._loop.running:
-            self._loop.stop()
+        if self._timer is not None:
+            self._timer.stopService()
         self.stats.gauge("running", 0)
         self.stats.flush()
 

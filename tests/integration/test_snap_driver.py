@@ -581,3 +581,17 @@ async def test_a_task_snap_cannot_run_is_reported_as_an_error(make, snap, clock)
     await started(make(report_status=reports.append), {3: dict(server_task(3), interval=0)})
     assert [(s.task_id, s.outcome) for s in reports] == [(3, "error")]
     assert reports[0].error.startswith("cannot be run by Snap")
+
+
+@pytest_twisted.ensureDeferred
+async def test_polls_of_a_down_snap_log_no_factory_lines(make, snap, clock, logs):
+    """The connection pool's factories are quiet: no "Starting factory" line per poll."""
+    await snap.set_down(True)
+    driver = await started(make(), {1: server_task(1)})
+    await advance(clock, driver, 3)
+    assert not driver.snap_reachable
+    await snap.set_down(False)
+    await advance(clock, driver, 1)
+    assert driver.snap_reachable
+    assert not [e for e in logs if "Starting factory" in formatEvent(e)
+                or "Stopping factory" in formatEvent(e)]

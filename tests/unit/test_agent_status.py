@@ -5,7 +5,7 @@ from __future__ import annotations
 from twisted.internet.task import Clock
 
 from taskd.agent.executor import ERROR, OK, PENDING, TaskStatus
-from taskd.agent.snap_status import SnapStatusTracker
+from taskd.agent.snap.status import SnapStatusTracker
 from taskd.agent.status import StatusReporter
 from taskd.wire import framing
 

@@ -33,7 +33,6 @@ from twisted.application.service import Service
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import ClientFactory, Protocol
-from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -41,6 +40,7 @@ from taskd.agent.builtin.collector import Point
 from taskd.agent.builtin.metricdata import finite_value
 from taskd.agent.builtin.tsdbgw import backoff_delay
 from taskd.stats import NULL_STATS, split_host_port
+from taskd.timers import RepeatingTimer
 
 __all__ = ["GraphitePublisher", "carbon_line"]
 
@@ -138,7 +138,7 @@ class GraphitePublisher(Service):
         self._attempt = 0
         self._connected_at = 0.0
         self._retry: Any = None
-        self._loop: LoopingCall | None = None
+        self._timer: RepeatingTimer | None = None
         self._stopping = self._late_logged = False
         self._down_logged = False
         self._closed: Deferred | None = None
@@ -191,18 +191,17 @@ class GraphitePublisher(Service):
 
     def startService(self) -> None:
         super().startService()
-        self._loop = LoopingCall(self._tick)
-        self._loop.clock = self.clock
-        self._loop.start(self.flush_interval, now=False).addErrback(
-            lambda f: self.log.failure("graphite publisher: timer stopped", f))
+        self._timer = RepeatingTimer(self.clock, self.flush_interval, self._tick,
+                                     what="graphite publisher: timer", log=self.log)
+        self._timer.startService()
         self._connect()
 
     def stopService(self) -> Deferred:
         """Final flush: write what is queued and close (at most ``stop_timeout`` s)."""
         super().stopService()
         self._stopping = True
-        if self._loop is not None and self._loop.running:
-            self._loop.stop()
+        if self._timer is not None:
+            self._timer.stopService()
         self._report_drops()
         return Deferred.fromCoroutine(self._final_flush())
 

@@ -36,13 +36,14 @@ from urllib.parse import urlsplit, urlunsplit
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from taskd.agent.builtin.collector import Point
 from taskd.agent.builtin.metricdata import (CONTENT_TYPE, CONTENT_TYPE_SNAPPY, encode_message,
                                             invalid_reason, snappy_frame)
+from taskd.agent.httpclient import quiet_http_client
 from taskd.stats import NULL_STATS
+from taskd.timers import RepeatingTimer
 
 __all__ = ["TsdbGwPublisher", "backoff_delay", "MIN_BACKOFF"]
 
@@ -102,11 +103,7 @@ class TsdbGwPublisher(Service):
         self.stats = stats
         self._pool: Any = None
         if http is None:
-            from treq.client import HTTPClient
-            from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
-            self._pool = HTTPConnectionPool(reactor, persistent=True)
-            self._pool._factory = type("_Quiet", (_HTTP11ClientFactory,), {"noisy": False})
-            http = HTTPClient(Agent(reactor, pool=self._pool))
+            http, self._pool = quiet_http_client(reactor)
         self._http = http
         self.published = self.dropped = self.rejected = self.invalid = self.lost = self.retries = 0
         self.requests = 0
@@ -115,7 +112,7 @@ class TsdbGwPublisher(Service):
         self._busy = False
         self._flush_due = False
         self._stopping = self._giving_up = self._late_logged = False
-        self._loop: LoopingCall | None = None
+        self._timer: RepeatingTimer | None = None
         self._request: Deferred | None = None
         self._wake: tuple[Deferred, Any] | None = None
         self._idle_waiters: list[Deferred] = []
@@ -169,18 +166,17 @@ class TsdbGwPublisher(Service):
 
     def startService(self) -> None:
         super().startService()
-        self._loop = LoopingCall(self._tick)
-        self._loop.clock = self.clock
-        self._loop.start(self.flush_interval, now=False).addErrback(
-            lambda f: self.log.failure("tsdb-gw publisher: flush timer stopped", f))
+        self._timer = RepeatingTimer(self.clock, self.flush_interval, self._tick,
+                                     what="tsdb-gw publisher: flush timer", log=self.log)
+        self._timer.startService()
         if len(self._queue) >= self.batch_size:
             self._kick()
 
     def stopService(self) -> Deferred:
         """Final flush: send what is queued (at most ``stop_timeout`` s), then close."""
         super().stopService()
-        if self._loop is not None and self._loop.running:
-            self._loop.stop()
+        if self._timer is not None:
+            self._timer.stopService()
         self._stopping = True
         self._report_drops()
         self._wake_up()  # a batch waiting for its retry is tried again now

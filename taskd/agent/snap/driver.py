@@ -1,4 +1,5 @@
-"""The Snap driver: runs the agent's tasks as tasks of the local Snap daemon (REST API v1).
+"""The Snap driver (its loops and reconcile; requests go through
+:class:`taskd.agent.snap.client.SnapClient`): runs the agent's tasks as tasks of the local Snap daemon (REST API v1).
 
 Behaviour of the Go task-agent (``original-behaviour.md`` §7, ``snap-rest-api.md`` §10),
 with its gaps closed. Three loops, all on the injected clock and each guarded so that a
@@ -37,11 +38,10 @@ from typing import Any, Callable, Coroutine, Mapping
 from twisted.application.service import Service
 from twisted.internet.defer import CancelledError, Deferred, DeferredList
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from taskd.agent.snap_wire import (  # re-exported: callers and tests use these names here
+from taskd.agent.snap.wire import (
     AGENT_NAME_KEY,
     API_KEY_KEY,
     CONFIG_PATH,
@@ -61,11 +61,12 @@ from taskd.agent.snap_wire import (  # re-exported: callers and tests use these 
     updated_after_creation,
 )
 from taskd.agent.executor import TaskStatus, desired_tasks
-from taskd.agent.snap_status import SnapStatusTracker
+from taskd.agent.snap.client import SnapClient
+from taskd.agent.snap.status import SnapStatusTracker
 from taskd.stats import NULL_STATS
+from taskd.timers import RepeatingTimer
 
-__all__ = ["SnapDriver", "SnapError", "SnapUnreachable", "PREFIX", "snap_task_request",
-           "catalog_record", "updated_after_creation", "parse_go_duration"]
+__all__ = ["SnapDriver"]
 
 @dataclass
 class _Built:
@@ -78,7 +79,7 @@ class SnapDriver(Service):
 
     The ``snap`` executor (taskd/agent/executor.py). Every ``status_interval`` (and after
     every reconcile) it reads the tasks' counters off Snap's task list and reports their
-    status (taskd/agent/snap_status.py).
+    status (taskd/agent/snap/status.py).
 
     ``snap_reachable`` says whether the last global-config probe got an answer;
     ``last_catalog`` is the last catalog fetched from Snap (None before the first).
@@ -109,21 +110,15 @@ class SnapDriver(Service):
         self.request_timeout = request_timeout
         self.stop_timeout = stop_timeout
         self.stop_poll = stop_poll
-        self._pool: Any = None
-        if http is None:
-            from treq.client import HTTPClient
-            from twisted.internet import reactor
-            from twisted.web.client import Agent, HTTPConnectionPool
-            self._pool = HTTPConnectionPool(reactor, persistent=True)
-            self._pool._factory = _QuietHTTPFactory  # not a log line per poll while Snap is down
-            http = HTTPClient(Agent(reactor, pool=self._pool))
-        self._http = http
+        self.client = SnapClient(url=snap_url, api_key=api_key, clock=clock,
+                                 request_timeout=request_timeout, stop_timeout=stop_timeout,
+                                 stop_poll=stop_poll, is_running=lambda: self.running, http=http)
         self.snap_reachable = False
         self.last_catalog: list[dict] | None = None
         self._reach_logged: bool | None = None  # the reachability last logged
         self._desired: dict[int, dict] | None = None  # None: no task list from the server yet
         self._built: dict[str, _Built] = {}  # Snap task id -> what this process created it from
-        self._loops: list[LoopingCall] = []
+        self._loops: list[RepeatingTimer] = []
         self._inflight: set[Deferred] = set()
         self._reconciling = False
         self._pending = self._pending_sweep = False
@@ -158,17 +153,15 @@ class SnapDriver(Service):
                                   (self._catalog_tick, self.catalog_interval, False),
                                   (self._sweep_tick, self.sweep_interval, False),
                                   (self._status_tick, self.status_interval, False)):
-            loop = LoopingCall(self._spawn, fn)
-            loop.clock = self.clock
-            loop.start(interval, now=now).addErrback(
-                lambda f, what=fn.__name__: self.log.failure("snap {what} loop stopped", f, what=what))
-            self._loops.append(loop)
+            timer = RepeatingTimer(self.clock, interval, lambda fn=fn: self._spawn(fn),
+                                   what=f"snap {fn.__name__} loop", now=now, log=self.log)
+            timer.startService()
+            self._loops.append(timer)
 
     def stopService(self) -> Deferred:
         super().stopService()
-        for loop in self._loops:
-            if loop.running:
-                loop.stop()
+        for timer in self._loops:
+            timer.stopService()
         self._loops = []
         self.snap_reachable = False  # a restarted service re-indexes on its first probe
         for d in list(self._inflight):
@@ -177,8 +170,7 @@ class SnapDriver(Service):
 
     async def _close(self) -> None:
         await self._idle()
-        if self._pool is not None:
-            await self._pool.closeCachedConnections()
+        await self.client.close()
 
     # -- plumbing -----------------------------------------------------------------------
 
@@ -196,47 +188,6 @@ class SnapDriver(Service):
 
         d.addBoth(done)
         return d
-
-    async def _sleep(self, seconds: float) -> None:
-        await deferLater(self.clock, seconds, lambda: None)
-
-    def _redact(self, text: str) -> str:
-        return text.replace(self._api_key, "<api-key>") if self._api_key else text
-
-    async def _call(self, method: str, path: str, expect_type: str, expect_code: int = 200,
-                    body: Any = None) -> Any:
-        """One request; the envelope's body on success, else SnapError / SnapUnreachable."""
-        kwargs: dict[str, Any] = {"timeout": self.request_timeout}
-        if method != "GET":
-            kwargs["headers"] = {b"Content-Type": [b"application/json"]}
-        if body is not None:
-            kwargs["data"] = json.dumps(body).encode("utf-8")
-        try:
-            response = await self._http.request(method, self.snap_url + path, **kwargs)
-            raw = await response.content()
-        except Exception as e:
-            if not self.running:
-                raise CancelledError() from None
-            reasons = getattr(e, "reasons", None)
-            cause = reasons[0].value if reasons else e
-            if isinstance(cause, CancelledError) or isinstance(e, CancelledError):
-                raise SnapUnreachable(f"no answer within {self.request_timeout:g} s") from None
-            raise SnapUnreachable(self._redact(f"{type(cause).__name__}: {cause}")[:300]) from None
-        try:
-            doc = json.loads(raw)
-        except ValueError:
-            doc = None
-        meta = doc.get("meta") if isinstance(doc, dict) else None
-        if not isinstance(meta, dict):  # plain-text 404/405/401, proxies, garbage
-            text = raw.decode("utf-8", "replace").strip()[:200]
-            raise SnapError(response.code, self._redact(text or "empty body"))
-        if meta.get("type") == expect_type and response.code == expect_code:
-            return doc.get("body")
-        reply = doc.get("body")
-        message = reply.get("message") if isinstance(reply, dict) else None
-        if meta.get("type") != "error" or not isinstance(message, str):
-            message = f"unexpected answer (meta.type {meta.get('type')!r})"
-        raise SnapError(response.code, self._redact(message))
 
     def _problem(self, key: Any, message: str) -> None:
         """Warn about a problem once; the same problem again is only a debug line."""
@@ -264,7 +215,7 @@ class SnapDriver(Service):
 
     async def _supervise(self) -> None:
         try:
-            config = await self._call("GET", CONFIG_PATH, "config_plugin_item_returned")
+            config = await self.client.call("GET", CONFIG_PATH, "config_plugin_item_returned")
             if not isinstance(config, dict):
                 raise SnapError(200, "the global plugin config is not an object")
         except (SnapError, SnapUnreachable) as e:
@@ -289,7 +240,7 @@ class SnapDriver(Service):
             return
         for key, value in wanted:
             try:
-                await self._call("PUT", CONFIG_PATH, "config_plugin_item_created", body={key: value})
+                await self.client.call("PUT", CONFIG_PATH, "config_plugin_item_created", body={key: value})
             except (SnapError, SnapUnreachable) as e:
                 self._problem("config", f"setting {key} in Snap's global plugin config failed: "
                                         f"{e}; retrying in {self.supervise_interval:g} s")
@@ -309,7 +260,7 @@ class SnapDriver(Service):
         if not self.snap_reachable or self._reconciling or self._desired is None:
             return  # a reconcile reports statuses from its own listing
         try:
-            listing = await self._call("GET", "/v1/tasks", "scheduled_task_list_returned")
+            listing = await self.client.call("GET", "/v1/tasks", "scheduled_task_list_returned")
         except (SnapError, SnapUnreachable) as e:
             self.log.debug("reading task statuses from Snap failed: {err}", err=str(e))
             return
@@ -323,7 +274,7 @@ class SnapDriver(Service):
 
     async def _refresh_catalog(self) -> None:
         try:
-            entries = await self._call("GET", "/v1/metrics", "metrics_returned")
+            entries = await self.client.call("GET", "/v1/metrics", "metrics_returned")
             if not isinstance(entries, list):
                 raise SnapError(200, "the metric catalog is not an array")
         except (SnapError, SnapUnreachable) as e:
@@ -388,7 +339,7 @@ class SnapDriver(Service):
         if self._desired is None:
             return True  # never act on "no tasks" before the server has said so
         desired = self._desired
-        listing = await self._call("GET", "/v1/tasks", "scheduled_task_list_returned")
+        listing = await self.client.call("GET", "/v1/tasks", "scheduled_task_list_returned")
         tasks = listing.get("ScheduledTasks") if isinstance(listing, dict) else None
         if not isinstance(tasks, list):
             raise SnapError(200, "the task list has no ScheduledTasks array")
@@ -464,7 +415,7 @@ class SnapDriver(Service):
             newer = (new > old) if (old and new) else (updated != built.updated)
             return f"the task was updated ({updated})" if newer else None
         try:
-            full = await self._call("GET", f"/v1/tasks/{c['id']}", "scheduled_task_returned")
+            full = await self.client.call("GET", f"/v1/tasks/{c['id']}", "scheduled_task_returned")
         except SnapError as e:
             if e.status == 404:
                 return "it is gone"
@@ -481,7 +432,7 @@ class SnapDriver(Service):
 
     async def _create(self, name: str, tid: int, request: dict, updated: Any) -> bool:
         try:
-            body = await self._call("POST", "/v1/tasks", "scheduled_task_created", 201, request)
+            body = await self.client.call("POST", "/v1/tasks", "scheduled_task_created", 201, request)
         except SnapError as e:
             self._problem(name, f"task {tid}: creating the Snap task failed: {e}; will retry")
             return False
@@ -497,7 +448,7 @@ class SnapDriver(Service):
     async def _remove(self, name: str, c: dict, reason: str) -> bool:
         sid = c["id"]
         try:
-            await self._stop_and_delete(sid)
+            await self.client.stop_and_delete(sid)
         except SnapError as e:
             self._problem((name, sid), f"{name}: removing Snap task {sid} ({reason}) failed: {e}; "
                                        "will retry")
@@ -508,47 +459,3 @@ class SnapDriver(Service):
         self.log.info("task {tid}: removed Snap task {sid} ({name}, {reason})", tid=name[len(PREFIX):],
                       sid=sid, name=name, reason=reason)
         return True
-
-    async def _stop_and_delete(self, sid: str) -> None:
-        """Enable if Disabled, stop if Running, wait out Stopping, delete. 404 = done."""
-        deadline = self.clock.seconds() + self.stop_timeout
-        path = f"/v1/tasks/{sid}"
-        for _ in range(100):
-            try:
-                task = await self._call("GET", path, "scheduled_task_returned")
-                state = task.get("task_state") if isinstance(task, dict) else None
-                if state == DISABLED:
-                    await self._tolerate(self._call("PUT", path + "/enable", "scheduled_task_enabled"))
-                elif state == RUNNING:
-                    await self._tolerate(self._call("PUT", path + "/stop", "scheduled_task_stopped"))
-                elif state == STOPPING:
-                    if self.clock.seconds() >= deadline:
-                        raise SnapError(0, f"still Stopping after {self.stop_timeout:g} s")
-                    await self._sleep(self.stop_poll)
-                else:
-                    await self._call("DELETE", path, "scheduled_task_removed")
-                    return
-            except SnapError as e:
-                if e.status == 404:
-                    return
-                if e.status != 500 or self.clock.seconds() >= deadline:
-                    raise  # a 500 is a race with Stopping ("Task must be stopped"): re-read
-                await self._sleep(self.stop_poll)
-        raise SnapError(0, "gave up: the task never reached a removable state")
-
-    async def _tolerate(self, call: Coroutine[Any, Any, Any]) -> None:
-        """A stop/enable that raced with another state change (500) is re-checked."""
-        try:
-            await call
-        except SnapError as e:
-            if e.status != 500:
-                raise
-
-
-def _quiet_factory() -> type:
-    from twisted.web.client import _HTTP11ClientFactory
-
-    return type("_QuietHTTPFactory", (_HTTP11ClientFactory,), {"noisy": False})
-
-
-_QuietHTTPFactory = _quiet_factory()

@@ -1,14 +1,15 @@
 """What goes over Snap's REST API v1 for the task-agent: the names, the exact task body
 the Go agent posted, and reading Snap's answers (Go durations, RFC 3339 times, its
-catalog records). Pure functions, so the driver (snap.py) holds only behaviour.
+catalog records). Pure functions, so the driver and client hold only behaviour.
 See docs/snap.md and the reference snap-rest-api.md.
 """
 from __future__ import annotations
 
 import json
-import re
 from datetime import datetime, timezone
 from typing import Any, Mapping
+
+from taskd.timeutil import parse_go_duration
 
 PREFIX = "raintank-apps:"
 PUBLISHER = "rt-hostedtsdb"
@@ -17,9 +18,6 @@ MAX_FAILURES = 100
 CONFIG_PATH = "/v1/plugins////config"  # the global node: type = name = version = ""
 AGENT_NAME_KEY, TSDB_URL_KEY, API_KEY_KEY = "raintank_agent_name", "raintank_tsdb_url", "raintank_api_key"
 RUNNING, STOPPED, STOPPING, DISABLED = "Running", "Stopped", "Stopping", "Disabled"
-
-_DURATION = re.compile(r"(\d+\.?\d*|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
-_UNIT_NS = {"ns": 1, "us": 1e3, "µs": 1e3, "μs": 1e3, "ms": 1e6, "s": 1e9, "m": 60e9, "h": 3600e9}
 
 
 class SnapError(Exception):
@@ -35,22 +33,6 @@ class SnapError(Exception):
 
 class SnapUnreachable(Exception):
     """No HTTP answer from Snap: refused, reset, or no answer in time."""
-
-
-def parse_go_duration(text: Any) -> int:
-    """A Go duration string (``"60s"``, ``"1m0s"``, ``"1h30m"``) → nanoseconds."""
-    if not isinstance(text, str) or not text:
-        raise ValueError(f"not a duration: {text!r}")
-    if text == "0":
-        return 0
-    pos, total = 0, 0.0
-    while pos < len(text):
-        m = _DURATION.match(text, pos)
-        if m is None:
-            raise ValueError(f"not a duration: {text!r}")
-        total += float(m.group(1)) * _UNIT_NS[m.group(2)]
-        pos = m.end()
-    return round(total)
 
 
 def parse_rfc3339(value: Any) -> datetime | None:
