@@ -7,6 +7,7 @@ agent, so exactly one server wins and only the winner announces the change.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 import sqlalchemy as sa
@@ -17,7 +18,9 @@ from twisted.internet.defer import Deferred
 from taskd.db import models as m
 from taskd.db.pool import DBPool
 from taskd.db.agents import Agent, load_agents
-from taskd.db.tasks import ANY, BY_IDS, BY_TAGS, Task, _tasks
+from taskd.db.status import TaskStatusRow
+from taskd.db.status import for_task as status_for_task
+from taskd.db.tasks import ANY, BY_IDS, BY_TAGS, Task, _tasks, load_task
 from taskd.routing import Candidate, can_run, covers, pick
 from taskd.timeutil import utcnow
 
@@ -287,6 +290,23 @@ def routing_snapshot(conn: Connection, task_id: int) -> tuple[Task | None, set[i
     return task, routed_agents(conn, task)
 
 
+@dataclass(frozen=True)
+class TaskDetail:
+    """A task with whom it is routed to and what each of them reported: the answer to
+    `GET /api/v1/tasks/<id>`, read in one transaction so the three parts agree."""
+
+    task: Task
+    agents: list[int]
+    statuses: list[TaskStatusRow]
+
+
+def task_detail(conn: Connection, org_id: int, task_id: int) -> TaskDetail | None:
+    task = load_task(conn, org_id, task_id)
+    if task is None:
+        return None
+    return TaskDetail(task, sorted(routed_agents(conn, task)), status_for_task(conn, task.id, visible_to=org_id))
+
+
 class RouteStore:
     """The routing aggregate behind the connector (`db.routes`): who a task goes to, what
     agents run, and the `any` assignments. Each call is one transaction in the pool."""
@@ -297,6 +317,10 @@ class RouteStore:
     def snapshot(self, task_id: int) -> "Deferred[tuple[Task | None, set[int]]]":
         """The task as it is now and every agent it is routed to."""
         return self._pool.do(routing_snapshot, task_id)
+
+    def task_detail(self, org_id: int, task_id: int) -> "Deferred[TaskDetail | None]":
+        """The task of `org_id`, its agents and the statuses of agents that org may see."""
+        return self._pool.do(task_detail, org_id, task_id)
 
     def routed_agents(self, task: Task) -> "Deferred[list[int]]":
         """The agents that should run `task` now (ignoring `enabled`), sorted."""

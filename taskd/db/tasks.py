@@ -189,11 +189,22 @@ def _create(conn: Connection, org_id: int, spec: TaskSpec, now: datetime) -> Tas
     except IntegrityError:  # the statement failed alone: the transaction goes on
         raise _conflict(spec.name) from None
     _write_children(conn, task_id, org_id, spec, now, fresh=True)
-    return Task(
+    task = Task(
         id=task_id, org_id=org_id, name=spec.name, task_type=spec.task_type, config=spec.config,
         interval=spec.interval, route=Route(spec.route.type, spec.route.config),
         metrics=dict(sorted(spec.metrics.items())), enabled=spec.enabled, created=now, updated=now,
     )
+    _assign_any(conn, task)
+    return task
+
+
+def _assign_any(conn: Connection, task: Task) -> None:
+    """An `any` task gets its agent in the transaction that writes it, so no server can
+    read the task without its assignment, and a failed write leaves neither."""
+    if task.route.type == ANY:
+        from taskd.db.routes import ensure_any_assignment  # routes builds on this module
+
+        ensure_any_assignment(conn, task)
 
 
 class TaskStore:
@@ -279,7 +290,9 @@ class TaskStore:
             except IntegrityError:
                 raise _conflict(spec.name) from None
             _write_children(conn, task_id, org_id, spec, now)
-            return old, load_task(conn, org_id, task_id)
+            new = load_task(conn, org_id, task_id)
+            _assign_any(conn, new)
+            return old, new
 
         return self.pool.do(thd)
 

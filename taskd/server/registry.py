@@ -14,9 +14,9 @@ from twisted.logger import Logger
 from taskd.db.agents import Agent, AgentFilter, AgentStore
 from taskd.db.catalog import CatalogStore, Metric, MetricFilter
 from taskd.db.listing import Page
-from taskd.db.routes import RouteStore
-from taskd.db.status import StatusStore, TaskStatusRow
-from taskd.db.tasks import ANY, Task, TaskFilter, TaskSpec, TaskStore
+from taskd.db.routes import RouteStore, TaskDetail
+from taskd.db.status import StatusStore
+from taskd.db.tasks import Task, TaskFilter, TaskSpec, TaskStore
 from taskd.errors import Conflict, Forbidden, NotFound
 from taskd.server.agentcache import AgentCache, BatchLoader, ShortLived
 from taskd.server.auth import User
@@ -159,13 +159,12 @@ class AgentService:
 
 
 class TaskService:
-    """Tasks of the caller's org. An `any` task gets its agent here, right after it is
-    written, so every server learns the assignment from the database with the event."""
+    """Tasks of the caller's org. An `any` task gets its agent in the transaction that
+    writes it (taskd.db.tasks), so every server learns the assignment from the database
+    with the event."""
 
-    def __init__(self, tasks: TaskStore, events: EventBus, routes: RouteStore, *, stats: Any = NULL_STATS,
-                 status: StatusStore | None = None) -> None:
+    def __init__(self, tasks: TaskStore, events: EventBus, routes: RouteStore, *, stats: Any = NULL_STATS) -> None:
         self.tasks = tasks
-        self.status = status
         self.events = events
         self.routes = routes
         self.stats = stats
@@ -180,23 +179,18 @@ class TaskService:
             raise NotFound(f"task {task_id} does not exist in this org")
         return task
 
-    def routed_to(self, task: Task) -> "Deferred[list[int]]":
-        """Agents the task is currently routed to (its `any` agent, or the online,
-        capable agents its ids or tags select)."""
-        return self.routes.routed_agents(task)
-
-    def statuses(self, user: User, task: Task) -> "Deferred[list[TaskStatusRow]]":
-        """What each agent last reported about the (already visible) task, limited to
-        agents the caller may see."""
-        if self.status is None:
-            return succeed([])
-        return self.status.for_task(task.id, visible_to=user.org_id)
+    @inlineCallbacks
+    def detail(self, user: User, task_id: int) -> "Deferred[TaskDetail]":
+        """The task with its agents and their statuses (those the caller may see), from
+        one read."""
+        found = yield self.routes.task_detail(user.org_id, task_id)
+        if found is None:
+            raise NotFound(f"task {task_id} does not exist in this org")
+        return found
 
     @inlineCallbacks
     def create(self, user: User, spec: TaskSpec) -> "Deferred[Task]":
-        task = yield self.tasks.create(user.org_id, spec)
-        if task.route.type == ANY:
-            yield self.routes.ensure_any_assignment(task)
+        task = yield self.tasks.create(user.org_id, spec)  # with its `any` assignment
         self.stats.incr("api.tasks_create")
         log.info("task {id} ({name}) created in org {org}", id=task.id, name=task.name, org=task.org_id)
         self.events.publish("task.created", task_json(task))
@@ -204,9 +198,7 @@ class TaskService:
 
     @inlineCallbacks
     def update(self, user: User, task_id: int, spec: TaskSpec) -> "Deferred[Task]":
-        old, new = yield self.tasks.update(user.org_id, task_id, spec)
-        if new.route.type == ANY:
-            yield self.routes.ensure_any_assignment(new)
+        old, new = yield self.tasks.update(user.org_id, task_id, spec)  # with its `any` assignment
         self.stats.incr("api.tasks_update")
         log.info("task {id} ({name}) updated in org {org}", id=new.id, name=new.name, org=new.org_id)
         self.events.publish("task.updated", {"old": task_json(old), "new": task_json(new)})

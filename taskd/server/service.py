@@ -159,7 +159,7 @@ def build_server(settings: Any, reactor: Any = None) -> Server:
     stats = make_stats(settings, SERVER_PREFIX, reactor)
     events = EventBus(instance_id)
     agents = AgentService(db.agents, db.catalog, events, stats=stats, status=db.status)
-    tasks = TaskService(db.tasks, events, db.routes, stats=stats, status=db.status)
+    tasks = TaskService(db.tasks, events, db.routes, stats=stats)
     status = StatusService(db.status, clock=reactor, flush_interval=settings.status_flush_interval,
                            instance_id=instance_id)
     agents.failing.generation = lambda: status.flushes  # counts read before a flush are read again

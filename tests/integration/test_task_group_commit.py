@@ -5,7 +5,12 @@ from __future__ import annotations
 
 import pytest
 import pytest_twisted
+import sqlalchemy as sa
 from twisted.internet.defer import Deferred, gatherResults
+
+from taskd.db import models
+from taskd.db import routes as routes_db
+from taskd.db import tasks as task_db
 
 TASK = {"metrics": {"/a/*": 0}, "config": {"/a": {"k": "v"}}, "interval": 60, "enabled": True,
         "route": {"type": "byTags", "config": {"tags": ["x"]}}}
@@ -34,6 +39,31 @@ async def test_concurrent_creates_share_transactions_and_fail_alone(api):
         assert {k: got[k] for k in created} == created
     names = sorted(t["name"] for t in await api.ok("GET", "/api/v1/tasks", params={"limit": 100}))
     assert names == sorted(["taken"] + [b["name"] for i, b in enumerate(bodies) if i not in (3, 7, 9)])
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_any_task_is_written_with_its_assignment_in_one_transaction(api, monkeypatch):
+    agent = await api.ok("POST", "/api/v1/agents", json_body={"name": "anyone-agent", "enabled": True})
+    with api.server.engine.begin() as conn:
+        conn.execute(sa.update(models.agent).where(models.agent.c.id == agent["id"]).values(online=True))
+    seen = []  # the connection each step ran on
+    real_create, real_assign = task_db._create, routes_db.ensure_any_assignment
+
+    def create(conn, *args):
+        seen.append(("create", conn))
+        return real_create(conn, *args)
+
+    def assign(conn, task):
+        seen.append(("assign", conn))
+        return real_assign(conn, task)
+
+    monkeypatch.setattr(task_db, "_create", create)
+    monkeypatch.setattr(routes_db, "ensure_any_assignment", assign)
+    created = await api.ok("POST", "/api/v1/tasks", json_body={**TASK, "name": "anyone", "route": {"type": "any"}})
+    assert [step for step, _ in seen] == ["create", "assign"]
+    assert seen[0][1] is seen[1][1]  # one connection, one transaction
+    got = await api.ok("GET", f"/api/v1/tasks/{created['id']}")
+    assert got["agents"] == [agent["id"]]
 
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")

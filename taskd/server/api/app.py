@@ -225,10 +225,8 @@ class Api:
         return task_json(await self.tasks.update(call.user, task_id, spec))
 
     async def get_task(self, call: Call, task_id: str) -> dict:
-        task = await self.tasks.get(call.user, parse_id("task", task_id))
-        agents = await self.tasks.routed_to(task)
-        status = await self.tasks.statuses(call.user, task)
-        return {**task_json(task), "agents": agents, "status": [status_json(s) for s in status]}
+        found = await self.tasks.detail(call.user, parse_id("task", task_id))
+        return {**task_json(found.task), "agents": found.agents, "status": [status_json(s) for s in found.statuses]}
 
     async def delete_task(self, call: Call, task_id: str) -> None:
         await self.tasks.delete(call.user, parse_id("task", task_id))
