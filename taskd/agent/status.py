@@ -18,12 +18,12 @@ from typing import Any, Callable, Iterable
 
 from twisted.application.service import Service
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from taskd.agent.executor import TaskStatus
 from taskd.stats import NULL_STATS
 from taskd.wire import framing
+from taskd.timers import RepeatingTimer
 
 Send = Callable[[str, Any], bool]
 
@@ -43,7 +43,7 @@ class StatusReporter(Service):
         self.latest: dict[int, TaskStatus] = {}
         self._dirty: set[int] = set()
         self._removed: set[int] = set()
-        self._loop: LoopingCall | None = None
+        self._timer = RepeatingTimer(clock, interval, self.flush, what="task status loop", log=self.log)
         self._soon: Any = None
 
     # -- fed by the executor and the task cache ------------------------------------------
@@ -107,18 +107,13 @@ class StatusReporter(Service):
 
     def startService(self) -> None:
         super().startService()
-        self._loop = LoopingCall(self.flush)
-        self._loop.clock = self.clock
-        self._loop.start(self.interval, now=False).addErrback(
-            lambda f: self.log.failure("task status loop stopped", f))
+        self._timer.startService()
 
     def stopService(self) -> Any:
         super().stopService()
         if self._soon is not None and self._soon.active():
             self._soon.cancel()
         self._soon = None
-        if self._loop is not None and self._loop.running:
-            self._loop.stop()
-        self._loop = None
+        self._timer.stopService()
         self.flush()  # the last word, if the connection is still up
         return None

@@ -22,7 +22,6 @@ from typing import Any, Callable, Protocol
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, inlineCallbacks, succeed
-from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from taskd.db.status import StatusStore
@@ -30,6 +29,7 @@ from taskd.db.status import TaskStatusRow
 from taskd.timeutil import utcnow
 from taskd.wire.framing import STATUS_OUTCOMES as OUTCOMES
 from taskd.wire.framing import Frame, FrameError
+from taskd.timers import RepeatingTimer
 
 MAX_INT = 2**31 - 1    # task ids and `metrics` are 32-bit columns
 MAX_COUNT = 2**63 - 1  # runs / failures / skipped are BIGINT
@@ -153,7 +153,7 @@ class StatusService(Service):
         self.failed_flushes = 0
         self.rows_refused = 0   # statuses the database refused, dropped (see flush)
         self._flushing: Deferred | None = None
-        self._loop: LoopingCall | None = None
+        self._timer = RepeatingTimer(clock, flush_interval, self.flush, what="task status flush timer", log=self.log)
 
     # -- incoming ----------------------------------------------------------------------
 
@@ -238,17 +238,13 @@ class StatusService(Service):
 
     def startService(self) -> None:
         super().startService()
-        self._loop = LoopingCall(self.flush)
-        self._loop.clock = self.clock
-        self._loop.start(self.flush_interval, now=False).addErrback(
-            lambda f: self.log.failure("task status flush timer stopped", f))
+        self._timer.startService()
 
     @inlineCallbacks
     def stopService(self):
         """Stops the timer and writes what is buffered (the pool stops after this)."""
         super().stopService()
-        if self._loop is not None and self._loop.running:
-            self._loop.stop()
+        self._timer.stopService()
         yield self.flush()  # waits for a running flush
         yield self.flush()  # then writes what arrived meanwhile (or what it failed to write)
         if self.pending:
