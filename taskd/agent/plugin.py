@@ -27,6 +27,6 @@ class TaskAgentMaker(DaemonMaker):
         return load_agent_settings(path=path, env=env, flags=flags)
 
     def build(self, settings: Any) -> IService:
-        from taskd.agent.service import make_service
+        from taskd.agent.assembly import make_service
 
         return make_service(settings)

@@ -17,7 +17,7 @@ from taskd.db.catalog import CatalogStore
 from taskd.db.pool import DBPool
 from taskd.db.routes import RouteStore
 from taskd.db.sessions import SessionStore
-from taskd.db.status import StatusStore
+from taskd.db.taskstatus import StatusStore
 from taskd.db.tasks import TaskStore
 
 

@@ -18,8 +18,8 @@ from twisted.internet.defer import Deferred
 from taskd.db import models as m
 from taskd.db.pool import DBPool
 from taskd.db.agents import Agent, load_agents
-from taskd.db.status import TaskStatusRow
-from taskd.db.status import for_task as status_for_task
+from taskd.db.taskstatus import TaskStatusRow
+from taskd.db.taskstatus import for_task as status_for_task
 from taskd.db.tasks import ANY, BY_IDS, BY_TAGS, Task, _tasks, load_task
 from taskd.routing import Candidate, can_run, covers, pick
 from taskd.timeutil import utcnow

@@ -28,6 +28,6 @@ class TaskServerMaker(DaemonMaker):
     def build(self, settings: Any) -> IService:
         # Imported here: it pulls in the database and web stacks, which listing
         # twistd's plugins or parsing flags should not pay for.
-        from taskd.server.service import make_service
+        from taskd.server.assembly import make_service
 
         return make_service(settings)

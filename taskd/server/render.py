@@ -9,7 +9,7 @@ from typing import Any
 
 from taskd.db.agents import Agent
 from taskd.db.catalog import Metric
-from taskd.db.status import TaskStatusRow
+from taskd.db.taskstatus import TaskStatusRow
 from taskd.db.tasks import Task
 from taskd.timeutil import rfc3339
 

@@ -17,7 +17,7 @@ from twisted.logger import Logger
 
 from taskd.db.agents import Agent
 from taskd.errors import Invalid
-from taskd.server.registry import AgentService
+from taskd.server.domain import AgentService
 from taskd.server.sessions import CLOSE_PROTOCOL_ERROR, AgentSession, SessionManager
 from taskd.server.validation import NAME_RE
 from taskd.wire.framing import FrameError

@@ -19,7 +19,7 @@ from twisted.internet.defer import Deferred, fail, succeed
 
 from taskd.db.agents import Agent
 from taskd.db.sessions import OnlineChange
-from taskd.db.status import TaskStatusRow
+from taskd.db.taskstatus import TaskStatusRow
 from taskd.errors import Conflict
 from taskd.outcomes import STATUS_ERROR
 from taskd.timeutil import utcnow

@@ -14,7 +14,7 @@ import treq
 from twisted.internet import reactor
 from twisted.web.client import HTTPConnectionPool
 
-from taskd.server.service import Server, build_server
+from taskd.server.assembly import Server, build_server
 from taskd.server.settings import ServerSettings
 from tests.conftest import wipe as wipe_tables
 from tests.fakes.auth_endpoint import FakeAuthEndpoint, org, start_auth_endpoint

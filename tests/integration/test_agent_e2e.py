@@ -1,7 +1,7 @@
 """The whole agent, end to end: a real task-server, the real agent service, the Snap emulator.
 
 Everything runs in the test's reactor over real loopback sockets: the task-server
-(`harness.start_server`, sqlite), the agent (`taskd.agent.service.Agent`, the same
+(`harness.start_server`, sqlite), the agent (`taskd.agent.assembly.Agent`, the same
 object `twistd taskagent` builds) and the Snap emulator (`tests/fakes/snap.py`). Snap's
 loops are shortened through `snap_intervals`; every wait is a deadline (`until`,
 `eventually`), never a sleep.
@@ -18,7 +18,7 @@ from twisted.internet import reactor
 from twisted.internet.task import deferLater
 from twisted.logger import formatEvent, globalLogPublisher
 
-from taskd.agent.service import Agent
+from taskd.agent.assembly import Agent
 from taskd.agent.settings import AgentSettings
 from tests.fakes.snap import SnapEmulator, metric
 from tests.integration.daemons import free_port

@@ -15,7 +15,7 @@ from taskd.db.agents import AgentStore
 from taskd.db.connector import Database
 from taskd.db.engine import create_engine
 from taskd.db.sessions import SessionStore
-from taskd.db.status import StatusStore, TaskStatusRow
+from taskd.db.taskstatus import StatusStore, TaskStatusRow
 from taskd.db.tasks import Route, TaskSpec
 from taskd.errors import Conflict
 from tests.fakes.fakedb import FakeAgentStore, FakeDatabase, FakeSessionStore, FakeStatusStore

@@ -23,11 +23,11 @@ from twisted.internet import reactor
 from twisted.logger import formatEvent, formatEventAsClassicLogText, globalLogPublisher
 
 from taskd import logsetup
-from taskd.agent.service import Agent
+from taskd.agent.assembly import Agent
 from taskd.agent.settings import AgentSettings
 from taskd.config import ConfigError
 from taskd.daemon import StartupError
-from taskd.server.service import build_server
+from taskd.server.assembly import build_server
 from taskd.server.settings import ServerSettings, load_server_settings
 from tests.conftest import MYSQL_HOST, MYSQL_PORT, _mysql_admin
 from tests.fakes.auth_endpoint import org

@@ -19,7 +19,7 @@ from twisted.internet import reactor
 from twisted.internet.task import deferLater
 
 from taskd.db import models
-from taskd.server.service import build_server
+from taskd.server.assembly import build_server
 from taskd.server.settings import ServerSettings
 from taskd.timeutil import utcnow
 from taskd.wire import framing

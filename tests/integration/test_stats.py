@@ -1,6 +1,6 @@
 """Self-metrics end to end: real daemons send real UDP datagrams to a socket this test reads.
 
-The server (in-process harness) and the agent service (`taskd.agent.service.Agent`, with
+The server (in-process harness) and the agent service (`taskd.agent.assembly.Agent`, with
 the Snap emulator) run with stats enabled and `statsd-addr` pointing at a UDP socket bound
 on 127.0.0.1 port 0; every assertion is about lines found in the datagrams received.
 Waiting is always a deadline (`until`), never a plain sleep.
@@ -16,7 +16,7 @@ import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.protocol import DatagramProtocol
 
-from taskd.agent.service import Agent
+from taskd.agent.assembly import Agent
 from taskd.agent.settings import AgentSettings
 from tests.fakes.snap import SnapEmulator, metric
 from tests.integration.agent_client import connect_agent
@@ -74,8 +74,8 @@ def statsd():
 
 @pytest.fixture
 def fast_gauges(monkeypatch):
-    monkeypatch.setattr("taskd.server.service.GAUGE_INTERVAL", 0.2)
-    monkeypatch.setattr("taskd.agent.service.GAUGE_INTERVAL", 0.2)
+    monkeypatch.setattr("taskd.server.assembly.GAUGE_INTERVAL", 0.2)
+    monkeypatch.setattr("taskd.agent.assembly.GAUGE_INTERVAL", 0.2)
 
 
 @pytest_twisted.ensureDeferred

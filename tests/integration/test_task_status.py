@@ -17,8 +17,8 @@ from twisted.internet.task import deferLater
 from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 
 from taskd.db import models
-from taskd.db import status as status_db
-from taskd.db.status import TaskStatusRow
+from taskd.db import taskstatus as status_db
+from taskd.db.taskstatus import TaskStatusRow
 from taskd.wire import framing
 from tests.integration.agent_client import AgentClient, connect_agent
 from tests.integration.harness import ADMIN_KEY, ORG2_KEY, start_server, stop_server
@@ -43,14 +43,14 @@ def count(engine: sa.Engine, *where: Any) -> int:
 
 
 class Logs:
-    """taskd.server.status log lines at info and above."""
+    """taskd.server.statusintake log lines at info and above."""
 
     def __init__(self) -> None:
         self.lines: list[str] = []
 
     def __call__(self, event: dict) -> None:
         level = event.get("log_level")
-        if event.get("log_namespace", "").startswith("taskd.server.status") and level is not None and level >= LogLevel.info:
+        if event.get("log_namespace", "").startswith("taskd.server.statusintake") and level is not None and level >= LogLevel.info:
             self.lines.append(formatEvent(event))
 
     def __enter__(self) -> "Logs":

@@ -1,7 +1,7 @@
 """The agent's task cache: server frames in, the full desired set out to the executor."""
 from __future__ import annotations
 
-from taskd.agent.cache import TaskCache
+from taskd.agent.taskcache import TaskCache
 from taskd.wire import framing
 from taskd.wire.framing import decode, encode, encode_json
 

@@ -6,7 +6,7 @@ from twisted.internet.task import Clock
 
 from taskd.agent.executor import ERROR, OK, PENDING, TaskStatus
 from taskd.agent.snap.status import SnapStatusTracker
-from taskd.agent.status import StatusReporter
+from taskd.agent.statusreporter import StatusReporter
 from taskd.wire import framing
 
 

@@ -23,7 +23,7 @@ FORBIDDEN = {
     "taskd.server": ("taskd.agent",),
 }
 # The server's composition root wires every layer, the HTTP one included.
-ASSEMBLY = ("taskd.server.service", "taskd.server.plugin")
+ASSEMBLY = ("taskd.server.assembly", "taskd.server.plugin")
 BOTTOM_FORBIDDEN = ("taskd.server", "taskd.agent", "taskd.db", "taskd.wire")
 
 

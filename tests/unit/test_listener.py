@@ -1,7 +1,7 @@
 """The server's listening socket."""
 from __future__ import annotations
 
-from taskd.server.service import with_backlog
+from taskd.server.assembly import with_backlog
 
 
 def test_listeners_get_a_deep_backlog_unless_the_operator_set_one():

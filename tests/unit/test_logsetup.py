@@ -62,7 +62,7 @@ def test_log_format_chosen_in_the_config_reaches_the_twistd_observer(tmp_path, m
     options = ServerOptions()
     options.parent = parent
     options.parseOptions(["-c", str(config)])
-    monkeypatch.setattr("taskd.server.service.make_service", lambda settings: "service")
+    monkeypatch.setattr("taskd.server.assembly.make_service", lambda settings: "service")
     assert TaskServerMaker().makeService(options, env={}) == "service"
     out = io.StringIO()
     monkeypatch.setattr("sys.stdout", out)

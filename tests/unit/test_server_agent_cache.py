@@ -15,7 +15,7 @@ from taskd.errors import NotFound
 from taskd.server.agentcache import AgentCache, BatchLoader, ShortLived
 from taskd.server.auth import User
 from taskd.server.events import EventBus
-from taskd.server.registry import AgentService
+from taskd.server.domain import AgentService
 
 T0 = datetime(2024, 1, 2, 3, 4, 5)
 

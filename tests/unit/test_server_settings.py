@@ -271,7 +271,7 @@ def test_make_service_config_error_is_one_line_and_exit_2(tmp_path):
 
 def test_make_service_passes_settings_and_level(tmp_path, monkeypatch):
     seen = []
-    monkeypatch.setattr("taskd.server.service.make_service",
+    monkeypatch.setattr("taskd.server.assembly.make_service",
                         lambda settings: seen.append(settings) or "service")
     options = parse(["-c", str(tmp_path / "absent.ini"), "--log-level", "3"])
     assert TaskServerMaker().makeService(options, env={"TASKSERVER_EXCHANGE": "ev"}) == "service"
@@ -281,12 +281,12 @@ def test_make_service_passes_settings_and_level(tmp_path, monkeypatch):
 
 
 def test_make_service_start_up_error_is_one_line_and_exit_1(tmp_path, monkeypatch):
-    from taskd.server import service
+    from taskd.server import assembly
 
     def refuse(settings):
-        raise service.StartupError("db-connect-str: cannot open the mysql database: refused")
+        raise assembly.StartupError("db-connect-str: cannot open the mysql database: refused")
 
-    monkeypatch.setattr(service, "make_service", refuse)
+    monkeypatch.setattr(assembly, "make_service", refuse)
     err = io.StringIO()
     with pytest.raises(SystemExit) as info:
         TaskServerMaker().makeService(parse(["-c", str(tmp_path / "absent.ini")]), env={},

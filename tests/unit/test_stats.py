@@ -14,7 +14,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.error import DNSLookupError
 from twisted.internet.task import Clock
 
-from taskd.agent.cache import TaskCache
+from taskd.agent.taskcache import TaskCache
 from taskd.agent.settings import AgentSettings, load_agent_settings
 from taskd.server.render import task_json
 from taskd.server.settings import ServerSettings, load_server_settings

@@ -19,13 +19,13 @@ from twisted.internet.task import Clock
 from twisted.logger import Logger, formatEvent
 
 from taskd.db import models
-from taskd.db import status as status_db
+from taskd.db import taskstatus as status_db
 from taskd.db.engine import create_engine
-from taskd.db.status import MAX_REFUSALS, TaskStatusRow
-from taskd.server.status import MAX_ERROR, StatusService, parse_entry, parse_payload
+from taskd.db.taskstatus import MAX_REFUSALS, TaskStatusRow
+from taskd.server.statusintake import MAX_ERROR, StatusService, parse_entry, parse_payload
 from taskd.wire import framing
 from taskd.wire.framing import Frame, FrameError
-from taskd.db.status import StatusStore
+from taskd.db.taskstatus import StatusStore
 
 T0 = datetime(2026, 1, 2, 3, 4, 5)
 STORED = datetime(2026, 1, 2, 3, 4, 9, 250000)

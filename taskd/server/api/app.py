@@ -1,6 +1,6 @@
 """The REST API under /api/v1: routing, auth, and the envelope around every answer.
 
-Handlers are small: parse input (validation.py), call a service (registry.py), render
+Handlers are small: parse input (validation.py), call a service (domain.py), render
 (render.py). `_endpoint` is the one place that authenticates, maps every error to the
 envelope with the right status, and makes sure no traceback ever reaches a client.
 """
@@ -20,7 +20,7 @@ from taskd.server.api.bodies import BodyError, ParsedBody, parse_body
 from taskd.server.api.envelope import error, respond
 from taskd.server.render import agent_json, metric_json, status_json, task_json
 from taskd.server.auth import AuthError, Authenticator, User, bearer_key
-from taskd.server.registry import AgentService, TaskService
+from taskd.server.domain import AgentService, TaskService
 from taskd.server.peer import client_ip
 from taskd.server.validation import PAGE_PARAMS, Query, parse_agent, parse_id, parse_task
 from taskd.stats import NULL_STATS

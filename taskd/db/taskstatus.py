@@ -1,7 +1,7 @@
 """Task status: the latest state each agent reported for each task it runs.
 
 Agents report often (every task, every status-interval, again on every reconnect), so
-writes arrive here already coalesced by taskd.server.status and go in as one multi-row
+writes arrive here already coalesced by taskd.server.statusintake and go in as one multi-row
 upsert per chunk rather than a statement per status. A status can outlive its task or
 agent by a flush interval (the row was buffered when either was deleted); those rows are
 dropped silently instead of failing the whole batch on a foreign key.

@@ -18,11 +18,11 @@ from typing import Any
 from twisted.logger import Logger
 
 import taskd
-from taskd.agent.cache import TaskCache
+from taskd.agent.taskcache import TaskCache
 from taskd.agent.connection import ServerConnection
 from taskd.agent.settings import AgentSettings
-from taskd.agent.status import StatusReporter
-from taskd.services import OrderedMultiService
+from taskd.agent.statusreporter import StatusReporter
+from taskd.servicetree import OrderedMultiService
 from taskd.stats import AGENT_PREFIX, GaugeReporter, make_stats
 from taskd.wire import framing
 

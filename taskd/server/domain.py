@@ -15,7 +15,7 @@ from taskd.db.agents import Agent, AgentFilter, AgentStore
 from taskd.db.catalog import CatalogStore, Metric, MetricFilter
 from taskd.db.listing import Page
 from taskd.db.routes import RouteStore, TaskDetail
-from taskd.db.status import StatusStore
+from taskd.db.taskstatus import StatusStore
 from taskd.db.tasks import Task, TaskFilter, TaskSpec, TaskStore
 from taskd.errors import Conflict, Forbidden, NotFound
 from taskd.server.agentcache import AgentCache, BatchLoader, ShortLived
@@ -25,7 +25,7 @@ from taskd.server.render import agent_json, task_json
 from taskd.server.validation import AgentInput
 from taskd.stats import NULL_STATS
 
-log = Logger(namespace="taskd.server.registry")
+log = Logger(namespace="taskd.server.domain")
 
 
 class AgentService:

@@ -29,11 +29,11 @@ from taskd.server.api.site import TaskdSite
 from taskd.server.auth import Authenticator
 from taskd.server.events import EventBus
 from taskd.server.dispatch import Dispatcher
-from taskd.server.registry import AgentService, TaskService
+from taskd.server.domain import AgentService, TaskService
 from taskd.server.sessions import SessionManager
-from taskd.server.status import StatusService
+from taskd.server.statusintake import StatusService
 from taskd.server.websocket import SocketEndpoint, make_factory
-from taskd.services import OrderedMultiService
+from taskd.servicetree import OrderedMultiService
 from taskd.stats import SERVER_PREFIX, GaugeReporter, make_stats
 
 log = Logger(namespace="taskd.server")

@@ -24,8 +24,8 @@ from twisted.application.service import Service
 from twisted.internet.defer import Deferred, inlineCallbacks, succeed
 from twisted.logger import Logger
 
-from taskd.db.status import StatusStore
-from taskd.db.status import TaskStatusRow
+from taskd.db.taskstatus import StatusStore
+from taskd.db.taskstatus import TaskStatusRow
 from taskd.timeutil import utcnow
 from taskd.wire.framing import STATUS_OUTCOMES as OUTCOMES
 from taskd.wire.framing import Frame, FrameError
@@ -134,7 +134,7 @@ class StatusService(Service):
     """Buffers the latest status per (task, agent) and writes the buffer every
     `flush_interval` seconds (and once more when stopped)."""
 
-    log = Logger(namespace="taskd.server.status")
+    log = Logger(namespace="taskd.server.statusintake")
     name = "task-status"
 
     def __init__(self, store: StatusStore, *, clock: Any, flush_interval: float = 2.0,
@@ -142,7 +142,7 @@ class StatusService(Service):
         self.store = store
         # Statuses are written only for agents with a session on this server (None: no
         # such check), so a late flush here never overwrites what an agent that moved
-        # on reported to its new server (taskd.db.status.upsert_many).
+        # on reported to its new server (taskd.db.taskstatus.upsert_many).
         self.instance_id = instance_id
         self.clock = clock
         self.flush_interval = flush_interval
@@ -191,7 +191,7 @@ class StatusService(Service):
         one waits for it (so an older batch can never overwrite a newer one); a failed
         batch goes back into the buffer under any newer statuses, for the next flush.
         Single statuses the database refuses are dropped with a log line instead
-        (taskd.db.status), so that one of them cannot fail every later flush."""
+        (taskd.db.taskstatus), so that one of them cannot fail every later flush."""
         if self._flushing is not None:
             waiter: Deferred = Deferred()
             self._flushing.addBoth(lambda result: (waiter.callback(None), result)[1])
