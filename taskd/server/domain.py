@@ -173,13 +173,6 @@ class TaskService:
         return self.tasks.list(user.org_id, flt, page)
 
     @inlineCallbacks
-    def get(self, user: User, task_id: int) -> "Deferred[Task]":
-        task = yield self.tasks.get(user.org_id, task_id)
-        if task is None:
-            raise NotFound(f"task {task_id} does not exist in this org")
-        return task
-
-    @inlineCallbacks
     def detail(self, user: User, task_id: int) -> "Deferred[TaskDetail]":
         """The task with its agents and their statuses (those the caller may see), from
         one read."""
