@@ -46,17 +46,14 @@ class SessionTransport(Protocol):
 
 
 class SessionListener(Protocol):
-    """Who decides what agents are told (the Dispatcher), as the manager calls it. Each
-    returns a Deferred (or None) the manager waits for."""
+    """Who decides what agents are told (the Dispatcher). Each call returns a Deferred
+    (or None) the manager waits for: `agents_connected` once sessions are recorded and
+    held (their first taskLists), `catalog_changed` once an agent's new catalog is
+    stored (re-route it), `task_lists_due` for each slice of due periodic taskLists."""
 
-    def agents_connected(self, sessions: list["AgentSession"]) -> Any:
-        """Just recorded and held: give them their first taskLists."""
-
-    def catalog_changed(self, session: "AgentSession") -> Any:
-        """The agent's new catalog is stored: re-route it."""
-
-    def task_lists_due(self, sessions: list["AgentSession"]) -> Any:
-        """Their periodic taskLists are due (one slice of agents at a time)."""
+    def agents_connected(self, sessions: list["AgentSession"]) -> Any: ...
+    def catalog_changed(self, session: "AgentSession") -> Any: ...
+    def task_lists_due(self, sessions: list["AgentSession"]) -> Any: ...
 
 
 @dataclass(eq=False)
