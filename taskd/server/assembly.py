@@ -163,19 +163,20 @@ def build_server(settings: Any, reactor: Any = None) -> Server:
     status = StatusService(db.status, clock=reactor, flush_interval=settings.status_flush_interval,
                            instance_id=instance_id)
     agents.failing.generation = lambda: status.flushes  # counts read before a flush are read again
+    held: dict = {}  # agent id -> its session here: the manager keeps it, the dispatcher reads it
+    dispatcher = Dispatcher(
+        sessions=held, db=db, events=events, clock=reactor, instance_id=instance_id,
+        relocate_delay=settings.relocate_delay, sweep_interval=settings.task_list_interval,
+        task_list_interval=settings.task_list_interval, stats=stats,
+    )
     sessions = SessionManager(
-        db=db, events=events, instance_id=instance_id,
-        clock=reactor, heartbeat_interval=settings.heartbeat_interval,
-        task_list_interval=settings.task_list_interval, stats=stats, status=status,
+        db=db, events=events, listener=dispatcher, sessions=held, instance_id=instance_id,
+        clock=reactor, heartbeat_interval=settings.heartbeat_interval, stats=stats, status=status,
     )
     try:
         sessions.clear_stale_sync()
     except Exception as exc:
         raise StartupError(f"cannot clear this server's stale sessions: {str(exc).splitlines()[0]}") from None
-    dispatcher = Dispatcher(
-        manager=sessions, db=db, events=events, clock=reactor, instance_id=instance_id,
-        relocate_delay=settings.relocate_delay, sweep_interval=settings.task_list_interval, stats=stats,
-    )
     socket = SocketEndpoint(agents, make_factory(sessions), autocreate=settings.agent_autocreate)
     auth = Authenticator(
         admin_key=settings.admin_key,

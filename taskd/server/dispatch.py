@@ -1,12 +1,15 @@
-"""Turning domain events into what each connected agent is told.
+"""Deciding what each connected agent is told: on domain events, and when agents connect.
 
 Every server subscribes to every event (its own and, over RabbitMQ, the others') and
 acts only for the agents it holds: on a `task.*` event it re-reads the task and its
 routes and sends each local agent the difference from what that agent was last sent.
 Re-reading instead of trusting the event payload makes duplicates and reordering across
 servers harmless; pushes for one task are serialised so a slow read can never overwrite
-a newer one. On `agent.offline` it waits (the agent may come straight back), then moves
-that agent's `any` tasks; a periodic sweep assigns `any` tasks that have no agent.
+a newer one. It is the session manager's listener too: it gives connecting agents their
+`any` tasks and first taskList, re-routes an agent whose catalog changed, and sends the
+periodic taskLists, all told through agentview.AgentView. On `agent.offline` it waits
+(the agent may come straight back), then moves that agent's `any` tasks; a periodic
+sweep assigns `any` tasks that have no agent.
 
 Dispatch latency (the `dispatch.latency` timer): the clock is read when a `task.*` event
 reaches this server (for a change made through this server's API that is the moment the
@@ -18,7 +21,7 @@ event and whether the change came from this server or another one.
 from __future__ import annotations
 
 import random
-from typing import Any
+from typing import Any, Iterable
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, inlineCallbacks, maybeDeferred, succeed
@@ -27,12 +30,12 @@ from twisted.logger import Logger
 
 from taskd.db.connector import Database
 from taskd.db.tasks import Task
-from taskd.server.events import Event, EventBus
-from taskd.wire.messages import task_payload
 from taskd.routing import BY_IDS, BY_TAGS, Candidate, routes_to, selects
-from taskd.server.sessions import CLOSE_NORMAL, AgentSession, SessionManager
+from taskd.server.agentview import AgentView, Desired
+from taskd.server.events import Event, EventBus
+from taskd.server.sessions import CLOSE_NORMAL, AgentSession
 from taskd.stats import NULL_STATS
-from taskd.wire import framing
+from taskd.wire.messages import task_payload
 
 REMOTE_JITTER = 2.1  # the original's extra random delay for offline events from elsewhere
 
@@ -41,10 +44,15 @@ class Dispatcher(Service):
     log = Logger(namespace="taskd.server.dispatch")
     name = "dispatch"
 
-    def __init__(self, *, manager: SessionManager, db: Database, events: EventBus, clock: Any,
+    def __init__(self, *, sessions: dict[int, AgentSession], db: Database, events: EventBus, clock: Any,
                  instance_id: str, relocate_delay: float = 1.0, sweep_interval: float = 60.0,
-                 rng: random.Random | None = None, stats: Any = NULL_STATS) -> None:
-        self.manager = manager
+                 task_list_interval: float = 60.0, rng: random.Random | None = None,
+                 stats: Any = NULL_STATS, view: AgentView | None = None) -> None:
+        """`sessions`: the session manager's held sessions (agent id -> session), the
+        same dict it was built with."""
+        self.sessions = sessions
+        self.view = view if view is not None else AgentView()
+        self.task_list_interval = task_list_interval
         self.stats = stats
         self.db = db
         self.events = events
@@ -58,8 +66,6 @@ class Dispatcher(Service):
         self._reloading: dict[int, int] = {}  # agent id -> reloads in flight (agent.updated)
         self._sweeper: LoopingCall | None = None
         events.subscribe(self.on_event)
-        manager.on_change = self.agent_changed
-        manager.on_connect = self.agents_connected
 
     def startService(self) -> None:
         super().startService()
@@ -94,7 +100,7 @@ class Dispatcher(Service):
             # push for it still in flight would share it again (kept for good).
             task_id = payload["id"]
             self.task_changed(task_id, since=received, source=source).addCallback(
-                lambda _: self.manager.forget_task(task_id))
+                lambda _: self.view.forget_task(task_id))
         elif kind == "task.updated":
             self.task_changed(payload["new"]["id"], since=received, source=source)
         elif kind == "agent.offline":
@@ -104,7 +110,7 @@ class Dispatcher(Service):
         elif kind == "agent.updated":
             self._agent_updated(payload["new"])
         elif kind == "agent.deleted":
-            session = self.manager.sessions.get(payload["id"])
+            session = self.sessions.get(payload["id"])
             if session is not None:
                 self.log.info("agent {name} was deleted; closing its connection", name=session.agent.name)
                 session.transport.close(CLOSE_NORMAL, "agent deleted")
@@ -136,23 +142,25 @@ class Dispatcher(Service):
     @inlineCallbacks
     def _push_task(self, task_id: int, since: float | None = None, source: str = "local",
                    created: dict | None = None):
-        sessions = [s for s in self.manager.sessions.values() if not s.closed]
+        sessions = [s for s in self.sessions.values() if not s.closed]
         if not sessions:
             return
-        seq = self.manager.next_read()
+        seq = self.view.next_read()
         routed = self._routed_here(created, sessions) if created is not None else None
         if routed is not None:
-            payload, enabled = self.manager.share(created), bool(created["enabled"])
+            payload, enabled = self.view.share(created), bool(created["enabled"])
         else:
             task, routed = yield self.db.routes.snapshot(task_id)
-            payload = self.manager.share(task_payload(task)) if task is not None else None
+            payload = self.view.share(task_payload(task)) if task is not None else None
             enabled = task is not None and task.enabled
         told: dict[str, list[AgentSession]] = {}
         frames: dict = {}  # one encoding per (event, payload) for the whole fan-out
         for session in sessions:
-            wanted = enabled and session.agent.id in routed
-            event = self._apply(session, task_id, payload, wanted, seq, since, source, frames)
-            if event is not None:
+            desired = Desired.one(task_id, payload, enabled and session.agent.id in routed)
+            for _, event in self.view.apply(session, desired, seq, frames=frames):
+                if since is not None and not session.closed:
+                    self.stats.timing("dispatch.latency", (self.clock.seconds() - since) * 1000.0,
+                                      tags={"event": event, "source": source})
                 told.setdefault(event, []).append(session)
         if told:
             name = payload["name"] if payload else next(iter(told.values()))[0].view.get(task_id, {}).get("name")
@@ -193,54 +201,58 @@ class Dispatcher(Service):
                 routed.add(session.agent.id)
         return routed
 
-    def _apply(self, session: AgentSession, task_id: int, payload: dict | None, wanted: bool, seq: int,
-               since: float | None = None, source: str = "local", frames: dict | None = None) -> str | None:
-        """Tell the agent the difference, unless a read that started later already did;
-        returns the event sent, if any. `frames` caches encoded frames across agents."""
-        if session.decided(task_id) > seq:
-            return None
-        session.decided_by[task_id] = seq
-        had = session.view.get(task_id)
-        if wanted:
-            if had is None:
-                event = framing.TASK_ADD
-            elif had != payload:
-                event = framing.TASK_UPDATE
-            else:
-                return None
-            body = payload
-            session.view[task_id] = payload
-        elif had is not None:
-            event, body = framing.TASK_REMOVE, payload or had
-            del session.view[task_id]
-        else:
-            return None
-        key = (event, id(body))
-        data = frames.get(key) if frames is not None else None
-        if data is None:
-            data = framing.encode_json(event, body)
-            if frames is not None:
-                frames[key] = data
-        session.send_frame(data)
-        self.log.debug("{event} task {id} to agent {agent} ({ip})", event=event, id=task_id,
-                       agent=session.agent.name, ip=session.remote_ip)
-        if since is not None and not session.closed:
-            self.stats.timing("dispatch.latency", (self.clock.seconds() - since) * 1000.0,
-                              tags={"event": event, "source": source})
-        return event
-
     @inlineCallbacks
     def resync(self, session: AgentSession):
         """Bring one agent's view to the database's truth with individual events."""
-        seq = self.manager.next_read()
+        seq = self.view.next_read()
         lists = yield self.db.routes.tasks_for_agents([session.agent.id])
-        wanted = {t.id: task_payload(t) for t in lists.get(session.agent.id, [])}
-        for task_id in sorted(set(session.view) | set(wanted)):
-            event = self._apply(session, task_id, wanted.get(task_id), task_id in wanted, seq)
-            if event is not None:
-                self.log.info("task {id} ({name}): {event} to agent {agent} ({ip})", id=task_id,
-                              name=(wanted.get(task_id) or {}).get("name"), event=event,
-                              agent=session.agent.name, ip=session.remote_ip)
+        wanted = self._wanted(session, lists.get(session.agent.id, []), seq, {})
+        for task_id, event in self.view.apply(session, Desired.full(wanted), seq):
+            self.log.info("task {id} ({name}): {event} to agent {agent} ({ip})", id=task_id,
+                          name=(wanted.get(task_id) or {}).get("name"), event=event,
+                          agent=session.agent.name, ip=session.remote_ip)
+
+    @inlineCallbacks
+    def send_task_lists(self, sessions: Iterable[AgentSession]):
+        """Send each agent its full enabled task list (one DB round for all of them).
+        Agents running the same tasks share the task dicts (see AgentView.share) and
+        the encoded frame."""
+        sessions = [s for s in sessions if not s.closed]
+        if not sessions:
+            return
+        seq = self.view.next_read()
+        lists = yield self.db.routes.tasks_for_agents([s.agent.id for s in sessions])
+        now = self.clock.seconds()
+        payloads: dict[int, dict] = {}
+        frames: dict = {}
+        for session in sessions:
+            wanted = self._wanted(session, lists.get(session.agent.id, []), seq, payloads)
+            self.view.apply(session, Desired.full(wanted), seq, as_list=True, frames=frames)
+            session.next_task_list = now + self.task_list_interval
+
+    def _wanted(self, session: AgentSession, tasks: list[Task], seq: int,
+                payloads: dict[int, dict]) -> dict[int, dict]:
+        """The shared JSON of the tasks read `seq` found for `session`. `payloads`:
+        id(Task) -> its shared JSON (a read shares Task objects). Made only for a task
+        the view takes: one this read saw before its deletion (decided by a later read)
+        must not be shared again."""
+        wanted = {}
+        for t in tasks:
+            if session.decided(t.id) > seq:
+                continue
+            payload = payloads.get(id(t))
+            if payload is None:
+                payload = payloads[id(t)] = self.view.share(task_payload(t))
+            wanted[t.id] = payload
+        return wanted
+
+    # -- the session manager's listener ------------------------------------------------
+
+    def task_lists_due(self, sessions: list[AgentSession]) -> Deferred:
+        return self.send_task_lists(sessions)
+
+    def catalog_changed(self, session: AgentSession) -> Deferred:
+        return self.agent_changed(session)
 
     def event_epoch(self) -> Any:
         """Names the unbroken stream of events this server receives: every agent change
@@ -261,11 +273,11 @@ class Dispatcher(Service):
 
     def _agent_updated(self, agent: dict) -> None:
         """Tags or visibility may have changed: reload the held agent and re-route it."""
-        session = self.manager.sessions.get(agent["id"])
+        session = self.sessions.get(agent["id"])
         if session is None:  # or not yet: agents_connected reads it after it is held
             return
         self._reloading[agent["id"]] = self._reloading.get(agent["id"], 0) + 1
-        seq, epoch = self.manager.next_read(), self.event_epoch()
+        seq, epoch = self.view.next_read(), self.event_epoch()
 
         def refreshed(fresh: Any) -> Any:
             self._refresh(session, fresh, seq, epoch)
@@ -287,7 +299,7 @@ class Dispatcher(Service):
         released = yield self.db.routes.release_unqualified(session.agent.id)
         assigned = yield self.db.routes.assign_unassigned([session.agent.id])
         if initial:
-            yield self.manager.send_task_lists([session])
+            yield self.send_task_lists([session])
         else:
             yield self.resync(session)
         for task, new_agent in released:
@@ -302,14 +314,14 @@ class Dispatcher(Service):
         the agents (now that their sessions are held, every later change reaches them),
         then send each its first taskList (one read for the batch), which already holds
         those."""
-        seq, epoch = self.manager.next_read(), self.event_epoch()
+        seq, epoch = self.view.next_read(), self.event_epoch()
         released, assigned, catalogs, agents = yield self.db.routes.connect_assignments(
             [s.agent.id for s in sessions])
         for session in sessions:
             if session.catalog is None:
                 session.catalog = catalogs.get(session.agent.id, frozenset())
             self._refresh(session, agents.get(session.agent.id), seq, epoch)
-        yield self.manager.send_task_lists(sessions)
+        yield self.send_task_lists(sessions)
         names = {s.agent.id: s.agent.name for s in sessions}
         for task, new_agent in released:
             self._announce([task], f"moved off a connecting agent that no longer qualifies, "

@@ -1,19 +1,21 @@
-"""This server's agent sessions: lifecycle, timers, and what each agent was last told.
+"""This server's agent sessions: lifecycle, timers, and the frames agents send.
 
-One `SessionManager` holds every websocket this process accepted. It keeps, per session,
-the tasks the agent was last sent (`view`), so any change can be pushed as the exact
-`taskAdd` / `taskUpdate` / `taskRemove` difference, and so a reconnect or a periodic
-`taskList` resets the agent to the database's truth. All sessions share one timer (not
-one per agent): each tick sends every heartbeat and the `taskList`s that are due, which
-keeps 10,000 agents cheap. Timers run on an injectable clock for tests.
+One `SessionManager` holds every websocket this process accepted: it records sessions
+(in batches: a reconnect storm is thousands at once), closes them, and takes their
+`catalog` and `taskStatus` frames. What each agent is told is not decided here: the
+manager tells its listener (the dispatcher, given at construction) when agents
+connected, when an agent's catalog changed and when taskLists are due; each session's
+record of what it was told is `agentview.Told`. All sessions share one timer (not one
+per agent): each tick sends every heartbeat and hands over the `taskList`s that are due,
+which keeps 10,000 agents cheap. Timers run on an injectable clock for tests.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Protocol
+from typing import Any, Protocol
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks
+from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks, maybeDeferred
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -21,8 +23,9 @@ from twisted.python.failure import Failure
 from taskd.db.agents import Agent
 from taskd.db.connector import Database
 from taskd.db.sessions import OnlineChange
+from taskd.server.agentview import Told
 from taskd.server.events import EventBus
-from taskd.wire.messages import parse_catalog, task_payload
+from taskd.wire.messages import parse_catalog
 from taskd.stats import NULL_STATS
 from taskd.timeutil import rfc3339, utcnow
 from taskd.wire import framing
@@ -42,37 +45,37 @@ class SessionTransport(Protocol):
     def close(self, code: int, reason: str) -> None: ...
 
 
+class SessionListener(Protocol):
+    """Who decides what agents are told (the Dispatcher). Each call returns a Deferred
+    (or None) the manager waits for: `agents_connected` once sessions are recorded and
+    held (their first taskLists), `catalog_changed` once an agent's new catalog is
+    stored (re-route it), `task_lists_due` for each slice of due periodic taskLists."""
+
+    def agents_connected(self, sessions: list["AgentSession"]) -> Any: ...
+    def catalog_changed(self, session: "AgentSession") -> Any: ...
+    def task_lists_due(self, sessions: list["AgentSession"]) -> Any: ...
+
+
 @dataclass(eq=False)
-class AgentSession:
+class AgentSession(Told):
+    """One websocket of one agent; `Told` (view, decided_by, ...) is what it was told."""
+
     agent: Agent
     version: int
     remote_ip: str
     transport: SessionTransport
     id: str | None = None
-    view: dict[int, dict] = field(default_factory=dict)  # task id -> task JSON last sent
-    # task id -> sequence number of the database read that last decided it (see
-    # SessionManager.next_read): a read that started earlier never overrides it. A task
-    # without an entry was last decided by read `decided_floor`: each taskList drops the
-    # entries of tasks it left out of the view (see `decided`), or every push of every
-    # task of the cluster would leave one here for good.
-    decided_by: dict[int, int] = field(default_factory=dict)
-    decided_floor: int = 0
-    next_task_list: float = 0.0
     closed: bool = False
     # The (namespace, version) pairs the agent advertises, as stored; None while unknown
     # (not loaded yet, or a new catalog being written): then routing asks the database.
     catalog: frozenset[tuple[str, int]] | None = None
-    # Which read set `agent` (see SessionManager.next_read; 0: the websocket's, before the
+    # Which read set `agent` (see AgentView.next_read; 0: the websocket's, before the
     # session was held here), and the event connection it was read under (see
     # Dispatcher.event_epoch; None: unknown, so routing asks the database).
     agent_read: int = 0
     agent_epoch: Any = None
     ready: Deferred = field(default_factory=Deferred)    # fires once registered
     gone: Deferred = field(default_factory=Deferred)     # fires once detached
-
-    def decided(self, task_id: int) -> int:
-        """The sequence number of the read that last decided task `task_id` here."""
-        return self.decided_by.get(task_id, self.decided_floor)
 
     def send(self, event: str, value: Any) -> None:
         self.send_frame(framing.encode_json(event, value))
@@ -94,11 +97,13 @@ class SessionManager(Service):
     log = Logger(namespace="taskd.server.sessions")
     name = "sessions"
 
-    def __init__(self, *, db: Database, events: EventBus,
+    def __init__(self, *, db: Database, events: EventBus, listener: SessionListener,
                  instance_id: str, clock: Any, heartbeat_interval: float = 2.0,
-                 task_list_interval: float = 60.0, shutdown_timeout: float = 5.0,
-                 stats: Any = NULL_STATS, status: Any = None) -> None:
-        self.db = db
+                 shutdown_timeout: float = 5.0, stats: Any = NULL_STATS, status: Any = None,
+                 sessions: dict[int, AgentSession] | None = None) -> None:
+        """`sessions`: the dict of held sessions (agent id -> its session here), when
+        the listener was built with it; a new one otherwise."""
+        self.listener = listener
         self.status = status  # the StatusService taking taskStatus frames (None: ignored)
         self.stats = stats
         self.store = db.sessions
@@ -107,21 +112,16 @@ class SessionManager(Service):
         self.instance_id = instance_id
         self.clock = clock
         self.heartbeat_interval = heartbeat_interval
-        self.task_list_interval = task_list_interval
         self.shutdown_timeout = shutdown_timeout
-        self.sessions: dict[int, AgentSession] = {}  # agent id -> its session here
+        self.sessions: dict[int, AgentSession] = sessions if sessions is not None else {}
         self.startup_changes: list[OnlineChange] = []
-        self.on_change: Callable[..., Any] | None = None  # set by the dispatcher: (session, initial=)
-        self.on_connect: Callable[..., Any] | None = None  # set by the dispatcher: (sessions)
         self._opening: list[AgentSession] = []  # opened, waiting for the next batch
         self._open_call: Any = None
         self._open_busy = False
         self._batch: Deferred | None = None  # the batch being recorded and brought up
         self._stopped = False  # stopService ran: sessions recorded from now on are closed at once
-        self._payloads: dict[int, dict] = {}  # task id -> the task JSON sessions share (see share)
         self._ticker: LoopingCall | None = None
         self._listing = False  # a round of due taskLists is being read and sent (see tick)
-        self._reads = 0
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -248,12 +248,9 @@ class SessionManager(Service):
         if not ready:
             return
         try:
-            if self.on_connect is not None:
-                # The dispatcher first gives the agents any tasks waiting for one, so
-                # the initial taskLists already hold them.
-                yield self.on_connect(ready)
-            else:
-                yield self.send_task_lists(ready)
+            # The dispatcher first gives the agents any tasks waiting for one, so the
+            # initial taskLists already hold them.
+            yield self.listener.agents_connected(ready)
         except Exception:
             self._open_failed(Failure(), ready)
             return
@@ -339,8 +336,8 @@ class SessionManager(Service):
         count = yield self.catalog.replace_agent_catalog(session.agent.id, records)
         session.catalog = frozenset((ns, ver) for ns, ver, _ in records)
         self.log.debug("agent {name} advertises {n} metric(s)", name=session.agent.name, n=count)
-        if self.on_change is not None and not session.closed:
-            yield self.on_change(session)
+        if not session.closed:
+            yield self.listener.catalog_changed(session)
         return session
 
     def _catalog_failed(self, failure: Any, session: AgentSession) -> AgentSession:
@@ -397,76 +394,9 @@ class SessionManager(Service):
             if start >= len(due) or self._stopped:
                 self._listing = False
                 return
-            d = self.send_task_lists(due[start:start + SLICE])
+            d = maybeDeferred(self.listener.task_lists_due,
+                              [s for s in due[start:start + SLICE] if not s.closed])
             d.addErrback(lambda f: self.log.failure("sending task lists failed", f))
             d.addCallback(lambda _: lists_from(start + SLICE))
 
         lists_from(0)
-
-    @inlineCallbacks
-    def send_task_lists(self, sessions: Iterable[AgentSession]):
-        """Send each agent its full enabled task list (one DB round for all of them).
-        Agents running the same tasks share the task dicts (see `share`) and the
-        encoded frame."""
-        sessions = [s for s in sessions if not s.closed]
-        if not sessions:
-            return
-        seq = self.next_read()
-        lists = yield self.db.routes.tasks_for_agents([s.agent.id for s in sessions])
-        now = self.clock.seconds()
-        # id(Task) -> its shared JSON (a read shares Task objects). Made only for a task
-        # a view takes: one this read saw before its deletion must not be shared again.
-        payloads: dict[int, dict] = {}
-        frames: dict[tuple[int, ...], bytes] = {}
-        for session in sessions:
-            read = {t.id: t for t in lists.get(session.agent.id, [])}
-            view = {}
-            for task_id in set(read) | set(session.view):
-                if session.decided(task_id) > seq:  # a newer read decided it
-                    if task_id in session.view:
-                        view[task_id] = session.view[task_id]
-                elif task_id in read:
-                    t = read[task_id]
-                    payload = payloads.get(id(t))
-                    if payload is None:
-                        payload = payloads[id(t)] = self.share(task_payload(t))
-                    view[task_id] = payload
-                    session.decided_by[task_id] = seq
-                else:
-                    session.decided_by[task_id] = seq
-            session.view = view
-            # Every task left out of the view is now decided by this read (or by a newer
-            # one, whose entry stays): the floor says so without an entry per task.
-            session.decided_floor = max(session.decided_floor, seq)
-            if len(session.decided_by) > len(view):  # each task in the view has an entry
-                session.decided_by = {task_id: decided for task_id, decided in session.decided_by.items()
-                                      if task_id in view or decided > session.decided_floor}
-            session.next_task_list = now + self.task_list_interval
-            listed = sorted(view.values(), key=lambda t: (t["name"], t["id"]))
-            key = tuple(id(t) for t in listed)  # the dicts are alive in views: ids are stable here
-            frame = frames.get(key)
-            if frame is None:
-                frame = frames[key] = framing.encode_json(framing.TASK_LIST, listed)
-            session.send_frame(frame)
-
-    def share(self, payload: dict) -> dict:
-        """One dict per task for every session that holds it: the one already known
-        when equal, else `payload` (which becomes the known one). Each agent's view
-        would otherwise keep its own copy of every task it runs (~1 KB each)."""
-        known = self._payloads.get(payload["id"])
-        if known == payload:
-            return known
-        self._payloads[payload["id"]] = payload
-        return payload
-
-    def forget_task(self, task_id: int) -> None:
-        """The task was deleted (and that push is done: see Dispatcher.on_event): stop
-        keeping its shared dict."""
-        self._payloads.pop(task_id, None)
-
-    def next_read(self) -> int:
-        """Number a database read that will decide what agents are told. Reads finish in
-        any order (several DB threads; a slow task list vs. a quick push); comparing these
-        numbers lets the result of the most recently *started* read win per task."""
-        self._reads += 1
-        return self._reads

@@ -1,4 +1,4 @@
-"""The Dispatcher without network or database: a fake pool, a fake session manager,
+"""The Dispatcher without network or database: a fake pool, a dict of held sessions,
 fake transports that record frames, a real EventBus and a deterministic Clock.
 
 The pool fake answers `pool.do(fn, *args)` by the function's name with canned results
@@ -21,7 +21,8 @@ from taskd.db.tasks import Route, Task
 from taskd.server.dispatch import REMOTE_JITTER, Dispatcher
 from taskd.server.events import EventBus
 from taskd.server.render import task_json
-from taskd.server.sessions import CLOSE_NORMAL, AgentSession, SessionManager
+from taskd.server.agentview import AgentView
+from taskd.server.sessions import CLOSE_NORMAL, AgentSession
 from taskd.wire import framing
 from taskd.db.connector import Database
 
@@ -78,23 +79,6 @@ class FakePool:
         return [args for n, args in self.calls if n == name]
 
 
-class FakeManager:
-    """The parts of SessionManager the Dispatcher uses."""
-
-    def __init__(self) -> None:
-        self.sessions: dict[int, AgentSession] = {}
-        self.on_change: Any = None
-        self._reads = 0
-        self._payloads: dict[int, dict] = {}
-
-    def next_read(self) -> int:
-        self._reads += 1
-        return self._reads
-
-    share = SessionManager.share
-    forget_task = SessionManager.forget_task
-
-
 def make_agent(agent_id: int, name: str | None = None) -> Agent:
     return Agent(agent_id, 1, name or f"agent{agent_id}", True, T0, True, (), True, T0, T0, T0)
 
@@ -109,12 +93,13 @@ class Rig:
         self.clock = Clock()
         self.pool = FakePool()
         self.events = EventBus(HERE)
-        self.manager = FakeManager()
+        self.sessions: dict[int, AgentSession] = {}  # as the session manager holds them
+        self.view = AgentView()
         self.transports: dict[int, FakeTransport] = {}
         for agent_id in agent_ids:
             self.connect(agent_id)
         self.dispatcher = Dispatcher(
-            manager=self.manager, db=Database(self.pool), events=self.events, clock=self.clock, instance_id=HERE,
+            sessions=self.sessions, view=self.view, db=Database(self.pool), events=self.events, clock=self.clock, instance_id=HERE,
             relocate_delay=relocate_delay, sweep_interval=60.0, rng=random.Random(SEED),
         )
         self.published: list[tuple[str, Any]] = []
@@ -124,12 +109,12 @@ class Rig:
     def connect(self, agent_id: int) -> AgentSession:
         transport = FakeTransport()
         session = AgentSession(make_agent(agent_id), 1, "10.0.0.1", transport, id=f"s{agent_id}")
-        self.manager.sessions[agent_id] = session
+        self.sessions[agent_id] = session
         self.transports[agent_id] = transport
         return session
 
     def session(self, agent_id: int) -> AgentSession:
-        return self.manager.sessions[agent_id]
+        return self.sessions[agent_id]
 
     def route(self, task: Task | None, *agent_ids: int) -> None:
         """From now on the database says: `task` is routed to `agent_ids`."""
@@ -148,46 +133,6 @@ def rig() -> Rig:
     yield r
     if r.dispatcher.running:
         r.dispatcher.stopService()
-
-
-# -- _apply: the diff an agent is sent ---------------------------------------------------
-
-def test_apply_sends_add_then_update_then_remove_and_tracks_the_view(rig):
-    session, transport = rig.session(1), rig.transports[1]
-    v1 = task_json(make_task(interval=60))
-    v2 = task_json(make_task(interval=30))
-    rig.dispatcher._apply(session, 1, v1, True, rig.manager.next_read())
-    assert transport.take() == [("taskAdd", v1)] and session.view == {1: v1}
-    rig.dispatcher._apply(session, 1, v2, True, rig.manager.next_read())
-    assert transport.take() == [("taskUpdate", v2)] and session.view == {1: v2}
-    rig.dispatcher._apply(session, 1, v2, False, rig.manager.next_read())
-    assert transport.take() == [("taskRemove", v2)] and session.view == {}
-
-
-def test_apply_sends_nothing_when_nothing_changed(rig):
-    session, transport = rig.session(1), rig.transports[1]
-    payload = task_json(make_task())
-    rig.dispatcher._apply(session, 1, payload, True, rig.manager.next_read())
-    transport.take()
-    rig.dispatcher._apply(session, 1, dict(payload), True, rig.manager.next_read())  # equal, not identical
-    rig.dispatcher._apply(session, 2, None, False, rig.manager.next_read())          # never had it, still not wanted
-    assert transport.take() == [] and session.view == {1: payload}
-
-
-def test_apply_removes_a_deleted_task_with_what_the_agent_was_last_sent(rig):
-    session, transport = rig.session(1), rig.transports[1]
-    payload = task_json(make_task())
-    rig.dispatcher._apply(session, 1, payload, True, rig.manager.next_read())
-    transport.take()
-    rig.dispatcher._apply(session, 1, None, False, rig.manager.next_read())
-    assert transport.take() == [("taskRemove", payload)] and session.view == {}
-
-
-def test_closed_sessions_are_sent_nothing(rig):
-    session = rig.session(1)
-    session.closed = True
-    rig.dispatcher._apply(session, 1, task_json(make_task()), True, rig.manager.next_read())
-    assert rig.transports[1].frames == []
 
 
 # -- task events -------------------------------------------------------------------------
@@ -229,7 +174,7 @@ def test_task_events_re_read_the_database_rather_than_trust_the_payload(rig):
 
 
 def test_no_local_agents_means_no_database_read(rig):
-    rig.manager.sessions.clear()
+    rig.sessions.clear()
     rig.events.publish("task.created", task_json(make_task()))
     assert rig.pool.called("routing_snapshot") == []
 
@@ -261,7 +206,7 @@ def test_a_created_by_ids_task_is_routed_from_memory(rig):
 
 
 def test_a_created_by_tags_task_goes_to_the_tagged_agents_of_its_org(rig):
-    rig.manager.sessions.clear()
+    rig.sessions.clear()
     with_agent(rig, 1, tags=("web", "db"))
     with_agent(rig, 2, tags=("db",), org_id=2)  # another org's agent: tags are per org
     with_agent(rig, 3, tags=("other",))
@@ -272,7 +217,7 @@ def test_a_created_by_tags_task_goes_to_the_tagged_agents_of_its_org(rig):
 
 
 def test_catalogs_decide_in_memory_as_in_the_database(rig):
-    rig.manager.sessions.clear()
+    rig.sessions.clear()
     with_agent(rig, 1, tags=("t",), catalog=frozenset({("/x/cpu", 2)}))
     with_agent(rig, 2, tags=("t",), catalog=frozenset({("/y/mem", 1)}))
     with_agent(rig, 3, tags=("t",), catalog=frozenset())  # advertises nothing: runs anything
@@ -283,7 +228,7 @@ def test_catalogs_decide_in_memory_as_in_the_database(rig):
 
 
 def test_the_database_decides_when_memory_cannot(rig):
-    rig.manager.sessions.clear()
+    rig.sessions.clear()
     with_agent(rig, 1, tags=("t",), catalog=None)  # its catalog is being written
     tagged = routed_task(1, route={"type": "byTags", "config": {"tags": ["t"]}}, metrics={"/x/*": 0})
     rig.events.publish("task.created", tagged)
@@ -328,7 +273,7 @@ def test_by_tags_routing_uses_the_agents_read_once_their_sessions_are_held(rig):
     """The agent a websocket was accepted with was read before its session was held
     here, so an agent.updated in between reached no session: memory may not decide
     for it until the connect read (after the session is held) has refreshed it."""
-    rig.manager.sessions.clear()
+    rig.sessions.clear()
     with_agent(rig, 1, tags=("old",))
     session = rig.session(1)
     session.agent_epoch = None  # as attached: the websocket's read
@@ -348,7 +293,7 @@ def test_by_tags_routing_uses_the_agents_read_once_their_sessions_are_held(rig):
 def test_by_tags_routing_asks_the_database_once_agent_events_may_have_been_missed(rig):
     """While the broker is away, and after it came back, another server's agent.updated
     may never arrive: until an agent is read again, its held tags are not trusted."""
-    rig.manager.sessions.clear()
+    rig.sessions.clear()
     rig.events.transport = transport = EventTransport()
     with_agent(rig, 1, tags=("t",))
     with_agent(rig, 2, tags=("t",))
@@ -399,7 +344,7 @@ def test_a_deleted_tasks_shared_dict_is_dropped_after_a_push_still_in_flight(rig
     rig.remote("task.deleted", task_json(task))
     held.callback((task, {1}))  # the update's read, from before the delete, ends
     assert rig.transports[1].take() == [("taskAdd", task_json(task)), ("taskRemove", task_json(task))]
-    assert rig.manager._payloads == {}
+    assert rig.view._payloads == {}
 
 
 def test_a_created_disabled_task_sends_nothing(rig):
@@ -553,7 +498,7 @@ def test_connecting_agents_get_assignments_and_task_lists_as_one_batch(rig):
     order: list[Any] = []
     rig.pool.handlers["connect_assignments"] = lambda ids: order.append("assign") or (
         [(moved, 9)], [(given, 2)], {1: frozenset({("/x/y", 1)}), 2: frozenset()}, {1: make_agent(1, "renamed")})
-    rig.manager.send_task_lists = lambda sessions: order.append([s.agent.id for s in sessions]) or succeed(None)
+    rig.dispatcher.send_task_lists = lambda sessions: order.append([s.agent.id for s in sessions]) or succeed(None)
     done = rig.dispatcher.agents_connected([s1, s2])
     assert done.called
     assert rig.pool.called("connect_assignments") == [([1, 2],)]
@@ -588,15 +533,6 @@ def test_sweep_runs_on_the_sweep_interval(rig):
     assert rig.pool.called("assign_unassigned") == []
     rig.clock.advance(0.1)
     assert rig.pool.called("assign_unassigned") == [(None,)]
-
-
-def test_frames_on_the_wire_are_json_event_frames(rig):
-    """The fake transport decodes real frames: check one byte-for-byte."""
-    raw: list[bytes] = []
-    rig.session(1).transport.send_frame = raw.append
-    payload = task_json(make_task())
-    rig.dispatcher._apply(rig.session(1), 1, payload, True, rig.manager.next_read())
-    assert raw == [b"\x00\x07taskAdd" + json.dumps(payload, separators=(",", ":")).encode()]
 
 
 def test_a_slow_task_list_read_does_not_undo_a_newer_push(rig):

@@ -12,6 +12,7 @@ from twisted.internet.task import Clock
 from taskd.db.agents import Agent
 from taskd.db.sessions import OnlineChange
 from taskd.server import sessions as sessions_module
+from taskd.server.dispatch import Dispatcher
 from taskd.server.events import EventBus
 from taskd.server.sessions import CLOSE_GOING_AWAY, CLOSE_NORMAL, SessionManager
 from taskd.wire import framing
@@ -75,6 +76,8 @@ class FakePool:
         self.calls.append((fn.__name__, args))
         if fn.__name__ == "tasks_for_agents":
             return succeed({i: [] for i in args[0]})
+        if fn.__name__ == "connect_assignments":
+            return succeed(([], [], {}, {}))
         raise AssertionError(fn.__name__)
 
 
@@ -92,7 +95,10 @@ class Rig:
         self.events.subscribe(lambda e: self.published.append((e.type, e.payload)))
         db = Database(self.pool)
         db.sessions = self.store  # a fake session store over the fake pool's routing reads
-        self.manager = SessionManager(db=db, events=self.events,
+        held: dict = {}
+        self.dispatcher = Dispatcher(sessions=held, db=db, events=self.events, clock=self.clock,
+                                     instance_id="here")
+        self.manager = SessionManager(db=db, events=self.events, listener=self.dispatcher, sessions=held,
                                       instance_id="here", clock=self.clock)
         self.transports: dict[int, FakeTransport] = {}
 
@@ -208,17 +214,20 @@ def test_a_second_connection_in_the_same_batch_replaces_the_first(rig):
 
 def test_the_dispatcher_brings_a_batch_up_with_one_assignment_transaction(rig):
     calls = []
+    real = rig.dispatcher.agents_connected
 
-    def on_connect(sessions):
+    def agents_connected(sessions):
         calls.append([s.agent.id for s in sessions])
-        return rig.manager.send_task_lists(sessions)
+        return real(sessions)
 
-    rig.manager.on_connect = on_connect
+    rig.dispatcher.agents_connected = agents_connected
     for i in (1, 2):
         rig.attach(i)
     rig.clock.advance(0)
     rig.store.finish(0)
     assert calls == [[1, 2]]
+    assert [args for name, args in rig.pool.calls if name == "connect_assignments"] == [([1, 2],)]
+    assert rig.task_list_reads() == [[1, 2]]
 
 
 def test_stopping_closes_sessions_still_waiting_for_their_batch(rig):

@@ -1,9 +1,8 @@
-"""SessionManager's shared timer and taskLists: heartbeats in slices (a push is never
-queued behind every heartbeat), due taskLists read a slice at a time, and one task dict
-and one encoded frame shared by every agent that runs the same tasks."""
+"""SessionManager's shared timer: heartbeats in slices (a push is never queued behind
+every heartbeat), and due taskLists handed to the dispatcher (its listener) a slice at a
+time, never holding back heartbeats. (What a taskList holds: test_agentview.py.)"""
 from __future__ import annotations
 
-import json
 from datetime import datetime
 from typing import Any
 
@@ -13,8 +12,8 @@ from twisted.internet.task import Clock
 from taskd.db.agents import Agent
 from taskd.db.tasks import Route, Task
 from taskd.server import sessions as sessions_module
+from taskd.server.dispatch import Dispatcher
 from taskd.server.events import EventBus
-from taskd.server.render import task_json
 from taskd.server.sessions import AgentSession, SessionManager
 from taskd.wire import framing
 from taskd.db.connector import Database
@@ -73,7 +72,9 @@ class Turns:
 
 def make(n: int, pool: Pool, clock: Any = None) -> tuple[SessionManager, Any, list]:
     clock = clock or Clock()
-    manager = SessionManager(db=Database(pool), events=EventBus("here"), instance_id="here",
+    db, events, held = Database(pool), EventBus("here"), {}
+    listener = Dispatcher(sessions=held, db=db, events=events, clock=clock, instance_id="here")
+    manager = SessionManager(db=db, events=events, listener=listener, sessions=held, instance_id="here",
                              clock=clock)
     written: list = []
     for i in range(1, n + 1):
@@ -119,31 +120,6 @@ def test_due_task_lists_are_read_a_slice_at_a_time(monkeypatch):
     assert [e for e, _ in manager.sessions[5].transport.frames] == [framing.HEARTBEAT, framing.TASK_LIST]
 
 
-def test_agents_running_the_same_tasks_share_the_dicts_and_the_frame(monkeypatch):
-    t1, t2 = task(1), task(2)
-    pool = Pool({1: [t1, t2], 2: [t1, t2], 3: [t1]})
-    manager, clock, _ = make(3, pool)
-    encoded: list[str] = []
-    real = framing.encode_json
-    monkeypatch.setattr(framing, "encode_json", lambda event, value: encoded.append(event) or real(event, value))
-    manager.send_task_lists(list(manager.sessions.values()))
-    s1, s2, s3 = (manager.sessions[i] for i in (1, 2, 3))
-    assert s1.view[1] is s2.view[1] is s3.view[1] and s1.view[2] is s2.view[2]
-    assert encoded == [framing.TASK_LIST, framing.TASK_LIST]  # two distinct lists, three agents
-    assert s1.transport.frames[-1] == (framing.TASK_LIST, s2.transport.frames[-1][1])
-    # a later read (a new Task object, equal content) keeps the same shared dict ...
-    pool.tasks = {1: [task(1), task(2)]}
-    manager.send_task_lists([s1])
-    assert s1.view[1] is s2.view[1]
-    # ... and a changed task replaces it for whoever is told next
-    pool.tasks = {1: [task(1, interval=10), task(2)]}
-    manager.send_task_lists([s1])
-    assert s1.view[1] == task_json(task(1, interval=10)) and s2.view[1] == task_json(t1)
-    assert manager.share(task_json(task(1, interval=10))) is s1.view[1]
-    manager.forget_task(1)
-    assert manager.share(task_json(task(1, interval=10))) is not s1.view[1]
-
-
 class StalledPool(Pool):
     """A database that does not answer until the test says so."""
 
@@ -178,32 +154,3 @@ def test_heartbeats_never_wait_for_the_database():
         assert beats(manager) == 18 and pool.reads == [[1, 2, 3], [2]]  # the next round, once that one ended
     finally:
         manager._ticker.stop()
-
-
-def test_a_task_list_keeps_decisions_only_for_its_view_and_older_reads_still_lose():
-    """A push decides a task for every session, routed there or not; kept for good,
-    that is an entry per session per task of the whole cluster."""
-    pool = StalledPool()
-    manager, _, _ = make(1, pool)
-    session = manager.sessions[1]
-    manager.send_task_lists([session])  # read A (older) ...
-    for task_id in (7, 8, 9):  # ... pushes of tasks not routed here decide them meanwhile
-        session.decided_by[task_id] = manager.next_read()
-    manager.send_task_lists([session])  # read B
-    pool.held[1].callback({1: [task(1)]})
-    assert set(session.view) == {1} and set(session.decided_by) == {1}
-    pool.held[0].callback({1: [task(1), task(9)]})  # A saw task 9, but a push after A decided it
-    assert set(session.view) == {1}
-    assert [e for e, _ in session.transport.frames] == [framing.TASK_LIST, framing.TASK_LIST]
-    assert json.loads(session.transport.frames[-1][1]) == [task_json(task(1))]
-
-
-def test_a_task_list_read_in_flight_does_not_share_a_deleted_task_again():
-    pool = StalledPool()
-    manager, _, _ = make(1, pool)
-    session = manager.sessions[1]
-    manager.send_task_lists([session])  # the read sees task 1 ...
-    session.decided_by[1] = manager.next_read()  # ... which is deleted: the delete push
-    manager.forget_task(1)
-    pool.held[0].callback({1: [task(1), task(2)]})
-    assert set(session.view) == {2} and set(manager._payloads) == {2}
