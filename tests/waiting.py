@@ -42,7 +42,3 @@ async def until(cond: Callable[[], Any], timeout: float = 10.0, what: str | Call
     AssertionError after `timeout` s."""
     return await value_of(cond, bool, timeout, what, interval)
 
-
-async def tick() -> None:
-    """Let the reactor run once (pending I/O and calls) without waiting any fixed time."""
-    await deferLater(reactor, 0, lambda: None)
