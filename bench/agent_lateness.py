@@ -589,6 +589,7 @@ def main(argv: list[str] | None = None) -> int:
     print(tbl)
     for n in outcome.notes:
         print(f"note: {n}")
+    print(f"run time: {machine['duration']:.1f} s")  # the smoke mode's cost, watched here, not in a test
     args = list(argv if argv is not None else sys.argv[1:])
     saved = {"values": outcome.values, "notes": outcome.notes, "sizes": asdict(s), "machine": machine,
              "cores": where, "argv": args, "workdir": str(workdir)}

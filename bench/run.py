@@ -665,6 +665,7 @@ def main(argv: list[str] | None = None) -> int:
     print(table)
     for n in results.notes:
         print(f"note: {n}")
+    print(f"run time: {machine['duration']:.1f} s")  # the smoke mode's cost, watched here, not in a test
     saved = {"results": results.__dict__, "sizes": sizes.__dict__, "machine": machine,
              "cores": bench.cores.describe(), "argv": list(argv if argv is not None else sys.argv[1:]),
              "mysql": a.mysql, "smoke": a.smoke, "workdir": str(workdir)}

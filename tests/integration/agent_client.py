@@ -15,6 +15,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
 
 from taskd.wire import framing
+from tests.waiting import until
 
 
 @dataclass
@@ -48,20 +49,22 @@ class AgentClient:
     async def next(self, name: str, timeout: float = 10.0, predicate: Any = None) -> Any:
         """The next not-yet-consumed `name` frame (matching `predicate`), waiting up to
         `timeout` seconds."""
-        deadline = reactor.seconds() + timeout
-        while True:
-            start = self._cursor.get(name, 0)
-            for i in range(start, len(self.frames)):
+        def found() -> list[Any]:
+            """[payload] of the next match (consumed), [] if none yet."""
+            for i in range(self._cursor.get(name, 0), len(self.frames)):
                 f = self.frames[i]
                 if f.event == name and (predicate is None or predicate(f.payload)):
                     self._cursor[name] = i + 1
-                    return f.payload
-            if reactor.seconds() > deadline:
-                got = [(f.event, f.payload) for f in self.frames if f.event != "heartbeat"]
-                raise AssertionError(f"no {name} within {timeout}s; received {got}")
+                    return [f.payload]
             if self.closed.called:
                 raise AssertionError(f"connection closed ({self.close_code} {self.close_reason}) waiting for {name}")
-            await deferLater(reactor, 0.02, lambda: None)
+            return []
+
+        def received() -> str:
+            return f"{name}; received {[(f.event, f.payload) for f in self.frames if f.event != 'heartbeat']}"
+
+        [payload] = await until(found, timeout, what=received)
+        return payload
 
     async def nothing_more(self, name: str, within: float = 0.5) -> None:
         """Assert no further `name` frame arrives within `within` seconds."""

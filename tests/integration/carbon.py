@@ -25,10 +25,10 @@ import pytest
 from twisted.internet import reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
-from twisted.internet.task import deferLater
 from twisted.internet.utils import getProcessOutputAndValue
 
 from tests.integration.daemons import free_port
+from tests.waiting import until
 
 CARBON_CACHE = shutil.which("carbon-cache") or "/usr/bin/carbon-cache"
 WHISPER_FETCH = shutil.which("whisper-fetch") or "/usr/bin/whisper-fetch"
@@ -97,20 +97,25 @@ GRAPHITE_URL = http://127.0.0.1:{free_port()}
                 [CARBON_CACHE, f"--config={self.config}", "--nodaemon",
                  f"--pidfile={self.dir / 'pid' / 'carbon-cache.pid'}", "start"],
                 stdout=log, stderr=subprocess.STDOUT, cwd=self.dir)
-        deadline = reactor.seconds() + timeout
-        while True:
+
+        async def listening() -> bool:
             if self.proc.poll() is not None:
                 raise AssertionError(f"carbon-cache exited {self.proc.returncode}:\n{self.log()}")
             try:
                 proto = await TCP4ClientEndpoint(reactor, "127.0.0.1", self.line_port, timeout=1).connect(
                     Factory.forProtocol(Protocol))
-                proto.transport.loseConnection()
-                return self
             except Exception:  # noqa: BLE001 - not listening yet
-                if reactor.seconds() > deadline:
-                    await self.stop()
-                    raise AssertionError(f"carbon-cache did not listen within {timeout}s:\n{self.log()}") from None
-                await deferLater(reactor, 0.1, lambda: None)
+                return False
+            proto.transport.loseConnection()
+            return True
+
+        try:
+            await until(listening, timeout, interval=0.1,
+                        what=lambda: f"carbon-cache listening on {self.line_port}:\n{self.log()}")
+        except AssertionError:
+            await self.stop()
+            raise
+        return self
 
     async def stop(self, timeout: float = 20.0) -> None:
         """SIGTERM (carbon writes its cache out), wait; SIGKILL after ``timeout``."""
@@ -118,13 +123,13 @@ GRAPHITE_URL = http://127.0.0.1:{free_port()}
         if proc is None or proc.poll() is not None:
             return
         proc.send_signal(signal.SIGTERM)
-        deadline = reactor.seconds() + timeout
-        while proc.poll() is None:
-            if reactor.seconds() > deadline:
-                proc.kill()
-                proc.wait()
-                raise AssertionError(f"carbon-cache did not stop within {timeout}s:\n{self.log()}")
-            await deferLater(reactor, 0.05, lambda: None)
+        try:
+            await until(lambda: proc.poll() is not None, timeout, interval=0.05,
+                        what=lambda: f"carbon-cache stopping:\n{self.log()}")
+        except AssertionError:
+            proc.kill()
+            proc.wait()
+            raise
 
     def log(self) -> str:
         return self.logfile.read_text(errors="replace") if self.logfile.exists() else ""

@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 
 import treq
-from twisted.internet import reactor
-from twisted.internet.task import deferLater
+
+from tests.waiting import until
 
 TWISTD = str(Path(sys.executable).with_name("twistd"))
 
@@ -44,12 +44,12 @@ class _Daemon:
         if self.proc is None or self.proc.poll() is not None:
             return self.proc.returncode if self.proc else 0
         self.proc.send_signal(sig)
-        deadline = reactor.seconds() + timeout
-        while self.proc.poll() is None:
-            if reactor.seconds() > deadline:
-                self.proc.kill()
-                raise AssertionError(f"{self.name} did not stop within {timeout}s:\n{self.log()}")
-            await deferLater(reactor, 0.05, lambda: None)
+        try:
+            await until(lambda: self.proc.poll() is not None, timeout, interval=0.05,
+                        what=lambda: f"{self.name} stopping:\n{self.log()}")
+        except AssertionError:
+            self.proc.kill()
+            raise
         return self.proc.returncode
 
     def log(self) -> str:
@@ -67,20 +67,19 @@ class ServerProcess(_Daemon):
 
     async def start(self, timeout: float = 30.0) -> "ServerProcess":
         self.spawn(dict(os.environ))
-        deadline = reactor.seconds() + timeout
-        while True:
+
+        async def serving() -> bool:
             if self.proc.poll() is not None:
                 raise AssertionError(f"{self.name} exited {self.proc.returncode}:\n{self.log()}")
             try:
                 resp = await treq.get(self.base + "/", timeout=1)
                 await resp.content()
-                if resp.code == 200:
-                    return self
             except Exception:
-                pass
-            if reactor.seconds() > deadline:
-                raise AssertionError(f"{self.name} did not start:\n{self.log()}")
-            await deferLater(reactor, 0.1, lambda: None)
+                return False
+            return resp.code == 200
+
+        await until(serving, timeout, interval=0.1, what=lambda: f"{self.name} starting:\n{self.log()}")
+        return self
 
 
 class AgentProcess(_Daemon):
@@ -98,12 +97,13 @@ class AgentProcess(_Daemon):
 
     async def wait_log(self, text: str, timeout: float = 20.0) -> str:
         """Wait until the log contains `text`; returns the log."""
-        deadline = reactor.seconds() + timeout
-        while text not in self.log():
+        def logged() -> bool:
+            if text in self.log():
+                return True
             if self.proc is not None and self.proc.poll() is not None:
                 raise AssertionError(f"{self.name} exited {self.proc.returncode} before logging "
                                      f"{text!r}:\n{self.log()}")
-            if reactor.seconds() > deadline:
-                raise AssertionError(f"{self.name} did not log {text!r} within {timeout}s:\n{self.log()}")
-            await deferLater(reactor, 0.05, lambda: None)
+            return False
+
+        await until(logged, timeout, interval=0.05, what=lambda: f"{self.name} logging {text!r}:\n{self.log()}")
         return self.log()

@@ -105,13 +105,7 @@ async def test_a_connecting_agent_is_found_by_name_from_memory(api):
 
 
 async def until_async(check, timeout: float = 5.0) -> None:
-    from twisted.internet import reactor
-    from twisted.internet.task import deferLater
-
-    deadline = reactor.seconds() + timeout
-    while not await check():
-        assert reactor.seconds() < deadline, "timed out"
-        await deferLater(reactor, 0.05, lambda: None)
+    await until(check, timeout, interval=0.05)
 
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")

@@ -18,7 +18,7 @@ from tests.integration.daemons import AgentProcess, ServerProcess
 from tests.integration.harness import ADMIN_KEY
 from tests.integration.test_notes_registration import send_raw
 from tests.notes_requests import CURL, NOTES_TASK
-from tests.waiting import until
+from tests.waiting import until, value_of
 
 HEADERS = {"Authorization": f"Bearer {ADMIN_KEY}"}
 
@@ -32,17 +32,7 @@ async def call(server: ServerProcess, method: str, path: str, body=None, **kw):
 
 async def eventually_api(server: ServerProcess, path: str, check, timeout: float = 10.0, what: str = ""):
     """Poll GET `path` until `check(body)` is truthy; returns that body."""
-    from twisted.internet import reactor
-    from twisted.internet.task import deferLater
-
-    deadline = reactor.seconds() + timeout
-    while True:
-        body = await call(server, "GET", path)
-        if check(body):
-            return body
-        if reactor.seconds() > deadline:
-            raise AssertionError(f"{what or path} not met within {timeout}s (last: {body!r})")
-        await deferLater(reactor, 0.05, lambda: None)
+    return await value_of(lambda: call(server, "GET", path), check, timeout, what or path, interval=0.05)
 
 
 @pytest_twisted.ensureDeferred

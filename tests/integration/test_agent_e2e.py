@@ -15,7 +15,6 @@ from typing import Any, Awaitable, Callable
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
-from twisted.internet.task import deferLater
 from twisted.logger import formatEvent, globalLogPublisher
 
 from taskd.agent.assembly import Agent
@@ -46,14 +45,7 @@ TASK = {
 async def eventually(check: Callable[[], Awaitable[Any]], timeout: float = 10.0,
                      what: str = "condition") -> Any:
     """Poll an async `check` until it returns something truthy."""
-    deadline = reactor.seconds() + timeout
-    while True:
-        value = await check()
-        if value:
-            return value
-        if reactor.seconds() > deadline:
-            raise AssertionError(f"{what} not met within {timeout}s (last: {value!r})")
-        await deferLater(reactor, 0.05, lambda: None)
+    return await until(check, timeout, what, interval=0.05)
 
 
 class Logs:

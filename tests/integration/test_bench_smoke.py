@@ -2,15 +2,16 @@
 
 `python -m bench --smoke` runs every scenario of issue 6 at toy size (20 agents, a real
 `twistd taskserver` on sqlite, the bare Klein/Autobahn baselines, load-client processes)
-without enforcing targets. This checks it completes, quickly, and prints the one table
-with a row for every scenario and a number in every taskd cell.
+without enforcing targets. This checks it completes and prints the one table with a row
+for every scenario and a number in every taskd cell. How long it took is a figure the bench
+prints ("run time"), not a bound here: a busy machine must not fail a behaviour test.
 """
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
-import time
+import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -23,13 +24,11 @@ ROWS = [
 
 
 def test_bench_smoke_runs_every_scenario(tmp_path):
-    t0 = time.monotonic()
     proc = subprocess.run(
         [sys.executable, "-m", "bench", "--smoke", "--workdir", str(tmp_path)],
         cwd=ROOT, capture_output=True, text=True, timeout=120,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
-    took = time.monotonic() - t0
     assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr[-4000:]}"
     table = [line for line in proc.stdout.splitlines() if line.startswith("|")]
     assert table[0].startswith("| scenario | metric | taskd"), proc.stdout
@@ -42,4 +41,4 @@ def test_bench_smoke_runs_every_scenario(tmp_path):
             assert taskd_cell != "—" and "not done" not in taskd_cell and "failed" not in line, f"{row}: {line}"
     assert len(body) == 12, proc.stdout
     assert "note:" not in proc.stdout, proc.stdout  # no scenario failed or was cut short
-    assert took < 30, f"smoke mode took {took:.1f} s (must stay under 30 s)"
+    assert re.search(r"^run time: \d+\.\d s$", proc.stdout, re.M), proc.stdout

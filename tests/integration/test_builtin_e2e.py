@@ -14,7 +14,6 @@ from typing import Any
 import pytest_twisted
 import treq
 from twisted.internet import reactor
-from twisted.internet.task import deferLater
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
@@ -22,6 +21,7 @@ from tests.fakes.tsdbgw import TsdbGwEmulator
 from tests.integration.carbon import CarbonCache
 from tests.integration.daemons import AgentProcess, ServerProcess, free_port
 from tests.integration.harness import ADMIN_KEY
+from tests.waiting import until
 
 HEADERS = {"Authorization": f"Bearer {ADMIN_KEY}"}
 INTERVAL = 2  # seconds; the smallest sensible task interval for a test
@@ -43,16 +43,7 @@ async def api(server: ServerProcess, method: str, path: str, body: Any = None) -
 
 async def wait_for(check, timeout: float, what: str) -> Any:
     """Poll ``check`` (sync or async) until truthy; AssertionError after ``timeout`` s."""
-    deadline = reactor.seconds() + timeout
-    while True:
-        value = check()
-        if hasattr(value, "__await__"):
-            value = await value
-        if value:
-            return value
-        if reactor.seconds() > deadline:
-            raise AssertionError(f"{what}: not within {timeout}s (last: {value!r})")
-        await deferLater(reactor, 0.05, lambda: None)
+    return await until(check, timeout, what, interval=0.05)
 
 
 class Stack:

@@ -10,13 +10,11 @@ import uuid
 from typing import Any
 
 import pytest_twisted
-from twisted.internet import reactor
-from twisted.internet.task import deferLater
 
 from taskd.agent.builtin.collector import Point
 from taskd.agent.builtin.graphite import GraphitePublisher
 from tests.integration.carbon import CarbonCache
-from tests.waiting import until
+from tests.waiting import until, value_of
 
 
 @pytest_twisted.async_yield_fixture
@@ -47,15 +45,9 @@ async def publisher(carbon):
 async def stored(carbon: CarbonCache, name: str, since: int, want: dict[int, float],
                  timeout: float = 30.0) -> None:
     """Poll whisper (with a deadline) until ``want`` is stored for ``name``."""
-    deadline = reactor.seconds() + timeout
-    found: dict[int, float] = {}
-    while True:
-        found = await carbon.fetch(name, since)
-        if all(found.get(ts) == v for ts, v in want.items()):
-            return
-        if reactor.seconds() > deadline:
-            raise AssertionError(f"{name}: want {want}, whisper has {found}\ncarbon log:\n{carbon.log()[-3000:]}")
-        await deferLater(reactor, 0.2, lambda: None)
+    await value_of(lambda: carbon.fetch(name, since), lambda found: all(found.get(ts) == v for ts, v in want.items()),
+                   timeout, what=lambda: f"{name}: want {want} in whisper\ncarbon log:\n{carbon.log()[-3000:]}",
+                   interval=0.2)
 
 
 @pytest_twisted.ensureDeferred

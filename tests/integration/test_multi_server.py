@@ -11,6 +11,7 @@ import treq
 from tests.integration.agent_client import connect_agent
 from tests.integration.daemons import ServerProcess
 from tests.integration.harness import ADMIN_KEY
+from tests.waiting import value_of
 
 HEADERS = {"Authorization": f"Bearer {ADMIN_KEY}"}
 
@@ -99,16 +100,7 @@ async def test_two_servers_behave_as_one(tmp_path, mysql_dbs, exchange):
 async def eventually(read, check, timeout: float = 5.0):
     """Poll `read()` until `check(value)`; well below the agent cache's 60 s max age, so
     only the event from the other server can have refreshed what this one shows."""
-    from twisted.internet import reactor
-    from twisted.internet.task import deferLater
-
-    deadline = reactor.seconds() + timeout
-    while True:
-        value = await read()
-        if check(value):
-            return value
-        assert reactor.seconds() < deadline, f"still {value!r} after {timeout}s"
-        await deferLater(reactor, 0.05, lambda: None)
+    return await value_of(read, check, timeout, what="the other server's change", interval=0.05)
 
 
 @pytest_twisted.ensureDeferred

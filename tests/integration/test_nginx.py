@@ -25,7 +25,6 @@ import pytest_twisted
 import treq
 from twisted.internet import reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
-from twisted.internet.task import deferLater
 from twisted.web.client import HTTPConnectionPool
 
 from taskd.server.settings import ServerSettings
@@ -92,18 +91,18 @@ class Nginx:
     async def start(self) -> "Nginx":
         self.check()
         self.proc = subprocess.Popen(self.argv, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-        deadline = reactor.seconds() + TIMEOUT
-        while True:
+
+        def listening() -> bool:
             if self.proc.poll() is not None:
                 raise AssertionError(f"nginx exited {self.proc.returncode}:\n{self.log()}")
             try:
                 socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
-                return self
             except OSError:
-                pass
-            if reactor.seconds() > deadline:
-                raise AssertionError(f"nginx did not listen on {self.port}:\n{self.log()}")
-            await deferLater(reactor, 0.05, lambda: None)
+                return False
+            return True
+
+        await until(listening, TIMEOUT, what=lambda: f"nginx listening on {self.port}:\n{self.log()}", interval=0.05)
+        return self
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

@@ -11,8 +11,6 @@ from typing import Any, Awaitable, Callable
 
 import pytest
 import pytest_twisted
-from twisted.internet import reactor
-from twisted.internet.task import deferLater
 
 from tests.integration.agent_client import AgentClient, connect_agent
 from tests.integration.harness import ADMIN_KEY, ORG2_KEY, start_server, stop_server
@@ -66,14 +64,7 @@ async def agent_id(api, name: str, key: str = ADMIN_KEY) -> int:
 
 async def eventually(check: Callable[[], Awaitable[Any]], timeout: float = 10.0, what: str = "condition") -> Any:
     """Poll an async `check` until it returns something truthy."""
-    deadline = reactor.seconds() + timeout
-    while True:
-        value = await check()
-        if value:
-            return value
-        if reactor.seconds() > deadline:
-            raise AssertionError(f"{what} not met within {timeout}s (last: {value!r})")
-        await deferLater(reactor, 0.05, lambda: None)
+    return await until(check, timeout, what, interval=0.05)
 
 
 async def routed(api, task_id: int, key: str = ADMIN_KEY) -> list[int]:

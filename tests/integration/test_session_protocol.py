@@ -16,7 +16,6 @@ import pytest
 import pytest_twisted
 import sqlalchemy as sa
 from twisted.internet import reactor
-from twisted.internet.task import deferLater
 
 from taskd.db import models
 from taskd.server.assembly import build_server
@@ -25,7 +24,7 @@ from taskd.timeutil import utcnow
 from taskd.wire import framing
 from tests.integration.agent_client import AgentClient, connect_agent
 from tests.integration.harness import ADMIN_KEY, start_server, stop_server
-from tests.waiting import until
+from tests.waiting import until, value_of
 
 RFC3339_UTC = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,9})?Z$")
 
@@ -120,14 +119,7 @@ async def test_unknown_event_is_ignored_and_the_connection_stays(fast):
 
 
 async def until_async(fetch: Callable[[], Any], expected: Any, timeout: float = 10.0) -> None:
-    deadline = reactor.seconds() + timeout
-    while True:
-        got = await fetch()
-        if got == expected:
-            return
-        if reactor.seconds() > deadline:
-            raise AssertionError(f"expected {expected!r}, still {got!r} after {timeout}s")
-        await deferLater(reactor, 0.05, lambda: None)
+    await value_of(fetch, lambda got: got == expected, timeout, what=f"expected {expected!r}", interval=0.05)
 
 
 @pytest.mark.parametrize("payload", [

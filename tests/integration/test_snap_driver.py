@@ -11,13 +11,13 @@ from typing import Any, Callable
 
 import pytest
 import pytest_twisted
-from twisted.internet import reactor
-from twisted.internet.task import Clock, deferLater
+from twisted.internet.task import Clock
 from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 
 from taskd.agent.snap import (PREFIX, SnapDriver, catalog_record, snap_task_request,
                               updated_after_creation)
 from tests.fakes.snap import SnapEmulator, metric
+from tests.waiting import until
 
 T0 = 1714557600  # 2024-05-01T10:00:00Z
 UPDATED = "2024-05-01T09:00:00.123456Z"
@@ -108,12 +108,13 @@ async def advance(clock: Clock, driver: SnapDriver, seconds: float, step: float 
 async def drive(clock: Clock, cond: Callable[[], Any], step: float = 0.25, timeout: float = 10.0) -> None:
     """Advance the clock in small steps, without waiting for idleness (the driver may be
     sleeping on the clock), until ``cond`` holds; fail after ``timeout`` real seconds."""
-    deadline = reactor.seconds() + timeout
-    while not cond():
-        if reactor.seconds() > deadline:
-            raise AssertionError("condition not met")
+    def held_or_advance() -> bool:
+        if cond():
+            return True
         clock.advance(step)
-        await deferLater(reactor, 0.005, lambda: None)
+        return False
+
+    await until(held_or_advance, timeout, what=lambda: f"condition (driver clock at {clock.seconds()}s)", interval=0.005)
 
 
 def ours(snap: SnapEmulator) -> dict[str, list]:

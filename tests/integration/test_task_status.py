@@ -12,8 +12,6 @@ from typing import Any
 import pytest
 import pytest_twisted
 import sqlalchemy as sa
-from twisted.internet import reactor
-from twisted.internet.task import deferLater
 from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 
 from taskd.db import models
@@ -22,7 +20,7 @@ from taskd.db.taskstatus import TaskStatusRow
 from taskd.wire import framing
 from tests.integration.agent_client import AgentClient, connect_agent
 from tests.integration.harness import ADMIN_KEY, ORG2_KEY, start_server, stop_server
-from tests.waiting import until
+from tests.waiting import until, value_of
 
 AGENTS, TASKS = "/api/v1/agents", "/api/v1/tasks"
 RFC3339_UTC = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{6}Z$")
@@ -90,18 +88,7 @@ async def task_status(api, task_id: int, key: str = ADMIN_KEY) -> list[dict]:
 
 async def until_api(fetch: Any, check: Any, what: str, timeout: float = 10.0) -> Any:
     """Poll an API read until `check(result)` holds; returns the result."""
-    got: list[Any] = [None]
-
-    async def poll() -> bool:
-        got[0] = await fetch()
-        return check(got[0])
-
-    deadline = reactor.seconds() + timeout
-    while not await poll():
-        if reactor.seconds() > deadline:
-            raise AssertionError(f"{what} not met within {timeout}s; last {got[0]!r}")
-        await deferLater(reactor, 0.05, lambda: None)
-    return got[0]
+    return await value_of(fetch, check, timeout, what, interval=0.05)
 
 
 async def still_open(client: AgentClient) -> None:

@@ -33,21 +33,7 @@ SEED = 1234
 
 # -- fakes -----------------------------------------------------------------------------
 
-class FakeTransport:
-    def __init__(self) -> None:
-        self.frames: list[tuple[str, Any]] = []
-        self.closes: list[tuple[int, str]] = []
-
-    def send_frame(self, data: bytes) -> None:
-        frame = framing.decode(data)
-        self.frames.append((frame.event, frame.json()))
-
-    def close(self, code: int, reason: str) -> None:
-        self.closes.append((code, reason))
-
-    def take(self) -> list[tuple[str, Any]]:
-        frames, self.frames = self.frames, []
-        return frames
+from tests.fakes.transport import FakeTransport  # noqa: E402  (shared, signature-checked)
 
 
 class FakePool:

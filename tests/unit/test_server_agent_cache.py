@@ -27,13 +27,7 @@ def agent(agent_id: int = 1, name: str = "a1", org_id: int = 1, **kw: Any) -> Ag
     return Agent(**fields)
 
 
-class FakeTransport:
-    def __init__(self) -> None:
-        self.connected = True
-        self.connections = 1
-
-    def publish(self, event: dict) -> None:
-        pass
+from tests.fakes.transport import FakeTransport  # noqa: E402  (shared, signature-checked)
 
 
 @pytest.fixture

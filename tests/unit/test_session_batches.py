@@ -21,17 +21,7 @@ from taskd.db.connector import Database
 T0 = datetime(2024, 1, 2, 3, 4, 5)
 
 
-class FakeTransport:
-    def __init__(self) -> None:
-        self.frames: list[tuple[str, Any]] = []
-        self.closes: list[tuple[int, str]] = []
-
-    def send_frame(self, data: bytes) -> None:
-        frame = framing.decode(data)
-        self.frames.append((frame.event, frame.json()))
-
-    def close(self, code: int, reason: str) -> None:
-        self.closes.append((code, reason))
+from tests.fakes.transport import FakeTransport  # noqa: E402  (shared, signature-checked)
 
 
 class FakeStore:
