@@ -5,15 +5,12 @@ dispatcher sends through it."""
 from __future__ import annotations
 
 import json
-from datetime import datetime
 from typing import Any
 
-from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 
 from taskd.db.agents import Agent
 from taskd.db.connector import Database
-from taskd.db.tasks import Route, Task
 from taskd.server.agentview import AgentView, Desired
 from taskd.server.dispatch import Dispatcher
 from taskd.server.events import EventBus
@@ -21,55 +18,7 @@ from taskd.server.render import task_json
 from taskd.server.sessions import AgentSession
 from taskd.wire import framing
 
-T0 = datetime(2024, 1, 2, 3, 4, 5)
-
-
-class Transport:
-    def __init__(self, log: list) -> None:
-        self.log = log  # shared by all transports: the order frames were written in
-        self.frames: list[tuple[str, Any]] = []
-
-    def send_frame(self, data: bytes) -> None:
-        frame = framing.decode(data)
-        self.frames.append((frame.event, frame.payload))
-        self.log.append((self, frame.event))
-
-    def close(self, code: int, reason: str) -> None:
-        pass
-
-    def take(self) -> list[tuple[str, Any]]:
-        frames, self.frames = self.frames, []
-        return [(event, json.loads(payload)) for event, payload in frames]
-
-
-class Pool:
-    def __init__(self, tasks: dict[int, list[Task]] | None = None) -> None:
-        self.tasks = tasks or {}
-        self.reads: list[list[int]] = []
-
-    def do(self, fn, ids):
-        assert fn.__name__ == "tasks_for_agents"
-        self.reads.append(list(ids))
-        return succeed({i: list(self.tasks.get(i, [])) for i in ids})
-
-
-class StalledPool(Pool):
-    """A database that does not answer until the test says so."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.held: list[Deferred] = []
-
-    def do(self, fn, ids):
-        assert fn.__name__ == "tasks_for_agents"
-        self.reads.append(list(ids))
-        self.held.append(Deferred())
-        return self.held[-1]
-
-
-def task(task_id: int, interval: int = 60, name: str | None = None) -> Task:
-    return Task(task_id, 1, name or f"task-{task_id}", "", {"/x": {"a": 1}}, interval,
-                Route("byTags", {"tags": ["t"]}), {}, True, T0, T0)
+from tests.unit.session_rig import T0, Pool, StalledPool, Transport, task
 
 
 def session_for(agent_id: int, written: list) -> AgentSession:

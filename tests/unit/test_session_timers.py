@@ -3,14 +3,11 @@ every heartbeat), and due taskLists handed to the dispatcher (its listener) a sl
 time, never holding back heartbeats. (What a taskList holds: test_agentview.py.)"""
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Any
 
-from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 
 from taskd.db.agents import Agent
-from taskd.db.tasks import Route, Task
 from taskd.server import sessions as sessions_module
 from taskd.server.dispatch import Dispatcher
 from taskd.server.events import EventBus
@@ -18,37 +15,7 @@ from taskd.server.sessions import AgentSession, SessionManager
 from taskd.wire import framing
 from taskd.db.connector import Database
 
-T0 = datetime(2024, 1, 2, 3, 4, 5)
-
-
-class Transport:
-    def __init__(self, log: list) -> None:
-        self.log = log  # shared by all transports: the order frames were written in
-        self.frames: list[tuple[str, Any]] = []
-
-    def send_frame(self, data: bytes) -> None:
-        frame = framing.decode(data)
-        self.frames.append((frame.event, frame.payload))
-        self.log.append((self, frame.event))
-
-    def close(self, code: int, reason: str) -> None:
-        pass
-
-
-class Pool:
-    def __init__(self, tasks: dict[int, list[Task]] | None = None) -> None:
-        self.tasks = tasks or {}
-        self.reads: list[list[int]] = []
-
-    def do(self, fn, ids):
-        assert fn.__name__ == "tasks_for_agents"
-        self.reads.append(list(ids))
-        return succeed({i: list(self.tasks.get(i, [])) for i in ids})
-
-
-def task(task_id: int, interval: int = 60) -> Task:
-    return Task(task_id, 1, f"task-{task_id}", "", {"/x": {"a": 1}}, interval, Route("byTags", {"tags": ["t"]}),
-                {}, True, T0, T0)
+from tests.unit.session_rig import T0, Pool, StalledPool, Transport
 
 
 class Turns:
@@ -118,20 +85,6 @@ def test_due_task_lists_are_read_a_slice_at_a_time(monkeypatch):
     assert pool.reads == [[1, 2], [4, 5]]
     assert [e for e, _ in manager.sessions[3].transport.frames] == [framing.HEARTBEAT]
     assert [e for e, _ in manager.sessions[5].transport.frames] == [framing.HEARTBEAT, framing.TASK_LIST]
-
-
-class StalledPool(Pool):
-    """A database that does not answer until the test says so."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.held: list[Deferred] = []
-
-    def do(self, fn, ids):
-        assert fn.__name__ == "tasks_for_agents"
-        self.reads.append(list(ids))
-        self.held.append(Deferred())
-        return self.held[-1]
 
 
 def test_heartbeats_never_wait_for_the_database():
