@@ -325,7 +325,9 @@ def _key_lines(text: str) -> dict[tuple[str, str], int]:
 def read_ini(path: str, options: Iterable[Option], *, only_known: bool = False) -> dict[str, _Raw] | None:
     """Raw values from the file by key name; None when there is no such file.
     `only_known`: skip the keys and sections of other options (a tool that reads a
-    few keys of a daemon's file) instead of refusing them."""
+    few keys of a daemon's file) instead of refusing them; a key that looks like a
+    misspelling of one of `options` is still refused, or the tool would quietly use
+    that option's default (say, another database)."""
     try:
         with open(path, encoding="utf-8-sig") as f:
             text = f.read()
@@ -372,7 +374,7 @@ def read_ini(path: str, options: Iterable[Option], *, only_known: bool = False) 
         for key, value in parser.items(section):
             origin = f"{path} line {lines.get((section, key), 0)}"
             opt = known.get(key)
-            if opt is None and only_known:
+            if opt is None and only_known and not difflib.get_close_matches(key, list(known), n=1, cutoff=0.8):
                 continue
             if opt is None:
                 close = difflib.get_close_matches(key, list(known), n=1)

@@ -38,10 +38,6 @@ class Database:
         """A connector over a new pool (started by `start`)."""
         return cls(DBPool(engine, reactor, max_threads=max_threads))
 
-    @property
-    def engine(self) -> Engine:
-        return self.pool.engine
-
     def start(self) -> None:
         self.pool.start()
 

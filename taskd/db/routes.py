@@ -322,15 +322,8 @@ class RouteStore:
         """The task of `org_id`, its agents and the statuses of agents that org may see."""
         return self._pool.do(task_detail, org_id, task_id)
 
-    def routed_agents(self, task: Task) -> "Deferred[list[int]]":
-        """The agents that should run `task` now (ignoring `enabled`), sorted."""
-        return self._pool.do(_sorted_routed, task)
-
     def tasks_for_agents(self, agent_ids: Sequence[int]) -> "Deferred[dict[int, list[Task]]]":
         return self._pool.do(tasks_for_agents, list(agent_ids))
-
-    def ensure_any_assignment(self, task: Task) -> "Deferred[int | None]":
-        return self._pool.do(ensure_any_assignment, task)
 
     def release_unqualified(self, agent_id: int) -> "Deferred[list[tuple[Task, int | None]]]":
         return self._pool.do(release_unqualified, agent_id)
@@ -345,6 +338,3 @@ class RouteStore:
     def relocate_from(self, agent_id: int) -> "Deferred[list[tuple[Task, int | None]]]":
         return self._pool.do(relocate_from, agent_id)
 
-
-def _sorted_routed(conn: Connection, task: Task) -> list[int]:
-    return sorted(routed_agents(conn, task))

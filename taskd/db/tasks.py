@@ -314,9 +314,6 @@ class TaskStore:
         """(enabled, disabled) tasks of every org: the tasks.active/tasks.disabled gauges."""
         return self.pool.do(count_by_enabled)
 
-    def get(self, org_id: int, task_id: int) -> "Deferred[Task | None]":
-        return self.pool.do(load_task, org_id, task_id)
-
     def list(self, org_id: int, flt: TaskFilter, page: Page) -> "Deferred[list[Task]]":
         t = m.task.c
         stmt = sa.select(m.task).where(t.org_id == org_id)

@@ -163,22 +163,22 @@ class AgentView:
         """The whole view as one taskList; agents with the same list share the frame."""
         listed = sorted(session.view.values(), key=lambda t: (t["name"], t["id"]))
         key = (framing.TASK_LIST, *(id(t) for t in listed))  # the dicts are alive in views: ids are stable
-        frame = frames.get(key) if frames is not None else None
-        if frame is None:
-            frame = framing.encode_json(framing.TASK_LIST, listed)
-            if frames is not None:
-                frames[key] = frame
-        session.send_frame(frame)
+        session.send_frame(_encoded(frames, key, framing.TASK_LIST, listed))
 
     def _send_event(self, session: "AgentSession", task_id: int, event: str, body: dict | None,
                     frames: dict | None) -> None:
         """One taskAdd/taskUpdate/taskRemove, encoded once per (event, body) of a fan-out."""
-        key = (event, id(body))
-        data = frames.get(key) if frames is not None else None
-        if data is None:
-            data = framing.encode_json(event, body)
-            if frames is not None:
-                frames[key] = data
-        session.send_frame(data)
+        session.send_frame(_encoded(frames, (event, id(body)), event, body))
         self.log.debug("{event} task {id} to agent {agent} ({ip})", event=event, id=task_id,
                        agent=session.agent.name, ip=session.remote_ip)
+
+
+def _encoded(frames: dict | None, key: tuple, event: str, body: Any) -> bytes:
+    """The frame for (`event`, `body`), encoded once per `key` in the `frames` cache of
+    one fan-out (no cache: encoded each time)."""
+    data = frames.get(key) if frames is not None else None
+    if data is None:
+        data = framing.encode_json(event, body)
+        if frames is not None:
+            frames[key] = data
+    return data

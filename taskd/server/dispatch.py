@@ -168,9 +168,8 @@ class Dispatcher(Service):
 
     def _routed_here(self, task: dict, sessions: list[AgentSession]) -> set[int] | None:
         """The agents among `sessions` a byIds/byTags task this server has just created
-        is routed to, from what the sessions hold, with the rule of
-        db.routes.routed_agents (a held agent is online; its tags and org; its catalog
-        covers the task's metrics). None when that cannot be decided here, and the
+        is routed to, from what the sessions hold, with the rule of taskd.routing (a
+        held agent is online; its tags and org; its catalog covers the task's metrics). None when that cannot be decided here, and the
         database is asked: an `any` task (its agent is chosen in the database), or a
         candidate whose catalog is unknown (being written) or whose agent is being
         reloaded after a change, or a held agent that may have changed unseen (byTags).

@@ -202,6 +202,15 @@ def test_taskd_db_command_names_a_bad_key_in_one_line(tmp_path):
     assert "db-type" in out.stderr and "Traceback" not in out.stderr
 
 
+def test_taskd_db_refuses_a_misspelt_database_key_instead_of_using_the_default(tmp_path):
+    cfg = tmp_path / "server.ini"
+    cfg.write_text("db-type = sqlite3\ndb-conect-str = /somewhere/else.db\nadmin-key = x\n")
+    out = subprocess.run([sys.executable, "-m", "taskd.db.cli", "--config", str(cfg), "current"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2
+    assert "db-conect-str" in out.stderr and "db-connect-str" in out.stderr and "Traceback" not in out.stderr
+
+
 def test_migrations_ship_inside_the_package():
     assert (Path(migrate.MIGRATIONS) / "env.py").is_file()
     assert Path(migrate.MIGRATIONS).is_relative_to(Path(migrate.__file__).parent)
