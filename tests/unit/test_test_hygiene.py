@@ -156,41 +156,26 @@ def test_no_unconditional_skips():
     assert everywhere(unconditional_skips) == []
 
 
-@pytest.mark.parametrize("source, expected", [
-    ("import time\ndef f():\n    time.sleep(1)\n", 1),
-    ("import asyncio\nasync def f():\n    await asyncio.sleep(0.5)\n", 1),
-    ("async def f():\n    await deferLater(reactor, 1.5, lambda: None)\n", 1),
-    ("def f():\n    pass\n", 0),
-])
-def test_the_sleep_check_sees_sleeps(tmp_path, source, expected):
-    path = tmp_path / "probe.py"
-    path.write_text(source)
-    assert len(fixed_sleeps(path)) == expected
-
-
 SKIP = "pytest." + "skip"  # spelled apart so a grep for skipped tests does not find these probes
+PROBES = [
+    (fixed_sleeps, "import time\ndef f():\n    time.sleep(1)\n", 1),
+    (fixed_sleeps, "import asyncio\nasync def f():\n    await asyncio.sleep(0.5)\n", 1),
+    (fixed_sleeps, "async def f():\n    await deferLater(reactor, 1.5, lambda: None)\n", 1),
+    (fixed_sleeps, "def f():\n    pass\n", 0),
+    (unconditional_skips, f"import pytest\ndef test_x():\n    {SKIP}('later')\n", 1),
+    (unconditional_skips, "import pytest\n@pytest.mark." + "skip(reason='later')\ndef test_x():\n    pass\n", 1),
+    (unconditional_skips, f"import pytest\ndef test_x():\n    if not HAVE:\n        {SKIP}('no tool')\n", 0),
+    (unconditional_skips, "import pytest\n@pytest.mark.skipif(not HAVE, reason='no tool')\ndef test_x():\n    pass\n", 0),
+    (deadline_loops, "def f():\n    deadline = now() + 5\n    while not ok():\n        assert now() < deadline\n", 1),
+    (deadline_loops, "async def f():\n    await until(ok, 5)\n", 0),
+]
 
 
-@pytest.mark.parametrize("source, expected", [
-    (f"import pytest\ndef test_x():\n    {SKIP}('later')\n", 1),
-    ("import pytest\n@pytest.mark." + "skip(reason='later')\ndef test_x():\n    pass\n", 1),
-    (f"import pytest\ndef test_x():\n    if not HAVE:\n        {SKIP}('no tool')\n", 0),
-    ("import pytest\n@pytest.mark.skipif(not HAVE, reason='no tool')\ndef test_x():\n    pass\n", 0),
-])
-def test_the_skip_check_sees_unconditional_skips(tmp_path, source, expected):
+@pytest.mark.parametrize("check, source, expected", PROBES, ids=lambda p: getattr(p, "__name__", None))
+def test_each_check_sees_what_it_is_for(tmp_path, check, source, expected):
     path = tmp_path / "probe.py"
     path.write_text(source)
-    assert len(unconditional_skips(path)) == expected
-
-
-@pytest.mark.parametrize("source, expected", [
-    ("def f():\n    deadline = now() + 5\n    while not ok():\n        assert now() < deadline\n", 1),
-    ("async def f():\n    await until(ok, 5)\n", 0),
-])
-def test_the_loop_check_sees_deadline_loops(tmp_path, source, expected):
-    path = tmp_path / "probe.py"
-    path.write_text(source)
-    assert len(deadline_loops(path)) == expected
+    assert len(check(path)) == expected
 
 
 def test_the_fake_check_sees_a_second_fake_transport(tmp_path):
