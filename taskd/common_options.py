@@ -2,7 +2,8 @@
 parsing, defaults and help cannot drift apart between task-server and task-agent."""
 from __future__ import annotations
 
-from taskd.config import Option, choice, int_range, parse_bool, parse_host_port
+from taskd.config import Option
+from taskd.configtypes import choice, int_range, parse_bool, parse_host_port
 from taskd.stats import parse_stats_prefix
 
 

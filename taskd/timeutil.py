@@ -30,7 +30,7 @@ def parse_go_duration(text: Any) -> int:
     """A Go duration (``"60s"``, ``"1m0s"``, ``"1h30m"``, ``"0"``) → nanoseconds.
 
     The one parser of Go's ``time.Duration`` text: the config files (via
-    ``taskd.config.parse_duration``) and Snap's answers both use it. Unsigned only:
+    ``taskd.configtypes.parse_duration``) and Snap's answers both use it. Unsigned only:
     nothing taskd reads may be negative. Raises ValueError naming the text.
     """
     if not isinstance(text, str) or not text:

@@ -12,7 +12,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 
 from taskd.common_options import logging_options, stats_options
-from taskd.config import ConfigError, Option, choice, int_range, load, parse_bool, parse_duration, parse_host_port, url
+from taskd.config import ConfigError, Option, load
+from taskd.configtypes import choice, int_range, parse_bool, parse_duration, parse_host_port, url
 from taskd.stats import AGENT_PREFIX
 
 ENV_PREFIX = "TASKAGENT_"

@@ -6,7 +6,8 @@ database layer importing the server's settings.
 """
 from __future__ import annotations
 
-from taskd.config import Option, choice, int_range
+from taskd.config import Option
+from taskd.configtypes import choice, int_range
 from taskd.db.engine import DEFAULT_SQLITE_PATH
 
 

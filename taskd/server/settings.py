@@ -17,14 +17,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 
 from taskd.common_options import logging_options, stats_options
-from taskd.config import (
-    ConfigError,
-    Option,
+from taskd.config import ConfigError, Option, load
+from taskd.configtypes import (
     byte_size,
     choice,
     int_list,
     int_range,
-    load,
     parse_bool,
     parse_duration,
     parse_listen_addr,

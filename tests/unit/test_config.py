@@ -5,20 +5,17 @@ import os
 
 import pytest
 
-from taskd.config import (
-    ConfigError,
-    Option,
+from taskd.config import ConfigError, Option, load, usage_parameters
+from taskd.configtypes import (
     byte_size,
     choice,
     int_list,
     int_range,
-    load,
     parse_bool,
     parse_duration,
     parse_host_port,
     parse_listen_addr,
     url,
-    usage_parameters,
 )
 
 OPTIONS = (
