@@ -3,16 +3,21 @@
 Servers sharing one database must all see every `agent.*` / `task.*` event: each one
 pushes task changes to the agents *it* holds and relocates tasks when an agent goes
 offline anywhere. Events travel through a durable topic exchange (routing key = event
-type); each server consumes from its own exclusive, auto-delete, server-named queue
-bound with `#`, so it also receives its own events (the caller filters on `source`).
+type); each server consumes from its own queue bound with `#`, so it also receives its
+own events (the caller filters on `source`).
 
-Delivery is at-least-once: the publish channel is in confirm mode and an event leaves
-the local buffer only when the broker acks it. On a nack or a lost connection every
-unconfirmed event is resent, in order, once a channel is available again; receivers
-must be idempotent. While disconnected, events are buffered (bounded; the oldest are
-dropped past `max_pending`). Events published while *this* server's queue does not
-exist (it is disconnected) are not queued for it: the periodic reconciliation covers
-that. The connection is retried forever with capped, jittered exponential backoff.
+Delivery is at-least-once and survives a broker restart or a cut connection on either
+side: the publish channel is in confirm mode and an event leaves the local buffer only
+when the broker acks it (persistent messages are acked once written to disk). On a nack
+or a lost connection every unconfirmed event is resent, in order, once a channel is
+available again. Each server's queue is durable and named after the server instance
+(`taskd.<exchange>.<instance>`), not exclusive: it outlives a disconnection and a broker
+restart, keeping what arrived meanwhile, and the broker deletes it only after it has had
+no consumer for `queue_expiry` seconds (a server that is gone for good). Resends and
+redeliveries mean an event can arrive twice; the bus drops repeats by event id
+(taskd.server.events). While disconnected, events are buffered (bounded; the oldest are
+dropped past `max_pending`, counted in `dropped`). The connection is retried forever
+with capped, jittered exponential backoff.
 """
 from __future__ import annotations
 
@@ -24,7 +29,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import pika
 from pika.adapters.twisted_connection import TwistedChannel, TwistedProtocolConnection
-from pika.exceptions import AMQPConnectionError, NackError
+from pika.exceptions import AMQPConnectionError, ChannelClosedByBroker, NackError
 from twisted.application.service import Service
 from twisted.internet.defer import (CancelledError, Deferred, TimeoutError, ensureDeferred,
                                     maybeDeferred, succeed)
@@ -37,6 +42,14 @@ from twisted.python.failure import Failure
 
 _PROPS = pika.BasicProperties(content_type="application/json", delivery_mode=2)
 CONNECT_TIMEOUT, STOP_FLUSH_TIMEOUT, STOP_CLOSE_TIMEOUT = 15.0, 2.0, 2.0
+QUEUE_EXPIRY = 600.0
+"""Seconds a server's queue outlives its last consumer (rabbitmq-queue-expiry)."""
+
+
+def queue_name(exchange: str, instance_id: str) -> str:
+    """The queue of one server instance; stable across reconnections, so nothing sent
+    while the instance was away is lost."""
+    return f"taskd.{exchange}.{instance_id}"
 
 
 def redact_url(url: str) -> str:
@@ -98,11 +111,14 @@ class AmqpTransport(Service):
 
     def __init__(self, *, url: str, exchange: str, instance_id: str,
                  on_event: Callable[[dict], None], reactor: Any = None,
-                 max_backoff: float = 30.0, max_pending: int = 100_000) -> None:
+                 max_backoff: float = 30.0, max_pending: int = 100_000,
+                 queue_expiry: float = QUEUE_EXPIRY) -> None:
         if reactor is None:
             from twisted.internet import reactor
         self._reactor, self._exchange, self._instance = reactor, exchange, instance_id
         self._on_event, self._max_backoff, self._max_pending = on_event, max_backoff, max_pending
+        self.queue = queue_name(exchange, instance_id)
+        self._queue_args = {"x-expires": max(1000, int(queue_expiry * 1000))}
         self._safe_url = redact_url(url)
         try:
             params = pika.URLParameters(url)
@@ -237,10 +253,9 @@ class AmqpTransport(Service):
             pub = await self._open_publisher(proto)  # declares the exchange
             consume = await proto.channel()
             await consume.basic_qos(prefetch_count=1000)
-            queue = (await consume.queue_declare(queue="", exclusive=True, auto_delete=True)
-                     ).method.queue
-            await consume.queue_bind(queue=queue, exchange=self._exchange, routing_key="#")
-            messages, _tag = await consume.basic_consume(queue=queue, auto_ack=False)
+            consume = await self._declare_queue(proto, consume)
+            await consume.queue_bind(queue=self.queue, exchange=self._exchange, routing_key="#")
+            messages, _tag = await consume.basic_consume(queue=self.queue, auto_ack=False)
             if not (pub.is_open and consume.is_open):
                 raise RuntimeError("channel closed during set-up")
         except BaseException:
@@ -252,6 +267,24 @@ class AmqpTransport(Service):
         self.connections += 1
         self._use_publisher(pub)  # only now: our own queue is bound and gets them too
         return proto
+
+    async def _declare_queue(self, proto: _Protocol, ch: TwistedChannel) -> TwistedChannel:
+        """Declare this server's queue; one declared with other arguments (an earlier
+        rabbitmq-queue-expiry) is replaced, since the broker refuses to change them."""
+        try:
+            await ch.queue_declare(queue=self.queue, durable=True, arguments=self._queue_args)
+            return ch
+        except ChannelClosedByBroker as exc:
+            if exc.reply_code != 406:  # PRECONDITION_FAILED: same name, other arguments
+                raise
+        self.log.warn("amqp: queue {queue!r} exists with other arguments; re-creating it "
+                      "(events waiting in it are lost; the periodic reconciliation covers "
+                      "them)", queue=self.queue)
+        ch = await proto.channel()
+        await ch.queue_delete(queue=self.queue)
+        await ch.queue_declare(queue=self.queue, durable=True, arguments=self._queue_args)
+        await ch.basic_qos(prefetch_count=1000)
+        return ch
 
     async def _open_publisher(self, proto: _Protocol) -> TwistedChannel:
         ch = await proto.channel()
@@ -314,7 +347,7 @@ class AmqpTransport(Service):
         try:
             msg.channel.basic_ack(delivery_tag=msg.method.delivery_tag)
         except Exception:
-            pass  # channel gone: the exclusive queue went with it
+            pass  # channel gone: the broker redelivers it on the next connection
 
     # -- stopping --------------------------------------------------------------------
 

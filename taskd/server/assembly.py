@@ -203,7 +203,8 @@ def build_server(settings: Any, reactor: Any = None) -> Server:
         from taskd.server.amqp import AmqpTransport
 
         transport = AmqpTransport(url=settings.rabbitmq_url, exchange=settings.exchange,
-                                  instance_id=instance_id, on_event=events.receive, reactor=reactor)
+                                  instance_id=instance_id, on_event=events.receive, reactor=reactor,
+                                  queue_expiry=settings.rabbitmq_queue_expiry)
         events.transport = transport
         transport.setServiceParent(root)  # stops after the sessions, so their offline events get out
     sessions.setServiceParent(root)
@@ -212,8 +213,13 @@ def build_server(settings: Any, reactor: Any = None) -> Server:
     if stats.enabled:
         def gauges() -> Deferred:
             connected = len(sessions.sessions)
+            broker = {} if events.transport is None else {
+                "broker.connected": int(events.transport.connected),
+                "broker.buffered": events.transport.pending,
+                "broker.dropped": events.transport.dropped}
             return db.tasks.count_by_enabled().addCallback(lambda counts: {
-                "agents.connected": connected, "tasks.active": counts[0], "tasks.disabled": counts[1]})
+                "agents.connected": connected, "tasks.active": counts[0], "tasks.disabled": counts[1],
+                **broker})
 
         GaugeReporter(stats, reactor, gauges, GAUGE_INTERVAL).setServiceParent(root)
         log.info("sending metrics to statsd at {addr} ({flavour}), prefix {prefix}", addr=settings.statsd_addr,

@@ -59,6 +59,10 @@ SERVER_OPTIONS: tuple[Option, ...] = (
     Option("rabbitmq-url", url("amqp", "amqps"), "amqp://guest:guest@localhost:5672/",
            "RabbitMQ broker URL, used only when exchange is set.",
            secret=True, redact=redact_userinfo),
+    Option("rabbitmq-queue-expiry", parse_duration, "10m",
+           "How long the broker keeps this server's event queue (and what waits in it)"
+           " after the server disconnects; a server away longer relies on the periodic"
+           " reconciliation for what it missed."),
     Option("auth-endpoint", url("http", "https"), "https://grafana.com",
            "http(s) URL of the grafana.com-style service that checks API keys."),
     Option("auth-valid-org-id", int_list(lo=1), "",
@@ -106,6 +110,7 @@ class ServerSettings:
     admin_key: str = ""
     exchange: str = ""
     rabbitmq_url: str = "amqp://guest:guest@localhost:5672/"
+    rabbitmq_queue_expiry: float = 600.0
     auth_endpoint: str = "https://grafana.com"
     auth_valid_org_id: tuple[int, ...] = ()
     auth_valid_ttl: float = 300.0

@@ -44,7 +44,7 @@ def exchange():
 @pytest_twisted.ensureDeferred
 async def test_two_servers_behave_as_one(tmp_path, mysql_dbs, exchange):
     dsn = mysql_dbs.dsn(mysql_dbs.create("multi"))
-    common = {"db-type": "mysql", "db-connect-str": dsn, "admin-key": ADMIN_KEY, "exchange": exchange,
+    common = {"db-type": "mysql", "db-connect-str": dsn, "admin-key": ADMIN_KEY, "exchange": exchange, "rabbitmq-queue-expiry": "20s",
               "rabbitmq-url": "amqp://guest:guest@127.0.0.1:5672/", "relocate-delay": "0.2s"}
     a = ServerProcess(tmp_path, "A", **common)
     b = ServerProcess(tmp_path, "B", **common)
@@ -108,7 +108,7 @@ async def test_agent_reads_on_one_server_follow_changes_made_through_another(tmp
     """A caches agents it was asked about; what B changes (the API, the agent's
     connection, deletion) reaches A's GET through B's agent.* events."""
     dsn = mysql_dbs.dsn(mysql_dbs.create("cache"))
-    common = {"db-type": "mysql", "db-connect-str": dsn, "admin-key": ADMIN_KEY, "exchange": exchange,
+    common = {"db-type": "mysql", "db-connect-str": dsn, "admin-key": ADMIN_KEY, "exchange": exchange, "rabbitmq-queue-expiry": "20s",
               "rabbitmq-url": "amqp://guest:guest@127.0.0.1:5672/"}
     a = ServerProcess(tmp_path, "A", **common)
     b = ServerProcess(tmp_path, "B", **common)

@@ -126,7 +126,7 @@ async def test_no_secret_in_any_log_line(capture, mysql_secret_dsn):
             errors.append(repr(settings))
 
     api = await start_server(
-        "mysql", dsn, log_level=0, admin_key=ADMIN_SECRET, exchange=f"taskd-secrets-{TAG}",
+        "mysql", dsn, log_level=0, admin_key=ADMIN_SECRET, exchange=f"taskd-secrets-{TAG}", rabbitmq_queue_expiry=20.0,
         rabbitmq_url=f"amqp://taskd-{TAG}:{RMQ_PASSWORD}@127.0.0.1:5672/")
     api.auth.keys[ORG_SECRET] = org(5, "secretorg")
     snap = SnapEmulator(catalog=[metric("/example-task/foo", 1)]).start()
