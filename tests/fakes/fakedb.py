@@ -31,7 +31,7 @@ from typing import Any, Callable, Iterable, Sequence
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.python.failure import Failure
 
-from taskd.db.agents import Agent
+from taskd.db.agents import Agent, AgentFilter
 from taskd.db.catalog import Metric, MetricFilter
 from taskd.db.listing import Page
 from taskd.db.routes import TaskDetail
@@ -153,6 +153,18 @@ class _State:
 
     def sessionless(self, agent_id: int) -> bool:
         return all(a != agent_id for a, _ in self.sessions.values())
+
+    def drop_agent(self, agent_id: int) -> Agent | None:
+        """The agent goes, and with it its tags, sessions, metrics, assignments and
+        statuses; the org catalog drops what only it gave (as the database cascades)."""
+        old = self.agents.pop(agent_id, None)
+        if old is not None:
+            self.agent_metrics.pop(agent_id, None)
+            self.any_index = {t: a for t, a in self.any_index.items() if a != agent_id}
+            self.sessions = {k: v for k, v in self.sessions.items() if v[0] != agent_id}
+            self.statuses = {k: v for k, v in self.statuses.items() if k[1] != agent_id}
+            self.refresh_org_catalog(old.org_id, self.now(), {})
+        return old
 
     def status_rows(self, task_id: int, visible_to: int | None) -> list[TaskStatusRow]:
         rows = []
@@ -292,6 +304,52 @@ class FakeAgentStore(_Fake):
     def get_many_by_name(self, keys: Sequence[tuple[int, str]]) -> "Deferred[dict[tuple[int, str], Agent]]":
         wanted = set(keys)
         return succeed({(a.org_id, a.name): a for a in self._state.agents.values() if (a.org_id, a.name) in wanted})
+
+
+    @recorded
+    def list(self, org_id: int, flt: AgentFilter, page: Page) -> "Deferred[list[Agent]]":
+        state = self._state
+        if flt.public is True:
+            seen = lambda a: a.public  # noqa: E731
+        elif flt.public is False:
+            seen = lambda a: a.org_id == org_id and not a.public  # noqa: E731
+        else:
+            seen = lambda a: a.visible_to(org_id)  # noqa: E731
+        rows = [a for a in state.agents.values() if seen(a)
+                and (flt.name is None or _matches(flt.name, a.name))
+                and (flt.enabled is None or a.enabled == flt.enabled)
+                and (not flt.tags or not set(flt.tags).isdisjoint(a.tags))
+                and (flt.metric is None or any(_matches(flt.metric, ns) for ns, _ in state.agent_metrics.get(a.id, {})))]
+        attr = AGENT_ORDER[page.order_by]
+        # NULL sorts first ascending (sqlite and MySQL alike), so last descending
+        return succeed(_page(rows, page, lambda a: (getattr(a, attr) is not None, getattr(a, attr) or 0),
+                             lambda a: a.id))
+
+    @recorded
+    def update(
+        self, agent_id: int, *, name: str, enabled: bool, public: bool, tags: Sequence[str]
+    ) -> "Deferred[tuple[Agent, Agent]]":
+        state, now = self._state, self._state.now()
+        old = state.agents.get(agent_id)
+        if old is None:
+            return fail(NotFound(f"agent {agent_id} does not exist"))
+        if any(a.org_id == old.org_id and a.name == name and a.id != agent_id for a in state.agents.values()):
+            return fail(Conflict(f"an agent named {name!r} already exists in this org; choose another name"))
+        new = state.agents[agent_id] = replace(
+            old, name=name, enabled=enabled, public=public, tags=tuple(sorted(set(tags))), updated=now,
+            enabled_change=now if enabled != old.enabled else old.enabled_change)
+        if public != old.public:  # the agent's catalog entries follow its visibility
+            state.refresh_org_catalog(old.org_id, now, {})
+        return succeed((old, new))
+
+    @recorded
+    def delete(self, agent_id: int) -> "Deferred[Agent | None]":
+        return succeed(self._state.drop_agent(agent_id))
+
+
+AGENT_ORDER = {"id": "id", "name": "name", "enabled": "enabled", "enabledChange": "enabled_change",
+               "public": "public", "online": "online", "onlineChange": "online_change",
+               "created": "created", "updated": "updated"}
 
 
 class FakeSessionStore(_Fake):
@@ -558,11 +616,8 @@ class FakeDatabase:
         return agent
 
     def drop_agent(self, agent_id: int) -> None:
-        state = self._state
-        state.agents.pop(agent_id, None)
-        state.agent_metrics.pop(agent_id, None)
-        state.any_index = {t: a for t, a in state.any_index.items() if a != agent_id}
-        state.sessions = {k: v for k, v in state.sessions.items() if v[0] != agent_id}
+        """Delete the agent, as `agents.delete` does (without recording a call)."""
+        self._state.drop_agent(agent_id)
 
     def put_task(self, task: Task, assignee: int | None = None) -> Task:
         """Store `task` as it is (or replace the one of its id); an `any` task is given to

@@ -11,7 +11,7 @@ import pytest_twisted
 from twisted.internet import reactor
 
 from taskd.db import migrate
-from taskd.db.agents import AgentStore
+from taskd.db.agents import AgentFilter, AgentStore
 from taskd.db.catalog import CatalogStore, MetricFilter
 from taskd.db.connector import Database
 from taskd.db.engine import create_engine
@@ -24,14 +24,10 @@ from taskd.errors import Conflict, Invalid, NotFound
 from tests.fakes.fakedb import (FakeAgentStore, FakeCatalogStore, FakeDatabase, FakeRouteStore, FakeSessionStore,
                                 FakeStatusStore, FakeTaskStore)
 
-UNIT_TESTED_ELSEWHERE = "the agents API (listing, edits, deletes) runs on the real stores only: " \
-    "tests/integration/test_api_agents.py; no unit test of the server calls it"
-
 # real store -> (its fake, {real method the fake leaves out: why})
 PAIRS = [
     (TaskStore, FakeTaskStore, {}),
-    (AgentStore, FakeAgentStore, {"list": UNIT_TESTED_ELSEWHERE, "update": UNIT_TESTED_ELSEWHERE,
-                                  "delete": UNIT_TESTED_ELSEWHERE}),
+    (AgentStore, FakeAgentStore, {}),
     (CatalogStore, FakeCatalogStore, {}),
     (SessionStore, FakeSessionStore, {}),
     (StatusStore, FakeStatusStore, {}),
@@ -117,6 +113,42 @@ async def test_agents_are_found_by_id_and_name_and_names_are_unique_per_org(db):
     assert await db.agents.get_many_by_name([(1, "a1"), (2, "a1"), (1, "nope")]) == {(1, "a1"): a, (2, "a1"): b}
     with pytest.raises(Conflict):
         await db.agents.create(1, "a1", enabled=True, public=False, tags=[])
+
+
+@pytest_twisted.ensureDeferred
+async def test_agents_are_listed_by_visibility_and_filters_updated_and_deleted_with_what_hangs_on_them(db):
+    a = await db.agents.create(1, "a-web", enabled=True, public=False, tags=["web", "db"])
+    b = await db.agents.create(1, "b-db", enabled=False, public=False, tags=["db"])
+    p = await db.agents.create(2, "p-pub", enabled=True, public=True, tags=["web"])
+    await db.agents.create(2, "hidden", enabled=True, public=False, tags=["web"])
+    await db.catalog.replace_agent_catalog(b.id, [("/cpu/load", 1, None)])
+    names = lambda agents: [x.name for x in agents]  # noqa: E731
+    listed = lambda flt, page=Page("name"): db.agents.list(1, flt, page)  # noqa: E731
+    assert names(await listed(AgentFilter())) == ["a-web", "b-db", "p-pub"]
+    assert names(await listed(AgentFilter(public=True))) == ["p-pub"]
+    assert names(await listed(AgentFilter(public=False), Page("name", descending=True))) == ["b-db", "a-web"]
+    assert names(await listed(AgentFilter(tags=("web",)))) == ["a-web", "p-pub"]
+    assert names(await listed(AgentFilter(name="*-*", enabled=True), Page("id", limit=1, page=2))) == ["p-pub"]
+    assert names(await listed(AgentFilter(metric="/cpu/*"))) == ["b-db"]
+    assert names(await listed(AgentFilter(), Page("enabledChange"))) == ["b-db", "a-web", "p-pub"]  # NULL first
+    old, new = await db.agents.update(b.id, name="b2", enabled=True, public=True, tags=["x", "x"])
+    assert old == b and (new.name, new.enabled, new.public, new.tags, new.created) == ("b2", True, True, ("x",), b.created)
+    assert new.enabled_change is not None and await db.agents.get(b.id) == new
+    assert [(m.namespace, m.public) for m in await db.catalog.list(3, MetricFilter(), Page("namespace"))] \
+        == [("/cpu/load", True)]  # its catalog is public with it
+    with pytest.raises(Conflict):
+        await db.agents.update(b.id, name="a-web", enabled=True, public=True, tags=[])
+    with pytest.raises(NotFound):
+        await db.agents.update(987654, name="z", enabled=True, public=True, tags=[])
+    task = await db.tasks.create(1, spec("any", Route("any")))
+    await db.sessions.open(b.id, version=1, remote_ip="ip", server="A")
+    assert await db.routes.assign_unassigned(None) == [task]
+    now_online = await db.agents.get(b.id)
+    assert now_online.online and await db.agents.delete(b.id) == now_online and await db.agents.delete(b.id) is None
+    assert await db.routes.snapshot(task.id) == (task, set())  # its assignment went with it
+    assert await db.catalog.list(1, MetricFilter(), Page("namespace")) == []
+    assert names(await listed(AgentFilter())) == ["a-web", "p-pub"]
+    assert p.tags == ("web",)
 
 
 @pytest_twisted.ensureDeferred
