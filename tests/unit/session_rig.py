@@ -1,16 +1,15 @@
 """What the session-timer and agent-view unit tests share: a transport that records the
-frames (and their order across agents), and a pool that answers `tasks_for_agents`
-reads (at once, or when the test says so)."""
+frames (and their order across agents), tasks, and the taskList reads made of the
+FakeDatabase (tests/fakes/fakedb.py) the dispatcher reads them from."""
 from __future__ import annotations
 
 import json
 from datetime import datetime
 from typing import Any
 
-from twisted.internet.defer import Deferred, succeed
-
 from taskd.db.tasks import Route, Task
 from taskd.wire import framing
+from tests.fakes.fakedb import FakeDatabase
 
 T0 = datetime(2024, 1, 2, 3, 4, 5)
 
@@ -33,31 +32,12 @@ class Transport:
         return [(event, json.loads(payload)) for event, payload in frames]
 
 
-class Pool:
-    def __init__(self, tasks: dict[int, list[Task]] | None = None) -> None:
-        self.tasks = tasks or {}
-        self.reads: list[list[int]] = []
-
-    def do(self, fn, ids):
-        assert fn.__name__ == "tasks_for_agents"
-        self.reads.append(list(ids))
-        return succeed({i: list(self.tasks.get(i, [])) for i in ids})
+def task_list_reads(db: FakeDatabase) -> list[list[int]]:
+    """The agent ids of each `tasks_for_agents` read, in order."""
+    return [list(ids) for ids, in db.called(db.routes.tasks_for_agents)]
 
 
-class StalledPool(Pool):
-    """A database that does not answer until the test says so."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.held: list[Deferred] = []
-
-    def do(self, fn, ids):
-        assert fn.__name__ == "tasks_for_agents"
-        self.reads.append(list(ids))
-        self.held.append(Deferred())
-        return self.held[-1]
-
-
-def task(task_id: int, interval: int = 60, name: str | None = None) -> Task:
-    return Task(task_id, 1, name or f"task-{task_id}", "", {"/x": {"a": 1}}, interval,
-                Route("byTags", {"tags": ["t"]}), {}, True, T0, T0)
+def task(task_id: int, interval: int = 60, name: str | None = None, to: tuple[int, ...] = ()) -> Task:
+    """A task routed by tag, or to the agents `to` by id."""
+    route = Route("byIds", {"ids": list(to)}) if to else Route("byTags", {"tags": ["t"]})
+    return Task(task_id, 1, name or f"task-{task_id}", "", {"/x": {"a": 1}}, interval, route, {}, True, T0, T0)

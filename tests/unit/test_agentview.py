@@ -10,7 +10,6 @@ from typing import Any
 from twisted.internet.task import Clock
 
 from taskd.db.agents import Agent
-from taskd.db.connector import Database
 from taskd.server.agentview import AgentView, Desired
 from taskd.server.dispatch import Dispatcher
 from taskd.server.events import EventBus
@@ -18,7 +17,8 @@ from taskd.server.render import task_json
 from taskd.server.sessions import AgentSession
 from taskd.wire import framing
 
-from tests.unit.session_rig import T0, Pool, StalledPool, Transport, task
+from tests.fakes.fakedb import FakeDatabase
+from tests.unit.session_rig import T0, Transport, task
 
 
 def session_for(agent_id: int, written: list) -> AgentSession:
@@ -26,14 +26,15 @@ def session_for(agent_id: int, written: list) -> AgentSession:
     return AgentSession(agent, 1, "10.0.0.1", Transport(written), id=f"s{agent_id}")
 
 
-def make(n: int, pool: Pool, clock: Any = None) -> tuple[Dispatcher, Any, list]:
+def make(n: int, db: FakeDatabase, clock: Any = None) -> tuple[Dispatcher, Any, list]:
     clock = clock or Clock()
     held: dict[int, AgentSession] = {}
-    dispatcher = Dispatcher(sessions=held, db=Database(pool), events=EventBus("here"), clock=clock,
+    dispatcher = Dispatcher(sessions=held, db=db, events=EventBus("here"), clock=clock,
                             instance_id="here")
     written: list = []
     for i in range(1, n + 1):
         held[i] = session_for(i, written)
+        db.add_agent(held[i].agent)
     return dispatcher, clock, written
 
 
@@ -148,9 +149,9 @@ def test_apply_of_a_full_set_as_a_task_list_sends_one_frame_sorted_by_name():
 
 
 def test_agents_running_the_same_tasks_share_the_dicts_and_the_frame(monkeypatch):
-    t1, t2 = task(1), task(2)
-    pool = Pool({1: [t1, t2], 2: [t1, t2], 3: [t1]})
-    dispatcher, clock, _ = make(3, pool)
+    db = FakeDatabase()
+    t1, t2 = db.put_task(task(1, to=(1, 2, 3))), db.put_task(task(2, to=(1, 2)))
+    dispatcher, clock, _ = make(3, db)
     encoded: list[str] = []
     real = framing.encode_json
     monkeypatch.setattr(framing, "encode_json", lambda event, value: encoded.append(event) or real(event, value))
@@ -160,43 +161,49 @@ def test_agents_running_the_same_tasks_share_the_dicts_and_the_frame(monkeypatch
     assert encoded == [framing.TASK_LIST, framing.TASK_LIST]  # two distinct lists, three agents
     assert s1.transport.frames[-1] == (framing.TASK_LIST, s2.transport.frames[-1][1])
     # a later read (a new Task object, equal content) keeps the same shared dict ...
-    pool.tasks = {1: [task(1), task(2)]}
+    db.put_task(task(1, to=(1, 2, 3)))
     dispatcher.send_task_lists([s1])
     assert s1.view[1] is s2.view[1]
     # ... and a changed task replaces it for whoever is told next
-    pool.tasks = {1: [task(1, interval=10), task(2)]}
+    changed = db.put_task(task(1, interval=10, to=(1, 2, 3)))
     dispatcher.send_task_lists([s1])
-    assert s1.view[1] == task_json(task(1, interval=10)) and s2.view[1] == task_json(t1)
-    assert dispatcher.view.share(task_json(task(1, interval=10))) is s1.view[1]
+    assert s1.view[1] == task_json(changed) and s2.view[1] == task_json(t1)
+    assert dispatcher.view.share(task_json(changed)) is s1.view[1]
     dispatcher.view.forget_task(1)
-    assert dispatcher.view.share(task_json(task(1, interval=10))) is not s1.view[1]
+    assert dispatcher.view.share(task_json(changed)) is not s1.view[1]
 
 
 
 def test_a_task_list_keeps_decisions_only_for_its_view_and_older_reads_still_lose():
     """A push decides a task for every session, routed there or not; kept for good,
     that is an entry per session per task of the whole cluster."""
-    pool = StalledPool()
-    dispatcher, _, _ = make(1, pool)
+    db = FakeDatabase()
+    held = db.hold(db.routes.tasks_for_agents)
+    dispatcher, _, _ = make(1, db)
     session = dispatcher.sessions[1]
+    one, nine = db.put_task(task(1, to=(1,))), db.put_task(task(9, to=(1,)))
     dispatcher.send_task_lists([session])  # read A (older) ...
+    db.drop_task(9)
     for task_id in (7, 8, 9):  # ... pushes of tasks not routed here decide them meanwhile
         session.decided_by[task_id] = dispatcher.view.next_read()
     dispatcher.send_task_lists([session])  # read B
-    pool.held[1].callback({1: [task(1)]})
+    assert held.release(1) == {1: [one]}
     assert set(session.view) == {1} and set(session.decided_by) == {1}
-    pool.held[0].callback({1: [task(1), task(9)]})  # A saw task 9, but a push after A decided it
+    assert held.release(0) == {1: [one, nine]}  # A saw task 9, but a push after A decided it
     assert set(session.view) == {1}
     assert [e for e, _ in session.transport.frames] == [framing.TASK_LIST, framing.TASK_LIST]
-    assert json.loads(session.transport.frames[-1][1]) == [task_json(task(1))]
+    assert json.loads(session.transport.frames[-1][1]) == [task_json(one)]
 
 
 def test_a_task_list_read_in_flight_does_not_share_a_deleted_task_again():
-    pool = StalledPool()
-    dispatcher, _, _ = make(1, pool)
+    db = FakeDatabase()
+    held = db.hold(db.routes.tasks_for_agents)
+    dispatcher, _, _ = make(1, db)
     session = dispatcher.sessions[1]
+    one, two = db.put_task(task(1, to=(1,))), db.put_task(task(2, to=(1,)))
     dispatcher.send_task_lists([session])  # the read sees task 1 ...
+    db.drop_task(1)
     session.decided_by[1] = dispatcher.view.next_read()  # ... which is deleted: the delete push
     dispatcher.view.forget_task(1)
-    pool.held[0].callback({1: [task(1), task(2)]})
+    assert held.release() == {1: [one, two]}
     assert set(session.view) == {2} and set(dispatcher.view._payloads) == {2}

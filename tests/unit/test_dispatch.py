@@ -1,19 +1,21 @@
-"""The Dispatcher without network or database: a fake pool, a dict of held sessions,
-fake transports that record frames, a real EventBus and a deterministic Clock.
+"""The Dispatcher without network or database: the in-memory FakeDatabase (its stores
+have the real ones' signatures and behaviour: tests/integration/test_fakedb_contract.py),
+a dict of held sessions, fake transports that record frames, a real EventBus and a
+deterministic Clock.
 
-The pool fake answers `pool.do(fn, *args)` by the function's name with canned results
-(or with a Deferred the test fires later), so every ordering question is decided by the
-test, and nothing sleeps.
+A test says what the database holds (which tasks, routed to whom), never which answer a
+call gets; an ordering question is decided by holding a store method's answers
+(`db.hold`) until the test releases them, so nothing sleeps.
 """
 from __future__ import annotations
 
-import json
 import random
 from datetime import datetime
-from typing import Any, Callable
+from dataclasses import replace
+from typing import Any
 
 import pytest
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import succeed
 from twisted.internet.task import Clock
 
 from taskd.db.agents import Agent
@@ -23,8 +25,6 @@ from taskd.server.events import EventBus
 from taskd.server.render import task_json
 from taskd.server.agentview import AgentView
 from taskd.server.sessions import CLOSE_NORMAL, AgentSession
-from taskd.wire import framing
-from taskd.db.connector import Database
 
 T0 = datetime(2024, 1, 2, 3, 4, 5)
 HERE = "srv-a"
@@ -33,51 +33,24 @@ SEED = 1234
 
 # -- fakes -----------------------------------------------------------------------------
 
+from tests.fakes.fakedb import FakeDatabase  # noqa: E402  (signature- and behaviour-checked)
 from tests.fakes.transport import FakeTransport  # noqa: E402  (shared, signature-checked)
-
-
-class FakePool:
-    """`do(fn, *args)`: a handler registered under fn's name decides the result (a value,
-    or a Deferred for the test to fire); without one, a neutral default."""
-
-    DEFAULTS: dict[str, Callable[..., Any]] = {
-        "routing_snapshot": lambda task_id: (None, set()),
-        "relocate_from": lambda agent_id: [],
-        "release_unqualified": lambda agent_id: [],
-        "assign_unassigned": lambda agent_ids: [],
-        "connect_assignments": lambda agent_ids: ([], [], {}, {}),
-        "tasks_for_agents": lambda ids: {i: [] for i in ids},
-        "load_agent": lambda agent_id: None,
-    }
-
-    def __init__(self) -> None:
-        self.calls: list[tuple[str, tuple]] = []
-        self.handlers: dict[str, Callable[..., Any]] = {}
-
-    def do(self, fn: Callable[..., Any], *args: Any) -> Deferred:
-        name = fn.__name__
-        self.calls.append((name, args))
-        handler = self.handlers.get(name) or self.DEFAULTS[name]
-        result = handler(*args)
-        return result if isinstance(result, Deferred) else succeed(result)
-
-    def called(self, name: str) -> list[tuple]:
-        return [args for n, args in self.calls if n == name]
 
 
 def make_agent(agent_id: int, name: str | None = None) -> Agent:
     return Agent(agent_id, 1, name or f"agent{agent_id}", True, T0, True, (), True, T0, T0, T0)
 
 
-def make_task(task_id: int = 1, *, interval: int = 60, enabled: bool = True, route: str = "any") -> Task:
-    return Task(task_id, 1, f"task-{task_id}", "", {"/x": {"a": 1}}, interval, Route(route), {"/x/*": 0},
-                enabled, T0, T0)
+def make_task(task_id: int = 1, *, interval: int = 60, enabled: bool = True, route: str = "any",
+              metrics: dict | None = None) -> Task:
+    return Task(task_id, 1, f"task-{task_id}", "", {"/x": {"a": 1}}, interval, Route(route),
+                {"/x/*": 0} if metrics is None else metrics, enabled, T0, T0)
 
 
 class Rig:
     def __init__(self, agent_ids: tuple[int, ...] = (1, 2), relocate_delay: float = 1.0) -> None:
         self.clock = Clock()
-        self.pool = FakePool()
+        self.db = FakeDatabase()
         self.events = EventBus(HERE)
         self.sessions: dict[int, AgentSession] = {}  # as the session manager holds them
         self.view = AgentView()
@@ -85,7 +58,7 @@ class Rig:
         for agent_id in agent_ids:
             self.connect(agent_id)
         self.dispatcher = Dispatcher(
-            sessions=self.sessions, view=self.view, db=Database(self.pool), events=self.events, clock=self.clock, instance_id=HERE,
+            sessions=self.sessions, view=self.view, db=self.db, events=self.events, clock=self.clock, instance_id=HERE,
             relocate_delay=relocate_delay, sweep_interval=60.0, rng=random.Random(SEED),
         )
         self.published: list[tuple[str, Any]] = []
@@ -94,7 +67,7 @@ class Rig:
 
     def connect(self, agent_id: int) -> AgentSession:
         transport = FakeTransport()
-        session = AgentSession(make_agent(agent_id), 1, "10.0.0.1", transport, id=f"s{agent_id}")
+        session = AgentSession(self.db.add_agent(make_agent(agent_id)), 1, "10.0.0.1", transport, id=f"s{agent_id}")
         self.sessions[agent_id] = session
         self.transports[agent_id] = transport
         return session
@@ -102,9 +75,14 @@ class Rig:
     def session(self, agent_id: int) -> AgentSession:
         return self.sessions[agent_id]
 
-    def route(self, task: Task | None, *agent_ids: int) -> None:
-        """From now on the database says: `task` is routed to `agent_ids`."""
-        self.pool.handlers["routing_snapshot"] = lambda task_id: (task, set(agent_ids))
+    def route(self, task: Task, *agent_ids: int) -> None:
+        """From now on the database holds `task` (an `any` task), given to the one of
+        `agent_ids` (or to nobody)."""
+        assert task.route.type == "any" and len(agent_ids) <= 1
+        self.db.put_task(task, *agent_ids)
+
+    def called(self, method: Any) -> list[tuple]:
+        return self.db.called(method)
 
     def relocations(self) -> list[Any]:
         return [c for c in self.clock.getDelayedCalls() if c.func == self.dispatcher._relocate]
@@ -127,7 +105,7 @@ def test_task_events_push_the_databases_routing_to_local_agents(rig):
     task = make_task()
     rig.route(task, 2)
     rig.events.publish("task.created", task_json(task))
-    assert rig.pool.called("routing_snapshot") == [(1,)]  # no list of local agents
+    assert rig.called(rig.db.routes.snapshot) == [(1,)]  # no list of local agents
     assert rig.transports[1].take() == []
     assert rig.transports[2].take() == [("taskAdd", task_json(task))]
 
@@ -146,7 +124,7 @@ def test_task_events_push_the_databases_routing_to_local_agents(rig):
     rig.events.publish("task.updated", {"old": task_json(moved), "new": task_json(disabled)})
     assert rig.transports[1].take() == [("taskRemove", task_json(disabled))]
 
-    rig.route(None)
+    rig.db.drop_task(disabled.id)
     rig.events.publish("task.deleted", task_json(disabled))
     assert rig.transports[1].take() == [] and rig.transports[2].take() == []
 
@@ -162,7 +140,7 @@ def test_task_events_re_read_the_database_rather_than_trust_the_payload(rig):
 def test_no_local_agents_means_no_database_read(rig):
     rig.sessions.clear()
     rig.events.publish("task.created", task_json(make_task()))
-    assert rig.pool.called("routing_snapshot") == []
+    assert rig.called(rig.db.routes.snapshot) == []
 
 
 # -- a task this server just created: routed from the sessions -----------------------------
@@ -175,7 +153,7 @@ def routed_task(task_id: int = 1, *, route: dict, metrics: dict | None = None, e
 
 def with_agent(rig: Rig, agent_id: int, *, org_id: int = 1, tags: tuple = (), catalog=frozenset()) -> None:
     session = rig.connect(agent_id)
-    session.agent = Agent(agent_id, org_id, f"agent{agent_id}", True, T0, True, tags, True, T0, T0, T0)
+    session.agent = rig.db.add_agent(Agent(agent_id, org_id, f"agent{agent_id}", True, T0, True, tags, True, T0, T0, T0))
     session.agent_epoch = 0  # read since it was held, under the (in-process) event stream
     session.catalog = catalog
 
@@ -185,7 +163,7 @@ def test_a_created_by_ids_task_is_routed_from_memory(rig):
         rig.session(i).catalog = frozenset()
     payload = routed_task(route={"type": "byIds", "config": {"ids": [2, 99]}})
     rig.events.publish("task.created", payload)
-    assert rig.pool.called("routing_snapshot") == []
+    assert rig.called(rig.db.routes.snapshot) == []
     assert rig.transports[2].take() == [("taskAdd", payload)]
     assert rig.transports[1].take() == []
     assert rig.session(2).view == {1: payload}
@@ -198,7 +176,7 @@ def test_a_created_by_tags_task_goes_to_the_tagged_agents_of_its_org(rig):
     with_agent(rig, 3, tags=("other",))
     payload = routed_task(route={"type": "byTags", "config": {"tags": ["db", "x"]}})
     rig.events.publish("task.created", payload)
-    assert rig.pool.called("routing_snapshot") == []
+    assert rig.called(rig.db.routes.snapshot) == []
     assert [rig.transports[i].take() for i in (1, 2, 3)] == [[("taskAdd", payload)], [], []]
 
 
@@ -209,7 +187,7 @@ def test_catalogs_decide_in_memory_as_in_the_database(rig):
     with_agent(rig, 3, tags=("t",), catalog=frozenset())  # advertises nothing: runs anything
     payload = routed_task(route={"type": "byTags", "config": {"tags": ["t"]}}, metrics={"/x/*": 0})
     rig.events.publish("task.created", payload)
-    assert rig.pool.called("routing_snapshot") == []
+    assert rig.called(rig.db.routes.snapshot) == []
     assert [bool(rig.transports[i].take()) for i in (1, 2, 3)] == [True, False, True]
 
 
@@ -218,27 +196,26 @@ def test_the_database_decides_when_memory_cannot(rig):
     with_agent(rig, 1, tags=("t",), catalog=None)  # its catalog is being written
     tagged = routed_task(1, route={"type": "byTags", "config": {"tags": ["t"]}}, metrics={"/x/*": 0})
     rig.events.publish("task.created", tagged)
-    assert rig.pool.called("routing_snapshot") == [(1,)]
+    assert rig.called(rig.db.routes.snapshot) == [(1,)]
 
     rig.session(1).catalog = frozenset()
     anywhere = routed_task(2, route={"type": "any"})
     rig.events.publish("task.created", anywhere)  # `any`: its agent is chosen in the database
-    assert rig.pool.called("routing_snapshot")[-1] == (2,)
+    assert rig.called(rig.db.routes.snapshot)[-1] == (2,)
 
     remote = routed_task(3, route={"type": "byTags", "config": {"tags": ["t"]}})
     rig.remote("task.created", remote)  # created elsewhere: re-read, as for every change
-    assert rig.pool.called("routing_snapshot")[-1] == (3,)
+    assert rig.called(rig.db.routes.snapshot)[-1] == (3,)
 
-    held: Deferred = Deferred()
-    rig.pool.handlers["load_agent"] = lambda agent_id: held
+    held = rig.db.hold(rig.db.agents.get)
     rig.events.publish("agent.updated", {"old": {"id": 1}, "new": {"id": 1}})  # tags may have changed
     reloading = routed_task(4, route={"type": "byTags", "config": {"tags": ["t"]}})
     rig.events.publish("task.created", reloading)
-    assert rig.pool.called("routing_snapshot")[-1] == (4,)
-    held.callback(None)
+    assert rig.called(rig.db.routes.snapshot)[-1] == (4,)
+    held.release()
     fresh = routed_task(5, route={"type": "byTags", "config": {"tags": ["t"]}})
     rig.events.publish("task.created", fresh)
-    assert rig.pool.called("routing_snapshot")[-1] == (4,)  # reloaded: memory again
+    assert rig.called(rig.db.routes.snapshot)[-1] == (4,)  # reloaded: memory again
 
 
 class EventTransport:
@@ -265,14 +242,14 @@ def test_by_tags_routing_uses_the_agents_read_once_their_sessions_are_held(rig):
     session.agent_epoch = None  # as attached: the websocket's read
     tagged = routed_task(1, route={"type": "byTags", "config": {"tags": ["new"]}})
     rig.events.publish("task.created", tagged)
-    assert rig.pool.called("routing_snapshot") == [(1,)]
-    rig.pool.handlers["connect_assignments"] = lambda ids: ([], [], {1: frozenset()}, {1: tagged_agent(1, "new")})
+    assert rig.called(rig.db.routes.snapshot) == [(1,)]
+    rig.db.add_agent(tagged_agent(1, "new"))  # changed in the database before its session was held
     rig.dispatcher.agents_connected([session])
     assert session.agent.tags == ("new",)
     rig.transports[1].take()
     again = routed_task(2, route={"type": "byTags", "config": {"tags": ["new"]}})
     rig.events.publish("task.created", again)
-    assert rig.pool.called("routing_snapshot") == [(1,)]  # from memory, with the tags now stored
+    assert rig.called(rig.db.routes.snapshot) == [(1,)]  # from memory, with the tags now stored
     assert rig.transports[1].take() == [("taskAdd", again)]
 
 
@@ -283,21 +260,21 @@ def test_by_tags_routing_asks_the_database_once_agent_events_may_have_been_misse
     rig.events.transport = transport = EventTransport()
     with_agent(rig, 1, tags=("t",))
     with_agent(rig, 2, tags=("t",))
-    rig.pool.handlers["connect_assignments"] = lambda ids: ([], [], {}, {i: tagged_agent(i, "t") for i in ids})
+    for i in (1, 2):
+        rig.db.add_agent(tagged_agent(i, "t"))
     rig.dispatcher.agents_connected([rig.session(1), rig.session(2)])
     created = iter(range(1, 100))
 
     def from_memory() -> bool:
         task_id = next(created)
         rig.events.publish("task.created", routed_task(task_id, route={"type": "byTags", "config": {"tags": ["t"]}}))
-        return task_id not in [args[0] for args in rig.pool.called("routing_snapshot")]
+        return task_id not in [args[0] for args in rig.called(rig.db.routes.snapshot)]
 
     assert from_memory()
     transport.connected = False
     assert not from_memory()
     transport.connected, transport.connections = True, 2
     assert not from_memory()
-    rig.pool.handlers["load_agent"] = lambda agent_id: tagged_agent(agent_id, "t")
     rig.events.publish("agent.updated", {"old": {"id": 1}, "new": {"id": 1}})
     assert rig.session(1).agent_epoch == 2
     assert not from_memory()  # agent 2 is still as read before the reconnect
@@ -307,28 +284,28 @@ def test_by_tags_routing_asks_the_database_once_agent_events_may_have_been_misse
     transport.connected = False
     task_id = next(created)
     rig.events.publish("task.created", routed_task(task_id, route={"type": "byIds", "config": {"ids": [1]}}))
-    assert task_id not in [args[0] for args in rig.pool.called("routing_snapshot")]
+    assert task_id not in [args[0] for args in rig.called(rig.db.routes.snapshot)]
 
 
 def test_an_older_read_of_the_agent_never_replaces_a_newer_one(rig):
     session = rig.session(1)
-    held: Deferred = Deferred()
-    rig.pool.handlers["connect_assignments"] = lambda ids: held
-    rig.dispatcher.agents_connected([session])  # read 1 starts ...
-    rig.pool.handlers["load_agent"] = lambda agent_id: tagged_agent(1, "newer")
+    held = rig.db.hold(rig.db.routes.connect_assignments)
+    rig.db.add_agent(tagged_agent(1, "older"))
+    rig.dispatcher.agents_connected([session])  # read 1 starts (and reads "older") ...
+    rig.db.add_agent(tagged_agent(1, "newer"))
     rig.events.publish("agent.updated", {"old": {"id": 1}, "new": {"id": 1}})  # ... read 2 starts and ends
-    held.callback(([], [], {}, {1: tagged_agent(1, "older")}))  # read 1 ends
+    assert held.release()[3] == {1: tagged_agent(1, "older")}  # read 1 ends
     assert session.agent.tags == ("newer",)
 
 
 def test_a_deleted_tasks_shared_dict_is_dropped_after_a_push_still_in_flight(rig):
     task = make_task(1)
-    held: Deferred = Deferred()
-    rig.pool.handlers["routing_snapshot"] = lambda task_id: held
+    rig.route(task, 1)
+    held = rig.db.hold(rig.db.routes.snapshot, calls=1)
     rig.remote("task.updated", {"old": task_json(task), "new": task_json(task)})  # its read is slow
-    rig.route(None)  # then the task is deleted
+    rig.db.drop_task(task.id)  # then the task is deleted
     rig.remote("task.deleted", task_json(task))
-    held.callback((task, {1}))  # the update's read, from before the delete, ends
+    assert held.release() == (task, {1})  # the update's read, from before the delete, ends
     assert rig.transports[1].take() == [("taskAdd", task_json(task)), ("taskRemove", task_json(task))]
     assert rig.view._payloads == {}
 
@@ -338,7 +315,7 @@ def test_a_created_disabled_task_sends_nothing(rig):
         rig.session(i).catalog = frozenset()
     rig.events.publish("task.created", routed_task(route={"type": "byIds", "config": {"ids": [1, 2]}},
                                                    enabled=False))
-    assert rig.pool.called("routing_snapshot") == []
+    assert rig.called(rig.db.routes.snapshot) == []
     assert rig.transports[1].take() == [] and rig.transports[2].take() == []
 
 
@@ -347,18 +324,19 @@ def test_a_created_disabled_task_sends_nothing(rig):
 def test_pushes_for_one_task_are_serialised_so_a_slow_read_cannot_win(rig):
     """The first read is slow; a second change arrives meanwhile. The second read only
     starts once the first push is applied, so the agent ends with the later state."""
-    reads: list[Deferred] = []
-    rig.pool.handlers["routing_snapshot"] = lambda task_id: reads.append(Deferred()) or reads[-1]
+    reads = rig.db.hold(rig.db.routes.snapshot)
     old, new = make_task(interval=60), make_task(interval=30)
+    rig.route(old, 1)
     first = rig.dispatcher.task_changed(1)
+    rig.route(new, 1)
     second = rig.dispatcher.task_changed(1)
-    assert len(reads) == 1  # the second read waits for the first push
+    assert len(rig.called(rig.db.routes.snapshot)) == 1  # the second read waits for the first push
 
-    reads[0].callback((old, {1}))  # the slow read returns the older state...
+    assert reads.release() == (old, {1})  # the slow read returns the older state...
     assert rig.transports[1].take() == [("taskAdd", task_json(old))]
     assert first.called and not second.called
-    assert len(reads) == 2  # ...and only now is the newer state read
-    reads[1].callback((new, {1}))
+    assert len(rig.called(rig.db.routes.snapshot)) == 2  # ...and only now is the newer state read
+    assert reads.release() == (new, {1})
     assert second.called
     assert rig.transports[1].take() == [("taskUpdate", task_json(new))]
     assert rig.session(1).view == {1: task_json(new)}
@@ -366,18 +344,18 @@ def test_pushes_for_one_task_are_serialised_so_a_slow_read_cannot_win(rig):
 
 
 def test_pushes_for_different_tasks_do_not_wait_for_each_other(rig):
-    reads: dict[int, Deferred] = {}
-    rig.pool.handlers["routing_snapshot"] = lambda task_id: reads.setdefault(task_id, Deferred())
+    reads = rig.db.hold(rig.db.routes.snapshot)
+    rig.route(make_task(2), 1)
     rig.dispatcher.task_changed(1)
     rig.dispatcher.task_changed(2)
-    assert sorted(reads) == [1, 2]
-    reads[2].callback((make_task(2), {1}))
+    assert sorted(reads.args()) == [(1,), (2,)]
+    reads.release(reads.args().index((2,)))
     assert [e for e, _ in rig.transports[1].take()] == ["taskAdd"]
 
 
 def test_a_failed_push_does_not_block_the_next_one(rig):
-    reads = iter([fail(RuntimeError("db down")), succeed((make_task(), {1}))])
-    rig.pool.handlers["routing_snapshot"] = lambda task_id: next(reads)
+    rig.route(make_task(), 1)
+    rig.db.fail_next(rig.db.routes.snapshot, RuntimeError("db down"))
     first = rig.dispatcher.task_changed(1)
     second = rig.dispatcher.task_changed(1)
     assert first.called and second.called
@@ -391,9 +369,9 @@ def test_local_offline_event_relocates_after_relocate_delay(rig):
     [call] = rig.relocations()
     assert call.getTime() == pytest.approx(1.0) and call.args == (7,)
     rig.clock.advance(0.999)
-    assert rig.pool.called("relocate_from") == []
+    assert rig.called(rig.db.routes.relocate_from) == []
     rig.clock.advance(0.001)
-    assert rig.pool.called("relocate_from") == [(7,)]
+    assert rig.called(rig.db.routes.relocate_from) == [(7,)]
     assert rig.relocations() == []
 
 
@@ -404,9 +382,9 @@ def test_remote_offline_event_adds_seeded_jitter(rig):
     [call] = rig.relocations()
     assert call.getTime() == pytest.approx(expected)
     rig.clock.advance(expected - 0.01)
-    assert rig.pool.called("relocate_from") == []
+    assert rig.called(rig.db.routes.relocate_from) == []
     rig.clock.advance(0.01)
-    assert rig.pool.called("relocate_from") == [(7,)]
+    assert rig.called(rig.db.routes.relocate_from) == [(7,)]
 
 
 def test_a_second_offline_event_reschedules_instead_of_duplicating(rig):
@@ -416,11 +394,11 @@ def test_a_second_offline_event_reschedules_instead_of_duplicating(rig):
     [call] = rig.relocations()
     assert call.getTime() == pytest.approx(1.6)
     rig.clock.advance(0.5)  # t=1.1: the first schedule would have fired by now
-    assert rig.pool.called("relocate_from") == []
+    assert rig.called(rig.db.routes.relocate_from) == []
     rig.clock.advance(0.5)
-    assert rig.pool.called("relocate_from") == [(7,)]
+    assert rig.called(rig.db.routes.relocate_from) == [(7,)]
     rig.clock.advance(10)
-    assert rig.pool.called("relocate_from") == [(7,)]
+    assert rig.called(rig.db.routes.relocate_from) == [(7,)]
 
 
 def test_offline_events_of_different_agents_are_independent(rig):
@@ -428,13 +406,14 @@ def test_offline_events_of_different_agents_are_independent(rig):
     rig.events.publish("agent.offline", {"id": 8, "name": "b", "orgId": 1})
     assert sorted(c.args for c in rig.relocations()) == [(7,), (8,)]
     rig.clock.advance(1.0)
-    assert sorted(rig.pool.called("relocate_from")) == [(7,), (8,)]
+    assert sorted(rig.called(rig.db.routes.relocate_from)) == [(7,), (8,)]
 
 
 def test_relocated_tasks_are_announced_and_pushed(rig):
     task = make_task()
-    rig.pool.handlers["relocate_from"] = lambda agent_id: [(task, 2)]
-    rig.route(task, 2)
+    rig.db.add_agent(replace(make_agent(7, "gone"), online=False))
+    rig.db.add_agent(make_agent(1), catalog=[("/y/other", 1)])  # cannot run it: agent 2 is the one
+    rig.route(task, 7)
     rig.events.publish("agent.offline", {"id": 7, "name": "gone", "orgId": 1})
     rig.clock.advance(1.0)
     assert ("task.updated", {"old": task_json(task), "new": task_json(task)}) in rig.published
@@ -448,7 +427,7 @@ def test_stop_service_cancels_pending_relocations(rig):
     rig.dispatcher.stopService()
     assert rig.clock.getDelayedCalls() == []  # relocations and the sweeper
     rig.clock.advance(100)
-    assert rig.pool.called("relocate_from") == []
+    assert rig.called(rig.db.routes.relocate_from) == []
     # Once stopped, offline events are left to the servers still running.
     rig.events.publish("agent.offline", {"id": 9, "name": "late", "orgId": 1})
     assert rig.clock.getDelayedCalls() == []
@@ -462,12 +441,12 @@ def test_agent_changed_assigns_then_resyncs_the_view(rig):
     session.view = {1: task_json(kept), 2: task_json(changed), 3: task_json(gone)}
     fresh = make_task(4)
     newer = make_task(2, interval=5)
-    rig.pool.handlers["assign_unassigned"] = lambda ids: [fresh]
-    rig.pool.handlers["tasks_for_agents"] = lambda ids: {1: [kept, newer, fresh]}
-    rig.route(fresh, 1)
+    rig.route(kept, 1)
+    rig.route(newer, 1)
+    rig.route(fresh)  # unassigned: agent 1 is given it
     rig.dispatcher.agent_changed(session)
-    assert rig.pool.called("release_unqualified") == [(1,)]
-    assert rig.pool.called("assign_unassigned") == [([1],)]
+    assert rig.called(rig.db.routes.release_unqualified) == [(1,)]
+    assert rig.called(rig.db.routes.assign_unassigned) == [([1],)]
     assert ("task.updated", {"old": task_json(fresh), "new": task_json(fresh)}) in rig.published
     frames = transport.take()
     assert sorted(frames, key=lambda f: (f[0], f[1]["id"])) == sorted([
@@ -480,19 +459,24 @@ def test_connecting_agents_get_assignments_and_task_lists_as_one_batch(rig):
     """One assignment transaction and one taskList read for all agents of a batch; the
     tasks assigned are in their first taskList and announced to the other servers."""
     s1, s2 = rig.session(1), rig.session(2)
-    given, moved = make_task(4), make_task(5)
+    given, moved = make_task(4), make_task(5, metrics={"/z/*": 0})
+    rig.db.add_agent(make_agent(1, "renamed"), catalog=[("/x/y", 1)])  # it cannot run `moved` any more
+    rig.db.drop_agent(2)  # deleted
+    rig.db.add_agent(make_agent(9))  # held by another server; it can
+    rig.route(moved, 1)
+    rig.route(given)  # unassigned
     order: list[Any] = []
-    rig.pool.handlers["connect_assignments"] = lambda ids: order.append("assign") or (
-        [(moved, 9)], [(given, 2)], {1: frozenset({("/x/y", 1)}), 2: frozenset()}, {1: make_agent(1, "renamed")})
-    rig.dispatcher.send_task_lists = lambda sessions: order.append([s.agent.id for s in sessions]) or succeed(None)
+    rig.dispatcher.send_task_lists = lambda sessions: order.append(
+        (len(rig.called(rig.db.routes.connect_assignments)), [s.agent.id for s in sessions])) or succeed(None)
     done = rig.dispatcher.agents_connected([s1, s2])
     assert done.called
-    assert rig.pool.called("connect_assignments") == [([1, 2],)]
-    assert order == ["assign", [1, 2]]  # assigned first, so the taskLists hold the tasks
+    assert rig.called(rig.db.routes.connect_assignments) == [([1, 2],)]
+    assert order == [(1, [1, 2])]  # assigned first, so the taskLists hold the tasks
+    assert rig.db.routes.snapshot(5).result == (moved, {9}) and rig.db.routes.snapshot(4).result == (given, {1})
     assert s1.catalog == frozenset({("/x/y", 1)}) and s2.catalog == frozenset()  # known from now on
     assert s1.agent.name == "renamed" and s1.agent_epoch == 0  # as it is now that it is held
     assert s2.agent.name == "agent2" and s2.agent_epoch is None  # not found (deleted): left as it was
-    assert rig.pool.called("release_unqualified") == rig.pool.called("assign_unassigned") == []
+    assert rig.called(rig.db.routes.release_unqualified) == rig.called(rig.db.routes.assign_unassigned) == []
     announced = [p["new"]["id"] for t, p in rig.published if t == "task.updated"]
     assert sorted(announced) == [4, 5]
 
@@ -501,40 +485,37 @@ def test_agent_deleted_closes_its_local_session_and_sweeps(rig):
     rig.remote("agent.deleted", {"id": 2, "name": "agent2", "orgId": 1})
     assert rig.transports[2].closes == [(CLOSE_NORMAL, "agent deleted")]
     assert rig.transports[1].closes == []
-    assert rig.pool.called("assign_unassigned") == [(None,)]
+    assert rig.called(rig.db.routes.assign_unassigned) == [(None,)]
 
 
 def test_agent_updated_reloads_the_held_agent_and_resyncs(rig):
-    renamed = make_agent(1, "renamed")
-    rig.pool.handlers["load_agent"] = lambda agent_id: renamed
+    renamed = rig.db.add_agent(make_agent(1, "renamed"))
     rig.events.publish("agent.updated", {"old": {"id": 1}, "new": {"id": 1}})
     assert rig.session(1).agent is renamed
-    assert rig.pool.called("tasks_for_agents") == [([1],)]
+    assert rig.called(rig.db.routes.tasks_for_agents) == [([1],)]
     rig.events.publish("agent.updated", {"old": {"id": 99}, "new": {"id": 99}})  # not held here
-    assert rig.pool.called("load_agent") == [(1,)]
+    assert rig.called(rig.db.agents.get) == [(1,)]
 
 
 def test_sweep_runs_on_the_sweep_interval(rig):
     rig.clock.advance(59.9)
-    assert rig.pool.called("assign_unassigned") == []
+    assert rig.called(rig.db.routes.assign_unassigned) == []
     rig.clock.advance(0.1)
-    assert rig.pool.called("assign_unassigned") == [(None,)]
+    assert rig.called(rig.db.routes.assign_unassigned) == [(None,)]
 
 
 def test_a_slow_task_list_read_does_not_undo_a_newer_push(rig):
     """The race found in review: a full read that started before a push finishes after
     it; the push (decided by the later-started read) wins for that task."""
-    from twisted.internet.defer import Deferred
-
     session, transport = rig.session(1), rig.transports[1]
     old, new = make_task(1, interval=60), make_task(1, interval=30)
     session.view = {1: task_json(old)}
-    held: Deferred = Deferred()
-    rig.pool.handlers["tasks_for_agents"] = lambda ids: held
-    rig.dispatcher.resync(session)                      # read #1 starts, held
-    rig.pool.handlers["routing_snapshot"] = lambda task_id: (new, {1})
+    rig.route(old, 1)
+    held = rig.db.hold(rig.db.routes.tasks_for_agents)
+    rig.dispatcher.resync(session)                      # read #1 starts (reads `old`), held
+    rig.route(new, 1)
     rig.dispatcher.task_changed(1)                      # read #2 starts and applies
     assert transport.take() == [("taskUpdate", task_json(new))]
-    held.callback({1: [old]})                           # read #1 finishes with stale data
+    assert held.release() == {1: [old]}                 # read #1 finishes with stale data
     assert transport.take() == []
     assert session.view == {1: task_json(new)}

@@ -1,74 +1,28 @@
 """SessionManager batches session opens: agents that connect close together are recorded
-in one transaction and brought up together (fakes for the store and pool, a Clock)."""
+in one transaction and brought up together (the FakeDatabase, whose session writes the
+test holds and then lets run, and a Clock)."""
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import datetime
 from typing import Any
 
 import pytest
-from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 
 from taskd.db.agents import Agent
-from taskd.db.sessions import OnlineChange
 from taskd.server import sessions as sessions_module
 from taskd.server.dispatch import Dispatcher
 from taskd.server.events import EventBus
 from taskd.server.sessions import CLOSE_GOING_AWAY, CLOSE_NORMAL, SessionManager
 from taskd.wire import framing
-from taskd.db.connector import Database
 
 T0 = datetime(2024, 1, 2, 3, 4, 5)
 
 
+from tests.fakes.fakedb import FakeDatabase  # noqa: E402  (signature- and behaviour-checked)
 from tests.fakes.transport import FakeTransport  # noqa: E402  (shared, signature-checked)
-
-
-class FakeStore:
-    """open_many answers with a Deferred the test fires (`finish`)."""
-
-    def __init__(self) -> None:
-        self.batches: list[list[tuple[int, int, str]]] = []
-        self.pending: list[Deferred] = []
-        self.closed: list[tuple[str, int]] = []
-
-    def open_many(self, items, *, server):
-        self.batches.append(list(items))
-        d: Deferred = Deferred()
-        self.pending.append(d)
-        return d
-
-    def close(self, session_id, agent_id):
-        self.closed.append((session_id, agent_id))
-        return succeed(None)
-
-    def finish(self, index: int = 0, *, offline: set[int] = frozenset(), missing: set[int] = frozenset()) -> None:
-        items = self.batches[index]
-        seen: set[int] = set()
-        out = []
-        for n, (agent_id, _, _) in enumerate(items):
-            if agent_id in missing:
-                out.append((None, None))
-                continue
-            change = None
-            if agent_id in offline and agent_id not in seen:
-                change = OnlineChange(agent_id, f"agent{agent_id}", 1, True)
-            seen.add(agent_id)
-            out.append((f"s{index}-{n}", change))
-        self.pending[index].callback(out)
-
-
-class FakePool:
-    def __init__(self) -> None:
-        self.calls: list[tuple[str, tuple]] = []
-
-    def do(self, fn, *args):
-        self.calls.append((fn.__name__, args))
-        if fn.__name__ == "tasks_for_agents":
-            return succeed({i: [] for i in args[0]})
-        if fn.__name__ == "connect_assignments":
-            return succeed(([], [], {}, {}))
-        raise AssertionError(fn.__name__)
+from tests.unit.session_rig import task_list_reads  # noqa: E402
 
 
 def agent(agent_id: int) -> Agent:
@@ -78,13 +32,11 @@ def agent(agent_id: int) -> Agent:
 class Rig:
     def __init__(self) -> None:
         self.clock = Clock()
-        self.store = FakeStore()
-        self.pool = FakePool()
+        self.db = db = FakeDatabase()
+        self.opens = db.hold(db.sessions.open_many, early=False)  # each batch runs at `finish`
         self.events = EventBus("here")
         self.published: list[tuple[str, Any]] = []
         self.events.subscribe(lambda e: self.published.append((e.type, e.payload)))
-        db = Database(self.pool)
-        db.sessions = self.store  # a fake session store over the fake pool's routing reads
         held: dict = {}
         self.dispatcher = Dispatcher(sessions=held, db=db, events=self.events, clock=self.clock,
                                      instance_id="here")
@@ -94,10 +46,35 @@ class Rig:
 
     def attach(self, agent_id: int):
         transport = self.transports[agent_id] = FakeTransport()
-        return self.manager.attach(agent(agent_id), 1, "10.0.0.1", transport)
+        return self.manager.attach(self.db.add_agent(agent(agent_id)), 1, "10.0.0.1", transport)
+
+    def batches(self) -> list[list[tuple[int, int, str]]]:
+        """The items of each open_many (one per batch), in order."""
+        return [list(items) for items, _server in self.db.called(self.db.sessions.open_many)]
+
+    def _waiting(self, index: int) -> int:
+        items = self.db.called(self.db.sessions.open_many)[index][0]
+        return next(n for n, (waiting, _) in enumerate(self.opens.args()) if waiting is items)
+
+    def finish(self, index: int = 0, *, offline: set[int] = frozenset(), missing: set[int] = frozenset()) -> list:
+        """Let batch `index` be written, with its agents offline until now (`offline`:
+        each goes online), deleted (`missing`), or else online already; returns what
+        open_many answered."""
+        for agent_id, _, _ in self.batches()[index]:
+            if agent_id in missing:
+                self.db.drop_agent(agent_id)
+            else:
+                self.db.add_agent(replace(agent(agent_id), online=agent_id not in offline))
+        return self.opens.release(self._waiting(index))
+
+    def fail(self, index: int, exc: Exception) -> None:
+        self.opens.fail(exc, self._waiting(index))
 
     def task_list_reads(self) -> list:
-        return [args[0] for name, args in self.pool.calls if name == "tasks_for_agents"]
+        return task_list_reads(self.db)
+
+    def closed(self) -> list[tuple]:
+        return self.db.called(self.db.sessions.close)
 
 
 @pytest.fixture
@@ -107,10 +84,10 @@ def rig() -> Rig:
 
 def test_sessions_opening_in_one_turn_are_recorded_together(rig):
     sessions = [rig.attach(i) for i in (1, 2, 3)]
-    assert rig.store.batches == []  # recorded on the next reactor turn
+    assert rig.batches() == []  # recorded on the next reactor turn
     rig.clock.advance(0)
-    assert rig.store.batches == [[(1, 1, "10.0.0.1"), (2, 1, "10.0.0.1"), (3, 1, "10.0.0.1")]]
-    rig.store.finish(0, offline={1, 3})
+    assert rig.batches() == [[(1, 1, "10.0.0.1"), (2, 1, "10.0.0.1"), (3, 1, "10.0.0.1")]]
+    rig.finish(0, offline={1, 3})
     assert [("agent.online", 1), ("agent.online", 3)] == [(t, p["id"]) for t, p in rig.published]
     assert rig.task_list_reads() == [[1, 2, 3]]  # one read for every first taskList
     for i, s in zip((1, 2, 3), sessions):
@@ -125,11 +102,11 @@ def test_sessions_opening_while_a_batch_is_recorded_form_the_next_batch(rig):
     for i in (2, 3):
         rig.attach(i)
     rig.clock.advance(0)
-    assert len(rig.store.batches) == 1  # waits for the batch in flight
-    rig.store.finish(0)
+    assert len(rig.batches()) == 1  # waits for the batch in flight
+    rig.finish(0)
     rig.clock.advance(0)
-    assert [[a for a, _, _ in b] for b in rig.store.batches] == [[1], [2, 3]]
-    rig.store.finish(1)
+    assert [[a for a, _, _ in b] for b in rig.batches()] == [[1], [2, 3]]
+    rig.finish(1)
     assert rig.task_list_reads() == [[1], [2, 3]]
 
 
@@ -138,11 +115,11 @@ def test_a_batch_is_bounded(rig, monkeypatch):
     for i in range(1, 6):
         rig.attach(i)
     rig.clock.advance(0)
-    rig.store.finish(0)
+    rig.finish(0)
     rig.clock.advance(0)
-    rig.store.finish(1)
+    rig.finish(1)
     rig.clock.advance(0)
-    assert [[a for a, _, _ in b] for b in rig.store.batches] == [[1, 2], [3, 4], [5]]
+    assert [[a for a, _, _ in b] for b in rig.batches()] == [[1, 2], [3, 4], [5]]
 
 
 def test_a_session_closed_before_its_batch_is_never_recorded(rig):
@@ -151,8 +128,8 @@ def test_a_session_closed_before_its_batch_is_never_recorded(rig):
     rig.manager.detach(gone, "closed")
     assert gone.gone.called
     rig.clock.advance(0)
-    assert [[a for a, _, _ in b] for b in rig.store.batches] == [[2]]
-    rig.store.finish(0)
+    assert [[a for a, _, _ in b] for b in rig.batches()] == [[2]]
+    rig.finish(0)
     assert kept.ready.called and list(rig.manager.sessions) == [2]
 
 
@@ -161,8 +138,8 @@ def test_a_session_closed_while_its_batch_is_recorded_is_forgotten(rig):
     rig.attach(2)
     rig.clock.advance(0)
     rig.manager.detach(closing, "closed")
-    rig.store.finish(0, offline={1, 2})
-    assert rig.store.closed == [("s0-0", 1)]
+    opened = rig.finish(0, offline={1, 2})
+    assert rig.closed() == [(opened[0][0], 1)]
     assert closing.gone.called and not closing.ready.called
     assert list(rig.manager.sessions) == [2]
     assert rig.task_list_reads() == [[2]]
@@ -172,7 +149,7 @@ def test_an_agent_deleted_before_it_was_recorded_is_closed(rig):
     deleted = rig.attach(1)
     rig.attach(2)
     rig.clock.advance(0)
-    rig.store.finish(0, missing={1})
+    rig.finish(0, missing={1})
     assert rig.transports[1].closes == [(CLOSE_NORMAL, "agent deleted")]
     assert deleted.gone.called and not deleted.ready.called
     assert list(rig.manager.sessions) == [2] and rig.transports[2].frames == [("taskList", [])]
@@ -182,11 +159,11 @@ def test_a_failed_batch_closes_its_sessions_and_the_next_batch_still_runs(rig):
     first = rig.attach(1)
     rig.clock.advance(0)
     rig.attach(2)
-    rig.store.pending[0].errback(RuntimeError("database down"))
+    rig.fail(0, RuntimeError("database down"))
     assert rig.transports[1].closes == [(CLOSE_GOING_AWAY, "server error; reconnect later")]
     assert first.gone.called and rig.manager.sessions == {}
     rig.clock.advance(0)
-    rig.store.finish(1)
+    rig.finish(1)
     assert list(rig.manager.sessions) == [2]
 
 
@@ -195,7 +172,7 @@ def test_a_second_connection_in_the_same_batch_replaces_the_first(rig):
     transport_first = rig.transports[1]
     second = rig.attach(1)
     rig.clock.advance(0)
-    rig.store.finish(0, offline={1})
+    rig.finish(0, offline={1})
     assert rig.manager.sessions[1] is second
     assert transport_first.closes == [(CLOSE_NORMAL, "replaced by a newer connection")]
     assert [t for t, _ in rig.published] == ["agent.online"]  # online once
@@ -214,65 +191,54 @@ def test_the_dispatcher_brings_a_batch_up_with_one_assignment_transaction(rig):
     for i in (1, 2):
         rig.attach(i)
     rig.clock.advance(0)
-    rig.store.finish(0)
+    rig.finish(0)
     assert calls == [[1, 2]]
-    assert [args for name, args in rig.pool.calls if name == "connect_assignments"] == [([1, 2],)]
+    assert rig.db.called(rig.db.routes.connect_assignments) == [([1, 2],)]
     assert rig.task_list_reads() == [[1, 2]]
 
 
 def test_stopping_closes_sessions_still_waiting_for_their_batch(rig):
     waiting = rig.attach(1)
-    rig.manager.store.clear_server = lambda server: succeed([])
     rig.manager.startService()
     rig.manager.stopService()
     assert rig.transports[1].closes == [(CLOSE_NORMAL, "server shutting down")]
     assert waiting.gone.called
     rig.clock.advance(1)
-    assert rig.store.batches == []
+    assert rig.batches() == []
 
 
 def test_a_sessions_catalog_is_unknown_while_written_then_known(rig):
-    held: Deferred = Deferred()
-
-    class Catalog:
-        def replace_agent_catalog(self, agent_id, records):
-            return held
-
-    rig.manager.catalog = Catalog()
+    held = rig.db.hold(rig.db.catalog.replace_agent_catalog)
     session = rig.attach(1)
     rig.clock.advance(0)
-    rig.store.finish(0)
+    rig.finish(0)
     session.catalog = frozenset()  # as loaded when it connected
     rig.manager.frame_received(session, framing.encode_json(framing.CATALOG, [
         {"namespace": "/a/b", "version": 2}, {"namespace": "/c", "version": 0, "policy": None}]))
     assert session.catalog is None  # routing asks the database meanwhile
-    held.callback(2)
+    assert held.release() == 2
     assert session.catalog == frozenset({("/a/b", 2), ("/c", 0)})
 
 
 def test_a_batch_recorded_while_stopping_is_closed_not_brought_up(rig):
-    rig.manager.store.clear_server = lambda server: succeed([])
     rig.manager.startService()
     late = rig.attach(1)
     rig.clock.advance(0)  # its batch is being recorded...
     rig.manager.stopService()  # ...when the server stops
-    rig.store.finish(0, offline={1})
+    opened = rig.finish(0, offline={1})
     assert rig.transports[1].closes == [(CLOSE_NORMAL, "server shutting down")]
-    assert rig.store.closed == [("s0-0", 1)] and late.gone.called
+    assert rig.closed() == [(opened[0][0], 1)] and late.gone.called
     assert rig.manager.sessions == {} and rig.task_list_reads() == []
 
 
 def test_stopping_waits_for_a_batch_being_recorded_before_clearing_the_server(rig):
     """Cleared first, the batch's rows (and its agents' online flags) would be written
     after the clear and stay until the next start."""
-    order: list[str] = []
-    rig.manager.store.clear_server = lambda server: order.append("clear") or succeed([])
+    close, clear = rig.db.sessions.close, rig.db.sessions.clear_server
     rig.manager.startService()
     late = rig.attach(1)
     rig.clock.advance(0)  # its batch is being recorded...
     stopped = rig.manager.stopService()  # ...when the server stops
-    assert order == [] and not stopped.called
-    real_close = rig.store.close
-    rig.store.close = lambda session_id, agent_id: order.append("close") or real_close(session_id, agent_id)
-    rig.store.finish(0, offline={1})
-    assert order == ["close", "clear"] and stopped.called and late.gone.called
+    assert rig.db.calls_to(close, clear) == [] and not stopped.called
+    rig.finish(0, offline={1})
+    assert rig.db.calls_to(close, clear) == [close, clear] and stopped.called and late.gone.called

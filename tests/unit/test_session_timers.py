@@ -13,9 +13,9 @@ from taskd.server.dispatch import Dispatcher
 from taskd.server.events import EventBus
 from taskd.server.sessions import AgentSession, SessionManager
 from taskd.wire import framing
-from taskd.db.connector import Database
 
-from tests.unit.session_rig import T0, Pool, StalledPool, Transport
+from tests.fakes.fakedb import FakeDatabase
+from tests.unit.session_rig import T0, Transport, task_list_reads
 
 
 class Turns:
@@ -37,15 +37,15 @@ class Turns:
             fn(*args)
 
 
-def make(n: int, pool: Pool, clock: Any = None) -> tuple[SessionManager, Any, list]:
+def make(n: int, db: FakeDatabase, clock: Any = None) -> tuple[SessionManager, Any, list]:
     clock = clock or Clock()
-    db, events, held = Database(pool), EventBus("here"), {}
+    events, held = EventBus("here"), {}
     listener = Dispatcher(sessions=held, db=db, events=events, clock=clock, instance_id="here")
     manager = SessionManager(db=db, events=events, listener=listener, sessions=held, instance_id="here",
                              clock=clock)
     written: list = []
     for i in range(1, n + 1):
-        agent = Agent(i, 1, f"a{i}", True, T0, True, (), True, T0, T0, T0)
+        agent = db.add_agent(Agent(i, 1, f"a{i}", True, T0, True, (), True, T0, T0, T0))
         session = AgentSession(agent, 1, "10.0.0.1", Transport(written), id=f"s{i}")
         session.next_task_list = 1e9  # not due
         manager.sessions[i] = session
@@ -58,7 +58,7 @@ def beats(manager: SessionManager) -> int:
 
 def test_heartbeats_go_out_a_slice_per_reactor_turn(monkeypatch):
     monkeypatch.setattr(sessions_module, "SLICE", 1000)
-    manager, clock, written = make(2500, Pool(), Turns())
+    manager, clock, written = make(2500, FakeDatabase(), Turns())
     done = manager.tick()
     assert beats(manager) == 1000 and not done.called
     # a push in between goes out now, not after the remaining 1,500 heartbeats
@@ -74,15 +74,15 @@ def test_heartbeats_go_out_a_slice_per_reactor_turn(monkeypatch):
 
 def test_due_task_lists_are_read_a_slice_at_a_time(monkeypatch):
     monkeypatch.setattr(sessions_module, "SLICE", 2)
-    pool = Pool()
-    manager, clock, _ = make(5, pool)
+    db = FakeDatabase()
+    manager, clock, _ = make(5, db)
     for i in (1, 2, 4, 5):
         manager.sessions[i].next_task_list = 0.0
     done = manager.tick()
     clock.advance(0)
     clock.advance(0)
     assert done.called
-    assert pool.reads == [[1, 2], [4, 5]]
+    assert task_list_reads(db) == [[1, 2], [4, 5]]
     assert [e for e, _ in manager.sessions[3].transport.frames] == [framing.HEARTBEAT]
     assert [e for e, _ in manager.sessions[5].transport.frames] == [framing.HEARTBEAT, framing.TASK_LIST]
 
@@ -90,8 +90,9 @@ def test_due_task_lists_are_read_a_slice_at_a_time(monkeypatch):
 def test_heartbeats_never_wait_for_the_database():
     """A stalled taskList read must not hold back the next heartbeats: without them,
     every agent's watchdog would drop its connection at once."""
-    pool = StalledPool()
-    manager, clock, _ = make(3, pool)
+    db = FakeDatabase()
+    held = db.hold(db.routes.tasks_for_agents)
+    manager, clock, _ = make(3, db)
     for session in manager.sessions.values():
         session.next_task_list = 0.0  # all due
     manager.startService()
@@ -99,11 +100,11 @@ def test_heartbeats_never_wait_for_the_database():
         for _ in range(5):
             clock.advance(manager.heartbeat_interval)
         assert beats(manager) == 15
-        assert pool.reads == [[1, 2, 3]]  # one round of taskLists at a time
-        pool.held[0].callback({i: [] for i in (1, 2, 3)})
+        assert task_list_reads(db) == [[1, 2, 3]]  # one round of taskLists at a time
+        assert held.release() == {i: [] for i in (1, 2, 3)}
         assert all(s.transport.frames[-1][0] == framing.TASK_LIST for s in manager.sessions.values())
         manager.sessions[2].next_task_list = 0.0
         clock.advance(manager.heartbeat_interval)
-        assert beats(manager) == 18 and pool.reads == [[1, 2, 3], [2]]  # the next round, once that one ended
+        assert beats(manager) == 18 and task_list_reads(db) == [[1, 2, 3], [2]]  # the next round, once that one ended
     finally:
         manager._ticker.stop()
