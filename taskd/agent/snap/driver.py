@@ -44,7 +44,7 @@ from taskd.agent.snap.wire import (
     SnapUnreachable,
     catalog_record,
 )
-from taskd.agent.executor import TaskStatus, desired_tasks
+from taskd.agent.contract import TaskStatus, desired_tasks
 from taskd.agent.snap.client import SnapClient
 from taskd.agent.snap.reconcile import SnapReconciler
 from taskd.agent.snap.status import SnapStatusTracker
@@ -57,7 +57,7 @@ __all__ = ["SnapDriver"]
 class SnapDriver(Service):
     """Keeps the local Snap daemon running exactly the desired ``raintank-apps`` tasks.
 
-    The ``snap`` executor (taskd/agent/executor.py). Every ``status_interval`` (and after
+    The ``snap`` executor (its contract: taskd/agent/contract.py). Every ``status_interval`` (and after
     every reconcile) it reads the tasks' counters off Snap's task list and reports their
     status (taskd/agent/snap/status.py).
 
