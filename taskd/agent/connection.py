@@ -6,6 +6,10 @@ gets one line per change of state (connected, lost, cannot connect, refused), no
 per attempt. A refused upgrade (HTTP 4xx: bad key, agent unknown with auto-create off)
 is retried only at the cap, since retrying sooner cannot help. Three missed heartbeats
 mean the connection is dead even if TCP has not noticed, and it is dropped.
+
+For wss:// the server's certificate and host name are checked by Twisted's
+``optionsForClientTLS`` against the system's CAs; ``ca-bundle`` adds an operator's CAs to
+those (:class:`ExtraCABundle`), through public interfaces only.
 """
 from __future__ import annotations
 
@@ -14,17 +18,24 @@ import re
 from typing import Any, Callable
 from urllib.parse import urlsplit
 
+import idna
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
+from OpenSSL import SSL
+from service_identity import CertificateError, VerificationError
+from service_identity.cryptography import verify_certificate_hostname, verify_certificate_ip_address
 from twisted.application.service import Service
 from twisted.internet import ssl
+from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.defer import CancelledError, Deferred, inlineCallbacks
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
-from twisted.internet._sslverify import IOpenSSLTrustRoot  # public in docs, not re-exported
-from twisted.internet.task import LoopingCall, deferLater
+from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from taskd.stats import NULL_STATS
+from taskd.timers import RepeatingTimer
 from taskd.wire import framing
 from taskd.wire.framing import Frame, FrameError
 
@@ -36,16 +47,55 @@ _HINTS = {
 }
 
 
-@implementer(IOpenSSLTrustRoot)
-class SystemPlusBundle:
-    """The system's CAs plus an operator's extra bundle (ca-bundle), for wss://."""
+@implementer(IOpenSSLClientConnectionCreator)
+class ExtraCABundle:
+    """A TLS client creator like ``optionsForClientTLS(hostname)`` — Twisted's TLS defaults,
+    the system's CAs, SNI, the host name checked against the certificate — whose CAs are
+    the system's plus those of an operator's bundle file (ca-bundle), for wss://.
 
-    def __init__(self, path: str) -> None:
-        self.path = path
+    Why not ``optionsForClientTLS`` itself: its public trust roots are either the
+    platform's or a given list of certificates, never both, and pyOpenSSL refuses to change
+    a context once it made a connection. So the context comes from the public
+    ``CertificateOptions`` and gets the bundle before any connection, and the two things
+    ``optionsForClientTLS`` adds per connection are done here as Twisted does them: SNI
+    for a DNS name, and the leaf certificate checked with ``service_identity``.
+    """
 
-    def _addCACertsToContext(self, context: Any) -> None:
-        context.set_default_verify_paths()
-        context.load_verify_locations(self.path)
+    def __init__(self, hostname: str, path: str) -> None:
+        self.hostname, self.path = hostname, path
+        self._is_ip = isIPAddress(hostname) or isIPv6Address(hostname)
+        self._context = ssl.CertificateOptions(trustRoot=ssl.platformTrust()).getContext()
+        self._context.load_verify_locations(path)
+
+    def clientConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:
+        connection = SSL.Connection(self._context, None)
+        if not self._is_ip:  # IP literals are not server names (RFC 6066)
+            connection.set_tlsext_host_name(idna.encode(self.hostname))
+        connection.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT,
+                              self._verifier(tlsProtocol))
+        return connection
+
+    def _verifier(self, tlsProtocol: Any) -> Callable[..., bool]:
+        check = verify_certificate_ip_address if self._is_ip else verify_certificate_hostname
+        protocol = tlsProtocol  # dropped after the leaf is checked: no cycle through OpenSSL
+
+        def verify(connection: Any, cert: Any, errno: int, depth: int, ok: int) -> bool:
+            nonlocal protocol
+            if depth != 0:
+                return bool(ok)  # the chain is OpenSSL's to verify; the name is the leaf's
+            try:
+                check(cert.to_cryptography(), self.hostname)
+            except (VerificationError, CertificateError):  # wrong name; no names at all
+                if protocol is not None:
+                    protocol.failVerification(Failure())  # the connection fails with this reason
+                ok = False
+            except BaseException:  # an exception raised into OpenSSL would be lost
+                ServerConnection.log.failure("checking the server certificate's name failed")
+                ok = False
+            protocol = None
+            return bool(ok)
+
+        return verify
 
 
 def backoff(attempt: int, cap: float, rng: random.Random) -> float:
@@ -77,7 +127,7 @@ class ServerConnection(Service):
         self._wait: Deferred | None = None
         self._last_state = ""
         self._last_seen = 0.0
-        self._watchdog: LoopingCall | None = None
+        self._watchdog: RepeatingTimer | None = None
         self.attempts = 0
 
     # -- service -----------------------------------------------------------------------
@@ -209,8 +259,9 @@ class ServerConnection(Service):
         factory.buildProtocol = build
         endpoint: Any = HostnameEndpoint(self.reactor, parts.hostname, port, timeout=10)
         if secure:
-            trust = SystemPlusBundle(self.ca_bundle) if self.ca_bundle else None
-            endpoint = wrapClientTLS(ssl.optionsForClientTLS(parts.hostname, trustRoot=trust), endpoint)
+            creator = (ExtraCABundle(parts.hostname, self.ca_bundle) if self.ca_bundle
+                       else ssl.optionsForClientTLS(parts.hostname))
+            endpoint = wrapClientTLS(creator, endpoint)
         d = endpoint.connect(factory)
         d.addCallback(lambda _: opened)
         return d
@@ -219,13 +270,14 @@ class ServerConnection(Service):
 
     def _start_watchdog(self) -> None:
         self._last_seen = self.reactor.seconds()
-        self._watchdog = LoopingCall(self._check_heartbeat)
-        self._watchdog.clock = self.reactor
-        self._watchdog.start(self.heartbeat_interval, now=False)
+        self._stop_watchdog()  # never two: a watchdog per open connection
+        self._watchdog = RepeatingTimer(self.reactor, self.heartbeat_interval, self._check_heartbeat,
+                                        what="heartbeat watchdog", log=self.log)
+        self._watchdog.startService()
 
     def _stop_watchdog(self) -> None:
-        if self._watchdog is not None and self._watchdog.running:
-            self._watchdog.stop()
+        if self._watchdog is not None:
+            self._watchdog.stopService()
 
     def _check_heartbeat(self) -> None:
         silent = self.reactor.seconds() - self._last_seen

@@ -35,7 +35,6 @@ class _QuietEndpoint:
 
 
 @implementer(IAgentEndpointFactory)
-@implementer(IAgentEndpointFactory)
 class QuietEndpointFactory:
     """``IAgentEndpointFactory`` as Agent's default (HostnameEndpoint, browser-like TLS
     for https), but with quiet connection factories."""

@@ -20,7 +20,7 @@ from twisted.application.service import Service
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from taskd.agent.executor import TaskStatus
+from taskd.agent.contract import TaskStatus
 from taskd.stats import NULL_STATS
 from taskd.wire import framing
 from taskd.timers import RepeatingTimer

@@ -2,11 +2,19 @@
 
 It is not the agent daemon; it records every frame it receives so tests can wait for
 specific events (`await client.next("taskAdd")`) with a deadline instead of sleeping.
+
+Absence ("no taskAdd reaches this agent") is proved by a round trip, not a pause:
+`roundtrip` sends a websocket ping and awaits its pong; the server answers it after writing
+every frame it had written to this connection before, so once the pong is back those
+frames are in `frames`. `nothing_pending` is that proof, for a caller that has already
+awaited evidence the server finished the action (say, the frame another agent got from
+the same fan-out: the server tells all its local agents of one change in one turn).
 """
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+import itertools
 from typing import Any
 
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol, connectWS
@@ -36,6 +44,8 @@ class AgentClient:
     refused: int | None = None  # HTTP status when the upgrade was refused
     protocol: Any = None
     _cursor: dict[str, int] = field(default_factory=dict)
+    _pongs: dict[bytes, Deferred] = field(default_factory=dict)
+    _pings: Any = field(default_factory=itertools.count)
 
     def send(self, event: str, value: Any) -> None:
         self.protocol.sendMessage(framing.encode_json(event, value), isBinary=True)
@@ -66,10 +76,41 @@ class AgentClient:
         [payload] = await until(found, timeout, what=received)
         return payload
 
+    async def roundtrip(self, timeout: float = 10.0) -> None:
+        """Ping the server and await its pong: every frame it wrote before has arrived
+        (on a closed connection every frame has arrived already)."""
+        if self.closed.called:
+            return
+        payload = f"roundtrip-{next(self._pings)}".encode()
+        pong = self._pongs[payload] = Deferred()
+        self.protocol.sendPing(payload)
+        pong.addTimeout(timeout, reactor)
+        try:
+            await pong
+        finally:
+            self._pongs.pop(payload, None)
+
+    def pong(self, payload: bytes) -> None:
+        pong = self._pongs.pop(payload, None)
+        if pong is not None and not pong.called:
+            pong.callback(None)
+
+    async def nothing_pending(self, name: str) -> None:
+        """Assert no `name` frame beyond those consumed by `next`, once every frame the
+        server has written so far has arrived (`roundtrip`). No window: the caller has
+        awaited that the server finished what would have sent one."""
+        await self.roundtrip()
+        unconsumed = [f.payload for f in self.frames[self._cursor.get(name, 0):] if f.event == name]
+        assert not unconsumed, f"unexpected {name}: {unconsumed}"
+
     async def nothing_more(self, name: str, within: float = 0.5) -> None:
-        """Assert no further `name` frame arrives within `within` seconds."""
+        """Assert no further `name` frame arrives within `within` seconds (then a
+        `roundtrip`, so a frame the server wrote just before the window closed counts too).
+        For a change the caller cannot await the end of (a timer on the server, another
+        server's event); otherwise `nothing_pending` proves it without a window."""
         seen = len(self.events(name))
         await deferLater(reactor, within, lambda: None)
+        await self.roundtrip()
         assert len(self.events(name)) == seen, f"unexpected {name}: {self.events(name)[seen:]}"
 
     def disconnect(self) -> Deferred:
@@ -98,6 +139,9 @@ def connect_agent(base_url: str, name: str, key: str, version: int = 1) -> Agent
             except ValueError:
                 value = frame.payload
             client.frames.append(Received(frame.event, value))
+
+        def onPong(self, payload: bytes) -> None:
+            client.pong(payload)
 
         def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
             client.close_code, client.close_reason = code, reason

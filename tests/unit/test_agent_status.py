@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from twisted.internet.task import Clock
 
-from taskd.agent.executor import ERROR, OK, PENDING, TaskStatus
+from taskd.agent.contract import ERROR, OK, PENDING, TaskStatus
 from taskd.agent.snap.status import SnapStatusTracker
 from taskd.agent.statusreporter import StatusReporter
 from taskd.wire import framing

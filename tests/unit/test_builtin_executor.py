@@ -9,7 +9,7 @@ from twisted.logger import Logger, formatEvent
 
 from taskd.agent.builtin.collector import CollectError, Point, Sample
 from taskd.agent.builtin.executor import BuiltinExecutor
-from taskd.agent.executor import ERROR, OK, PENDING, TaskStatus
+from taskd.agent.contract import ERROR, OK, PENDING, TaskStatus
 
 from tests.unit.builtin_fakes import FakeCollector, FakePublisher, RecordingStats, collectors
 

@@ -325,7 +325,7 @@ def test_stopping_writes_what_is_buffered_after_a_running_flush(rig):
 
 def test_the_wire_shape_of_the_agent_is_accepted():
     """What the agent's TaskStatus.to_wire() produces (kept in step with the agent)."""
-    from taskd.agent.executor import TaskStatus
+    from taskd.agent.contract import TaskStatus
 
     wire = [TaskStatus(5, "builtin").to_wire(),
             TaskStatus(6, "snap", "error", "boom", 1767323045.0, 1.5, None, 4, 1, 2).to_wire()]

@@ -24,8 +24,10 @@ SLEEPS = {("time", "sleep"), ("asyncio", "sleep")}
 # (file relative to tests/, enclosing function) -> why this sleep is the behaviour under test
 ALLOWED_SLEEPS: dict[tuple[str, str], str] = {
     ("integration/agent_client.py", "nothing_more"):
-        "proves an absence (no further frame of a kind) over a short window; not yet replaced by "
-        "a marker frame awaited after the action, per caller (14 callers): the one known debt",
+        "proves an absence (no further frame of a kind) over a short window, for a change whose end "
+        "a caller cannot await; a caller that can await it uses `nothing_pending` (a ping/pong "
+        "round trip, no window). The callers (test_routing, test_sessions, test_multi_server) are "
+        "still to move where they can: the one known debt",
 }
 
 

@@ -1,7 +1,7 @@
 """The built-in executor: runs the agent's tasks with in-process collectors.
 
 The ``builtin`` counterpart of :mod:`taskd.agent.snap` (same Executor contract,
-:mod:`taskd.agent.executor`). For each desired task it picks a collector, validates the
+:mod:`taskd.agent.contract`). For each desired task it picks a collector, validates the
 task's config once, and schedules runs on the task's slot grid
 (:mod:`taskd.agent.builtin.scheduler`, phase = ``created``). Each run's samples are
 stamped with the slot time, the task's org and interval, and handed to the publisher.
@@ -40,7 +40,7 @@ from twisted.logger import Logger
 from taskd.agent.builtin.collector import CollectError, Collector, ConfigError, Point, TaskInfo
 from taskd.agent.builtin.publisher import Publisher
 from taskd.agent.builtin.scheduler import RUNNING, Scheduler
-from taskd.agent.executor import ERROR, OK, PENDING, ReportStatus, SendCatalog, TaskStatus, desired_tasks
+from taskd.agent.contract import ERROR, OK, PENDING, ReportStatus, SendCatalog, TaskStatus, desired_tasks
 from taskd.stats import NULL_STATS
 
 __all__ = ["BuiltinExecutor"]

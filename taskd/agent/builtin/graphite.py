@@ -26,10 +26,8 @@ from __future__ import annotations
 
 import random
 import re
-from collections import deque
-from typing import Any, Sequence
+from typing import Any
 
-from twisted.application.service import Service
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import ClientFactory, Protocol
@@ -38,9 +36,8 @@ from zope.interface import implementer
 
 from taskd.agent.builtin.collector import Point
 from taskd.agent.builtin.metricdata import finite_value
-from taskd.agent.builtin.tsdbgw import backoff_delay
+from taskd.agent.builtin.queueing import QueueingPublisher, backoff_delay
 from taskd.stats import NULL_STATS, split_host_port
-from taskd.timers import RepeatingTimer
 
 __all__ = ["GraphitePublisher", "carbon_line"]
 
@@ -102,13 +99,16 @@ class _Factory(ClientFactory):
         self.publisher._lost(None, reason)
 
 
-class GraphitePublisher(Service):
+class GraphitePublisher(QueueingPublisher):
     """Publishes points to carbon; see the module docstring. Counters since start:
     ``published`` (lines written to carbon's connection), ``dropped`` (queue full),
-    ``invalid`` (refused in `add`), ``lost`` (unsent at stop, or added after it)."""
+    ``invalid`` (refused in `add`), ``lost`` (unsent at stop, or added after it). The
+    queue and stop: :mod:`.queueing`; here the connection and writing lines to it."""
 
     name = "graphite"
     log = Logger()  # namespace: taskd.agent.builtin.graphite.GraphitePublisher
+    label = "graphite publisher"
+    stats_prefix = "graphite"
 
     def __init__(self, *, addr: str, queue_size: int = 200000, flush_interval: float = 1.0,
                  max_backoff: float = 30.0, connect_timeout: float = 10.0,
@@ -116,99 +116,45 @@ class GraphitePublisher(Service):
                  rng: random.Random | None = None, stats: Any = NULL_STATS) -> None:
         """``addr``: ``HOST:PORT`` (or ``[IPv6]:PORT``). ``flush_interval``: how often
         drops are summarized in the log. Timers run on ``clock`` (default ``reactor``)."""
-        if reactor is None:
-            from twisted.internet import reactor as _reactor
-            reactor = _reactor
+        super().__init__(queue_size=queue_size, flush_interval=flush_interval,
+                         stop_timeout=stop_timeout, reactor=reactor, clock=clock, rng=rng,
+                         stats=stats)
         self.addr = addr
         self.host, self.port = split_host_port(addr)
-        self.queue_size = max(1, queue_size)
-        self.flush_interval = flush_interval
         self.max_backoff = max_backoff
         self.connect_timeout = connect_timeout
-        self.stop_timeout = stop_timeout
-        self.reactor = reactor
-        self.clock = clock if clock is not None else reactor
-        self.rng = rng or random.Random()
-        self.stats = stats
-        self.published = self.dropped = self.invalid = self.lost = 0
         self.connections = 0  # successful connects, since start
-        self._queue: deque[bytes] = deque()
         self._protocol: _CarbonProtocol | None = None
         self._connecting = False
         self._attempt = 0
         self._connected_at = 0.0
         self._retry: Any = None
-        self._timer: RepeatingTimer | None = None
-        self._stopping = self._late_logged = False
         self._down_logged = False
         self._closed: Deferred | None = None
-        self._window_dropped = 0
-
-    # -- the Publisher contract ------------------------------------------------------------
-
-    @property
-    def queued(self) -> int:
-        return len(self._queue)
 
     @property
     def connected(self) -> bool:
         return self._protocol is not None
 
-    def add(self, points: Sequence[Point]) -> None:
-        """Write or queue ``points``; never blocks, never raises."""
-        try:
-            self._add(points)
-        except Exception:  # noqa: BLE001 - the collector's loop must never see our bugs
-            self.log.failure("graphite publisher: adding {n} metrics failed", n=len(points))
+    # -- the queue (hooks of QueueingPublisher) -----------------------------------------------
 
-    def _add(self, points: Sequence[Point]) -> None:
-        if self._stopping:
-            if not self._late_logged:
-                self._late_logged = True
-                self.log.warn("graphite publisher is stopped: metrics added from now on are lost"
-                              " ({n} in this call)", n=len(points))
-            self.lost += len(points)
-            return
-        dropped = 0
-        for point in points:
-            try:
-                line = carbon_line(point)
-            except Exception:  # noqa: BLE001 - e.g. a name that is not a str: this point is invalid
-                line = None
-            if line is None:
-                self.invalid += 1
-            elif len(self._queue) >= self.queue_size:
-                dropped += 1
-            else:
-                self._queue.append(line)
-        if dropped:
-            self.dropped += dropped
-            self._window_dropped += dropped
-            self.stats.incr("graphite.dropped", dropped)
+    def _item(self, point: Point) -> bytes | None:
+        try:
+            return carbon_line(point)
+        except Exception:  # noqa: BLE001 - e.g. a name that is not a str: this point is invalid
+            return None
+
+    def _full_because(self) -> str:
+        return f"carbon at {self.addr} is down or slow"
+
+    def _added(self) -> None:
         self._drain()
 
-    # -- service ---------------------------------------------------------------------------
-
-    def startService(self) -> None:
-        super().startService()
-        self._timer = RepeatingTimer(self.clock, self.flush_interval, self._tick,
-                                     what="graphite publisher: timer", log=self.log)
-        self._timer.startService()
+    def _started(self) -> None:
         self._connect()
 
-    def stopService(self) -> Deferred:
-        """Final flush: write what is queued and close (at most ``stop_timeout`` s)."""
-        super().stopService()
-        self._stopping = True
-        if self._timer is not None:
-            self._timer.stopService()
-        self._report_drops()
-        return Deferred.fromCoroutine(self._final_flush())
-
-    async def _final_flush(self) -> None:
-        pending, published = len(self._queue), self.published
+    async def _flush(self) -> None:
         self._closed = Deferred()
-        give_up = self.clock.callLater(self.stop_timeout, self._give_up)
         if self._protocol is not None:
             self._close()
         elif self._queue:
@@ -216,17 +162,14 @@ class GraphitePublisher(Service):
         else:
             self._give_up()
         await self._closed
-        if give_up.active():
-            give_up.cancel()
-        lost = len(self._queue)
-        self._queue.clear()
-        self.lost += lost
+
+    def _log_stopped(self, *, lost: int, pending: int, sent: int, took: float) -> None:
         if lost:
             self.log.warn("graphite publisher stopped: {lost} metrics lost (carbon at {addr} unreachable"
                           " for {t:g} s)", lost=lost, addr=self.addr, t=self.stop_timeout)
         elif pending:
             self.log.info("graphite publisher stopped: final flush wrote {n} metrics to {addr}",
-                          n=self.published - published, addr=self.addr)
+                          n=sent, addr=self.addr)
 
     def _close(self) -> None:
         """Write everything (ignoring the producer pause: it is bounded) and close."""
@@ -314,16 +257,3 @@ class GraphitePublisher(Service):
             protocol.transport.write(b"".join(lines))
             self.published += len(lines)
             self.stats.incr("graphite.published", len(lines))
-
-    # -- timers ------------------------------------------------------------------------------
-
-    def _tick(self) -> None:
-        self._report_drops()
-        self.stats.gauge("graphite.queued", len(self._queue))
-
-    def _report_drops(self) -> None:
-        """The once-per-interval log of points refused by `add` (never one line per point)."""
-        if self._window_dropped:
-            self.log.warn("dropped {n} metrics: queue full (bound {bound}); carbon at {addr} is down or slow",
-                          n=self._window_dropped, bound=self.queue_size, addr=self.addr)
-            self._window_dropped = 0

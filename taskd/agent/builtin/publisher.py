@@ -3,7 +3,8 @@
 A publisher is a Twisted service: `add` never blocks and never raises (points beyond the
 publisher's bound are dropped and counted), and `stopService` makes a final flush.
 ``tsdbgw`` (:mod:`taskd.agent.builtin.tsdbgw`) and ``graphite``
-(:mod:`taskd.agent.builtin.graphite`) implement it.
+(:mod:`taskd.agent.builtin.graphite`) implement it, both on the bounded queue of
+:mod:`taskd.agent.builtin.queueing`.
 """
 from __future__ import annotations
 

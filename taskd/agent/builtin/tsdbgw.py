@@ -30,30 +30,22 @@ Log lines name the URL (never the key) and how many metrics were affected.
 from __future__ import annotations
 
 import random
-from collections import deque
-from typing import Any, Sequence
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from twisted.application.service import Service
 from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 
 from taskd.agent.builtin.collector import Point
 from taskd.agent.builtin.metricdata import (CONTENT_TYPE, CONTENT_TYPE_SNAPPY, encode_message,
                                             invalid_reason, snappy_frame)
+from taskd.agent.builtin.queueing import MIN_BACKOFF, QueueingPublisher, backoff_delay
 from taskd.agent.httpclient import quiet_http_client
 from taskd.stats import NULL_STATS
-from taskd.timers import RepeatingTimer
 
-__all__ = ["TsdbGwPublisher", "backoff_delay", "MIN_BACKOFF"]
+__all__ = ["TsdbGwPublisher", "backoff_delay", "MIN_BACKOFF"]  # the backoff: re-exported
 
-MIN_BACKOFF = 0.1  # seconds: the first retry's upper bound, as task-agent-ng's backoff
 RETRY_LOG_INTERVAL = 60.0  # while a batch keeps failing the same way, log it this often
-
-
-def backoff_delay(attempt: int, cap: float, rng: random.Random) -> float:
-    """Full jitter: uniform in [0, min(cap, 0.1 s * 2**attempt)] (attempt 0 is the first retry)."""
-    return rng.uniform(0.0, min(cap, MIN_BACKOFF * 2.0 ** min(attempt, 60)))
 
 
 def loggable_url(url: str) -> str:
@@ -67,14 +59,18 @@ class _Retry(Exception):
     """A failure worth retrying; the message says what happened."""
 
 
-class TsdbGwPublisher(Service):
+class TsdbGwPublisher(QueueingPublisher):
     """Publishes points to tsdb-gw; see the module docstring. Counters since start:
     ``published`` (accepted by the gateway), ``dropped`` (queue full), ``rejected`` (in
     batches refused with a 4xx), ``invalid`` (refused in `add`), ``lost`` (unsent at
-    stop, or added after it), ``retries``."""
+    stop, or added after it), ``retries``. The queue and stop: :mod:`.queueing`; here the
+    batching, the POST and its retries."""
 
     name = "tsdbgw"
     log = Logger()  # namespace: taskd.agent.builtin.tsdbgw.TsdbGwPublisher
+    label = "tsdb-gw publisher"
+    stats_prefix = "tsdbgw"
+    timer_what = "flush timer"
 
     def __init__(self, *, url: str, key: str, snappy: bool = True, batch_size: int = 5000,
                  flush_interval: float = 1.0, queue_size: int = 200000, max_backoff: float = 30.0,
@@ -84,127 +80,82 @@ class TsdbGwPublisher(Service):
         """``http``: a treq-compatible client (``post(url, data=, headers=)`` returning a
         Deferred response with ``.code`` and ``.content()``); default treq on ``reactor``.
         Timers (flush, backoff, timeouts) run on ``clock`` (default ``reactor``)."""
-        if reactor is None:
-            from twisted.internet import reactor as _reactor
-            reactor = _reactor
+        super().__init__(queue_size=queue_size, flush_interval=flush_interval,
+                         stop_timeout=timeout if stop_timeout is None else stop_timeout,
+                         reactor=reactor, clock=clock, rng=rng, stats=stats)
         self.url = url.rstrip("/") + "/metrics"
         self.where = loggable_url(self.url)
         self._key = key
         self.snappy = snappy
         self.content_type = CONTENT_TYPE_SNAPPY if snappy else CONTENT_TYPE
         self.batch_size = max(1, batch_size)
-        self.flush_interval = flush_interval
-        self.queue_size = max(1, queue_size)
         self.max_backoff = max(MIN_BACKOFF, max_backoff)
         self.timeout = timeout
-        self.stop_timeout = timeout if stop_timeout is None else stop_timeout
-        self.clock = clock if clock is not None else reactor
-        self.rng = rng or random.Random()
-        self.stats = stats
         self._pool: Any = None
         if http is None:
-            http, self._pool = quiet_http_client(reactor)
+            http, self._pool = quiet_http_client(self.reactor)
         self._http = http
-        self.published = self.dropped = self.rejected = self.invalid = self.lost = self.retries = 0
+        self.rejected = self.retries = 0
         self.requests = 0
-        self._queue: deque[Point] = deque()
         self._inflight: list[Point] = []
         self._busy = False
         self._flush_due = False
-        self._stopping = self._giving_up = self._late_logged = False
-        self._timer: RepeatingTimer | None = None
+        self._giving_up = False
         self._request: Deferred | None = None
         self._wake: tuple[Deferred, Any] | None = None
         self._idle_waiters: list[Deferred] = []
-        self._window_dropped = self._window_invalid = 0
+        self._window_invalid = 0
         self._invalid_example = ""
         # status -> [metrics refused since the last report, last body excerpt]; a status is
         # here from its first (logged) refusal until an interval passes without another
         self._window_refused: dict[int, list] = {}
 
-    # -- the Publisher contract ------------------------------------------------------------
+    # -- the queue (hooks of QueueingPublisher) -----------------------------------------------
 
     @property
     def queued(self) -> int:
         """Points held: waiting, plus the batch in flight (what ``queue_size`` bounds)."""
         return len(self._queue) + len(self._inflight)
 
-    def add(self, points: Sequence[Point]) -> None:
-        """Queue ``points``; never blocks, never raises (beyond the bound they are dropped)."""
-        try:
-            self._add(points)
-        except Exception:  # noqa: BLE001 - the collector's loop must never see our bugs
-            self.log.failure("tsdb-gw publisher: adding {n} metrics failed", n=len(points))
+    def _item(self, point: Point) -> Point | None:
+        reason = invalid_reason(point)
+        if reason is None:
+            return point
+        self._window_invalid += 1
+        self._invalid_example = f"{point.name!r}: {reason}"
+        return None
 
-    def _add(self, points: Sequence[Point]) -> None:
-        if self._stopping:
-            if not self._late_logged:
-                self._late_logged = True
-                self.log.warn("tsdb-gw publisher is stopped: metrics added from now on are lost"
-                              " ({n} in this call)", n=len(points))
-            self.lost += len(points)
-            return
-        dropped = 0
-        for point in points:
-            reason = invalid_reason(point)
-            if reason is not None:
-                self.invalid += 1
-                self._window_invalid += 1
-                self._invalid_example = f"{point.name!r}: {reason}"
-            elif self.queued >= self.queue_size:
-                dropped += 1
-            else:
-                self._queue.append(point)
-        if dropped:
-            self.dropped += dropped
-            self._window_dropped += dropped
-            self.stats.incr("tsdbgw.dropped", dropped)
+    def _full_because(self) -> str:
+        return f"tsdb-gw at {self.where} is slow or down"
+
+    def _added(self) -> None:
         if self.running and len(self._queue) >= self.batch_size:
             self._kick()
 
-    # -- service ---------------------------------------------------------------------------
+    _started = _added  # a full batch queued before the start goes at once
 
-    def startService(self) -> None:
-        super().startService()
-        self._timer = RepeatingTimer(self.clock, self.flush_interval, self._tick,
-                                     what="tsdb-gw publisher: flush timer", log=self.log)
-        self._timer.startService()
-        if len(self._queue) >= self.batch_size:
-            self._kick()
-
-    def stopService(self) -> Deferred:
-        """Final flush: send what is queued (at most ``stop_timeout`` s), then close."""
-        super().stopService()
-        if self._timer is not None:
-            self._timer.stopService()
-        self._stopping = True
-        self._report_drops()
+    def _stop_requested(self) -> None:
         self._wake_up()  # a batch waiting for its retry is tried again now
-        return Deferred.fromCoroutine(self._final_flush())
 
-    async def _final_flush(self) -> None:
-        start, pending = self.clock.seconds(), self.queued
-        published = self.published
-        give_up = self.clock.callLater(self.stop_timeout, self._give_up)
-        try:
-            if self._queue:
-                self._kick()
-            await self._idle()
-        finally:
-            if give_up.active():
-                give_up.cancel()
-        lost = self.queued
+    async def _flush(self) -> None:
+        if self._queue:
+            self._kick()
+        await self._idle()
+
+    def _discard(self) -> None:
         self._queue.clear()
         self._inflight = []
-        self.lost += lost
-        self._report_drops()  # refusals during the final flush
+
+    def _log_stopped(self, *, lost: int, pending: int, sent: int, took: float) -> None:
         if lost:
             self.log.warn("tsdb-gw publisher stopped: {lost} metrics lost (not accepted by {url} within"
                           " {t:g} s); {sent} sent at stop", lost=lost, url=self.where, t=self.stop_timeout,
-                          sent=self.published - published)
+                          sent=sent)
         elif pending:
             self.log.info("tsdb-gw publisher stopped: final flush sent {n} metrics to {url} in {t:.1f} s",
-                          n=self.published - published, url=self.where, t=self.clock.seconds() - start)
+                          n=sent, url=self.where, t=took)
+
+    async def _closed_down(self) -> None:
         if self._pool is not None:
             await self._pool.closeCachedConnections()
 
@@ -216,19 +167,14 @@ class TsdbGwPublisher(Service):
 
     # -- timers and the sender ---------------------------------------------------------------
 
-    def _tick(self) -> None:
-        self._report_drops()
-        self.stats.gauge("tsdbgw.queued", self.queued)
+    def _ticked(self) -> None:
         if self._queue:
             self._flush_due = True
             self._kick()
 
     def _report_drops(self) -> None:
-        """The once-per-interval log of points refused by `add` (never one line per point)."""
-        if self._window_dropped:
-            self.log.warn("dropped {n} metrics: queue full (bound {bound}); tsdb-gw at {url} is slow or down",
-                          n=self._window_dropped, bound=self.queue_size, url=self.where)
-            self._window_dropped = 0
+        """Beside the queue-full drops: invalid points and 4xx refusals, once per interval."""
+        super()._report_drops()
         if self._window_invalid:
             self.log.warn("dropped {n} invalid metrics (tsdb-gw would refuse them), e.g. {example}",
                           n=self._window_invalid, example=self._invalid_example)

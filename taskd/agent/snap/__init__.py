@@ -3,7 +3,8 @@
 * :mod:`.wire` — what goes over Snap's REST API: names, the task body, reading answers;
 * :mod:`.client` — one request and its envelope, redaction, the stop/delete state machine;
 * :mod:`.status` — task status derived from Snap's counters;
-* :mod:`.driver` — :class:`SnapDriver`, the service: supervision, catalog, reconcile, ticks.
+* :mod:`.reconcile` — one reconcile pass: what to create and remove, what this process built;
+* :mod:`.driver` — :class:`SnapDriver`, the service: supervision, catalog, when to reconcile, ticks.
 
 The names below stay importable from ``taskd.agent.snap`` as before the split.
 """

@@ -1,5 +1,7 @@
-"""The Snap driver (its loops and reconcile; requests go through
-:class:`taskd.agent.snap.client.SnapClient`): runs the agent's tasks as tasks of the local Snap daemon (REST API v1).
+"""The Snap driver (its loops, and when to reconcile; requests go through
+:class:`taskd.agent.snap.client.SnapClient`, one reconcile pass is
+:class:`taskd.agent.snap.reconcile.SnapReconciler`): runs the agent's tasks as tasks of the
+local Snap daemon (REST API v1).
 
 Behaviour of the Go task-agent (``original-behaviour.md`` §7, ``snap-rest-api.md`` §10),
 with its gaps closed. Three loops, all on the injected clock and each guarded so that a
@@ -18,21 +20,13 @@ failure is logged and retried on the next tick instead of stopping the loop:
   (too many failed runs), then reconcile, which creates them afresh.
 
 Reconcile compares Snap's ``raintank-apps:<taskId>`` tasks with the desired set given to
-:meth:`SnapDriver.set_tasks`: missing → create; present but out of date → remove and
-create; not desired → remove; duplicates → keep one. Other tasks are never touched.
-"Out of date" (see docs/snap.md): a Snap task this driver created in this process is
-compared with the request it was created from and the ``updated`` it was built from; any
-other Snap task (created before an agent restart, or by a create whose answer was lost) is
-compared by content — its full view echoes the workflow, schedule and deadline — and
-only when Snap does not echo a workflow by ``creation_timestamp`` (whole seconds): re-create
-if ``updated`` is later than ``creation_timestamp + 1``.
+:meth:`SnapDriver.set_tasks` (what one pass does: taskd/agent/snap/reconcile.py). Requests
+for it are coalesced here: one pass at a time, run once more if asked meanwhile.
 
 The api key is sent to Snap only in the body of one PUT and never logged.
 """
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
 from typing import Any, Callable, Coroutine, Mapping
 
 from twisted.application.service import Service
@@ -45,39 +39,25 @@ from taskd.agent.snap.wire import (
     AGENT_NAME_KEY,
     API_KEY_KEY,
     CONFIG_PATH,
-    DISABLED,
-    PREFIX,
-    RUNNING,
-    STOPPING,
+    TSDB_URL_KEY,
     SnapError,
     SnapUnreachable,
-    TSDB_URL_KEY,
-    essence,
-    request_essence,
     catalog_record,
-    parse_go_duration,
-    parse_rfc3339,
-    snap_task_request,
-    updated_after_creation,
 )
-from taskd.agent.executor import TaskStatus, desired_tasks
+from taskd.agent.contract import TaskStatus, desired_tasks
 from taskd.agent.snap.client import SnapClient
+from taskd.agent.snap.reconcile import SnapReconciler
 from taskd.agent.snap.status import SnapStatusTracker
 from taskd.stats import NULL_STATS
 from taskd.timers import RepeatingTimer
 
 __all__ = ["SnapDriver"]
 
-@dataclass
-class _Built:
-    fingerprint: str  # the creation request, canonical JSON
-    updated: Any      # the server task's `updated` it was built from
-
 
 class SnapDriver(Service):
     """Keeps the local Snap daemon running exactly the desired ``raintank-apps`` tasks.
 
-    The ``snap`` executor (taskd/agent/executor.py). Every ``status_interval`` (and after
+    The ``snap`` executor (its contract: taskd/agent/contract.py). Every ``status_interval`` (and after
     every reconcile) it reads the tasks' counters off Snap's task list and reports their
     status (taskd/agent/snap/status.py).
 
@@ -117,7 +97,10 @@ class SnapDriver(Service):
         self.last_catalog: list[dict] | None = None
         self._reach_logged: bool | None = None  # the reachability last logged
         self._desired: dict[int, dict] | None = None  # None: no task list from the server yet
-        self._built: dict[str, _Built] = {}  # Snap task id -> what this process created it from
+        self.reconciler = SnapReconciler(
+            client=self.client, problem=self._problem, solved=self._solved, stats=stats,
+            on_listing=self._report_statuses,
+            on_unrunnable=lambda tid, why: self.report_status(self._status.unrunnable(tid, why)))
         self._loops: list[RepeatingTimer] = []
         self._inflight: set[Deferred] = set()
         self._reconciling = False
@@ -311,7 +294,8 @@ class SnapDriver(Service):
                 sweep = self._pending_sweep
                 self._pending = self._pending_sweep = False
                 try:
-                    ok = await self._reconcile_once(sweep)
+                    # never act on "no tasks" before the server has said so
+                    ok = self._desired is None or await self.reconciler.once(self._desired, sweep)
                 except SnapUnreachable as e:
                     self._problem("reconcile", f"reconciling Snap's tasks interrupted: {e}")
                     ok = False
@@ -333,129 +317,3 @@ class SnapDriver(Service):
                     self._backoff = min(self._backoff * 2, max(self.sweep_interval, self.supervise_interval))
         finally:
             self._reconciling = False
-
-    async def _reconcile_once(self, sweep: bool) -> bool:
-        """One pass; True if Snap now matches the desired set. SnapUnreachable aborts."""
-        if self._desired is None:
-            return True  # never act on "no tasks" before the server has said so
-        desired = self._desired
-        listing = await self.client.call("GET", "/v1/tasks", "scheduled_task_list_returned")
-        tasks = listing.get("ScheduledTasks") if isinstance(listing, dict) else None
-        if not isinstance(tasks, list):
-            raise SnapError(200, "the task list has no ScheduledTasks array")
-        self._report_statuses(tasks)
-        ours: dict[str, list[dict]] = {}
-        for t in tasks:
-            if isinstance(t, dict) and isinstance(t.get("name"), str) and \
-                    t["name"].startswith(PREFIX) and isinstance(t.get("id"), str):
-                ours.setdefault(t["name"], []).append(t)
-        present = {t["id"] for copies in ours.values() for t in copies}
-        self._built = {sid: b for sid, b in self._built.items() if sid in present}
-        ok = True
-        if sweep:
-            for name, copies in ours.items():
-                for c in [c for c in copies if c.get("task_state") == DISABLED]:
-                    self.log.warn("{name}: Snap disabled task {sid} after {n} failed runs (last: "
-                                  "{msg}); re-creating it", name=name, sid=c["id"],
-                                  n=c.get("failed_count", 0), msg=c.get("last_failure_message", ""))
-                    if await self._remove(name, c, "it was Disabled"):
-                        copies.remove(c)
-                    else:
-                        ok = False
-        wanted = {f"{PREFIX}{tid}": (tid, task) for tid, task in desired.items()}
-        for name, copies in ours.items():
-            if name not in wanted:
-                for c in copies:
-                    ok = await self._remove(name, c, "no longer assigned to this agent") and ok
-        for name, (tid, task) in wanted.items():
-            ok = await self._converge(name, tid, task, ours.get(name, [])) and ok
-        return ok
-
-    async def _converge(self, name: str, tid: int, task: dict, copies: list[dict]) -> bool:
-        try:
-            request = snap_task_request(tid, task)
-        except ValueError as e:
-            self._problem(name, f"task {tid} cannot be run by Snap: {e}")
-            self.report_status(self._status.unrunnable(tid, f"cannot be run by Snap: {e}"))
-            return True  # not retryable: a new version of the task will come
-        updated = task.get("updated")
-        keep: dict | None = None
-        ok = True
-        try:
-            # Prefer a running copy, then one this process built, then the newest.
-            for c in sorted(copies, key=lambda c: (c.get("task_state") != RUNNING,
-                                                   c["id"] not in self._built,
-                                                   -(c.get("creation_timestamp") or 0))):
-                if keep is None:
-                    why = await self._unusable(c, request, updated)
-                    if why is None:
-                        keep = c
-                        continue
-                else:
-                    why = f"duplicate of {keep['id']}"
-                ok = await self._remove(name, c, why) and ok
-        except SnapError as e:
-            self._problem(name, f"task {tid}: reading Snap task failed: {e}")
-            return False
-        if keep is None:
-            ok = await self._create(name, tid, request, updated) and ok
-        return ok
-
-    async def _unusable(self, c: dict, request: dict, updated: Any) -> str | None:
-        """Why this Snap copy cannot stay (None: it is current)."""
-        state = c.get("task_state")
-        if state not in (RUNNING, DISABLED):  # e.g. a create whose start failed
-            return f"it is {state}, not Running"
-        built = self._built.get(c["id"])
-        fingerprint = json.dumps(request, sort_keys=True)
-        if built is not None:
-            if built.fingerprint != fingerprint:
-                return "the task changed"
-            old, new = parse_rfc3339(built.updated), parse_rfc3339(updated)
-            newer = (new > old) if (old and new) else (updated != built.updated)
-            return f"the task was updated ({updated})" if newer else None
-        try:
-            full = await self.client.call("GET", f"/v1/tasks/{c['id']}", "scheduled_task_returned")
-        except SnapError as e:
-            if e.status == 404:
-                return "it is gone"
-            raise
-        full = full if isinstance(full, dict) else {}
-        seen = essence(full.get("schedule"), full.get("deadline"), full.get("workflow"))
-        if seen is not None:
-            if seen != request_essence(request):
-                return "its content differs from the task"
-        elif updated_after_creation(updated, c.get("creation_timestamp")):
-            return f"the task was updated ({updated}) after it was created"
-        self._built[c["id"]] = _Built(fingerprint, updated)  # adopt it
-        return None
-
-    async def _create(self, name: str, tid: int, request: dict, updated: Any) -> bool:
-        try:
-            body = await self.client.call("POST", "/v1/tasks", "scheduled_task_created", 201, request)
-        except SnapError as e:
-            self._problem(name, f"task {tid}: creating the Snap task failed: {e}; will retry")
-            return False
-        self._solved(name)
-        sid = body.get("id") if isinstance(body, dict) else None
-        if isinstance(sid, str):
-            self._built[sid] = _Built(json.dumps(request, sort_keys=True), updated)
-        self.stats.incr("snap.tasks_created")
-        self.log.info("task {tid}: created Snap task {sid} ({name}, every {interval})", tid=tid,
-                      sid=sid, name=name, interval=request["schedule"]["interval"])
-        return True
-
-    async def _remove(self, name: str, c: dict, reason: str) -> bool:
-        sid = c["id"]
-        try:
-            await self.client.stop_and_delete(sid)
-        except SnapError as e:
-            self._problem((name, sid), f"{name}: removing Snap task {sid} ({reason}) failed: {e}; "
-                                       "will retry")
-            return False
-        self._solved((name, sid))
-        self._built.pop(sid, None)
-        self.stats.incr("snap.tasks_removed")
-        self.log.info("task {tid}: removed Snap task {sid} ({name}, {reason})", tid=name[len(PREFIX):],
-                      sid=sid, name=name, reason=reason)
-        return True

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import Iterable, Mapping
 
-from taskd.agent.executor import ERROR, OK, PENDING, TaskStatus
+from taskd.agent.contract import ERROR, OK, PENDING, TaskStatus
 from taskd.agent.snap.wire import DISABLED, PREFIX
 
 EXECUTOR = "snap"

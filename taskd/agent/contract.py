@@ -4,7 +4,8 @@ The task cache decides *which* tasks the agent should run; an executor makes tha
 Two exist: ``snap`` (the local Snap daemon, :mod:`taskd.agent.snap`) and ``builtin``
 (collectors in this process, :mod:`taskd.agent.builtin.executor`). Both are Twisted
 services taking the same two callbacks, so the agent assembles either the same way and
-the cache/reconciliation logic stays shared.
+the cache/reconciliation logic stays shared. (Named ``contract``, not ``executor``: it
+runs nothing; the executors are :mod:`taskd.agent.snap` and :mod:`taskd.agent.builtin.executor`.)
 
 `TaskStatus` is the one status shape both produce; it travels to the server in the
 ``taskStatus`` event (docs/protocol.md) and is what ``GET /api/v1/tasks/<id>`` shows.
