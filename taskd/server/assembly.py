@@ -145,8 +145,15 @@ def build_server(settings: Any, reactor: Any = None) -> Server:
 
         reactor = _reactor
     try:
-        engine = create_engine(settings.db_type, settings.db_connect_str, pool_size=settings.db_pool_size)
-        migrate.upgrade(engine)
+        # Migrations may rebuild big tables: they run without db-timeout, on their own
+        # connection; serving statements are bounded by it (taskd.db.pool).
+        schema_engine = create_engine(settings.db_type, settings.db_connect_str, pool_size=1)
+        try:
+            migrate.upgrade(schema_engine)
+        finally:
+            schema_engine.dispose()
+        engine = create_engine(settings.db_type, settings.db_connect_str, pool_size=settings.db_pool_size,
+                               timeout=settings.db_timeout)
     except ValueError as exc:
         raise StartupError(str(exc)) from None
     except Exception as exc:  # unreachable server, bad credentials, read-only file...
@@ -154,7 +161,8 @@ def build_server(settings: Any, reactor: Any = None) -> Server:
         raise StartupError(f"db-connect-str: cannot open the {settings.db_type} database: {first}") from None
     log.info("database {db}, schema at revision {rev}", db=describe_db(settings, engine), rev=migrate.head_revision())
 
-    db = Database.open(engine, reactor, max_threads=None if engine.dialect.name == "sqlite" else settings.db_pool_size)
+    db = Database.open(engine, reactor, max_threads=None if engine.dialect.name == "sqlite" else settings.db_pool_size,
+                       timeout=settings.db_timeout)
     instance_id = instance_identity(settings)
     stats = make_stats(settings, SERVER_PREFIX, reactor)
     events = EventBus(instance_id)
@@ -186,7 +194,8 @@ def build_server(settings: Any, reactor: Any = None) -> Server:
         invalid_ttl=settings.auth_invalid_ttl,
         clock=reactor,
     )
-    api = Api(agents, tasks, auth, max_body_size=settings.max_body_size, socket=socket, stats=stats)
+    api = Api(agents, tasks, auth, max_body_size=settings.max_body_size, socket=socket, stats=stats,
+              database=db)
     site = TaskdSite(api.resource(), max_body_size=settings.max_body_size)
 
     root = OrderedMultiService()
