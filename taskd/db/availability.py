@@ -33,7 +33,7 @@ class Availability:
     Only the reactor thread calls `failed`/`succeeded` (the pool reports outcomes from
     its Deferred callbacks), so no lock is needed."""
 
-    log = Logger(namespace="taskd.db")
+    log = Logger()
 
     def __init__(self, clock: Any) -> None:
         self.clock = clock

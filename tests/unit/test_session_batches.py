@@ -276,3 +276,43 @@ def test_stopping_waits_for_a_batch_being_recorded_before_clearing_the_server(ri
     rig.store.close = lambda session_id, agent_id: order.append("close") or real_close(session_id, agent_id)
     rig.store.finish(0, offline={1})
     assert order == ["close", "clear"] and stopped.called and late.gone.called
+
+
+def test_a_batch_meeting_a_database_outage_keeps_its_sockets_and_is_recorded_once_it_answers(rig):
+    """No socket closed, heartbeats meanwhile, and the same sessions recorded on the retry."""
+    from taskd.db.availability import RETRY_DELAY, DatabaseUnavailable
+    from tests.unit.session_rig import Transport
+
+    transport = Transport([])
+    waiting = rig.manager.attach(agent(1), 1, "10.0.0.1", transport)
+    rig.clock.advance(0)
+    rig.store.pending[0].errback(DatabaseUnavailable("no answer within 5s (db-timeout)"))
+    rig.manager.tick()
+    assert [e for e, _ in transport.frames] == [framing.HEARTBEAT]
+    assert not waiting.gone.called and rig.manager.sessions == {}
+    rig.clock.advance(RETRY_DELAY)
+    assert [[a for a, _, _ in b] for b in rig.store.batches] == [[1], [1]]
+    rig.store.finish(1, offline={1})
+    assert waiting.ready.called and list(rig.manager.sessions) == [1]
+    assert [e for e, _ in transport.frames] == [framing.HEARTBEAT, "taskList"]
+
+
+def test_a_session_closed_during_an_outage_is_removed_once_the_database_answers(rig):
+    from taskd.db.availability import RETRY_DELAY, DatabaseUnavailable
+
+    session = rig.attach(1)
+    rig.clock.advance(0)
+    rig.store.finish(0)
+    answers = [Deferred(), succeed(None)]
+    calls = []
+
+    def close(session_id, agent_id):
+        calls.append(session_id)
+        return answers[len(calls) - 1]
+
+    rig.store.close = close
+    rig.manager.detach(session, "closed")
+    answers[0].errback(DatabaseUnavailable("no answer within 5s (db-timeout)"))
+    assert calls == ["s0-0"] and not session.gone.called
+    rig.clock.advance(RETRY_DELAY)
+    assert calls == ["s0-0", "s0-0"] and session.gone.called
