@@ -10,6 +10,7 @@ import pytest
 import pytest_twisted
 from twisted.logger import formatEvent
 
+from taskd.wire import framing
 from tests.conftest import MYSQL_HOST, MYSQL_PASSWORD, MYSQL_PORT, MYSQL_USER
 from tests.faultproxy import FaultProxy
 from tests.integration.agent_client import connect_agent
@@ -59,6 +60,10 @@ async def test_a_stalled_database_answers_503_keeps_agents_and_recovers_without_
     agent = connect_agent(running.base, "steady", ADMIN_KEY)
     await agent.opened
     await agent.next("taskList")
+    [steady] = await running.ok("GET", "/api/v1/agents", params={"name": "steady"})
+    task = await running.ok("POST", "/api/v1/tasks", json_body={
+        "name": "watched", "interval": 60, "enabled": True, "route": {"type": "byIds", "config": {"ids": [steady["id"]]}}})
+    await agent.next("taskAdd", predicate=lambda t: t["id"] == task["id"])
     assert await database_state(running) == {"database": "available"}
 
     proxy.stall()
@@ -74,7 +79,10 @@ async def test_a_stalled_database_answers_503_keeps_agents_and_recovers_without_
     await until(lambda: len(agent.events("heartbeat")) >= beats + 3 or agent.closed.called,
                 what="heartbeats during the stall")
     assert not agent.closed.called
-    agent.send("taskStatus", {})  # session work meanwhile: kept, not the connection's end
+    # Session work meanwhile is kept for later, not dropped (nor the connection's end).
+    agent.send(framing.TASK_STATUS, [{"taskId": task["id"], "executor": "snap", "outcome": "error",
+                                      "error": "reported during the stall", "lastRun": 1767323045.25,
+                                      "duration": 0.5, "metrics": None, "runs": 3, "failures": 1, "skipped": 0}])
 
     proxy.resume()
     await until(lambda: answered(running), what="the API answering again")
@@ -82,6 +90,9 @@ async def test_a_stalled_database_answers_503_keeps_agents_and_recovers_without_
                    what="GET / saying the database is back")
     names = [a["name"] for a in await running.ok("GET", "/api/v1/agents")]
     assert names == ["steady"]  # the write answered 503 was not committed later
+    shown = await value_of(lambda: running.ok("GET", f"/api/v1/tasks/{task['id']}"), lambda t: t["status"],
+                           what="the status reported during the stall")
+    assert shown["status"][0]["error"] == "reported during the stall"
     assert not agent.closed.called
     shown = await running.ok("GET", "/api/v1/agents", params={"name": "steady"})
     assert shown[0]["online"] is True
