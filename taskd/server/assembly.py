@@ -21,6 +21,7 @@ from twisted.logger import Logger
 import taskd
 from taskd.daemon import StartupError
 from taskd.db import migrate
+from taskd.db.availability import DatabaseUnavailable
 from taskd.db.connector import Database
 from taskd.db.engine import create_engine
 from taskd.db.pool import DBPool
@@ -221,8 +222,12 @@ def build_server(settings: Any, reactor: Any = None) -> Server:
     if stats.enabled:
         def gauges() -> Deferred:
             connected = len(sessions.sessions)
-            return db.tasks.count_by_enabled().addCallback(lambda counts: {
-                "agents.connected": connected, "tasks.active": counts[0], "tasks.disabled": counts[1]})
+            def unavailable(failure: Any) -> dict:
+                failure.trap(DatabaseUnavailable)  # the pool logged the outage once; no warning per interval
+                return {"agents.connected": connected}
+
+            return db.tasks.count_by_enabled().addCallbacks(lambda counts: {
+                "agents.connected": connected, "tasks.active": counts[0], "tasks.disabled": counts[1]}, unavailable)
 
         GaugeReporter(stats, reactor, gauges, GAUGE_INTERVAL).setServiceParent(root)
         log.info("sending metrics to statsd at {addr} ({flavour}), prefix {prefix}", addr=settings.statsd_addr,
