@@ -14,7 +14,7 @@ from sqlalchemy.engine import Engine
 
 from taskd.db.agents import AgentStore
 from taskd.db.catalog import CatalogStore
-from taskd.db.pool import DBPool
+from taskd.db.pool import DEFAULT_TIMEOUT, DBPool
 from taskd.db.routes import RouteStore
 from taskd.db.sessions import SessionStore
 from taskd.db.taskstatus import StatusStore
@@ -34,9 +34,16 @@ class Database:
         self.routes = RouteStore(pool)
 
     @classmethod
-    def open(cls, engine: Engine, reactor: Any, *, max_threads: int | None = None) -> "Database":
-        """A connector over a new pool (started by `start`)."""
-        return cls(DBPool(engine, reactor, max_threads=max_threads))
+    def open(cls, engine: Engine, reactor: Any, *, max_threads: int | None = None,
+             timeout: float | None = DEFAULT_TIMEOUT) -> "Database":
+        """A connector over a new pool (started by `start`); `timeout`: db-timeout."""
+        return cls(DBPool(engine, reactor, max_threads=max_threads, timeout=timeout))
+
+    def health(self) -> dict[str, Any]:
+        """The database's last-known state, at once, and a background probe to keep it
+        current (for `GET /`, which must answer while the database is stalled)."""
+        self.pool.probe()
+        return self.pool.availability.state()
 
     def start(self) -> None:
         self.pool.start()

@@ -98,9 +98,16 @@ def sqlite_path(connect_str: str) -> str:
     return s
 
 
-def create_engine(db_type: str, connect_str: str, *, pool_size: int = 10) -> Engine:
-    """An engine for the configured database, with sqlite set up for a daemon's use."""
+def create_engine(db_type: str, connect_str: str, *, pool_size: int = 10, timeout: float | None = None) -> Engine:
+    """An engine for the configured database, with sqlite set up for a daemon's use.
+
+    `timeout` (`db-timeout`) bounds every connect, read and write of a MySQL connection,
+    so a stalled server frees the pool's threads instead of holding them for as long as
+    the stall lasts (the pool's own deadline answers the callers meanwhile)."""
     if db_type == "mysql":
+        connect_args: dict[str, Any] = {}
+        if timeout:
+            connect_args = {"connect_timeout": timeout, "read_timeout": timeout, "write_timeout": timeout}
         return sa.create_engine(
             mysql_url(connect_str),
             pool_pre_ping=True,  # survive "MySQL server has gone away" after idle periods
@@ -108,6 +115,7 @@ def create_engine(db_type: str, connect_str: str, *, pool_size: int = 10) -> Eng
             pool_size=pool_size,
             max_overflow=0,
             isolation_level="READ COMMITTED",
+            connect_args=connect_args,
         )
     if db_type != "sqlite3":
         raise DatabaseConfigError(f"db-type: {db_type!r} is not sqlite3 or mysql")

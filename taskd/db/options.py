@@ -7,7 +7,7 @@ database layer importing the server's settings.
 from __future__ import annotations
 
 from taskd.config import Option
-from taskd.configtypes import choice, int_range
+from taskd.configtypes import choice, int_range, parse_duration
 from taskd.db.engine import DEFAULT_SQLITE_PATH
 
 
@@ -19,6 +19,14 @@ def redact_userinfo(value: str) -> str:
     return f"{scheme}{sep}{user}:***@{tail}" if at and colon else value
 
 
+def db_timeout(raw: str) -> float:
+    """A deadline: 0 would fail every statement, hours would hang the API as before."""
+    seconds = parse_duration(raw)
+    if not 0.1 <= seconds <= 3600:
+        raise ValueError("must be between 100ms and 1h, e.g. 5s")
+    return seconds
+
+
 DB_OPTIONS: tuple[Option, ...] = (
     Option("db-type", choice("sqlite3", "mysql"), "sqlite3",
            "Database engine: sqlite3 or mysql."),
@@ -28,4 +36,8 @@ DB_OPTIONS: tuple[Option, ...] = (
            secret=True, redact=redact_userinfo),
     Option("db-pool-size", int_range(1, 100), "10",
            "Most database connections held open at once (1..100)."),
+    Option("db-timeout", db_timeout, "5s",
+           "Longest wait for the database per operation (connect, read, write, and the"
+           " wait for a free connection); past it API calls answer 503 'database"
+           " unavailable' with Retry-After, and agent sessions retry their database work."),
 )

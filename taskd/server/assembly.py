@@ -21,6 +21,7 @@ from twisted.logger import Logger
 import taskd
 from taskd.daemon import StartupError
 from taskd.db import migrate
+from taskd.db.availability import DatabaseUnavailable
 from taskd.db.connector import Database
 from taskd.db.engine import create_engine
 from taskd.db.pool import DBPool
@@ -145,8 +146,15 @@ def build_server(settings: Any, reactor: Any = None) -> Server:
 
         reactor = _reactor
     try:
-        engine = create_engine(settings.db_type, settings.db_connect_str, pool_size=settings.db_pool_size)
-        migrate.upgrade(engine)
+        # Migrations may rebuild big tables: they run without db-timeout, on their own
+        # connection; serving statements are bounded by it (taskd.db.pool).
+        schema_engine = create_engine(settings.db_type, settings.db_connect_str, pool_size=1)
+        try:
+            migrate.upgrade(schema_engine)
+        finally:
+            schema_engine.dispose()
+        engine = create_engine(settings.db_type, settings.db_connect_str, pool_size=settings.db_pool_size,
+                               timeout=settings.db_timeout)
     except ValueError as exc:
         raise StartupError(str(exc)) from None
     except Exception as exc:  # unreachable server, bad credentials, read-only file...
@@ -154,7 +162,8 @@ def build_server(settings: Any, reactor: Any = None) -> Server:
         raise StartupError(f"db-connect-str: cannot open the {settings.db_type} database: {first}") from None
     log.info("database {db}, schema at revision {rev}", db=describe_db(settings, engine), rev=migrate.head_revision())
 
-    db = Database.open(engine, reactor, max_threads=None if engine.dialect.name == "sqlite" else settings.db_pool_size)
+    db = Database.open(engine, reactor, max_threads=None if engine.dialect.name == "sqlite" else settings.db_pool_size,
+                       timeout=settings.db_timeout)
     instance_id = instance_identity(settings)
     stats = make_stats(settings, SERVER_PREFIX, reactor)
     events = EventBus(instance_id)
@@ -186,7 +195,8 @@ def build_server(settings: Any, reactor: Any = None) -> Server:
         invalid_ttl=settings.auth_invalid_ttl,
         clock=reactor,
     )
-    api = Api(agents, tasks, auth, max_body_size=settings.max_body_size, socket=socket, stats=stats)
+    api = Api(agents, tasks, auth, max_body_size=settings.max_body_size, socket=socket, stats=stats,
+              database=db)
     site = TaskdSite(api.resource(), max_body_size=settings.max_body_size)
 
     root = OrderedMultiService()
@@ -217,9 +227,14 @@ def build_server(settings: Any, reactor: Any = None) -> Server:
                 "broker.connected": int(events.transport.connected),
                 "broker.buffered": events.transport.pending,
                 "broker.dropped": events.transport.dropped}
-            return db.tasks.count_by_enabled().addCallback(lambda counts: {
+
+            def unavailable(failure: Any) -> dict:
+                failure.trap(DatabaseUnavailable)  # the pool logged the outage once; no warning per interval
+                return {"agents.connected": connected, **broker}
+
+            return db.tasks.count_by_enabled().addCallbacks(lambda counts: {
                 "agents.connected": connected, "tasks.active": counts[0], "tasks.disabled": counts[1],
-                **broker})
+                **broker}, unavailable)
 
         GaugeReporter(stats, reactor, gauges, GAUGE_INTERVAL).setServiceParent(root)
         log.info("sending metrics to statsd at {addr} ({flavour}), prefix {prefix}", addr=settings.statsd_addr,

@@ -27,7 +27,9 @@ from twisted.application.service import Service
 from twisted.internet.defer import Deferred, inlineCallbacks, maybeDeferred, succeed
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
+from taskd.db.availability import log_failure
 from taskd.db.connector import Database
 from taskd.db.tasks import Task
 from taskd.routing import BY_IDS, BY_TAGS, Candidate, routes_to, selects
@@ -127,7 +129,7 @@ class Dispatcher(Service):
 
         def run(_: Any) -> None:
             d = maybeDeferred(self._push_task, task_id, since, source, created)
-            d.addErrback(lambda f: self.log.failure("pushing task {id} failed", f, id=task_id))
+            d.addErrback(lambda f: log_failure(self.log, f, "pushing task {id} failed", id=task_id))
             d.addBoth(lambda _: done.callback(None))
 
         def cleanup(_: Any) -> None:
@@ -288,7 +290,7 @@ class Dispatcher(Service):
                 del self._reloading[agent["id"]]
 
         self.db.agents.get(agent["id"]).addCallback(refreshed).addErrback(
-            lambda f: self.log.failure("re-routing agent {id} failed", f, id=agent["id"])).addBoth(reloaded)
+            lambda f: log_failure(self.log, f, "re-routing agent {id} failed", id=agent["id"])).addBoth(reloaded)
 
     @inlineCallbacks
     def agent_changed(self, session: AgentSession, initial: bool = False):
@@ -342,7 +344,7 @@ class Dispatcher(Service):
         try:
             moved = yield self.db.routes.relocate_from(agent_id)
         except Exception:
-            self.log.failure("relocating the tasks of agent {id} failed", id=agent_id)
+            log_failure(self.log, Failure(), "relocating the tasks of agent {id} failed", id=agent_id)
             return
         for task, new_agent in moved:
             where = f"to agent {new_agent}" if new_agent else "nowhere (no qualifying agent online; unassigned)"
@@ -354,7 +356,7 @@ class Dispatcher(Service):
     def sweep(self) -> Deferred:
         d = self.db.routes.assign_unassigned(None)
         d.addCallback(self._announce, "assigned by the periodic sweep")
-        d.addErrback(lambda f: self.log.failure("assigning unassigned tasks failed", f))
+        d.addErrback(lambda f: log_failure(self.log, f, "assigning unassigned tasks failed"))
         return d
 
     def _announce(self, tasks: list[Task], how: str) -> None:

@@ -16,11 +16,12 @@ from typing import Any, Protocol
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks, maybeDeferred
-from twisted.internet.task import LoopingCall
+from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from taskd.db.agents import Agent
+from taskd.db.availability import RETRY_DELAY, DatabaseUnavailable, is_unavailable, log_failure
 from taskd.db.connector import Database
 from taskd.db.sessions import OnlineChange
 from taskd.server.agentview import Told
@@ -75,6 +76,7 @@ class AgentSession(Told):
     agent_read: int = 0
     agent_epoch: Any = None
     ready: Deferred = field(default_factory=Deferred)    # fires once registered
+    catalogs: int = 0  # catalog frames received: a retried one gives way to a newer one
     gone: Deferred = field(default_factory=Deferred)     # fires once detached
 
     def send(self, event: str, value: Any) -> None:
@@ -119,6 +121,7 @@ class SessionManager(Service):
         self._open_call: Any = None
         self._open_busy = False
         self._batch: Deferred | None = None  # the batch being recorded and brought up
+        self._recording: list[AgentSession] = []  # its sessions
         self._stopped = False  # stopService ran: sessions recorded from now on are closed at once
         self._ticker: LoopingCall | None = None
         self._listing = False  # a round of due taskLists is being read and sent (see tick)
@@ -204,12 +207,14 @@ class SessionManager(Service):
         if not batch:
             return
         self._open_busy = True
+        self._recording = batch
         d = self.store.open_many([(s.agent.id, s.version, s.remote_ip) for s in batch], server=self.instance_id)
         d.addCallbacks(self._opened, self._open_failed, callbackArgs=(batch,), errbackArgs=(batch,))
 
         def next_batch(_: Any) -> None:
             self._open_busy = False
             self._batch = None
+            self._recording = []
             if self._opening and self._open_call is None:
                 self._open_call = self.clock.callLater(0, self._open_next)
 
@@ -245,8 +250,11 @@ class SessionManager(Service):
                 self.events.publish("agent.online", online_payload(change))
             ready.append(session)
         self.stats.gauge("agents.connected", len(self.sessions))
-        if not ready:
-            return
+        if ready:
+            yield self._bring_up(ready)
+
+    @inlineCallbacks
+    def _bring_up(self, ready: list[AgentSession]):
         try:
             # The dispatcher first gives the agents any tasks waiting for one, so the
             # initial taskLists already hold them.
@@ -259,6 +267,9 @@ class SessionManager(Service):
                 session.ready.callback(session)
 
     def _open_failed(self, failure: Any, sessions: list[AgentSession]) -> None:
+        if is_unavailable(failure) and not self._stopped:
+            self._open_later(sessions)
+            return
         names = ", ".join(s.agent.name for s in sessions[:5]) + (" …" if len(sessions) > 5 else "")
         self.log.failure("could not record or bring up the session(s) of {n} agent(s) ({names})", failure,
                          n=len(sessions), names=names)
@@ -266,6 +277,33 @@ class SessionManager(Service):
             session.transport.close(CLOSE_GOING_AWAY, "server error; reconnect later")
             if session.id is None and not session.gone.called:  # nothing recorded to forget
                 session.gone.callback(None)
+
+    def _open_later(self, sessions: list[AgentSession]) -> None:
+        """The database is unavailable: the sockets stay open (they get heartbeats, see
+        `tick`) and the sessions are recorded, or brought up, once it answers again."""
+        unrecorded = []
+        for session in sessions:
+            if session.id is not None:
+                continue
+            if session.closed:  # detached while being recorded: nothing to forget now
+                if not session.gone.called:
+                    session.gone.callback(None)
+            else:
+                unrecorded.append(session)
+        recorded = [s for s in sessions if s.id is not None]
+        self.log.debug("database unavailable: recording {n} and bringing up {m} session(s) later",
+                       n=len(unrecorded), m=len(recorded))
+        if unrecorded:
+            self._opening[:0] = unrecorded
+            if self._open_call is None:
+                self._open_call = self.clock.callLater(RETRY_DELAY, self._open_next)
+        if recorded:
+            def again() -> None:
+                live = [s for s in recorded if not s.closed and self.sessions.get(s.agent.id) is s]
+                if live and not self._stopped:
+                    self._bring_up(live)
+
+            self.clock.callLater(RETRY_DELAY, again)
 
     def detach(self, session: AgentSession, reason: str = "") -> Deferred:
         """The websocket closed (any reason)."""
@@ -290,11 +328,19 @@ class SessionManager(Service):
     @inlineCallbacks
     def _forget(self, session: AgentSession):
         try:
-            change = yield self.store.close(session.id, session.agent.id)
+            while True:
+                try:
+                    change = yield self.store.close(session.id, session.agent.id)
+                    break
+                except DatabaseUnavailable:
+                    if self._stopped:  # stopService clears every session of this server
+                        raise
+                    yield deferLater(self.clock, RETRY_DELAY, lambda: None)
             if change is not None:
                 self.events.publish("agent.offline", online_payload(change))
         except Exception:
-            self.log.failure("could not remove session {sid} of agent {name}", sid=session.id, name=session.agent.name)
+            log_failure(self.log, Failure(), "could not remove session {sid} of agent {name}", sid=session.id,
+                        name=session.agent.name)
         finally:
             if not session.gone.called:
                 session.gone.callback(None)
@@ -315,8 +361,10 @@ class SessionManager(Service):
     def handle_catalog(self, session: AgentSession, frame: Frame) -> None:
         # Catalogs queue on `ready`; the errback keeps one failed catalog (e.g. a
         # database error) from leaving the queue failed, which would drop every later one.
+        session.catalogs += 1
+        seq = session.catalogs
         session.ready.addCallback(lambda _: self._catalog(session, frame)).addErrback(
-            self._catalog_failed, session)
+            self._catalog_failed, session, frame, seq)
 
     def handle_taskStatus(self, session: AgentSession, frame: Frame) -> None:
         # Queued on `ready` too: only then does `view` hold what the agent was sent,
@@ -340,8 +388,15 @@ class SessionManager(Service):
             yield self.listener.catalog_changed(session)
         return session
 
-    def _catalog_failed(self, failure: Any, session: AgentSession) -> AgentSession:
-        self.log.failure("could not store the catalog of agent {name}", failure, name=session.agent.name)
+    def _catalog_failed(self, failure: Any, session: AgentSession, frame: Frame, seq: int) -> AgentSession:
+        if is_unavailable(failure) and not session.closed and not self._stopped:
+            def again() -> None:
+                if session.catalogs == seq and not session.closed:  # else a newer one is on its way
+                    self.handle_catalog(session, frame)
+
+            self.clock.callLater(RETRY_DELAY, again)
+            return session
+        log_failure(self.log, failure, "could not store the catalog of agent {name}", name=session.agent.name)
         return session
 
     def _task_status(self, session: AgentSession, frame: Frame) -> AgentSession:
@@ -349,7 +404,7 @@ class SessionManager(Service):
         return session
 
     def _status_failed(self, failure: Any, session: AgentSession) -> AgentSession:
-        self.log.failure("could not take the task statuses of agent {name}", failure, name=session.agent.name)
+        log_failure(self.log, failure, "could not take the task statuses of agent {name}", name=session.agent.name)
         return session
 
     # -- timers ------------------------------------------------------------------------
@@ -364,7 +419,9 @@ class SessionManager(Service):
         every agent drop its connection. While such a round runs, ticks start no other."""
         now = self.clock.seconds()
         beat = framing.encode(framing.HEARTBEAT, rfc3339(utcnow()).encode())
-        sessions = list(self.sessions.values())
+        # Sessions not recorded yet (the database is unavailable, see _open_later) get
+        # heartbeats too, so their agents keep the connection.
+        sessions = list(self.sessions.values()) + self._recording + self._opening
         collect = not self._listing  # a round still running: only heartbeats this time
         due: list[AgentSession] = []
         done: Deferred = Deferred()
@@ -374,7 +431,7 @@ class SessionManager(Service):
                 if session.closed:
                     continue
                 session.transport.send_frame(beat)
-                if collect and session.next_task_list <= now:
+                if collect and session.id is not None and session.next_task_list <= now:
                     due.append(session)
             if start + SLICE < len(sessions):
                 self.clock.callLater(0, beat_slice, start + SLICE)
@@ -396,7 +453,7 @@ class SessionManager(Service):
                 return
             d = maybeDeferred(self.listener.task_lists_due,
                               [s for s in due[start:start + SLICE] if not s.closed])
-            d.addErrback(lambda f: self.log.failure("sending task lists failed", f))
+            d.addErrback(lambda f: log_failure(self.log, f, "sending task lists failed"))
             d.addCallback(lambda _: lists_from(start + SLICE))
 
         lists_from(0)

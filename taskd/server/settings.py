@@ -103,6 +103,7 @@ class ServerSettings:
     db_type: str = "sqlite3"
     db_connect_str: str = ""
     db_pool_size: int = 10
+    db_timeout: float = 5.0
     stats_enabled: bool = False
     statsd_addr: str = "localhost:8125"
     statsd_type: str = "standard"

@@ -24,6 +24,7 @@ from twisted.application.service import Service
 from twisted.internet.defer import Deferred, inlineCallbacks, succeed
 from twisted.logger import Logger
 
+from taskd.db.availability import log_failure
 from taskd.db.taskstatus import StatusStore
 from taskd.db.taskstatus import TaskStatusRow
 from taskd.timeutil import utcnow
@@ -223,8 +224,8 @@ class StatusService(Service):
             self.failed_flushes += 1
             for key, row in batch.items():
                 self.pending.setdefault(key, row)
-            self.log.failure("could not store {n} task status(es); retrying at the next flush", failure,
-                             n=len(batch))
+            log_failure(self.log, failure, "could not store {n} task status(es); retrying at the next flush",
+                        n=len(batch))
 
         def done(_: Any) -> None:
             self._flushing = None

@@ -65,11 +65,13 @@ class RunningServer:
 
     async def request(self, method: str, path: str, *, key: str | None = ADMIN_KEY,
                       json_body: Any = None, data: Any = None, headers: dict | None = None,
-                      params: Any = None) -> Reply:
+                      params: Any = None, timeout: float | None = None) -> Reply:
         hdrs = dict(headers or {})
         if key is not None:
             hdrs.setdefault("Authorization", f"Bearer {key}")
         kwargs: dict[str, Any] = {"headers": hdrs, "pool": self.pool, "params": params}
+        if timeout is not None:  # the call itself is the behaviour under test (e.g. a stalled database)
+            kwargs["timeout"] = timeout
         if json_body is not None:
             kwargs["json"] = json_body
         if data is not None:

@@ -7,7 +7,8 @@ import pytest_twisted
 async def test_heartbeat_needs_no_key(api):
     reply = await api.request("GET", "/api/v1/", key=None)
     assert reply.status == 200
-    assert reply.json == {"meta": {"code": 200, "message": "success", "type": "heartbeat"}, "body": None}
+    assert reply.json == {"meta": {"code": 200, "message": "success", "type": "heartbeat"},
+                          "body": {"database": "available"}}
 
 
 @pytest_twisted.ensureDeferred

@@ -122,6 +122,8 @@ def test_mysql_requires_db_connect_str(tmp_path):
     ({"log-level": "7"}, "log-level: '7' is not in 0..6"),
     ({"db-type": "postgres"}, "db-type: 'postgres' is not one of sqlite3|mysql"),
     ({"db-pool-size": "0"}, "db-pool-size: '0' is not in 1..100"),
+    ({"db-timeout": "0"}, "db-timeout: '0' must be between 100ms and 1h"),
+    ({"db-timeout": "soon"}, "db-timeout: 'soon' is not a duration"),
     ({"statsd-type": "graphite"}, "statsd-type: 'graphite' is not one of standard|datadog"),
     ({"auth-endpoint": "grafana.com"},
      "auth-endpoint: 'grafana.com' is not a http:// or https://"),

@@ -242,3 +242,38 @@ def test_stopping_waits_for_a_batch_being_recorded_before_clearing_the_server(ri
     assert rig.db.calls_to(close, clear) == [] and not stopped.called
     rig.finish(0, offline={1})
     assert rig.db.calls_to(close, clear) == [close, clear] and stopped.called and late.gone.called
+
+
+def test_a_batch_meeting_a_database_outage_keeps_its_sockets_and_is_recorded_once_it_answers(rig):
+    """No socket closed, heartbeats meanwhile, and the same sessions recorded on the retry."""
+    from taskd.db.availability import RETRY_DELAY, DatabaseUnavailable
+    from tests.unit.session_rig import Transport  # keeps frames that are not JSON (heartbeats)
+
+    transport = Transport([])
+    waiting = rig.manager.attach(rig.db.add_agent(agent(1)), 1, "10.0.0.1", transport)
+    rig.clock.advance(0)
+    rig.fail(0, DatabaseUnavailable("no answer within 5s (db-timeout)"))
+    rig.manager.tick()
+    assert [e for e, _ in transport.frames] == [framing.HEARTBEAT]
+    assert not waiting.gone.called and rig.manager.sessions == {}
+    rig.clock.advance(RETRY_DELAY)
+    assert [[a for a, _, _ in b] for b in rig.batches()] == [[1], [1]]
+    rig.finish(1, offline={1})
+    assert waiting.ready.called and list(rig.manager.sessions) == [1]
+    assert [e for e, _ in transport.frames] == [framing.HEARTBEAT, "taskList"]
+
+
+def test_a_session_closed_during_an_outage_is_removed_once_the_database_answers(rig):
+    from taskd.db.availability import RETRY_DELAY, DatabaseUnavailable
+
+    session = rig.attach(1)
+    rig.clock.advance(0)
+    rig.finish(0)
+    closes = rig.db.hold(rig.db.sessions.close, early=False)
+    rig.manager.detach(session, "closed")
+    closes.fail(DatabaseUnavailable("no answer within 5s (db-timeout)"))
+    assert len(rig.closed()) == 1 and not session.gone.called
+    rig.clock.advance(RETRY_DELAY)
+    assert len(rig.closed()) == 2 and rig.closed()[0] == rig.closed()[1]
+    closes.release()
+    assert session.gone.called

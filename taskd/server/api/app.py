@@ -15,6 +15,7 @@ from twisted.web.iweb import IRequest
 from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
 
 from taskd.db import agents as agent_db, catalog as catalog_db, tasks as task_db
+from taskd.db.availability import DatabaseUnavailable
 from taskd.errors import StoreError
 from taskd.server.api.bodies import BodyError, ParsedBody, parse_body
 from taskd.server.api.envelope import error, respond
@@ -46,8 +47,10 @@ class Api:
     log = Logger()
 
     def __init__(self, agents: AgentService, tasks: TaskService, auth: Authenticator, *, max_body_size: int,
-                 socket: Handler | None = None, stats: Any = NULL_STATS) -> None:
+                 socket: Handler | None = None, stats: Any = NULL_STATS, database: Any = None) -> None:
+        """`database`: what `GET /` reports on (its `health()`); None reports nothing."""
         self.stats = stats
+        self.database = database
         self.agents = agents
         self.tasks = tasks
         self.auth = auth
@@ -91,6 +94,11 @@ class Api:
         except (StoreError, BodyError) as exc:
             status = exc.status if isinstance(exc, StoreError) else 400
             return error(request, status, exc.message)
+        except DatabaseUnavailable as exc:
+            # Expected while the database is stalled or down: the pool logs the outage
+            # once; each call only tells its client when to try again.
+            request.setHeader(b"retry-after", str(exc.retry_after).encode("ascii"))
+            return error(request, 503, f"database unavailable; retry in {exc.retry_after}s")
         except Exception:
             self.log.failure("unhandled error answering {method} {path}",
                              method=request.method.decode("ascii", "replace"),
@@ -133,7 +141,7 @@ class Api:
                 return error(request, 404, f"no such route: {method} {path} (the API is under {PREFIX}/)")
             return error(request, exc.code or 400, exc.description or exc.name)
 
-        heartbeat = self._heartbeat
+        heartbeat = self.heartbeat
         for path in ("/", PREFIX, PREFIX + "/"):
             self._route(path, "GET", "heartbeat", heartbeat, auth=False)
 
@@ -153,9 +161,10 @@ class Api:
         if self.socket is not None:
             r(PREFIX + "/socket/<agent_name>/<version>", "GET", "error", self.socket, raw=True)
 
-    @staticmethod
-    async def _heartbeat(call: Call) -> None:
-        return None
+    async def heartbeat(self, call: Call) -> dict | None:
+        """Always answers, at once: the database's last-known state, never a wait on it
+        (load balancers and monitors poll this while the database may be stalled)."""
+        return self.database.health() if self.database is not None else None
 
     # -- agents ------------------------------------------------------------------------
 
