@@ -83,7 +83,7 @@ SERVER_OPTIONS: tuple[Option, ...] = (
     Option("server-dead-after", positive_duration, "30s",
            "How long a server's row may go unrefreshed before another server declares it"
            " dead: its sessions are removed and its agents marked offline. Must be longer"
-           " than server-heartbeat-interval; servers' clocks must agree (NTP)."),
+           " than the server heartbeat interval; the servers' clocks must agree (NTP)."),
     Option("heartbeat-interval", parse_duration, "2s",
            "How often every connected agent gets a heartbeat."),
     Option("task-list-interval", parse_duration, "60s",
