@@ -45,6 +45,7 @@ class FakePool:
         "relocate_from": lambda agent_id: [],
         "release_unqualified": lambda agent_id: [],
         "assign_unassigned": lambda agent_ids: [],
+        "sweep_any": lambda offline_for: ([], []),
         "connect_assignments": lambda agent_ids: ([], [], {}, {}),
         "tasks_for_agents": lambda ids: {i: [] for i in ids},
         "load_agent": lambda agent_id: None,
@@ -501,7 +502,7 @@ def test_agent_deleted_closes_its_local_session_and_sweeps(rig):
     rig.remote("agent.deleted", {"id": 2, "name": "agent2", "orgId": 1})
     assert rig.transports[2].closes == [(CLOSE_NORMAL, "agent deleted")]
     assert rig.transports[1].closes == []
-    assert rig.pool.called("assign_unassigned") == [(None,)]
+    assert rig.pool.called("sweep_any") == [(1.0,), (1.0,)]  # at start, and now
 
 
 def test_agent_updated_reloads_the_held_agent_and_resyncs(rig):
@@ -514,11 +515,32 @@ def test_agent_updated_reloads_the_held_agent_and_resyncs(rig):
     assert rig.pool.called("load_agent") == [(1,)]
 
 
-def test_sweep_runs_on_the_sweep_interval(rig):
-    rig.clock.advance(59.9)
-    assert rig.pool.called("assign_unassigned") == []
+def test_sweep_runs_at_start_a_relocation_delay_later_and_on_the_sweep_interval(rig):
+    """At start: the agents this server marked offline while starting published their
+    agent.offline before the dispatcher ran; the sweep a relocation delay later moves
+    their tasks if they have not come back."""
+    assert rig.pool.called("sweep_any") == [(1.0,)]
+    rig.clock.advance(0.9)
+    assert rig.pool.called("sweep_any") == [(1.0,)]
     rig.clock.advance(0.1)
-    assert rig.pool.called("assign_unassigned") == [(None,)]
+    assert rig.pool.called("sweep_any") == [(1.0,)] * 2
+    rig.clock.advance(58.9)
+    assert rig.pool.called("sweep_any") == [(1.0,)] * 2
+    rig.clock.advance(0.1)
+    assert rig.pool.called("sweep_any") == [(1.0,)] * 3
+    assert rig.pool.called("assign_unassigned") == []  # the sweep's own transaction does it
+
+
+def test_the_sweep_announces_and_pushes_what_it_moved_and_assigned(rig):
+    """No agent.offline was seen for the agent the task was on: the sweep's move is
+    announced and pushed like an event-driven relocation."""
+    moved, given = make_task(4), make_task(5)
+    rig.pool.handlers["sweep_any"] = lambda offline_for: ([(moved, 2)], [given])
+    rig.pool.handlers["routing_snapshot"] = lambda task_id: {4: (moved, {2}), 5: (given, set())}[task_id]
+    rig.dispatcher.sweep()
+    announced = [p["new"]["id"] for t, p in rig.published if t == "task.updated"]
+    assert announced == [4, 5]
+    assert rig.transports[2].take() == [("taskAdd", task_json(moved))]
 
 
 def test_a_slow_task_list_read_does_not_undo_a_newer_push(rig):
