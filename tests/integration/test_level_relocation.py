@@ -3,14 +3,17 @@ a task whose agent has been offline longer than the relocation delay moves wheth
 not an `agent.offline` was ever seen."""
 from __future__ import annotations
 
+import signal
 from datetime import timedelta
 
 import pytest_twisted
 import sqlalchemy as sa
+import treq
 
 from taskd.db import models as m
 from taskd.timeutil import utcnow
 from tests.integration.agent_client import connect_agent
+from tests.integration.daemons import ServerProcess
 from tests.integration.harness import ADMIN_KEY, start_server, stop_server
 
 TASK = {"config": {}, "interval": 60, "metrics": {}, "route": {"type": "any"}}
@@ -85,3 +88,50 @@ async def test_a_task_left_on_a_dead_agent_without_any_offline_event_reaches_a_c
         if client is not None:
             await client.disconnect()
         await stop_server(running)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_lone_sqlite_server_sigkilled_and_restarted_moves_the_task_of_an_agent_that_stays_away(tmp_path):
+    """At start-up the server marks its previous run's agents offline before its
+    dispatcher runs (their agent.offline reaches no one); the sweep still moves the `any`
+    task of the agent that does not come back to the one that does."""
+    keys = {"db-type": "sqlite3", "db-connect-str": str(tmp_path / "lone.db"), "admin-key": ADMIN_KEY,
+            "relocate-delay": "0.2s", "server-heartbeat-interval": "0.2s", "server-dead-after": "1s"}
+    first = await ServerProcess(tmp_path, "lone", **keys).start()
+    clients = []
+    restarted = None
+    try:
+        away = connect_agent(first.base, "away", ADMIN_KEY)
+        clients.append(away)
+        await away.opened
+        await away.next("taskList")
+        headers = {"Authorization": f"Bearer {ADMIN_KEY}"}
+        resp = await treq.post(first.base + "/api/v1/tasks", json={**TASK, "name": "solo", "enabled": True},
+                               headers=headers)
+        task = (await resp.json())["body"]
+        assert (await away.next("taskAdd"))["id"] == task["id"]
+        back = connect_agent(first.base, "back", ADMIN_KEY)
+        clients.append(back)
+        await back.opened
+        await back.next("taskList")
+        first.proc.send_signal(signal.SIGKILL)
+        await away.closed
+        await back.closed
+
+        restarted = await ServerProcess(tmp_path, "lone", **keys).start()
+        again = connect_agent(restarted.base, "back", ADMIN_KEY)
+        clients.append(again)
+        await again.opened
+        listed = await again.next("taskList")  # holds the task if the sweep moved it before `back` connected
+        if task["id"] not in [t["id"] for t in listed]:
+            await again.next("taskAdd", timeout=10, predicate=lambda t: t["id"] == task["id"])
+        resp = await treq.get(restarted.base + "/api/v1/agents?name=away", headers=headers)
+        assert (await resp.json())["body"][0]["online"] is False
+    finally:
+        for client in clients:
+            if not client.closed.called and client.protocol is not None:
+                client.protocol.dropConnection(abort=True)
+        if restarted is not None:
+            await restarted.stop()
+        await first.stop()
+    assert "Traceback" not in first.log(), first.log()
