@@ -177,7 +177,7 @@ def build_server(settings: Any, reactor: Any = None) -> Server:
     )
     liveness = Liveness(db=db, events=events, sessions=sessions, name=instance_id, addr=settings.addr,
                         clock=reactor, interval=settings.server_heartbeat_interval,
-                        dead_after=settings.server_dead_after)
+                        dead_after=settings.server_dead_after, stats=stats)
     try:
         liveness.take_over_sync()
     except Exception as exc:

@@ -37,6 +37,7 @@ from taskd.db.servers import ServerInstance
 from taskd.db.sessions import OnlineChange
 from taskd.server.events import EventBus
 from taskd.server.sessions import SessionManager, online_payload
+from taskd.stats import NULL_STATS
 from taskd.timers import RepeatingTimer
 from taskd.timeutil import utcnow
 
@@ -51,8 +52,10 @@ class Liveness(Service):
 
     def __init__(self, *, db: Database, events: EventBus, sessions: SessionManager, name: str, addr: str,
                  clock: Any, interval: float = 5.0, dead_after: float = 30.0,
-                 now: Callable[[], datetime] = utcnow, hostname: str | None = None) -> None:
+                 now: Callable[[], datetime] = utcnow, hostname: str | None = None,
+                 stats: Any = NULL_STATS) -> None:
         self.store = db.servers
+        self.stats = stats
         self.events = events
         self.sessions = sessions
         self.server_name = name
@@ -148,6 +151,7 @@ class Liveness(Service):
         old = self.instance
         self.instance = None  # the next beat registers again should this attempt fail
         closed = self.sessions.drop_all(REAPED_REASON)
+        self.stats.incr("servers.declared_dead_self")
         yield self._register()
         self.log.warn("this server's instance {id} was declared dead by another server (no heartbeat"
                       " reached the database for server-dead-after = {dead:g}s); closed its {n} agent"
@@ -168,6 +172,7 @@ class Liveness(Service):
                 continue  # another server won, or it beat again just now
             won += 1
             self.reaped += 1
+            self.stats.incr("servers.reaped")
             self.log.warn("server {name} (instance {id} on {host}) silent since {seen}: declared dead;"
                           " {n} agent(s) left without a session are offline", name=silent.name, id=silent.id,
                           host=silent.hostname, seen=silent.last_seen.isoformat(), n=len(reaped.changes))

@@ -58,6 +58,14 @@ class FakeSessions:
         return 3
 
 
+class CountingStats:
+    def __init__(self) -> None:
+        self.counts: dict[str, int] = {}
+
+    def incr(self, name: str, n: int = 1, tags: Any = None) -> None:
+        self.counts[name] = self.counts.get(name, 0) + n
+
+
 class Node:
     def __init__(self, cluster: "Cluster", name: str, hostname: str = "host") -> None:
         self.clock = Clock()
@@ -71,7 +79,7 @@ class Node:
         self.logs: list[str] = []
         self.liveness = Liveness(db=db, events=self.events, sessions=self.sessions, name=name, addr="tcp:8082",
                                  clock=self.clock, interval=BEAT, dead_after=DEAD, now=cluster.wall.now,
-                                 hostname=hostname)
+                                 hostname=hostname, stats=CountingStats())
         self.liveness.log = Logger(namespace="test", observer=lambda e: self.logs.append(formatEvent(e)))
 
     def start(self) -> "Node":
@@ -151,6 +159,7 @@ def test_a_silent_server_is_reaped_its_agents_go_offline_and_agent_offline_is_pu
     assert cluster.session_servers() == ["B"]
     assert sorted(b.published) == [("agent.offline", 1), ("agent.offline", 2)]
     assert b.liveness.reaped == 1 and any("server A" in line and "declared dead" in line for line in b.logs)
+    assert b.liveness.stats.counts == {"servers.reaped": 1}
     [live] = b.liveness.live().result
     assert (live.name, live.agents) == ("B", 1)
 
@@ -184,6 +193,7 @@ def test_a_reaped_server_closes_its_sockets_and_registers_again(cluster):
     assert set(cluster.instances().values()) == {"B"}
     cluster.advance(BEAT, a, b)  # A wakes: its next beat finds its row gone
     assert a.sessions.dropped == [REAPED_REASON]
+    assert a.liveness.stats.counts == {"servers.declared_dead_self": 1}
     assert a.liveness.instance.id != first and a.liveness.registrations == 2
     assert sorted(cluster.instances().values()) == ["A", "B"]
     assert any("declared dead by another server" in line for line in a.logs)
