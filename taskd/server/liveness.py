@@ -13,6 +13,11 @@ database was out of reach for longer than that): the rows of the sockets it hold
 been removed, so it closes them (the agents reconnect and are recorded afresh) and
 registers again under a new instance id.
 
+A server judges others only once it has itself been beating for `server-dead-after`
+(since its start, or since a gap in its own beats that long: a database outage, or its
+own freeze): when the database comes back after an outage every row is old, and the
+first server back must give the others as long to beat again before reaping them.
+
 Identity: the session rows carry the server's `instance-id` (default HOSTNAME:PORT).
 At start-up a server takes over every earlier run under that name at once, whatever
 hostname that run had; runs under another name (the host was renamed and no
@@ -70,6 +75,8 @@ class Liveness(Service):
         self.reaped = 0  # instances of other servers this one reaped
         self._startup_changes: list[OnlineChange] = []
         self._failing = False  # the database refused the last beat (one warning per outage)
+        self._last_ok: datetime | None = None  # the last beat that reached the database
+        self._healthy_since: datetime | None = None  # beating without a gap longer than dead_after since
         self._timer = RepeatingTimer(clock, interval, self.beat, what="server liveness heartbeat", now=True,
                                      log=self.log)
 
@@ -121,6 +128,7 @@ class Liveness(Service):
                 yield self._register()
             elif not (yield self.store.beat(self.instance.id)):
                 yield self._was_reaped()
+            self._beat_reached_the_database()
             yield self.reap_silent()
         except Exception as exc:
             if not self._failing:
@@ -131,6 +139,16 @@ class Liveness(Service):
         if self._failing:
             self._failing = False
             self.log.warn("server liveness: database available again")
+
+    def _beat_reached_the_database(self) -> None:
+        """Only a server that has itself been beating for `dead_after` may judge others
+        silent: after an outage of the database (or a freeze of this process) every row
+        is old, and the first server back must not reap the others before they have
+        had as long to beat again."""
+        now = self.now()
+        if self._last_ok is None or (now - self._last_ok).total_seconds() > self.dead_after:
+            self._healthy_since = now
+        self._last_ok = now
 
     def _register(self) -> Deferred:
         now = self.now()
@@ -162,9 +180,12 @@ class Liveness(Service):
     def reap_silent(self):
         """Reap every other instance silent longer than `dead_after`; returns how many
         this server reaped (others may win some)."""
-        if self.instance is None:
+        if self.instance is None or self._healthy_since is None:
             return 0
-        cutoff = self.now() - timedelta(seconds=self.dead_after)
+        now = self.now()
+        if (now - self._healthy_since).total_seconds() < self.dead_after:
+            return 0  # not beating for long enough to tell a dead server from a shared outage
+        cutoff = now - timedelta(seconds=self.dead_after)
         won = 0
         for silent in (yield self.store.silent(cutoff, exclude=self.instance.id)):
             reaped = yield self.store.reap(silent, cutoff)

@@ -259,3 +259,30 @@ def test_live_lists_recent_instances_with_their_agents(cluster):
     live = a.liveness.live().result
     assert [(s.name, s.agents) for s in live] == [("A", 2), ("B", 0)]
     assert all(isinstance(s, ServerInstance) and s.version for s in live)
+
+
+def test_after_a_database_outage_for_everyone_the_first_back_does_not_reap_the_others(cluster):
+    """Every row is old when the database returns; a server reaps only once it has
+    itself been beating for server-dead-after, which gives the others as long."""
+    a, b = cluster.node("A").start(), cluster.node("B").start()
+    cluster.advance(DEAD, a, b)
+    real = {n: n.liveness.store.beat for n in (a, b)}
+    for n in (a, b):
+        n.liveness.store.beat = lambda instance_id: fail(RuntimeError("can't connect"))
+    cluster.advance(2 * DEAD, a, b)
+    a.liveness.store.beat = real[a]  # A reaches the database again first
+    cluster.advance(DEAD - 2 * BEAT, a, b)
+    b.liveness.store.beat = real[b]  # B a while later, still within A's grace
+    cluster.advance(3 * DEAD, a, b)
+    assert sorted(cluster.instances().values()) == ["A", "B"]
+    assert a.liveness.reaped == 0 and a.sessions.dropped == b.sessions.dropped == []
+
+
+def test_a_server_cut_off_from_the_database_alone_is_reaped_after_dead_after(cluster):
+    a, b = cluster.node("A").start(), cluster.node("B").start()
+    cluster.advance(DEAD, a, b)
+    b.liveness.store.beat = lambda instance_id: fail(RuntimeError("can't connect"))
+    cluster.advance(DEAD - BEAT, a, b)
+    assert a.liveness.reaped == 0
+    cluster.advance(2 * BEAT, a, b)
+    assert a.liveness.reaped == 1 and list(cluster.instances().values()) == ["A"]
