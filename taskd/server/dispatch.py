@@ -9,8 +9,8 @@ a newer one. It is the session manager's listener too: it gives connecting agent
 `any` tasks and first taskList, re-routes an agent whose catalog changed, and sends the
 periodic taskLists, all told through agentview.AgentView. On `agent.offline` it waits
 (the agent may come straight back), then moves that agent's `any` tasks. A periodic
-sweep (and one once this dispatcher runs, and one a relocation delay later) does the
-same level-triggered: it moves every enabled `any` task whose agent has been offline
+sweep (and one a relocation delay after this dispatcher starts) does the same,
+level-triggered: it moves every enabled `any` task whose agent has been offline
 longer than the relocation delay and assigns those with no agent, so an offline event
 lost, or published before any dispatcher ran, changes nothing in the end state.
 
@@ -75,11 +75,12 @@ class Dispatcher(Service):
         super().startService()
         self._sweeper = LoopingCall(self.sweep)
         self._sweeper.clock = self.clock
-        # Now: tasks left unassigned or on agents long gone; a relocation delay later:
-        # the agents this server marked offline at start-up (their agent.offline went out
-        # before this dispatcher ran) that have not come back.
-        self._sweeper.start(self.sweep_interval, now=True).addErrback(
+        self._sweeper.start(self.sweep_interval, now=False).addErrback(
             lambda f: self.log.failure("sweep timer stopped", f))
+        # Once at start-up, a relocation delay in: then the agents this server marked
+        # offline while starting (their agent.offline went out before this dispatcher
+        # ran) and have not come back count as gone, as do tasks left unassigned or on
+        # agents long gone.
         self._startup_sweep = self.clock.callLater(self.relocate_delay, self.sweep)
 
     def stopService(self) -> None:
