@@ -77,6 +77,7 @@ class Liveness(Service):
         self._failing = False  # the database refused the last beat (one warning per outage)
         self._last_ok: datetime | None = None  # the last beat that reached the database
         self._healthy_since: datetime | None = None  # beating without a gap longer than dead_after since
+        self._in_flight: Deferred | None = None  # the beat being run
         self._timer = RepeatingTimer(clock, interval, self.beat, what="server liveness heartbeat", now=True,
                                      log=self.log)
 
@@ -108,6 +109,8 @@ class Liveness(Service):
         last, so this server counts as alive while it still holds sockets."""
         super().stopService()
         self._timer.stopService()
+        if self._in_flight is not None:  # a registration landing now must not outlive the process
+            yield self._in_flight
         if self.instance is not None:
             instance, self.instance = self.instance, None
             try:
@@ -118,18 +121,33 @@ class Liveness(Service):
 
     # -- the beat ----------------------------------------------------------------------
 
-    @inlineCallbacks
-    def beat(self):
+    def beat(self) -> Deferred:
         """Register or refresh this run's row, then reap the silent ones. Never fails
         (the timer would stop): a database outage is one warning, and the next beat
         tries again."""
+        d = self._in_flight = self._beat()
+
+        def done(_: Any) -> None:
+            if self._in_flight is d:
+                self._in_flight = None
+
+        d.addBoth(done)
+        return d
+
+    @inlineCallbacks
+    def _beat(self):
         try:
             if self.instance is None:
                 yield self._register()
-            elif not (yield self.store.beat(self.instance.id)):
-                yield self._was_reaped()
+            else:
+                alive = yield self.store.beat(self.instance.id)
+                if not self.running:  # stopping: its row is being removed, not lost
+                    return
+                if not alive:
+                    yield self._was_reaped()
             self._beat_reached_the_database()
-            yield self.reap_silent()
+            if self.running:
+                yield self.reap_silent()
         except Exception as exc:
             if not self._failing:
                 self._failing = True

@@ -286,3 +286,24 @@ def test_a_server_cut_off_from_the_database_alone_is_reaped_after_dead_after(clu
     assert a.liveness.reaped == 0
     cluster.advance(2 * BEAT, a, b)
     assert a.liveness.reaped == 1 and list(cluster.instances().values()) == ["A"]
+
+
+def test_stopping_while_a_beat_is_in_flight_neither_registers_again_nor_leaves_a_row(cluster):
+    from twisted.internet.defer import Deferred
+
+    a = cluster.node("A").start()
+    held: list[Deferred] = []
+
+    def slow_beat(instance_id):
+        d = Deferred()
+        held.append(d)
+        return d
+
+    a.liveness.store.beat = slow_beat
+    cluster.advance(BEAT, a)
+    assert len(held) == 1  # a beat in flight
+    stopping = a.liveness.stopService()
+    assert not stopping.called  # waits for it
+    held[0].callback(False)  # as if the row had gone: while stopping, that is no reason to register
+    assert stopping.called
+    assert cluster.instances() == {} and a.sessions.dropped == [] and a.liveness.registrations == 1
