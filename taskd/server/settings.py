@@ -76,7 +76,8 @@ SERVER_OPTIONS: tuple[Option, ...] = (
            " key; false refuses the connection with a 404 until it is registered."),
     Option("instance-id", str, "",
            "This server's name on agent session rows; empty means HOSTNAME:PORT. Must"
-           " differ between servers sharing a database."),
+           " differ between servers sharing a database. Set it where the hostname may"
+           " change: a restart under the same name takes over its earlier run at once."),
     Option("server-heartbeat-interval", positive_duration, "5s",
            "How often this server refreshes its row in the shared database, which tells"
            " the other servers it is alive."),
