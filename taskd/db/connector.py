@@ -1,7 +1,7 @@
 """The one object the rest of taskd holds for the database (as Buildbot's `master.db`).
 
 It owns the thread pool and one store per aggregate — `tasks`, `agents`, `catalog`,
-`sessions`, `status`, `routes` — so every query runs through a store method returning
+`sessions`, `status`, `routes`, `servers` — so every query runs through a store method returning
 dataclasses, and `pool.do` stays private to this package: the server's services and
 sessions never compose SQL functions themselves, and a fake of the stores is a fake of
 the whole database.
@@ -16,6 +16,7 @@ from taskd.db.agents import AgentStore
 from taskd.db.catalog import CatalogStore
 from taskd.db.pool import DEFAULT_TIMEOUT, DBPool
 from taskd.db.routes import RouteStore
+from taskd.db.servers import ServerStore
 from taskd.db.sessions import SessionStore
 from taskd.db.taskstatus import StatusStore
 from taskd.db.tasks import TaskStore
@@ -32,6 +33,7 @@ class Database:
         self.sessions = SessionStore(pool)
         self.status = StatusStore(pool)
         self.routes = RouteStore(pool)
+        self.servers = ServerStore(pool)
 
     @classmethod
     def open(cls, engine: Engine, reactor: Any, *, max_threads: int | None = None,

@@ -194,3 +194,22 @@ task_status = sa.Table(
     sa.Index(None, "agent_id", "outcome"),  # failingTasks: count of "error" per agent
     **TABLE_OPTS,
 )
+
+# One row per running task-server process (a new `id` each start): its heartbeat.
+# Sessions name their server by `name` (the `instance-id`, default HOSTNAME:PORT), which
+# is what survives a restart; `id` tells this run from the previous one, so a reaper's
+# delete can only ever hit the run it saw silent.
+server_instance = sa.Table(
+    "server_instance",
+    metadata,
+    sa.Column("id", sa.String(36), primary_key=True),
+    sa.Column("name", sa.String(255), nullable=False),
+    sa.Column("hostname", sa.String(255), nullable=False),
+    sa.Column("addr", sa.String(255), nullable=False),
+    sa.Column("version", sa.String(64), nullable=False),
+    sa.Column("started", Timestamp, nullable=False),
+    sa.Column("last_seen", Timestamp, nullable=False),
+    sa.Index(None, "name"),
+    sa.Index(None, "last_seen"),
+    **TABLE_OPTS,
+)

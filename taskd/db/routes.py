@@ -8,6 +8,7 @@ agent, so exactly one server wins and only the winner announces the change.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Iterable, Sequence
 
 import sqlalchemy as sa
@@ -279,6 +280,34 @@ def assign_unassigned(conn: Connection, agent_ids: Sequence[int] | None = None) 
     return assigned
 
 
+def stale_holders(conn: Connection, offline_for: float) -> list[int]:
+    """Agents offline for longer than `offline_for` seconds that still hold an enabled
+    `any` task."""
+    idx, a, t = m.route_by_any_index.c, m.agent.c, m.task.c
+    cutoff = utcnow() - timedelta(seconds=offline_for)
+    return sorted(conn.execute(
+        sa.select(idx.agent_id).distinct()
+        .join(m.agent, a.id == idx.agent_id).join(m.task, t.id == idx.task_id)
+        .where(a.online.is_(False), t.enabled.is_(True),
+               sa.or_(a.online_change.is_(None), a.online_change <= cutoff))
+    ).scalars().all())
+
+
+def sweep_any(conn: Connection, offline_for: float) -> tuple[list[tuple[Task, int | None]], list[Task]]:
+    """The level-triggered half of `any` routing, run periodically and at start-up by
+    every server: move each enabled `any` task whose agent has been offline for longer
+    than `offline_for` (the relocation delay) exactly as `relocate_from` would have on
+    that agent's `agent.offline` (to a capable online agent, or unassigned), then assign
+    the unassigned ones. So the end state does not depend on the event having been
+    seen, lost, or never sent (a server SIGKILLed, a restart that marked its agents
+    offline before its dispatcher ran). Returns (moved as (task, new agent), assigned)."""
+    moved = []
+    for agent_id in stale_holders(conn, offline_for):
+        tasks = [task for task in _any_tasks_of(conn, agent_id) if task.enabled]
+        moved.extend(_move_any_tasks(conn, agent_id, tasks))
+    return moved, assign_unassigned(conn, None)
+
+
 def routing_snapshot(conn: Connection, task_id: int) -> tuple[Task | None, set[int]]:
     """The task as it is now and every agent it is routed to (one transaction); the
     caller picks the agents it holds."""
@@ -337,4 +366,8 @@ class RouteStore:
 
     def relocate_from(self, agent_id: int) -> "Deferred[list[tuple[Task, int | None]]]":
         return self._pool.do(relocate_from, agent_id)
+
+    def sweep_any(self, offline_for: float) -> "Deferred[tuple[list[tuple[Task, int | None]], list[Task]]]":
+        """See `sweep_any`: (moved, assigned)."""
+        return self._pool.do(sweep_any, offline_for)
 

@@ -31,6 +31,7 @@ from taskd.server.auth import Authenticator
 from taskd.server.events import EventBus
 from taskd.server.dispatch import Dispatcher
 from taskd.server.domain import AgentService, TaskService
+from taskd.server.liveness import Liveness
 from taskd.server.sessions import SessionManager
 from taskd.server.statusintake import StatusService
 from taskd.server.websocket import SocketEndpoint, make_factory
@@ -130,6 +131,7 @@ class Server:
     stats: Any = None
     status: StatusService | None = None
     db: Database | None = None  # the connector; `pool` is its pool, for tests that inspect the database
+    liveness: Liveness | None = None
 
 
 def describe_db(settings: Any, engine: Engine) -> str:
@@ -182,8 +184,11 @@ def build_server(settings: Any, reactor: Any = None) -> Server:
         db=db, events=events, listener=dispatcher, sessions=held, instance_id=instance_id,
         clock=reactor, heartbeat_interval=settings.heartbeat_interval, stats=stats, status=status,
     )
+    liveness = Liveness(db=db, events=events, sessions=sessions, name=instance_id, addr=settings.addr,
+                        clock=reactor, interval=settings.server_heartbeat_interval,
+                        dead_after=settings.server_dead_after, stats=stats)
     try:
-        sessions.clear_stale_sync()
+        liveness.take_over_sync()
     except Exception as exc:
         raise StartupError(f"cannot clear this server's stale sessions: {str(exc).splitlines()[0]}") from None
     socket = SocketEndpoint(agents, make_factory(sessions), autocreate=settings.agent_autocreate)
@@ -196,7 +201,7 @@ def build_server(settings: Any, reactor: Any = None) -> Server:
         clock=reactor,
     )
     api = Api(agents, tasks, auth, max_body_size=settings.max_body_size, socket=socket, stats=stats,
-              database=db)
+              database=db, servers=liveness)
     site = TaskdSite(api.resource(), max_body_size=settings.max_body_size)
 
     root = OrderedMultiService()
@@ -205,7 +210,8 @@ def build_server(settings: Any, reactor: Any = None) -> Server:
     # here still exist (only statuses of agents with a session on this server are
     # written: an agent that already reconnected elsewhere reports there, and this
     # server's last flush must not land on top of that); then the sessions close their
-    # sockets (recording offline), then the pool; the stats client goes last, so what
+    # sockets (recording offline), then this server's liveness row goes (it counts as
+    # alive while it holds sockets), then the pool; the stats client goes last, so what
     # the others report on their way down is still sent.
     stats.setServiceParent(root)
     DatabaseService(db).setServiceParent(root)
@@ -217,6 +223,7 @@ def build_server(settings: Any, reactor: Any = None) -> Server:
                                   queue_expiry=settings.rabbitmq_queue_expiry)
         events.transport = transport
         transport.setServiceParent(root)  # stops after the sessions, so their offline events get out
+    liveness.setServiceParent(root)  # beats before agents connect; stops after the sessions
     sessions.setServiceParent(root)
     status.setServiceParent(root)  # stops before the sessions (see above)
     dispatcher.setServiceParent(root)
@@ -246,7 +253,7 @@ def build_server(settings: Any, reactor: Any = None) -> Server:
     log.info("server instance {id}; events {where}", id=instance_id,
              where=f"over RabbitMQ exchange {settings.exchange}" if settings.exchange else "in-process")
     return Server(root, engine, db.pool, events, agents, tasks, api, listener, sessions, dispatcher, instance_id, stats,
-                  status, db)
+                  status, db, liveness=liveness)
 
 
 def instance_identity(settings: Any) -> str:

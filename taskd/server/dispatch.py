@@ -8,8 +8,11 @@ servers harmless; pushes for one task are serialised so a slow read can never ov
 a newer one. It is the session manager's listener too: it gives connecting agents their
 `any` tasks and first taskList, re-routes an agent whose catalog changed, and sends the
 periodic taskLists, all told through agentview.AgentView. On `agent.offline` it waits
-(the agent may come straight back), then moves that agent's `any` tasks; a periodic
-sweep assigns `any` tasks that have no agent.
+(the agent may come straight back), then moves that agent's `any` tasks. A periodic
+sweep (and one a relocation delay after this dispatcher starts) does the same,
+level-triggered: it moves every enabled `any` task whose agent has been offline
+longer than the relocation delay and assigns those with no agent, so an offline event
+lost, or published before any dispatcher ran, changes nothing in the end state.
 
 Dispatch latency (the `dispatch.latency` timer): the clock is read when a `task.*` event
 reaches this server (for a change made through this server's API that is the moment the
@@ -67,6 +70,7 @@ class Dispatcher(Service):
         self._pending_relocations: dict[int, Any] = {}
         self._reloading: dict[int, int] = {}  # agent id -> reloads in flight (agent.updated)
         self._sweeper: LoopingCall | None = None
+        self._startup_sweep: Any = None
         events.subscribe(self.on_event)
 
     def startService(self) -> None:
@@ -75,11 +79,18 @@ class Dispatcher(Service):
         self._sweeper.clock = self.clock
         self._sweeper.start(self.sweep_interval, now=False).addErrback(
             lambda f: self.log.failure("sweep timer stopped", f))
+        # Once at start-up, a relocation delay in: then the agents this server marked
+        # offline while starting (their agent.offline went out before this dispatcher
+        # ran) and have not come back count as gone, as do tasks left unassigned or on
+        # agents long gone.
+        self._startup_sweep = self.clock.callLater(self.relocate_delay, self.sweep)
 
     def stopService(self) -> None:
         super().stopService()
         if self._sweeper is not None and self._sweeper.running:
             self._sweeper.stop()
+        if self._startup_sweep is not None and self._startup_sweep.active():
+            self._startup_sweep.cancel()
         for call in self._pending_relocations.values():
             if call.active():
                 call.cancel()
@@ -354,9 +365,19 @@ class Dispatcher(Service):
             self.events.publish("task.updated", {"old": payload, "new": payload})
 
     def sweep(self) -> Deferred:
-        d = self.db.routes.assign_unassigned(None)
-        d.addCallback(self._announce, "assigned by the periodic sweep")
-        d.addErrback(lambda f: log_failure(self.log, f, "assigning unassigned tasks failed"))
+        """Level-triggered `any` routing (see routes.sweep_any); never fails."""
+        d = self.db.routes.sweep_any(self.relocate_delay)
+
+        def swept(result: tuple[list[tuple[Task, int | None]], list[Task]]) -> None:
+            moved, assigned = result
+            for task, new_agent in moved:
+                where = f"to agent {new_agent}" if new_agent else "nowhere (no qualifying agent online; unassigned)"
+                self._announce([task], f"moved by the sweep off an agent offline for over {self.relocate_delay:g}s,"
+                                       f" {where}")
+            self._announce(assigned, "assigned by the periodic sweep")
+
+        d.addCallback(swept)
+        d.addErrback(lambda f: log_failure(self.log, f, "the sweep of `any` tasks failed"))
         return d
 
     def _announce(self, tasks: list[Task], how: str) -> None:

@@ -9,6 +9,7 @@ from typing import Any
 
 from taskd.db.agents import Agent
 from taskd.db.catalog import Metric
+from taskd.db.servers import ServerInstance
 from taskd.db.taskstatus import TaskStatusRow
 from taskd.db.tasks import Task
 from taskd.timeutil import rfc3339
@@ -69,4 +70,18 @@ def status_json(s: TaskStatusRow) -> dict[str, Any]:
         "failures": s.failures,
         "skipped": s.skipped,
         "updated": rfc3339(s.updated),
+    }
+
+
+def server_json(s: ServerInstance) -> dict[str, Any]:
+    """A live task-server instance; `agents` counts the agent sessions it holds."""
+    return {
+        "id": s.id,
+        "name": s.name,
+        "hostname": s.hostname,
+        "addr": s.addr,
+        "version": s.version,
+        "started": rfc3339(s.started),
+        "lastSeen": rfc3339(s.last_seen),
+        "agents": s.agents,
     }

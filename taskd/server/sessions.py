@@ -116,7 +116,6 @@ class SessionManager(Service):
         self.heartbeat_interval = heartbeat_interval
         self.shutdown_timeout = shutdown_timeout
         self.sessions: dict[int, AgentSession] = sessions if sessions is not None else {}
-        self.startup_changes: list[OnlineChange] = []
         self._opening: list[AgentSession] = []  # opened, waiting for the next batch
         self._open_call: Any = None
         self._open_busy = False
@@ -125,22 +124,13 @@ class SessionManager(Service):
         self._stopped = False  # stopService ran: sessions recorded from now on are closed at once
         self._ticker: LoopingCall | None = None
         self._listing = False  # a round of due taskLists is being read and sent (see tick)
+        self._generation = 0  # bumped by drop_all: batches recorded under an older one are dropped
+        self._drop_reason = ""
 
     # -- lifecycle ---------------------------------------------------------------------
 
-    def clear_stale_sync(self) -> None:
-        """At start-up, before any agent can connect: forget what a previous run of this
-        server instance left behind (blocking; the reactor is not running yet)."""
-        self.startup_changes = self.store.clear_server_now(self.instance_id)
-        if self.startup_changes:
-            self.log.info("cleared {n} stale session(s) of server {server}", n=len(self.startup_changes),
-                          server=self.instance_id)
-
     def startService(self) -> None:
         super().startService()
-        for change in self.startup_changes:
-            self.events.publish("agent.offline", online_payload(change))
-        self.startup_changes = []
         self._ticker = LoopingCall(self.tick)
         self._ticker.clock = self.clock
         self._ticker.start(self.heartbeat_interval, now=False).addErrback(
@@ -185,6 +175,19 @@ class SessionManager(Service):
         for change in changes:
             self.events.publish("agent.offline", online_payload(change))
 
+    def drop_all(self, reason: str) -> int:
+        """Close every socket this server holds (the agents reconnect, here or to another
+        server): its session rows may have been removed by another server that took it
+        for dead (see taskd.server.liveness), so what it holds is no longer recorded.
+        Sessions in a batch being recorded now are closed once it is written. Returns
+        how many sockets were closed."""
+        self._generation += 1
+        held = list(self.sessions.values())
+        for session in held:
+            session.transport.close(CLOSE_GOING_AWAY, reason)
+        self._drop_reason = reason
+        return len(held)
+
     # -- sessions ----------------------------------------------------------------------
 
     def attach(self, agent: Agent, version: int, remote_ip: str, transport: SessionTransport) -> AgentSession:
@@ -209,7 +212,7 @@ class SessionManager(Service):
         self._open_busy = True
         self._recording = batch
         d = self.store.open_many([(s.agent.id, s.version, s.remote_ip) for s in batch], server=self.instance_id)
-        d.addCallbacks(self._opened, self._open_failed, callbackArgs=(batch,), errbackArgs=(batch,))
+        d.addCallbacks(self._opened, self._open_failed, callbackArgs=(batch, self._generation), errbackArgs=(batch,))
 
         def next_batch(_: Any) -> None:
             self._open_busy = False
@@ -223,8 +226,10 @@ class SessionManager(Service):
             self._batch = d
 
     @inlineCallbacks
-    def _opened(self, results: list[tuple[str | None, OnlineChange | None]], batch: list[AgentSession]):
+    def _opened(self, results: list[tuple[str | None, OnlineChange | None]], batch: list[AgentSession],
+                generation: int = 0):
         ready = []
+        dropped = generation != self._generation  # drop_all ran while these were recorded
         for (session_id, change), session in zip(results, batch):
             if session_id is None:  # the agent was deleted before its session was recorded
                 session.transport.close(CLOSE_NORMAL, "agent deleted")
@@ -234,7 +239,9 @@ class SessionManager(Service):
             session.id = session_id
             if self._stopped and not session.closed:  # recorded while the server stops
                 session.transport.close(CLOSE_NORMAL, "server shutting down")
-            if session.closed or self._stopped:  # the socket closed while the row was being written
+            elif dropped and not session.closed:
+                session.transport.close(CLOSE_GOING_AWAY, self._drop_reason)
+            if session.closed or self._stopped or dropped:  # the socket closed while the row was being written
                 self._forget(session)
                 continue
             old = self.sessions.get(session.agent.id)

@@ -78,7 +78,15 @@ SERVER_OPTIONS: tuple[Option, ...] = (
            " key; false refuses the connection with a 404 until it is registered."),
     Option("instance-id", str, "",
            "This server's name on agent session rows; empty means HOSTNAME:PORT. Must"
-           " differ between servers sharing a database."),
+           " differ between servers sharing a database. Set it where the hostname may"
+           " change: a restart under the same name takes over its earlier run at once."),
+    Option("server-heartbeat-interval", positive_duration, "5s",
+           "How often this server refreshes its row in the shared database, which tells"
+           " the other servers it is alive."),
+    Option("server-dead-after", positive_duration, "30s",
+           "How long a server's row may go unrefreshed before another server declares it"
+           " dead: its sessions are removed and its agents marked offline. Must be longer"
+           " than the server heartbeat interval; the servers' clocks must agree (NTP)."),
     Option("heartbeat-interval", parse_duration, "2s",
            "How often every connected agent gets a heartbeat."),
     Option("task-list-interval", parse_duration, "60s",
@@ -119,6 +127,8 @@ class ServerSettings:
     max_body_size: int = 1048576
     agent_autocreate: bool = True
     instance_id: str = ""
+    server_heartbeat_interval: float = 5.0
+    server_dead_after: float = 30.0
     heartbeat_interval: float = 2.0
     task_list_interval: float = 60.0
     relocate_delay: float = 1.0
@@ -147,6 +157,11 @@ def load_server_settings(path: str | None = None, env: Mapping[str, str] = os.en
     if values["db-type"] == "mysql" and not values["db-connect-str"].strip():
         raise ConfigError("db-connect-str", "must be set when db-type is mysql"
                           f" (db-type from {values.origins['db-type']})")
+    if values["server-dead-after"] <= values["server-heartbeat-interval"]:
+        raise ConfigError("server-dead-after", "must be longer than server-heartbeat-interval"
+                          f" ({values['server-heartbeat-interval']:g}s), or every server would"
+                          " declare the others dead between two of their heartbeats",
+                          values.origins.get("server-dead-after"))
     return ServerSettings(
         **{opt.attr: values[opt.name] for opt in SERVER_OPTIONS},
         config_path=os.path.abspath(path) if path is not None else None,

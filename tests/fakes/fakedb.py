@@ -24,7 +24,7 @@ import random
 import re
 import uuid
 from dataclasses import dataclass, field, replace
-from datetime import datetime
+from datetime import datetime, timedelta
 from types import MethodType
 from typing import Any, Callable, Iterable, Sequence
 
@@ -35,6 +35,7 @@ from taskd.db.agents import Agent, AgentFilter
 from taskd.db.catalog import Metric, MetricFilter
 from taskd.db.listing import Page
 from taskd.db.routes import TaskDetail
+from taskd.db.servers import Reaped, ServerInstance
 from taskd.db.sessions import OnlineChange
 from taskd.db.taskstatus import TaskStatusRow
 from taskd.db.tasks import Task, TaskFilter, TaskSpec
@@ -216,6 +217,16 @@ class _State:
                 self.any_index[task.id] = chosen.id
             moved.append((task, chosen.id if chosen else None))
         return moved
+
+    def sweep_any(self, offline_for: float) -> tuple[list[tuple[Task, int | None]], list[Task]]:
+        cutoff = self.now() - timedelta(seconds=offline_for)
+        stale = sorted({a for t, a in self.any_index.items() if self.tasks[t].enabled
+                        and (agent := self.agents.get(a)) is not None and not agent.online
+                        and (agent.online_change is None or agent.online_change <= cutoff)})
+        moved = []
+        for agent_id in stale:
+            moved.extend(self.move_any(agent_id, [t for t in self.any_tasks_of(agent_id) if t.enabled]))
+        return moved, self.assign_unassigned(None)
 
     def any_tasks_of(self, agent_id: int) -> list[Task]:
         return [self.tasks[t] for t, a in sorted(self.any_index.items()) if a == agent_id]
@@ -579,6 +590,10 @@ class FakeRouteStore(_Fake):
         return succeed((moved, assigned, catalogs, {i: state.agents[i] for i in agent_ids if i in state.agents}))
 
     @recorded
+    def sweep_any(self, offline_for: float) -> "Deferred[tuple[list[tuple[Task, int | None]], list[Task]]]":
+        return succeed(self._state.sweep_any(offline_for))
+
+    @recorded
     def relocate_from(self, agent_id: int) -> "Deferred[list[tuple[Task, int | None]]]":
         agent = self._state.agents.get(agent_id)
         if agent is not None and agent.online:
@@ -588,9 +603,67 @@ class FakeRouteStore(_Fake):
 
 # -- the connector ---------------------------------------------------------------------------
 
+class FakeServerStore:
+    """`db.servers`: server instance rows (taskd.server.liveness); a reap clears the dead
+    run's sessions as the real store does, unless a newer run of that name exists."""
+
+    def __init__(self, state: _State) -> None:
+        self._state = state
+        self._instances: dict[str, ServerInstance] = {}
+
+    def _clear(self, name: str) -> list[OnlineChange]:
+        return FakeSessionStore(self._state)._clear(name)
+
+    @recorded
+    def take_over_now(self, name: str) -> tuple[list[ServerInstance], list[OnlineChange]]:
+        previous = [i for i in self._instances.values() if i.name == name]
+        for instance in previous:
+            del self._instances[instance.id]
+        return previous, self._clear(name)
+
+    @recorded
+    def register(self, instance: ServerInstance) -> "Deferred[None]":
+        self._instances[instance.id] = instance
+        return succeed(None)
+
+    @recorded
+    def beat(self, instance_id: str) -> "Deferred[bool]":
+        instance = self._instances.get(instance_id)
+        if instance is None:
+            return succeed(False)
+        self._instances[instance_id] = replace(instance, last_seen=self._state.now())
+        return succeed(True)
+
+    @recorded
+    def silent(self, cutoff: datetime, *, exclude: str) -> "Deferred[list[ServerInstance]]":
+        return succeed(sorted((i for i in self._instances.values() if i.last_seen < cutoff and i.id != exclude),
+                              key=lambda i: i.last_seen))
+
+    @recorded
+    def reap(self, instance: ServerInstance, cutoff: datetime) -> "Deferred[Reaped | None]":
+        current = self._instances.get(instance.id)
+        if current is None or not current.last_seen < cutoff:
+            return succeed(None)
+        del self._instances[instance.id]
+        successor = any(i.name == instance.name for i in self._instances.values())
+        return succeed(Reaped(instance, [] if successor else self._clear(instance.name)))
+
+    @recorded
+    def unregister(self, instance_id: str) -> "Deferred[None]":
+        self._instances.pop(instance_id, None)
+        return succeed(None)
+
+    @recorded
+    def live(self, cutoff: datetime) -> "Deferred[list[ServerInstance]]":
+        held = [server for _agent, server in self._state.sessions.values()]
+        return succeed([replace(i, agents=held.count(i.name))
+                        for i in sorted(self._instances.values(), key=lambda i: (i.name, i.started))
+                        if i.last_seen >= cutoff])
+
+
 class FakeDatabase:
     """The connector's shape (`db.tasks`, `db.agents`, `db.catalog`, `db.sessions`,
-    `db.status`, `db.routes`) over one state, plus what a test needs to set that state up
+    `db.status`, `db.routes`, `db.servers`) over one state, plus what a test needs to set that state up
     and to watch and time the calls."""
 
     def __init__(self, now: Callable[[], datetime] = utcnow, rng: random.Random | None = None) -> None:
@@ -601,6 +674,7 @@ class FakeDatabase:
         self.sessions = FakeSessionStore(state)
         self.status = FakeStatusStore(state)
         self.routes = FakeRouteStore(state)
+        self.servers = FakeServerStore(state)
 
     def start(self) -> None:
         pass

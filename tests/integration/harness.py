@@ -17,6 +17,7 @@ from twisted.web.client import HTTPConnectionPool
 from taskd.server.assembly import Server, build_server
 from taskd.server.settings import ServerSettings
 from tests.conftest import wipe as wipe_tables
+from tests.waiting import until
 from tests.fakes.auth_endpoint import FakeAuthEndpoint, org, start_auth_endpoint
 
 ADMIN_KEY = "EASY"
@@ -112,6 +113,10 @@ async def start_server(db_type: str, connect_str: str, *, wipe: bool = True,
         wipe_tables(server.engine)
     server.service.startService()
     await server.listener.listening
+    # Its liveness row is written as it starts: let that write land before the test
+    # writes to the database behind the server's back (sqlite refuses a transaction that
+    # read before another connection's commit and then writes).
+    await until(lambda: server.liveness.instance is not None, what="the server registering in the database")
     return RunningServer(server, auth)
 
 

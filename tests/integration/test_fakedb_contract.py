@@ -21,8 +21,9 @@ from taskd.db.sessions import SessionStore
 from taskd.db.taskstatus import StatusStore, TaskStatusRow
 from taskd.db.tasks import Route, TaskFilter, TaskSpec, TaskStore
 from taskd.errors import Conflict, Invalid, NotFound
-from tests.fakes.fakedb import (FakeAgentStore, FakeCatalogStore, FakeDatabase, FakeRouteStore, FakeSessionStore,
-                                FakeStatusStore, FakeTaskStore)
+from taskd.db.servers import ServerInstance, ServerStore
+from tests.fakes.fakedb import (FakeAgentStore, FakeCatalogStore, FakeDatabase, FakeRouteStore, FakeServerStore,
+                                FakeSessionStore, FakeStatusStore, FakeTaskStore)
 
 # real store -> (its fake, {real method the fake leaves out: why})
 PAIRS = [
@@ -32,6 +33,7 @@ PAIRS = [
     (SessionStore, FakeSessionStore, {}),
     (StatusStore, FakeStatusStore, {}),
     (RouteStore, FakeRouteStore, {}),
+    (ServerStore, FakeServerStore, {}),
 ]
 
 
@@ -54,7 +56,7 @@ def test_the_fake_connector_holds_a_fake_of_every_store_of_the_real_one(tmp_path
     engine = create_engine("sqlite3", str(tmp_path / "shape.db"), pool_size=1)
     real, fake = vars(Database.open(engine, reactor)), vars(FakeDatabase())
     stores = {name: type(store) for name, store in real.items() if name != "pool"}
-    assert sorted(stores) == ["agents", "catalog", "routes", "sessions", "status", "tasks"]
+    assert sorted(stores) == ["agents", "catalog", "routes", "servers", "sessions", "status", "tasks"]
     fakes = {r: f for r, f, _ in PAIRS}
     assert {name: type(fake[name]) for name in stores} == {name: fakes[cls] for name, cls in stores.items()}
     for method in ("start", "stop"):
@@ -174,6 +176,34 @@ async def test_sessions_of_a_missing_agent_are_not_opened_and_a_server_clears_on
         await db.sessions.clear_server("A")
     assert [(c.agent_id, c.online) for c in changes] == [(a.id, False)]  # b is still held by B
     assert (await db.agents.get(b.id)).online
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_silent_server_is_reaped_once_with_its_sessions_and_a_live_one_is_listed(db):
+    from datetime import timedelta
+
+    from taskd.timeutil import utcnow
+
+    now = utcnow().replace(microsecond=0)
+    old, new = now - timedelta(minutes=10), now - timedelta(minutes=1)
+    dead = ServerInstance("id-dead", "A", "host1", ":8082", "1", old, old)
+    alive = ServerInstance("id-alive", "B", "host2", ":8082", "1", new, new)
+    for instance in (dead, alive):
+        await db.servers.register(instance)
+    a = await db.agents.create(1, "a1", enabled=True, public=False, tags=[])
+    b = await db.agents.create(1, "b1", enabled=True, public=False, tags=[])
+    await db.sessions.open(a.id, version=1, remote_ip="ip", server="A")
+    await db.sessions.open(b.id, version=1, remote_ip="ip", server="B")
+    cutoff = now - timedelta(minutes=5)
+    assert [i.id for i in await db.servers.silent(cutoff, exclude="id-alive")] == ["id-dead"]
+    reaped = await db.servers.reap(dead, cutoff)
+    assert reaped.instance.id == "id-dead" and [(c.agent_id, c.online) for c in reaped.changes] == [(a.id, False)]
+    assert await db.servers.reap(dead, cutoff) is None  # someone reaped it already
+    assert await db.servers.beat("id-dead") is False and await db.servers.beat("id-alive") is True
+    [listed] = await db.servers.live(cutoff)
+    assert (listed.id, listed.name, listed.agents) == ("id-alive", "B", 1)
+    await db.servers.unregister("id-alive")
+    assert await db.servers.live(cutoff) == []
 
 
 @pytest_twisted.ensureDeferred

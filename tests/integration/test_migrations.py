@@ -176,6 +176,60 @@ def test_0002_downgrade_drops_only_task_status(fresh_db):
         _seed_status(conn)  # the table is back, empty, and usable
 
 
+# -- 0003: server_instance ---------------------------------------------------------------
+
+def _seed_instance(conn: sa.Connection, id_: str = "0" * 36) -> None:
+    conn.execute(sa.insert(models.server_instance).values(
+        id=id_, name="web-1:8082", hostname="web-1", addr="tcp:8082", version="1.2.3", started=NOW,
+        last_seen=NOW))
+
+
+def test_0003_adds_server_instance_to_a_database_holding_0002_data(fresh_db):
+    _, engine = fresh_db
+    migrate.upgrade(engine, "0002")
+    with engine.begin() as conn:
+        _seed(conn)
+        _seed_status(conn)
+        conn.execute(sa.insert(models.agent_session).values(
+            id="s1", agent_id=1, version=1, remote_ip="10.0.0.1", server="web-1:8082", created=NOW))
+    migrate.upgrade(engine, "0003")
+    assert migrate.current_revision(engine) == "0003"
+    with engine.begin() as conn:
+        assert conn.execute(sa.select(models.task.c.name)).scalars().all() == ["example-task-1"]
+        assert conn.execute(sa.select(models.task_status.c.runs)).scalar() == 2**40
+        assert conn.execute(sa.select(models.agent_session.c.server)).scalar() == "web-1:8082"
+        assert conn.execute(sa.select(sa.func.count()).select_from(models.server_instance)).scalar() == 0
+        _seed_instance(conn)
+    with engine.connect() as conn:
+        row = conn.execute(sa.select(models.server_instance)).one()
+    assert (row.name, row.started, row.last_seen) == ("web-1:8082", NOW, NOW)  # microseconds kept
+    indexes = {ix["name"]: ix["column_names"] for ix in sa.inspect(engine).get_indexes("server_instance")}
+    assert indexes["ix_server_instance_name"] == ["name"]
+    assert indexes["ix_server_instance_last_seen"] == ["last_seen"]
+    with pytest.raises(sa.exc.IntegrityError):  # one row per run
+        with engine.begin() as conn:
+            _seed_instance(conn)
+
+
+def test_0003_downgrade_drops_only_server_instance(fresh_db):
+    _, engine = fresh_db
+    migrate.upgrade(engine, "0003")
+    with engine.begin() as conn:
+        _seed(conn)
+        _seed_status(conn)
+        _seed_instance(conn)
+    migrate.downgrade(engine, "0002")
+    assert migrate.current_revision(engine) == "0002"
+    names = set(sa.inspect(engine).get_table_names())
+    assert "server_instance" not in names and {"agent", "task", "task_status"} <= names
+    with engine.connect() as conn:
+        assert conn.execute(sa.select(models.task.c.name)).scalars().all() == ["example-task-1"]
+        assert conn.execute(sa.select(sa.func.count()).select_from(models.task_status)).scalar() == 1
+    migrate.upgrade(engine, "0003")
+    with engine.begin() as conn:
+        _seed_instance(conn)  # the table is back, empty, and usable
+
+
 def test_taskd_db_command_upgrades_and_reports(fresh_db, tmp_path):
     (db_type, connect_str), engine = fresh_db
     # The server's own example file, every other key and section in it: taskd-db reads

@@ -485,7 +485,7 @@ def test_agent_deleted_closes_its_local_session_and_sweeps(rig):
     rig.remote("agent.deleted", {"id": 2, "name": "agent2", "orgId": 1})
     assert rig.transports[2].closes == [(CLOSE_NORMAL, "agent deleted")]
     assert rig.transports[1].closes == []
-    assert rig.called(rig.db.routes.assign_unassigned) == [(None,)]
+    assert rig.called(rig.db.routes.sweep_any) == [(1.0,)]
 
 
 def test_agent_updated_reloads_the_held_agent_and_resyncs(rig):
@@ -497,11 +497,36 @@ def test_agent_updated_reloads_the_held_agent_and_resyncs(rig):
     assert rig.called(rig.db.agents.get) == [(1,)]
 
 
-def test_sweep_runs_on_the_sweep_interval(rig):
-    rig.clock.advance(59.9)
-    assert rig.called(rig.db.routes.assign_unassigned) == []
+def test_sweep_runs_a_relocation_delay_after_start_and_on_the_sweep_interval(rig):
+    """At start-up: the agents this server marked offline while starting published their
+    agent.offline before the dispatcher ran; the sweep a relocation delay later moves
+    their tasks if they have not come back."""
+    sweeps = lambda: rig.called(rig.db.routes.sweep_any)  # noqa: E731
+    rig.clock.advance(0.9)
+    assert sweeps() == []
     rig.clock.advance(0.1)
-    assert rig.called(rig.db.routes.assign_unassigned) == [(None,)]
+    assert sweeps() == [(1.0,)]
+    rig.clock.advance(58.9)
+    assert sweeps() == [(1.0,)]
+    rig.clock.advance(0.1)
+    assert sweeps() == [(1.0,)] * 2
+    assert rig.called(rig.db.routes.assign_unassigned) == []  # the sweep's own transaction does it
+
+
+def test_the_sweep_announces_and_pushes_what_it_moved_and_assigned(rig):
+    """No agent.offline was seen for the agent the task was on: the sweep's move is
+    announced and pushed like an event-driven relocation."""
+    gone = Agent(3, 1, "agent3", True, T0, True, (), False, T0, T0, T0)  # offline since T0
+    rig.db.add_agent(gone)
+    moved, given = make_task(4), make_task(5)
+    rig.route(moved, 3)
+    rig.route(given)
+    rig.dispatcher.sweep()
+    announced = [p["new"]["id"] for t, p in rig.published if t == "task.updated"]
+    assert announced == [4, 5]
+    now_on = rig.db._state.any_index[4]
+    assert now_on in (1, 2)
+    assert [(e, v["id"]) for e, v in rig.transports[now_on].take() if e == "taskAdd" and v["id"] == 4] == [("taskAdd", 4)]
 
 
 def test_a_slow_task_list_read_does_not_undo_a_newer_push(rig):

@@ -296,3 +296,15 @@ def test_make_service_start_up_error_is_one_line_and_exit_1(tmp_path, monkeypatc
     assert info.value.code == 1
     assert err.getvalue() == ("taskserver: start-up error: db-connect-str: cannot open the"
                               " mysql database: refused\n")
+
+
+def test_server_liveness_keys_default_and_must_leave_room_for_a_heartbeat(tmp_path):
+    settings = load_server_settings(env={})
+    assert (settings.server_heartbeat_interval, settings.server_dead_after) == (5.0, 30.0)
+    settings = load_server_settings(write(tmp_path, "server-heartbeat-interval = 200ms\nserver-dead-after = 1s\n"),
+                                    env={})
+    assert (settings.server_heartbeat_interval, settings.server_dead_after) == (0.2, 1.0)
+    message = load_error(path=write(tmp_path, "server-heartbeat-interval = 10s\nserver-dead-after = 10s\n"))
+    assert message.startswith("server-dead-after: must be longer than server-heartbeat-interval (10s)")
+    assert "line 2" in message
+    assert load_error(flags={"server-heartbeat-interval": "0s"}).startswith("server-heartbeat-interval:")

@@ -277,3 +277,30 @@ def test_a_session_closed_during_an_outage_is_removed_once_the_database_answers(
     assert len(rig.closed()) == 2 and rig.closed()[0] == rig.closed()[1]
     closes.release()
     assert session.gone.called
+
+
+# -- drop_all: this server was declared dead by another (taskd.server.liveness) ----------
+
+def test_drop_all_closes_every_held_socket_so_the_agents_reconnect(rig):
+    for i in (1, 2):
+        rig.attach(i)
+    rig.clock.advance(0)
+    rig.finish(0)
+    assert rig.manager.drop_all("lost registration") == 2
+    for i in (1, 2):
+        assert rig.transports[i].closes == [(CLOSE_GOING_AWAY, "lost registration")]
+
+
+def test_a_batch_recorded_while_dropping_is_closed_and_forgotten_once_written(rig):
+    """Its rows may have been written before the other server removed this one's rows:
+    holding it would leave an agent connected here with no session recorded."""
+    rig.attach(1)
+    rig.clock.advance(0)  # being recorded
+    assert rig.manager.drop_all("lost registration") == 0
+    [(first_id, _)] = rig.finish(0)
+    assert rig.transports[1].closes == [(CLOSE_GOING_AWAY, "lost registration")]
+    assert rig.manager.sessions == {} and rig.closed() == [(first_id, 1)]
+    rig.attach(2)  # a connection after the drop is held as usual
+    rig.clock.advance(0)
+    rig.finish(1)
+    assert list(rig.manager.sessions) == [2] and rig.transports[2].closes == []

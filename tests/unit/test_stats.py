@@ -329,16 +329,17 @@ def test_dispatch_latency_runs_from_the_event_to_the_frame_written():
     rig = Rig()
     try:
         rig.dispatcher.stats = stats = Recorder()
-        reads: list[Deferred] = []
-        rig.pool.handlers["routing_snapshot"] = lambda task_id: reads.append(Deferred()) or reads[-1]
+        reads = rig.db.hold(rig.db.routes.snapshot, early=False)  # each read runs when released
+        rig.route(make_task(), 1)
         rig.events.publish("task.created", task_json(make_task()))  # received at t=0
         rig.clock.advance(0.25)                                     # the database read takes 250 ms
-        reads[0].callback((make_task(), {1}))
+        reads.release()
         assert [e for e, _ in rig.transports[1].take()] == ["taskAdd"]
         assert stats.of("ms", "dispatch.latency") == [
             ("ms", "dispatch.latency", 250.0, {"event": "taskAdd", "source": "local"})]
         rig.remote("task.deleted", task_json(make_task()))  # from another server
-        reads[1].callback((None, set()))
+        rig.db.drop_task(1)
+        reads.release()
         assert stats.of("ms", "dispatch.latency")[-1] == (
             "ms", "dispatch.latency", 0.0, {"event": "taskRemove", "source": "remote"})
     finally:

@@ -19,8 +19,8 @@ from taskd.db.availability import DatabaseUnavailable
 from taskd.errors import StoreError
 from taskd.server.api.bodies import BodyError, ParsedBody, parse_body
 from taskd.server.api.envelope import error, respond
-from taskd.server.render import agent_json, metric_json, status_json, task_json
-from taskd.server.auth import AuthError, Authenticator, User, bearer_key
+from taskd.server.render import agent_json, metric_json, server_json, status_json, task_json
+from taskd.server.auth import ADMIN_USER, AuthError, Authenticator, User, bearer_key
 from taskd.server.domain import AgentService, TaskService
 from taskd.server.peer import client_ip
 from taskd.server.validation import PAGE_PARAMS, Query, parse_agent, parse_id, parse_task
@@ -47,10 +47,14 @@ class Api:
     log = Logger()
 
     def __init__(self, agents: AgentService, tasks: TaskService, auth: Authenticator, *, max_body_size: int,
-                 socket: Handler | None = None, stats: Any = NULL_STATS, database: Any = None) -> None:
-        """`database`: what `GET /` reports on (its `health()`); None reports nothing."""
+                 socket: Handler | None = None, stats: Any = NULL_STATS, database: Any = None,
+                 servers: Any = None) -> None:
+        """`database`: what `GET /` reports on (its `health()`); None reports nothing.
+        `servers`: has `live()` -> Deferred of the live ServerInstances (the liveness
+        service); None leaves GET /servers out."""
         self.stats = stats
         self.database = database
+        self.servers = servers
         self.agents = agents
         self.tasks = tasks
         self.auth = auth
@@ -158,6 +162,8 @@ class Api:
         r(PREFIX + "/tasks/<task_id>", "GET", "task", self.get_task)
         r(PREFIX + "/tasks/<task_id>", "DELETE", "task", self.delete_task)
         r(PREFIX + "/metrics", "GET", "metrics", self.list_metrics)
+        if self.servers is not None:
+            r(PREFIX + "/servers", "GET", "servers", self.list_servers)
         if self.socket is not None:
             r(PREFIX + "/socket/<agent_name>/<version>", "GET", "error", self.socket, raw=True)
 
@@ -213,6 +219,15 @@ class Api:
         flt = catalog_db.MetricFilter(namespace=q.text("namespace"), version=q.integer("version"))
         page = q.page(catalog_db.ORDERABLE, "namespace")
         return [metric_json(m) for m in await self.agents.catalog_list(call.user, flt, page)]
+
+    # -- servers -----------------------------------------------------------------------
+
+    async def list_servers(self, call: Call) -> list:
+        """The cluster's live task-servers: operators' business, so the admin org's only."""
+        call.query.check_known(set())
+        if call.user.org_id != ADMIN_USER.org_id:
+            raise AuthError(403, "only the admin org may list the task-servers")
+        return [server_json(s) for s in await self.servers.live()]
 
     # -- tasks -------------------------------------------------------------------------
 
