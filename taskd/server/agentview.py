@@ -24,7 +24,7 @@ from twisted.logger import Logger
 from taskd.wire import framing
 
 if TYPE_CHECKING:
-    from taskd.server.sessions import AgentSession
+    from taskd.server.agentsession import AgentSession
 
 
 @dataclass(eq=False, kw_only=True)

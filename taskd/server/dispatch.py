@@ -38,7 +38,7 @@ from taskd.db.tasks import Task
 from taskd.routing import BY_IDS, BY_TAGS, Candidate, routes_to, selects
 from taskd.server.agentview import AgentView, Desired
 from taskd.server.events import Event, EventBus
-from taskd.server.sessions import CLOSE_NORMAL, AgentSession
+from taskd.server.agentsession import CLOSE_NORMAL, AgentSession
 from taskd.stats import NULL_STATS
 from taskd.wire.messages import task_payload
 

@@ -41,7 +41,8 @@ from taskd.db.connector import Database
 from taskd.db.servers import ServerInstance
 from taskd.db.sessions import OnlineChange
 from taskd.server.events import EventBus
-from taskd.server.sessions import SessionManager, online_payload
+from taskd.server.agentsession import online_payload
+from taskd.server.sessions import SessionManager
 from taskd.stats import NULL_STATS
 from taskd.timers import RepeatingTimer
 from taskd.timeutil import utcnow

@@ -11,8 +11,7 @@ which keeps 10,000 agents cheap. Timers run on an injectable clock for tests.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks, maybeDeferred
@@ -24,7 +23,8 @@ from taskd.db.agents import Agent
 from taskd.db.availability import RETRY_DELAY, DatabaseUnavailable, is_unavailable, log_failure
 from taskd.db.connector import Database
 from taskd.db.sessions import OnlineChange
-from taskd.server.agentview import Told
+from taskd.server.agentsession import (CLOSE_GOING_AWAY, CLOSE_NORMAL, AgentSession, SessionListener,
+                                       SessionTransport, online_payload)
 from taskd.server.events import EventBus
 from taskd.wire.messages import parse_catalog
 from taskd.stats import NULL_STATS
@@ -32,67 +32,8 @@ from taskd.timeutil import rfc3339, utcnow
 from taskd.wire import framing
 from taskd.wire.framing import Frame, FrameError
 
-CLOSE_NORMAL = 1000
-CLOSE_GOING_AWAY = 1001
-CLOSE_PROTOCOL_ERROR = 1002
 OPEN_BATCH = 500  # sessions recorded per transaction at most
 SLICE = 1000  # sessions handled per reactor turn (heartbeats) or per read (taskLists) by the timer
-
-
-class SessionTransport(Protocol):
-    """What a session needs from its websocket (the Autobahn protocol, or a fake)."""
-
-    def send_frame(self, data: bytes) -> None: ...
-    def close(self, code: int, reason: str) -> None: ...
-
-
-class SessionListener(Protocol):
-    """Who decides what agents are told (the Dispatcher). Each call returns a Deferred
-    (or None) the manager waits for: `agents_connected` once sessions are recorded and
-    held (their first taskLists), `catalog_changed` once an agent's new catalog is
-    stored (re-route it), `task_lists_due` for each slice of due periodic taskLists."""
-
-    def agents_connected(self, sessions: list["AgentSession"]) -> Any: ...
-    def catalog_changed(self, session: "AgentSession") -> Any: ...
-    def task_lists_due(self, sessions: list["AgentSession"]) -> Any: ...
-
-
-@dataclass(eq=False)
-class AgentSession(Told):
-    """One websocket of one agent; `Told` (view, decided_by, ...) is what it was told."""
-
-    agent: Agent
-    version: int
-    remote_ip: str
-    transport: SessionTransport
-    id: str | None = None
-    closed: bool = False
-    # The (namespace, version) pairs the agent advertises, as stored; None while unknown
-    # (not loaded yet, or a new catalog being written): then routing asks the database.
-    catalog: frozenset[tuple[str, int]] | None = None
-    # Which read set `agent` (see AgentView.next_read; 0: the websocket's, before the
-    # session was held here), and the event connection it was read under (see
-    # Dispatcher.event_epoch; None: unknown, so routing asks the database).
-    agent_read: int = 0
-    agent_epoch: Any = None
-    ready: Deferred = field(default_factory=Deferred)    # fires once registered
-    catalogs: int = 0  # catalog frames received: a retried one gives way to a newer one
-    gone: Deferred = field(default_factory=Deferred)     # fires once detached
-
-    def send(self, event: str, value: Any) -> None:
-        self.send_frame(framing.encode_json(event, value))
-
-    def send_frame(self, data: bytes) -> None:
-        """An already encoded frame (a fan-out encodes once for every agent)."""
-        if not self.closed:
-            self.transport.send_frame(data)
-
-    def __repr__(self) -> str:
-        return f"<session {self.id} agent {self.agent.name}({self.agent.id})>"
-
-
-def online_payload(change: OnlineChange) -> dict:
-    return {"id": change.agent_id, "name": change.name, "orgId": change.org_id}
 
 
 class SessionManager(Service):

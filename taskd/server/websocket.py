@@ -18,7 +18,8 @@ from twisted.logger import Logger
 from taskd.db.agents import Agent
 from taskd.errors import Invalid
 from taskd.server.domain import AgentService
-from taskd.server.sessions import CLOSE_PROTOCOL_ERROR, AgentSession, SessionManager
+from taskd.server.agentsession import CLOSE_PROTOCOL_ERROR, AgentSession
+from taskd.server.sessions import SessionManager
 from taskd.server.validation import NAME_RE
 from taskd.wire.framing import FrameError
 from taskd.server.peer import client_ip  # noqa: F401 (re-exported)

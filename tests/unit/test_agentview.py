@@ -14,7 +14,7 @@ from taskd.server.agentview import AgentView, Desired
 from taskd.server.dispatch import Dispatcher
 from taskd.server.events import EventBus
 from taskd.server.render import task_json
-from taskd.server.sessions import AgentSession
+from taskd.server.agentsession import AgentSession
 from taskd.wire import framing
 
 from tests.fakes.fakedb import FakeDatabase

@@ -24,7 +24,7 @@ from taskd.server.dispatch import REMOTE_JITTER, Dispatcher
 from taskd.server.events import EventBus
 from taskd.server.render import task_json
 from taskd.server.agentview import AgentView
-from taskd.server.sessions import CLOSE_NORMAL, AgentSession
+from taskd.server.agentsession import CLOSE_NORMAL, AgentSession
 
 T0 = datetime(2024, 1, 2, 3, 4, 5)
 HERE = "srv-a"

@@ -8,7 +8,7 @@ import inspect
 import pytest
 
 from taskd.server.amqp import AmqpTransport
-from taskd.server.sessions import SessionTransport
+from taskd.server.agentsession import SessionTransport
 from tests.fakes.transport import FakeTransport
 
 # (real class, method names the fake stands in for)

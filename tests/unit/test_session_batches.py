@@ -14,7 +14,8 @@ from taskd.db.agents import Agent
 from taskd.server import sessions as sessions_module
 from taskd.server.dispatch import Dispatcher
 from taskd.server.events import EventBus
-from taskd.server.sessions import CLOSE_GOING_AWAY, CLOSE_NORMAL, SessionManager
+from taskd.server.agentsession import CLOSE_GOING_AWAY, CLOSE_NORMAL
+from taskd.server.sessions import SessionManager
 from taskd.wire import framing
 
 T0 = datetime(2024, 1, 2, 3, 4, 5)

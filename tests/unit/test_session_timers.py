@@ -11,7 +11,8 @@ from taskd.db.agents import Agent
 from taskd.server import sessions as sessions_module
 from taskd.server.dispatch import Dispatcher
 from taskd.server.events import EventBus
-from taskd.server.sessions import AgentSession, SessionManager
+from taskd.server.agentsession import AgentSession
+from taskd.server.sessions import SessionManager
 from taskd.wire import framing
 
 from tests.fakes.fakedb import FakeDatabase
