@@ -55,6 +55,7 @@ class SessionStore:
         now = self.now()
 
         def thd(conn: Connection) -> tuple[str, OnlineChange | None]:
+            _supersede(conn, [agent_id], server)
             conn.execute(sa.insert(m.agent_session).values(
                 id=session_id, agent_id=agent_id, version=version, remote_ip=remote_ip[:64],
                 server=server, created=now,
@@ -67,7 +68,8 @@ class SessionStore:
         """`open` for many (agent id, version, remote ip) in one transaction: one insert
         of all session rows, one update of the agents that were offline. Returns
         (session id, online change) per item, in order; an agent listed twice changes
-        (at most) once; an agent that no longer exists gets no session (None)."""
+        (at most) once; an agent that no longer exists gets no session (None). The newest
+        session wins: the agents' rows on other servers go (see `_supersede`)."""
         return self.pool.do(_open_many, list(items), server, self.now())
 
     def close(self, session_id: str, agent_id: int) -> "Deferred[OnlineChange | None]":
@@ -114,6 +116,15 @@ def _clear_server(conn: Connection, server: str, now: datetime) -> list[OnlineCh
     return changes
 
 
+def _supersede(conn: Connection, agent_ids: Sequence[int], server: str) -> None:
+    """An agent that connects here has left any other server, even one that has not
+    noticed yet (a socket that died unseen): its rows there go, so that server's late
+    status flushes (written only for agents with a session on it) stop at once, and its
+    `agent.connected` handling closes the stale socket (taskd.server.sessions)."""
+    s = m.agent_session.c
+    conn.execute(sa.delete(m.agent_session).where(s.agent_id.in_(list(agent_ids)), s.server != server))
+
+
 def _open_many(conn: Connection, items: list[tuple[int, int, str]], server: str,
                now: datetime) -> list[tuple[str | None, OnlineChange | None]]:
     if not items:
@@ -131,6 +142,7 @@ def _open_many(conn: Connection, items: list[tuple[int, int, str]], server: str,
         for sid, (agent_id, version, remote_ip) in zip(session_ids, items) if sid is not None
     ]
     if values:
+        _supersede(conn, sorted(rows), server)
         conn.execute(sa.insert(m.agent_session), values)
     offline = [i for i in ids if i in rows and not rows[i].online]
     if offline:

@@ -62,6 +62,7 @@ class SessionManager(Service):
         self._open_busy = False
         self._batch: Deferred | None = None  # the batch being recorded and brought up
         self._recording: list[AgentSession] = []  # its sessions
+        self._unsubscribe: Any = None  # of the agent.connected handler, while running
         self._stopped = False  # stopService ran: sessions recorded from now on are closed at once
         self._ticker: LoopingCall | None = None
         self._listing = False  # a round of due taskLists is being read and sent (see tick)
@@ -72,16 +73,34 @@ class SessionManager(Service):
 
     def startService(self) -> None:
         super().startService()
+        self._unsubscribe = self.events.subscribe(self._on_event)
         self._ticker = LoopingCall(self.tick)
         self._ticker.clock = self.clock
         self._ticker.start(self.heartbeat_interval, now=False).addErrback(
             lambda f: self.log.failure("session timer stopped", f))
+
+    def _on_event(self, event: Any) -> None:
+        """Newest session wins across servers: an agent that connected to another server
+        while it still has a session here (its socket here died unseen) is closed here."""
+        if event.type != "agent.connected" or event.source == self.instance_id:
+            return
+        payload = event.payload if isinstance(event.payload, dict) else {}
+        session = self.sessions.get(payload.get("id"))  # type: ignore[arg-type]
+        if session is None or session.closed or session.id == payload.get("session"):
+            return
+        server = str(payload.get("server") or event.source)
+        self.log.info("agent {name} ({id}) connected to server {server}; closing its older connection here {old}",
+                      name=session.agent.name, id=session.agent.id, server=server, old=session.id)
+        session.transport.close(CLOSE_NORMAL, f"replaced by a newer connection on server {server}")
 
     @inlineCallbacks
     def stopService(self):
         """Close every socket with a normal close code, wait (bounded) for the agents to
         be marked offline, then drop whatever this server still has recorded."""
         super().stopService()
+        if self._unsubscribe is not None:
+            self._unsubscribe()
+            self._unsubscribe = None
         if self._ticker is not None and self._ticker.running:
             self._ticker.stop()
         self._stopped = True
@@ -196,6 +215,10 @@ class SessionManager(Service):
                           sid=session.id, v=session.version)
             if change is not None:
                 self.events.publish("agent.online", online_payload(change))
+            else:  # online already: it may hold a stale session elsewhere, which this one replaces
+                self.events.publish("agent.connected", {
+                    "id": session.agent.id, "name": session.agent.name, "orgId": session.agent.org_id,
+                    "session": session.id, "server": self.instance_id})
             ready.append(session)
         self.stats.gauge("agents.connected", len(self.sessions))
         if ready:

@@ -366,6 +366,8 @@ AGENT_ORDER = {"id": "id", "name": "name", "enabled": "enabled", "enabledChange"
 class FakeSessionStore(_Fake):
     def _open(self, agent_id: int, server: str) -> tuple[str, OnlineChange | None]:
         session_id = str(uuid.uuid4())
+        self._state.sessions = {k: v for k, v in self._state.sessions.items()  # the newest wins
+                                if not (v[0] == agent_id and v[1] != server)}
         self._state.sessions[session_id] = (agent_id, server)
         return session_id, self._state.set_online(agent_id, True, self._state.now())
 

@@ -160,7 +160,7 @@ async def test_an_agent_is_online_while_it_holds_any_session(db):
     assert (change.agent_id, change.online) == (a.id, True)
     (s2, again), = await db.sessions.open_many([(a.id, 1, "10.0.0.2")], server="B")
     assert again is None and (await db.agents.get(a.id)).online
-    assert await db.sessions.close(s1, a.id) is None  # still held by B
+    assert await db.sessions.close(s1, a.id) is None  # still held by B (whose open replaced it)
     gone = await db.sessions.close(s2, a.id)
     assert (gone.agent_id, gone.online) == (a.id, False) and not (await db.agents.get(a.id)).online
 
@@ -224,6 +224,22 @@ async def test_statuses_are_written_for_agents_held_by_the_writer_and_read_back(
     assert await db.status.failing_counts([a.id, other.id]) == {a.id: 1, other.id: 0}
     await db.status.apply([], [(task_id, a.id)], "A")
     assert await db.status.for_task(task_id) == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_newest_session_wins_a_server_that_lost_the_agent_writes_nothing_for_it(db):
+    a = await db.agents.create(1, "a1", enabled=True, public=False, tags=[])
+    s_a, _ = await db.sessions.open(a.id, version=1, remote_ip="ip", server="A")
+    (s_b, change), = await db.sessions.open_many([(a.id, 1, "ip2")], server="B")
+    assert change is None  # online all along
+    task_id = await make_task(db)
+    when = datetime(2026, 12, 1, tzinfo=timezone.utc).replace(tzinfo=None)
+    late = [TaskStatusRow(task_id, a.id, "builtin", "error", error="stale", updated=when)]
+    assert await db.status.apply(late, [], "A") == (0, [])  # A's late flush: no longer its agent
+    assert await db.sessions.close(s_a, a.id) is None and (await db.agents.get(a.id)).online
+    assert await db.status.apply(late, [], "B") == (1, [])
+    gone = await db.sessions.close(s_b, a.id)
+    assert (gone.agent_id, gone.online) == (a.id, False)
 
 
 # -- tasks -------------------------------------------------------------------------------

@@ -146,3 +146,39 @@ async def test_agent_reads_on_one_server_follow_changes_made_through_another(tmp
         for server in (a, b):
             await server.stop()
     assert "Traceback" not in a.log() + b.log(), a.log() + b.log()
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_newest_session_wins_across_servers(tmp_path, mysql_dbs, exchange):
+    """An agent whose socket to A died unseen connects to B: A closes its stale socket,
+    saying why, and no longer writes for it; the agent stays online through B."""
+    dsn = mysql_dbs.dsn(mysql_dbs.create("newest"))
+    common = {"db-type": "mysql", "db-connect-str": dsn, "admin-key": ADMIN_KEY, "exchange": exchange,
+              "rabbitmq-queue-expiry": "20s", "rabbitmq-url": "amqp://guest:guest@127.0.0.1:5672/"}
+    a = ServerProcess(tmp_path, "A", **common)
+    b = ServerProcess(tmp_path, "B", **common)
+    await a.start()
+    await b.start()
+    clients = []
+    try:
+        on_a = connect_agent(a.base, "roamer", ADMIN_KEY)
+        clients.append(on_a)
+        await on_a.opened
+        await on_a.next("taskList")
+        on_b = connect_agent(b.base, "roamer", ADMIN_KEY)  # the same agent, through B
+        clients.append(on_b)
+        await on_b.opened
+        await on_b.next("taskList")
+        await on_a.closed
+        assert on_a.close_code == 1000
+        assert "replaced by a newer connection on server B" in (on_a.close_reason or "")
+        [roamer] = await call(a, "GET", "/api/v1/agents?name=roamer")
+        assert roamer["online"] is True
+        assert not on_b.closed.called
+    finally:
+        for client in clients:
+            if not client.closed.called and client.protocol is not None:
+                client.protocol.dropConnection(abort=True)
+        for server in (a, b):
+            await server.stop()
+    assert "Traceback" not in a.log() + b.log(), a.log() + b.log()

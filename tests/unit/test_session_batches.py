@@ -89,7 +89,8 @@ def test_sessions_opening_in_one_turn_are_recorded_together(rig):
     rig.clock.advance(0)
     assert rig.batches() == [[(1, 1, "10.0.0.1"), (2, 1, "10.0.0.1"), (3, 1, "10.0.0.1")]]
     rig.finish(0, offline={1, 3})
-    assert [("agent.online", 1), ("agent.online", 3)] == [(t, p["id"]) for t, p in rig.published]
+    assert [("agent.online", 1), ("agent.online", 3)] == [(t, p["id"]) for t, p in rig.published
+                                                          if t == "agent.online"]
     assert rig.task_list_reads() == [[1, 2, 3]]  # one read for every first taskList
     for i, s in zip((1, 2, 3), sessions):
         assert s.ready.called and s.id is not None
@@ -176,7 +177,7 @@ def test_a_second_connection_in_the_same_batch_replaces_the_first(rig):
     rig.finish(0, offline={1})
     assert rig.manager.sessions[1] is second
     assert transport_first.closes == [(CLOSE_NORMAL, "replaced by a newer connection")]
-    assert [t for t, _ in rig.published] == ["agent.online"]  # online once
+    assert [t for t, _ in rig.published if t == "agent.online"] == ["agent.online"]  # online once
     assert first.id != second.id
 
 
@@ -305,3 +306,40 @@ def test_a_batch_recorded_while_dropping_is_closed_and_forgotten_once_written(ri
     rig.clock.advance(0)
     rig.finish(1)
     assert list(rig.manager.sessions) == [2] and rig.transports[2].closes == []
+
+
+# -- newest session wins across servers --------------------------------------------------
+
+def test_an_agent_connecting_elsewhere_closes_its_older_connection_here(rig):
+    rig.manager.startService()
+    rig.attach(1)
+    rig.attach(2)
+    rig.clock.advance(0)
+    rig.finish(0)
+    held = rig.manager.sessions[1].id
+
+    def connected(agent_id: int, session: str, source: str = "srv-b") -> None:
+        rig.events.receive({"type": "agent.connected", "source": source, "timestamp": "", "attempts": 0,
+                            "id": f"ev-{agent_id}-{session}-{source}",
+                            "payload": {"id": agent_id, "name": f"agent{agent_id}", "orgId": 1,
+                                        "session": session, "server": source}})
+
+    connected(1, held)          # this very session, announced again: nothing to do
+    connected(1, "s-new", source="here")  # this server's own event: handled when recorded
+    connected(3, "s-new")       # an agent not held here
+    assert all(t.closes == [] for t in rig.transports.values())
+    connected(1, "s-new")
+    assert rig.transports[1].closes == [(CLOSE_NORMAL, "replaced by a newer connection on server srv-b")]
+    assert rig.transports[2].closes == []
+    rig.manager.stopService()
+
+
+def test_a_session_of_an_agent_online_already_is_announced_as_connected(rig):
+    rig.attach(1)
+    rig.attach(2)
+    rig.clock.advance(0)
+    rig.finish(0, offline={1})  # agent 2 was online already (a session elsewhere)
+    assert [t for t, _ in rig.published] == ["agent.online", "agent.connected"]
+    [(_, payload)] = [p for p in rig.published if p[0] == "agent.connected"]
+    assert payload == {"id": 2, "name": "agent2", "orgId": 1, "session": rig.manager.sessions[2].id,
+                       "server": "here"}
