@@ -234,7 +234,7 @@ class Cluster:
         return "\n".join(f"==== {s.name}\n{s.log()[-6000:]}" for s in self.servers)
 
 
-async def kill_scenario_setup(cluster: Cluster) -> tuple[ServerProcess, set[str], set[str]]:
+async def start_and_choose_victim(cluster: Cluster) -> tuple[ServerProcess, set[str], set[str]]:
     """Start, populate, connect, wait for every `any` task to be assigned; choose the victim
     (the server whose agents hold the most `any` tasks) and the agents of it that will stay
     away (every one holding an `any` task, and every third of the rest). Returns (victim,

@@ -9,7 +9,7 @@ import signal
 
 import pytest_twisted
 
-from tests.chaos.cluster import Cluster, delete_exchange, kill_scenario_setup, new_exchange
+from tests.chaos.cluster import Cluster, delete_exchange, start_and_choose_victim, new_exchange
 from tests.waiting import value_of
 
 
@@ -18,7 +18,7 @@ async def test_sigkill_of_one_server_converges(tmp_path, mysql_dbs):
     exchange = new_exchange()
     cluster = Cluster(tmp_path, mysql_dbs.create("chaos"), exchange)
     try:
-        victim, mine, away = await kill_scenario_setup(cluster)
+        victim, mine, away = await start_and_choose_victim(cluster)
         assert away and mine - away, (mine, away)  # some stay away, some come back
         cluster.fleet.away |= away
         victim.proc.send_signal(signal.SIGKILL)
