@@ -188,7 +188,13 @@ class Cluster:
 
     async def assignments(self, base: str | None = None) -> dict[int, list[int]]:
         """`any` task id -> the agent ids GET /api/v1/tasks/<id> shows it assigned to."""
-        return {tid: (await self.ok("GET", f"/api/v1/tasks/{tid}", base=base))["agents"] for tid in self.any_tasks}
+        return dict(zip(self.any_tasks, await self.task_agents(self.any_tasks, base)))
+
+    async def task_agents(self, task_ids: list[int], base: str | None = None) -> list[list[int]]:
+        """The agents of each task, asked all at once (a poll round stays short)."""
+        shown = await gatherResults([Deferred.fromCoroutine(self.ok("GET", f"/api/v1/tasks/{tid}", base=base))
+                                     for tid in task_ids])
+        return [task["agents"] for task in shown]
 
     async def online(self, base: str) -> dict[str, bool]:
         listed = await self.ok("GET", "/api/v1/agents?limit=1000", base=base)
@@ -203,12 +209,13 @@ class Cluster:
         found: list[str] = []
         by_id = {v: k for k, v in self.agent_ids.items()}
         for server in self.live():
-            online = await self.online(server.base)
+            online, assigned = await gatherResults([Deferred.fromCoroutine(self.online(server.base)),
+                                                    Deferred.fromCoroutine(self.assignments(server.base))])
             for name in self.fleet.names:
                 holds = self.fleet.holds_socket(name)
                 if online.get(name) != holds:
                     found.append(f"{server.name}: {name} online={online.get(name)} but holds a socket={holds}")
-            for tid, agents in (await self.assignments(server.base)).items():
+            for tid, agents in assigned.items():
                 if len(agents) != 1:
                     found.append(f"{server.name}: any task {tid} assigned to {agents}")
                     continue
