@@ -65,3 +65,11 @@ BENCH_AGENT_FLAGS ?=
 .PHONY: bench-agent
 bench-agent: $(STAMP)
 	$(VENV)/bin/python -m bench.agent_lateness $(BENCH_AGENT_FLAGS)
+
+## Chaos figures (issue 11): SIGKILL one of three servers behind nginx with 150 agents and
+## time the repair (agents offline, `any` tasks moved, agents reconnected); writes
+## bench/chaos.md; about a minute. Needs MariaDB, RabbitMQ and nginx, as `make test` does.
+CHAOS_FLAGS ?=
+.PHONY: chaos
+chaos: $(STAMP)
+	$(VENV)/bin/python -m bench.chaos $(CHAOS_FLAGS)

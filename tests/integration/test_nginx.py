@@ -19,6 +19,7 @@ import signal
 import socket
 import subprocess
 from pathlib import Path
+from typing import Sequence
 
 import pytest
 import pytest_twisted
@@ -47,12 +48,15 @@ def require_nginx() -> None:
                     "or apt-get install -y nginx")
 
 
-def render_site(upstream_port: int, listen_port: int) -> str:
-    """etc/nginx/taskd.conf with the upstream and the listen port moved; each substitution
-    must hit exactly once, so the test breaks if the shipped site changes shape."""
+def render_site(upstream_port: int | Sequence[int], listen_port: int) -> str:
+    """etc/nginx/taskd.conf with the upstream (one server, or several: the chaos suite's
+    cluster) and the listen port moved; each substitution must hit exactly once, so the
+    test breaks if the shipped site changes shape."""
     text = SITE.read_text()
+    ports = [upstream_port] if isinstance(upstream_port, int) else list(upstream_port)
+    upstreams = "\n".join(rf"\g<1>127.0.0.1:{port}\g<2>" for port in ports)
     for pattern, replacement in (
-        (r"(?m)^(\s*server\s+)127\.0\.0\.1:8082(\s*;)", rf"\g<1>127.0.0.1:{upstream_port}\g<2>"),
+        (r"(?m)^(\s*server\s+)127\.0\.0\.1:8082(\s*;)", upstreams),
         (r"(?m)^(\s*listen\s+)80(\s*;)", rf"\g<1>127.0.0.1:{listen_port}\g<2>"),
         (r"(?m)^\s*listen\s+\[::\]:80\s*;[^\n]*\n", ""),
     ):
@@ -62,7 +66,7 @@ def render_site(upstream_port: int, listen_port: int) -> str:
 
 
 class Nginx:
-    def __init__(self, workdir: Path, upstream_port: int) -> None:
+    def __init__(self, workdir: Path, upstream_port: int | Sequence[int], worker_connections: int = 256) -> None:
         self.dir = workdir
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
@@ -75,7 +79,7 @@ class Nginx:
         self.conf.write_text(
             f"daemon off;\n{user}worker_processes 1;\npid {workdir / 'nginx.pid'};\n"
             f"error_log {self.error_log} info;\n"
-            "events { worker_connections 256; }\n"
+            f"events {{ worker_connections {worker_connections}; }}\n"
             "http {\n"
             f"    access_log {workdir / 'access.log'};\n{temp}"
             "    default_type application/octet-stream;\n"
