@@ -15,10 +15,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from twisted.application.service import Service
 from twisted.logger import Logger
 
 import taskd
 from taskd.agent.taskcache import TaskCache
+from taskd.agent.taskstate import TaskState
 from taskd.agent.connection import ServerConnection
 from taskd.agent.settings import AgentSettings
 from taskd.agent.statusreporter import StatusReporter
@@ -29,6 +31,17 @@ from taskd.wire import framing
 log = Logger(namespace="taskd.agent")
 
 GAUGE_INTERVAL = 10.0
+
+
+class ResumeSaved(Service):
+    """Starts the saved task list (state-dir) once the executor runs, before any server frame."""
+
+    def __init__(self, cache: TaskCache) -> None:
+        self.cache = cache
+
+    def startService(self) -> None:
+        super().startService()
+        self.cache.resume_saved()
 
 
 class Agent:
@@ -54,7 +67,8 @@ class Agent:
                 report_status=self.status.report, status_interval=settings.status_interval,
                 **(snap_intervals or {}),
             )
-        self.cache = TaskCache(self._apply, stats=self.stats)
+        state = TaskState(settings.state_dir) if settings.state_dir else None
+        self.cache = TaskCache(self._apply, stats=self.stats, state=state)
         self.connection = ServerConnection(
             url=settings.socket_url, api_key=settings.api_key, reactor=reactor, on_frame=self.cache.handle,
             on_connected=self._connected, max_backoff=settings.reconnect_max_backoff,
@@ -64,6 +78,7 @@ class Agent:
         if self.publisher is not None:
             self.publisher.setServiceParent(self.service)  # stops after the executor: final flush
         self.driver.setServiceParent(self.service)
+        ResumeSaved(self.cache).setServiceParent(self.service)  # after the executor, before the server
         self.connection.setServiceParent(self.service)
         self.status.setServiceParent(self.service)
         if self.stats.enabled:

@@ -65,6 +65,10 @@ AGENT_OPTIONS: tuple[Option, ...] = (
            "Timeout of one tsdb-gw request."),
     Option("graphite-addr", parse_host_port, "localhost:2003",
            "HOST:PORT of the carbon plaintext receiver (publisher = graphite)."),
+    Option("state-dir", str, "",
+           "Directory where the agent saves its last task list (tasks.json, mode 0600) so that,"
+           " restarted while no server answers, it resumes those tasks until the first taskList;"
+           " empty means do not save (the packaged unit sets /var/lib/taskd)."),
     Option("ns1-api-url", url("http", "https"), "https://api.nsone.net/",
            "Base URL of the NS1 API used by the ns1 collector (/v1/stats/qps/<zone>)."),
 )
@@ -98,6 +102,7 @@ class AgentSettings:
     tsdb_timeout: float = 10.0
     graphite_addr: str = "localhost:2003"
     ns1_api_url: str = "https://api.nsone.net/"
+    state_dir: str = ""
     config_path: str | None = None
     config_file_missing: bool = False
 

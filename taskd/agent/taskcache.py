@@ -8,6 +8,7 @@ that are not what the protocol says are logged and ignored, never fatal.
 """
 from __future__ import annotations
 
+import time
 from typing import Any, Callable, Mapping
 
 from twisted.logger import Logger
@@ -29,8 +30,10 @@ def _task(value: Any) -> dict:
 class TaskCache:
     log = Logger(namespace="taskd.agent.tasks")
 
-    def __init__(self, apply: Callable[[Mapping[int, dict]], None], *, stats: Any = NULL_STATS) -> None:
+    def __init__(self, apply: Callable[[Mapping[int, dict]], None], *, stats: Any = NULL_STATS,
+                 state: Any = None) -> None:
         self.apply = apply
+        self.state = state  # a TaskState (taskstate.py) or None: do not persist
         self.stats = stats
         self.tasks: dict[int, dict] = {}
         # Until the server's first taskList the executor must not act (it would remove
@@ -58,6 +61,25 @@ class TaskCache:
             self.stats.gauge("tasks.active", len(self.tasks))
             if self.have_list:  # an add/update/remove before the first list is only recorded
                 self.apply(dict(self.tasks))
+                if self.state is not None:
+                    self.state.save(self.tasks)
+
+    def resume_saved(self) -> bool:
+        """At start, before any server answers: run the saved list until the first taskList.
+
+        The saved tasks are applied but ``have_list`` stays False, so the server's first
+        taskList still goes through (and replaces them) even if it is identical or empty.
+        """
+        saved = self.state.load() if self.state is not None else None
+        if saved is None or self.have_list:
+            return False
+        when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(saved.saved_at))
+        self.log.info("running the saved task list from {when} ({n} tasks) until a server answers",
+                      when=when, n=len(saved.tasks))
+        self.tasks = dict(saved.tasks)
+        self.stats.gauge("tasks.active", len(self.tasks))
+        self.apply(dict(self.tasks))
+        return True
 
     # -- one handler per server event (framing.SERVER_EVENTS); each returns whether the
     # -- task set changed.
