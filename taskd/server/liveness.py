@@ -37,6 +37,7 @@ from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.logger import Logger
 
 import taskd
+from taskd.db.availability import is_unavailable
 from taskd.db.connector import Database
 from taskd.db.servers import ServerInstance
 from taskd.db.sessions import OnlineChange
@@ -124,8 +125,9 @@ class Liveness(Service):
 
     def beat(self) -> Deferred:
         """Register or refresh this run's row, then reap the silent ones. Never fails
-        (the timer would stop): a database outage is one warning, and the next beat
-        tries again."""
+        (the timer would stop): the next beat tries again. An outage (DatabaseUnavailable)
+        was already reported once by the pool, so it is a debug line here; any other
+        error is one warning until a beat succeeds."""
         d = self._in_flight = self._beat()
 
         def done(_: Any) -> None:
@@ -150,7 +152,9 @@ class Liveness(Service):
             if self.running:
                 yield self.reap_silent()
         except Exception as exc:
-            if not self._failing:
+            if is_unavailable(exc):  # the pool warned once for the whole outage
+                self.log.debug("server liveness: beat missed, database unavailable ({err})", err=_first_line(exc))
+            elif not self._failing:
                 self._failing = True
                 self.log.warn("server liveness: database unavailable ({err}); retrying every {t:g}s",
                               err=_first_line(exc), t=self.interval)

@@ -307,3 +307,24 @@ def test_stopping_while_a_beat_is_in_flight_neither_registers_again_nor_leaves_a
     held[0].callback(False)  # as if the row had gone: while stopping, that is no reason to register
     assert stopping.called
     assert cluster.instances() == {} and a.sessions.dropped == [] and a.liveness.registrations == 1
+
+
+def test_a_database_outage_is_left_to_the_pools_single_warning(cluster):
+    """The pool warns once when an outage starts and once when it ends; liveness adds
+    no warning of its own for DatabaseUnavailable."""
+    from taskd.db.availability import DatabaseUnavailable
+
+    from twisted.logger import LogLevel
+
+    a = cluster.node("A").start()
+    heard: list[tuple] = []
+    a.liveness.log = Logger(namespace="test", observer=lambda e: heard.append((e["log_level"], formatEvent(e))))
+    real_beat = a.liveness.store.beat
+    a.liveness.store.beat = lambda instance_id: fail(DatabaseUnavailable("no answer within 5s (db-timeout)"))
+    cluster.advance(3 * BEAT, a)
+    a.liveness.store.beat = real_beat
+    cluster.advance(BEAT, a)
+    assert any("beat missed" in text for _, text in heard)
+    assert [text for level, text in heard if level > LogLevel.debug and "available" in text] == []
+    with cluster.engine.connect() as conn:
+        assert conn.execute(sa.select(models.server_instance.c.last_seen)).scalar() == cluster.wall.now()
