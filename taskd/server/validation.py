@@ -63,6 +63,8 @@ def _bool(field: str, value: Any, from_form: bool) -> bool:
 def _int(field: str, value: Any, from_form: bool, minimum: int = 0) -> int:
     if from_form and isinstance(value, str) and value.strip().lstrip("-").isdigit():
         value = int(value.strip())
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)  # JSON has one number type: 300.0 is the integer 300 (as JSON Schema says)
     if isinstance(value, bool) or not isinstance(value, int):
         raise Invalid(f"{field} must be an integer")
     if not minimum <= value <= MAX_INT:

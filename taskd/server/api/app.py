@@ -18,7 +18,8 @@ from taskd.db import agents as agent_db, catalog as catalog_db, tasks as task_db
 from taskd.db.availability import DatabaseUnavailable
 from taskd.errors import StoreError
 from taskd.server.api.bodies import BodyError, ParsedBody, parse_body
-from taskd.server.api.envelope import error, respond
+from taskd.server.api import openapi
+from taskd.server.api.envelope import JSON_CT, error, respond
 from taskd.server.render import agent_json, metric_json, server_json, status_json, task_json
 from taskd.server.auth import ADMIN_USER, AuthError, Authenticator, User, bearer_key
 from taskd.server.domain import AgentService, TaskService
@@ -61,6 +62,8 @@ class Api:
         self.socket = socket
         self.max_body_size = max_body_size
         self.app = Klein()
+        self._openapi = json.dumps(openapi.document(servers=servers is not None, socket=socket is not None),
+                                   separators=(",", ":")).encode("utf-8")
         self._routes()
 
     def resource(self):
@@ -144,6 +147,11 @@ class Api:
             if isinstance(exc, NotFound):
                 return error(request, 404, f"no such route: {method} {path} (the API is under {PREFIX}/)")
             return error(request, exc.code or 400, exc.description or exc.name)
+
+        @app.route(PREFIX + "/openapi.json", methods=["GET"], strict_slashes=False)
+        def openapi_document(request: IRequest) -> bytes:
+            request.setHeader(b"content-type", JSON_CT)
+            return self._openapi
 
         heartbeat = self.heartbeat
         for path in ("/", PREFIX, PREFIX + "/"):
