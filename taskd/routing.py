@@ -32,9 +32,26 @@ class Candidate:
 
 
 def _pattern_matches(pattern: str, namespace: str) -> bool:
-    # `*` in either side is a wildcard: task patterns (`/example-task/*`) and Snap
-    # namespaces with dynamic elements (`/intel/proc/*/load`) both use it.
-    return pattern == namespace or fnmatchcase(namespace, pattern) or fnmatchcase(pattern, namespace)
+    """`*` in either side is a wildcard: task patterns (`/example-task/*`, any characters)
+    and Snap namespaces with dynamic elements (`/intel/proc/*/load`, one element each).
+    Only the task's pattern (the org's own, bounded by the API) is ever compiled by
+    fnmatch; an agent's namespace is compared element by element, so what an agent
+    advertises cannot cost pattern compilation (or a pattern cache flush) per task."""
+    if pattern == namespace:
+        return True
+    if "*" not in namespace:
+        return fnmatchcase(namespace, pattern)
+    return _dynamic_matches(pattern.split("/"), namespace.split("/"))
+
+
+def _dynamic_matches(pattern: list[str], namespace: list[str]) -> bool:
+    """Element-wise: a `*` element of the namespace matches any one element; a task
+    pattern's last element `*` also matches every element left."""
+    if len(namespace) > len(pattern) and pattern[-1] == "*":
+        pattern = pattern[:-1] + ["*"] * (len(namespace) - len(pattern) + 1)
+    if len(pattern) != len(namespace):
+        return False
+    return all(n == "*" or p == "*" or fnmatchcase(n, p) for p, n in zip(pattern, namespace))
 
 
 def covers(catalog: Iterable[tuple[str, int]], metrics: Mapping[str, int]) -> bool:

@@ -12,7 +12,7 @@ from twisted.internet.defer import Deferred
 
 from taskd.db import models as m
 from taskd.db.catalog import refresh_org_catalog
-from taskd.errors import Conflict, NotFound
+from taskd.errors import Conflict, Forbidden, NotFound
 from taskd.db.listing import Page, match, paginate
 from taskd.db.pool import DBPool
 from taskd.timeutil import utcnow
@@ -131,13 +131,21 @@ class AgentStore:
         self.now = now
 
     def create(
-        self, org_id: int, name: str, *, enabled: bool, public: bool, tags: Sequence[str]
+        self, org_id: int, name: str, *, enabled: bool, public: bool, tags: Sequence[str],
+        max_per_org: int | None = None,
     ) -> "Deferred[Agent]":
+        """A new agent; Forbidden when the org already has `max_per_org` agents."""
         now = self.now()
 
         def thd(conn: Connection) -> Agent:
             if _name_taken(conn, org_id, name):
                 raise _conflict(name)
+            if max_per_org is not None:
+                count = conn.execute(sa.select(sa.func.count()).select_from(m.agent)
+                                     .where(m.agent.c.org_id == org_id)).scalar_one()
+                if count >= max_per_org:
+                    raise Forbidden(f"org {org_id} already has {count} agents, the most this server allows"
+                                    " (max-agents-per-org); delete one first")
             try:
                 agent_id = conn.execute(
                     sa.insert(m.agent).values(

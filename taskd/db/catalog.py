@@ -61,16 +61,19 @@ def refresh_org_catalog(conn: Connection, org_id: int, now: datetime | None = No
         for r in conn.execute(sa.select(m.metric).where(m.metric.c.org_id == org_id))
     }
     policies = policies or {}
-    for key in have.keys() - wanted.keys():
-        conn.execute(sa.delete(m.metric).where(m.metric.c.id == have[key].id))
+    gone = [have[key].id for key in have.keys() - wanted.keys()]
+    if gone:
+        conn.execute(sa.delete(m.metric).where(m.metric.c.id.in_(gone)))
+    new = [{"org_id": org_id, "namespace": key[0], "version": key[1], "public": public,
+            "policy": policies.get(key), "created": now}
+           for key, public in sorted(wanted.items()) if key not in have]
+    if new:  # one statement: PyMySQL sends an executemany INSERT as one multi-row INSERT
+        conn.execute(sa.insert(m.metric), new)
     for key, public in wanted.items():
         row = have.get(key)
         if row is None:
-            conn.execute(sa.insert(m.metric).values(
-                org_id=org_id, namespace=key[0], version=key[1], public=public,
-                policy=policies.get(key), created=now,
-            ))
-        elif bool(row.public) != public or key in policies:
+            continue
+        if bool(row.public) != public or key in policies:
             conn.execute(sa.update(m.metric).where(m.metric.c.id == row.id).values(
                 public=public, policy=policies.get(key, row.policy),
             ))

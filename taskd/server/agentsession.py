@@ -61,6 +61,9 @@ class AgentSession(Told):
     agent_epoch: Any = None
     ready: Deferred = field(default_factory=Deferred)    # fires once registered
     catalogs: int = 0  # catalog frames received: a retried one gives way to a newer one
+    bad_frames: int = 0  # frames it sent that could not be used (taskd.server.badframes)
+    bad_logged_at: float | None = None
+    bad_unlogged: int = 0
     gone: Deferred = field(default_factory=Deferred)     # fires once detached
 
     def send(self, event: str, value: Any) -> None:

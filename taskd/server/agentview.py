@@ -32,6 +32,9 @@ class Told:
     """The per-session record of what the agent was told (mixed into AgentSession)."""
 
     view: dict[int, dict] = field(default_factory=dict)  # task id -> task JSON last sent
+    # Every task id the view held during this session: the agent may report those
+    # removed (taskd.server.statusintake), and no others beyond a small allowance.
+    sent: set[int] = field(default_factory=set)
     # task id -> sequence number of the database read that last decided it (see
     # AgentView.next_read): a read that started earlier never overrides it. A task
     # without an entry was last decided by read `decided_floor`: each full read drops
@@ -140,6 +143,7 @@ class AgentView:
         had = session.view.get(task_id)
         if payload is not None:
             session.view[task_id] = payload
+            session.sent.add(task_id)
             if had is None:
                 return framing.TASK_ADD, had
             return (framing.TASK_UPDATE, had) if had != payload else None

@@ -169,7 +169,8 @@ def build_server(settings: Any, reactor: Any = None) -> Server:
     instance_id = instance_identity(settings)
     stats = make_stats(settings, SERVER_PREFIX, reactor)
     events = EventBus(instance_id)
-    agents = AgentService(db.agents, db.catalog, events, stats=stats, status=db.status)
+    agents = AgentService(db.agents, db.catalog, events, stats=stats, status=db.status,
+                          max_agents_per_org=settings.max_agents_per_org)
     tasks = TaskService(db.tasks, events, db.routes, stats=stats)
     status = StatusService(db.status, clock=reactor, flush_interval=settings.status_flush_interval,
                            instance_id=instance_id)
@@ -183,6 +184,7 @@ def build_server(settings: Any, reactor: Any = None) -> Server:
     sessions = SessionManager(
         db=db, events=events, listener=dispatcher, sessions=held, instance_id=instance_id,
         clock=reactor, heartbeat_interval=settings.heartbeat_interval, stats=stats, status=status,
+        max_catalog_records=settings.max_catalog_records, max_bad_frames=settings.max_bad_frames,
     )
     liveness = Liveness(db=db, events=events, sessions=sessions, name=instance_id, addr=settings.addr,
                         clock=reactor, interval=settings.server_heartbeat_interval,

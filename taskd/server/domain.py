@@ -30,10 +30,12 @@ log = Logger(namespace="taskd.server.domain")
 
 class AgentService:
     def __init__(self, agents: AgentStore, catalog: CatalogStore, events: EventBus, *,
-                 stats: Any = NULL_STATS, status: StatusStore | None = None, clock: Any = None) -> None:
+                 stats: Any = NULL_STATS, status: StatusStore | None = None, clock: Any = None,
+                 max_agents_per_org: int | None = None) -> None:
         if clock is None:
             from twisted.internet import reactor as clock
         self.agents = agents
+        self.max_agents_per_org = max_agents_per_org
         self.status = status
         self.catalog = catalog
         self.events = events
@@ -73,7 +75,8 @@ class AgentService:
     @inlineCallbacks
     def create(self, user: User, spec: AgentInput) -> "Deferred[Agent]":
         agent = yield self.agents.create(
-            user.org_id, spec.name, enabled=bool(spec.enabled), public=bool(spec.public), tags=spec.tags or ()
+            user.org_id, spec.name, enabled=bool(spec.enabled), public=bool(spec.public), tags=spec.tags or (),
+            max_per_org=self.max_agents_per_org,
         )
         log.info("agent {name} ({id}) registered in org {org}", name=agent.name, id=agent.id, org=agent.org_id)
         self.events.publish("agent.created", agent_event(agent))
@@ -95,7 +98,8 @@ class AgentService:
             raise NotFound(f"agent {name!r} is not registered in this org; register it with "
                            "POST /api/v1/agents (agent-autocreate is off)")
         try:
-            agent = yield self.agents.create(user.org_id, name, enabled=True, public=True, tags=())
+            agent = yield self.agents.create(user.org_id, name, enabled=True, public=True, tags=(),
+                                             max_per_org=self.max_agents_per_org)
         except Conflict:  # created concurrently by another connection
             return (yield self.agents.get_by_name(user.org_id, name))
         except Exception:

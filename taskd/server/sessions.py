@@ -25,6 +25,7 @@ from taskd.db.connector import Database
 from taskd.db.sessions import OnlineChange
 from taskd.server.agentsession import (CLOSE_GOING_AWAY, CLOSE_NORMAL, AgentSession, SessionListener,
                                        SessionTransport, online_payload)
+from taskd.server.badframes import BadFrames
 from taskd.server.events import EventBus
 from taskd.wire.messages import parse_catalog
 from taskd.stats import NULL_STATS
@@ -43,7 +44,8 @@ class SessionManager(Service):
     def __init__(self, *, db: Database, events: EventBus, listener: SessionListener,
                  instance_id: str, clock: Any, heartbeat_interval: float = 2.0,
                  shutdown_timeout: float = 5.0, stats: Any = NULL_STATS, status: Any = None,
-                 sessions: dict[int, AgentSession] | None = None) -> None:
+                 sessions: dict[int, AgentSession] | None = None, max_catalog_records: int | None = None,
+                 max_bad_frames: int = 100) -> None:
         """`sessions`: the dict of held sessions (agent id -> its session here), when
         the listener was built with it; a new one otherwise."""
         self.listener = listener
@@ -51,6 +53,10 @@ class SessionManager(Service):
         self.stats = stats
         self.store = db.sessions
         self.catalog = db.catalog
+        self.max_catalog_records = max_catalog_records
+        self.bad_frames = BadFrames(clock, max_bad_frames)
+        if status is not None:
+            status.complain = self.bad_frames.complain
         self.events = events
         self.instance_id = instance_id
         self.clock = clock
@@ -324,8 +330,7 @@ class SessionManager(Service):
         frame = framing.decode(data)
         handler = getattr(self, f"handle_{frame.event}", None) if frame.event in framing.AGENT_EVENTS else None
         if handler is None:
-            self.log.warn("agent {name} sent unknown event {event!r}; ignored", name=session.agent.name,
-                          event=frame.event)
+            self.bad_frames.complain(session, f"sent unknown event {frame.event[:64]!r}; ignored")
             return
         handler(session, frame)
 
@@ -347,9 +352,9 @@ class SessionManager(Service):
     @inlineCallbacks
     def _catalog(self, session: AgentSession, frame: Frame):
         try:
-            records = parse_catalog(frame.json())
+            records = parse_catalog(frame.json(), self.max_catalog_records)
         except FrameError as exc:
-            self.log.warn("agent {name} sent a bad catalog: {err}", name=session.agent.name, err=str(exc))
+            self.bad_frames.complain(session, f"sent a catalog that was refused, nothing of it stored: {exc}")
             return session
         session.catalog = None  # changing: unknown until written
         count = yield self.catalog.replace_agent_catalog(session.agent.id, records)

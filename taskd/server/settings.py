@@ -76,6 +76,16 @@ SERVER_OPTIONS: tuple[Option, ...] = (
     Option("agent-autocreate", parse_bool, "true",
            "Create an agent (enabled, public) when an unknown name connects with a valid"
            " key; false refuses the connection with a 404 until it is registered."),
+    Option("max-catalog-records", int_range(lo=1), "5000",
+           "Most metrics one agent may advertise; a larger catalog is refused (nothing of"
+           " it stored, one log line naming the agent) and the agent keeps its previous one."),
+    Option("max-agents-per-org", int_range(lo=1), "1000",
+           "Most agents one org may have; creating one more (POST or an unknown name"
+           " connecting with agent-autocreate) answers 403."),
+    Option("max-bad-frames", int_range(lo=1), "100",
+           "Bad frames (unknown events, bad catalogs, bad task statuses) one agent"
+           " connection may send before it is closed (1008); they are logged at most once"
+           " a minute per connection."),
     Option("instance-id", str, "",
            "This server's name on agent session rows; empty means HOSTNAME:PORT. Must"
            " differ between servers sharing a database. Set it where the hostname may"
@@ -126,6 +136,9 @@ class ServerSettings:
     auth_invalid_ttl: float = 30.0
     max_body_size: int = 1048576
     agent_autocreate: bool = True
+    max_catalog_records: int = 5000
+    max_agents_per_org: int = 1000
+    max_bad_frames: int = 100
     instance_id: str = ""
     server_heartbeat_interval: float = 5.0
     server_dead_after: float = 30.0

@@ -38,6 +38,10 @@ MAX_EXECUTOR = 32
 MAX_ERROR = 4096       # characters: fits a MySQL TEXT (64 KiB) even at 4 bytes each
 MAX_UNIX_TIME = 253402300799.0  # 9999-12-31T23:59:59Z, the end of DATETIME
 SHOWN_PROBLEMS = 3
+#: Removal markers accepted per agent and flush for tasks this session never sent: an agent
+#: that was away while its tasks moved reports them removed after its first taskList (rows
+#: of an earlier session), but one frame must not be able to queue 290,000 of them.
+MAX_FOREIGN_REMOVALS = 1000
 
 Key = tuple[int, int]  # (task id, agent id)
 REMOVED = None         # a pending removal in the buffer
@@ -48,6 +52,7 @@ class StatusSession(Protocol):
 
     agent: Any
     view: dict[int, dict]
+    sent: set[int]  # every task id it was sent during this session (removals may follow)
 
 
 class BadEntry(ValueError):
@@ -154,6 +159,10 @@ class StatusService(Service):
         self.failed_flushes = 0
         self.rows_refused = 0   # statuses the database refused, dropped (see flush)
         self._flushing: Deferred | None = None
+        self._foreign: dict[int, int] = {}  # agent id -> removals of unsent tasks pending
+        # Who hears about a bad frame: the session manager's BadFrames (rate-limited log,
+        # closes after too many); a plain warning when used alone.
+        self.complain: Callable[[Any, str], None] = self._warn
         self._timer = RepeatingTimer(clock, flush_interval, self.flush, what="task status flush timer", log=self.log)
 
     # -- incoming ----------------------------------------------------------------------
@@ -164,18 +173,21 @@ class StatusService(Service):
         try:
             entries, problems = parse_payload(frame.json(), agent.id)
         except FrameError as exc:
-            self.log.warn("agent {name} ({id}) sent a bad taskStatus: {err}; ignored",
-                          name=agent.name, id=agent.id, err=str(exc))
+            self.complain(session, f"sent a bad taskStatus: {exc}; ignored")
             return
         if problems:
             more = f" (and {len(problems) - SHOWN_PROBLEMS} more)" if len(problems) > SHOWN_PROBLEMS else ""
-            self.log.warn("agent {name} ({id}) sent {n} bad taskStatus entr{ies}, ignored: {problems}{more}",
-                          name=agent.name, id=agent.id, n=len(problems), ies="y" if len(problems) == 1 else "ies",
-                          problems="; ".join(problems[:SHOWN_PROBLEMS]), more=more)
+            self.complain(session, f"sent {len(problems)} bad taskStatus entr{'y' if len(problems) == 1 else 'ies'},"
+                                   f" ignored: {'; '.join(problems[:SHOWN_PROBLEMS])}{more}")
         unsent = []
+        sent = getattr(session, "sent", ())
         for task_id, row in entries:
-            if row is REMOVED or task_id in session.view:
-                # A removal touches only this agent's own row, so it needs no check.
+            if task_id in session.view or (row is REMOVED and task_id in sent):
+                self.pending[(task_id, agent.id)] = row
+            elif row is REMOVED and self._foreign.get(agent.id, 0) < MAX_FOREIGN_REMOVALS:
+                # A removal touches only this agent's own row, so it needs no other check.
+                if (task_id, agent.id) not in self.pending:
+                    self._foreign[agent.id] = self._foreign.get(agent.id, 0) + 1
                 self.pending[(task_id, agent.id)] = row
             else:
                 unsent.append(task_id)
@@ -184,6 +196,10 @@ class StatusService(Service):
             # is an agent reporting on tasks that are not its own.
             self.log.debug("agent {name} ({id}) reported {n} task(s) it was not sent, ignored: {ids}",
                            name=agent.name, id=agent.id, n=len(unsent), ids=sorted(unsent)[:10])
+
+    def _warn(self, session: Any, message: str) -> None:
+        self.log.warn("agent {name} ({id}) {message}", name=session.agent.name, id=session.agent.id,
+                      message=message)
 
     # -- writing -----------------------------------------------------------------------
 
@@ -200,6 +216,7 @@ class StatusService(Service):
         if not self.pending:
             return succeed(None)
         batch, self.pending = self.pending, {}
+        self._foreign = {}
         now = self.now()
         rows = [replace(r, updated=now) for r in batch.values() if r is not None]
         removals = [key for key, r in batch.items() if r is None]

@@ -10,6 +10,7 @@ Imports nothing of taskd's but the framing and the time format, so db/, server/ 
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Mapping
@@ -18,6 +19,12 @@ from taskd.timeutil import rfc3339
 from taskd.wire.framing import FrameError
 
 MAX_VERSION = 2**31 - 1  # the catalog version columns are 32-bit signed integers
+MAX_NAMESPACE = 255      # the namespace columns' width
+#: A namespace an agent may advertise: "/"-separated, printable ASCII without spaces or
+#: the glob characters ?[]\ (a `*` element is Snap's dynamic element). Agents' strings
+#: are only ever compared (taskd.routing), never compiled as patterns.
+NAMESPACE_RE = re.compile(r"^/[!-~]{0,254}$")
+_GLOB = re.compile(r"[?\[\]\\]")
 
 
 @dataclass(frozen=True)
@@ -73,23 +80,32 @@ class CatalogRecord:
     policy: Any = None
 
 
-def parse_catalog(value: Any) -> list[tuple[str, int, Any]]:
+def parse_catalog(value: Any, max_records: int | None = None) -> list[tuple[str, int, Any]]:
     """A catalog payload (Snap metric records) -> (namespace, version, policy); tolerant
-    of extra fields; FrameError naming the first bad record."""
-    return [(r.namespace, r.version, r.policy) for r in parse_catalog_records(value)]
+    of extra fields; FrameError naming the first bad record, or saying the catalog has
+    more than `max_records` records (the whole catalog is refused then, not cut)."""
+    return [(r.namespace, r.version, r.policy) for r in parse_catalog_records(value, max_records)]
 
 
-def parse_catalog_records(value: Any) -> list[CatalogRecord]:
+def parse_catalog_records(value: Any, max_records: int | None = None) -> list[CatalogRecord]:
     if value is None:
         return []
     if not isinstance(value, list):
         raise FrameError("catalog payload must be a JSON array of metric records")
+    if max_records is not None and len(value) > max_records:
+        raise FrameError(f"catalog has {len(value)} records, more than the {max_records} this server "
+                         "accepts (max-catalog-records)")
     out = []
     for i, item in enumerate(value):
         if not isinstance(item, dict) or not isinstance(item.get("namespace"), str) or not item["namespace"]:
             raise FrameError(f"catalog record {i} has no namespace")
+        namespace = item["namespace"]
+        if len(namespace) > MAX_NAMESPACE or not NAMESPACE_RE.match(namespace) or _GLOB.search(namespace):
+            raise FrameError(f"catalog record {i} has a bad namespace {namespace[:64]!r}: it must start with"
+                             f" '/', be at most {MAX_NAMESPACE} characters of printable ASCII without spaces"
+                             " or ?[]\\")
         version = item.get("version", 0)
         if isinstance(version, bool) or not isinstance(version, int) or not 0 <= version <= MAX_VERSION:
             raise FrameError(f"catalog record {i} has a bad version {version!r}")
-        out.append(CatalogRecord(item["namespace"][:255], version, item.get("policy")))
+        out.append(CatalogRecord(namespace, version, item.get("policy")))
     return out

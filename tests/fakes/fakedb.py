@@ -39,7 +39,7 @@ from taskd.db.servers import Reaped, ServerInstance
 from taskd.db.sessions import OnlineChange
 from taskd.db.taskstatus import TaskStatusRow
 from taskd.db.tasks import Task, TaskFilter, TaskSpec
-from taskd.errors import Conflict, Invalid, NotFound
+from taskd.errors import Conflict, Forbidden, Invalid, NotFound
 from taskd.outcomes import STATUS_ERROR
 from taskd.routing import ANY, BY_IDS, Candidate, can_run, covers, pick, routes_to, selects
 from taskd.timeutil import utcnow
@@ -293,10 +293,15 @@ class _Fake:
 class FakeAgentStore(_Fake):
     @recorded
     def create(
-        self, org_id: int, name: str, *, enabled: bool, public: bool, tags: Sequence[str]
+        self, org_id: int, name: str, *, enabled: bool, public: bool, tags: Sequence[str],
+        max_per_org: int | None = None,
     ) -> "Deferred[Agent]":
         if any(a.org_id == org_id and a.name == name for a in self._state.agents.values()):
             return fail(Conflict(f"an agent named {name!r} already exists in this org; choose another name"))
+        count = sum(a.org_id == org_id for a in self._state.agents.values())
+        if max_per_org is not None and count >= max_per_org:
+            return fail(Forbidden(f"org {org_id} already has {count} agents, the most this server allows"
+                                  " (max-agents-per-org); delete one first"))
         now = self._state.now()
         agent = Agent(next(self._state.ids), org_id, name, enabled, now if enabled else None, public,
                       tuple(sorted(set(tags))), False, None, now, now)

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import random
 
+import pytest
+
 from taskd.routing import Candidate, can_run, covers, pick
 
 
@@ -74,3 +76,30 @@ def test_routes_to_needs_online_and_covering_catalog():
     assert routes_to(BY_IDS, [1], [], 1, {}, agent())
     assert not routes_to(BY_IDS, [1], [], 1, {}, agent(online=False))
     assert not routes_to(BY_IDS, [1], [], 1, {"/a/*": 0}, agent(catalog=[("/x/y", 1)]))
+
+
+@pytest.mark.parametrize("pattern, namespace, expected", [
+    ("/raintank/apps/http/*", "/raintank/apps/http/*/status_code", True),  # the task's trailing * takes the rest
+    ("/intel/proc/a/load", "/intel/proc/*/load", True),    # a dynamic element is one element...
+    ("/intel/proc/a/b/load", "/intel/proc/*/load", False),  # ...not several
+    ("/intel/*", "/intel/proc/*/load", True),
+    ("/a/*", "/b/*/c", False),
+    ("/x/*/z", "/x/*/z", True),
+    ("/x/y/z", "/x/*", False),
+    ("/example-task/*", "/example-task/x/y", True),        # literal namespaces: the task's fnmatch pattern
+    ("/a/[bc]", "/a/b", True),
+])
+def test_agent_namespaces_match_element_wise_and_are_never_patterns(pattern, namespace, expected):
+    from taskd.routing import _pattern_matches
+    assert _pattern_matches(pattern, namespace) is expected
+    assert covers([(namespace, 1)], {pattern: 0}) is expected
+
+
+def test_a_namespace_is_not_compiled_as_a_pattern(monkeypatch):
+    """fnmatch compiles its *pattern* argument: an agent's namespace must never be one."""
+    import taskd.routing as routing
+    compiled: list[str] = []
+    real = routing.fnmatchcase
+    monkeypatch.setattr(routing, "fnmatchcase", lambda name, pat: compiled.append(pat) or real(name, pat))
+    covers([("/agent/*/ns", 1), ("/agent/literal", 1)], {"/agent/x/ns": 0, "/agent/lit*": 0})
+    assert "/agent/*/ns" not in compiled and "/agent/literal" not in compiled

@@ -119,10 +119,12 @@ class FakeAgent:
 class FakeSession:
     agent: FakeAgent
     view: dict[int, dict] = field(default_factory=dict)
+    sent: set[int] = field(default_factory=set)
 
 
-def session(agent_id: int = 1, tasks: range | list = range(1, 4)) -> FakeSession:
-    return FakeSession(FakeAgent(agent_id, f"agent{agent_id}"), {t: {"id": t} for t in tasks})
+def session(agent_id: int = 1, tasks: range | list = range(1, 4), sent: range | list = ()) -> FakeSession:
+    return FakeSession(FakeAgent(agent_id, f"agent{agent_id}"), {t: {"id": t} for t in tasks},
+                       set(tasks) | set(sent))
 
 
 class SqlitePool:
