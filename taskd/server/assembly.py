@@ -200,6 +200,9 @@ def build_server(settings: Any, reactor: Any = None) -> Server:
         valid_org_ids=settings.auth_valid_org_id,
         valid_ttl=settings.auth_valid_ttl,
         invalid_ttl=settings.auth_invalid_ttl,
+        max_concurrent=settings.auth_max_concurrent,
+        max_queued=settings.auth_max_queued,
+        request_timeout=settings.auth_timeout,
         clock=reactor,
     )
     api = Api(agents, tasks, auth, max_body_size=settings.max_body_size, socket=socket, stats=stats,

@@ -8,6 +8,14 @@ working: an outage of the auth endpoint should not take the task API down for
 users it already knew.  The cache holds sha256 digests, never keys, and is bounded
 so that clients spraying random keys cannot grow it without limit.
 
+Nor can they turn taskd into an amplifier against the endpoint: at most
+`max_concurrent` checks are in flight, the rest wait in a bounded queue and are
+refused with 503 once it is full. Only a clear "no" (401/403/404) makes a key invalid:
+a rate-limited, slow or broken endpoint (408/429/5xx, a timeout, a body that is not an
+answer or is too large) is "unavailable", so a cached user keeps working and an unknown
+key is told to retry (503, Retry-After) instead of being told its key is wrong. One
+deadline covers the whole exchange, body included.
+
 Defects of the original fixed here: no blocking HTTP call, no unbounded cache, no
 keys in logs, and a clear message when the header is missing or misspelt.
 """
@@ -21,7 +29,7 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 import treq
-from twisted.internet.defer import CancelledError, Deferred, fail, succeed
+from twisted.internet.defer import CancelledError, Deferred, TimeoutError as DeferredTimeout, fail, succeed
 from twisted.internet.error import ConnectingCancelledError, ConnectionDone, ConnectionLost
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
@@ -35,6 +43,11 @@ _log = Logger()
 #: Endpoint failures are logged at most once per this many seconds (with a count
 #: of those not logged): an outage would otherwise log one line per API request.
 _WARN_INTERVAL = 60.0
+#: Endpoint answers that say "this key is not valid"; anything else that is not a 200
+#: says nothing about the key (rate limits, timeouts, outages).
+_INVALID_CODES = frozenset({401, 403, 404})
+MAX_BODY = 64 * 1024
+RETRY_AFTER = 5  # seconds a 503 asks the client to wait
 
 
 @dataclass(frozen=True)
@@ -53,10 +66,11 @@ class AuthError(Exception):
     """Why a request is refused; ``message`` is shown to the caller, so it never
     contains the key."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, retry_after: int | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
+        self.retry_after = retry_after  # seconds, for a 503's Retry-After
 
 
 _EXPECTED = "expected the header 'Authorization: Bearer <key>'"
@@ -91,6 +105,15 @@ class _EndpointFailure(Exception):
     """The endpoint gave no usable answer; the text is safe to log (no key)."""
 
 
+class _Busy(Exception):
+    """Too many checks in flight and queued: this one was not even sent."""
+
+
+def _unavailable() -> AuthError:
+    return AuthError(503, "cannot verify the API key: the auth endpoint is unavailable; try again",
+                     RETRY_AFTER)
+
+
 @dataclass
 class _Entry:
     user: User | None  # None: the endpoint said the key is invalid
@@ -108,9 +131,10 @@ class Authenticator:
     def __init__(self, *, admin_key: str, endpoint: str, valid_org_ids: Sequence[int] = (),
                  valid_ttl: float = 300.0, invalid_ttl: float = 30.0,
                  clock: IReactorTime, http: Any = None, max_entries: int = 10000,
-                 request_timeout: float = 10.0) -> None:
-        if max_entries < 1:
-            raise ValueError("max_entries must be at least 1")
+                 request_timeout: float = 10.0, max_concurrent: int = 20, max_queued: int = 1000,
+                 max_body: int = MAX_BODY) -> None:
+        if max_entries < 1 or max_concurrent < 1 or max_queued < 0:
+            raise ValueError("max_entries and max_concurrent must be at least 1, max_queued at least 0")
         self._admin_key = admin_key.encode("utf-8")
         self._endpoint = endpoint.rstrip("/")
         self._url = self._endpoint + "/api/api-keys/check"
@@ -126,6 +150,14 @@ class Authenticator:
         self._valid: OrderedDict[str, _Entry] = OrderedDict()
         self._invalid: OrderedDict[str, _Entry] = OrderedDict()
         self._inflight: dict[str, list[Deferred[User]]] = {}
+        self._max_concurrent = max_concurrent
+        self._max_queued = max_queued
+        self._max_body = max_body
+        self._running = 0  # checks sent and not yet settled
+        self._queue: OrderedDict[str, str] = OrderedDict()  # digest -> key, waiting for a slot
+        self.peak_running = 0  # the most checks ever in flight at once (bench/security.py reads it)
+        self.refused_busy = 0  # unknown keys answered 503 because the queue was full
+        self._last_busy_warn: float | None = None
         self._last_warn: float | None = None
         self._suppressed = 0
         self._failing = False  # a warning was logged and no recovery since
@@ -155,11 +187,48 @@ class Authenticator:
         if waiters is not None:
             waiters.append(waiter)
             return waiter
+        if self._running >= self._max_concurrent and len(self._queue) >= self._max_queued:
+            return self._busy(digest)
         # Register the waiter before starting: the check may complete synchronously.
         self._inflight[digest] = [waiter]
-        check = Deferred.fromCoroutine(self._check(key))
-        check.addBoth(self._settle, digest, key)
+        if self._running < self._max_concurrent:
+            self._start(digest, key)
+        else:
+            self._queue[digest] = key
         return waiter
+
+    def _busy(self, digest: str) -> Deferred[User]:
+        """No room to check another key: a user we knew keeps working (stale), others retry."""
+        cached = self._valid.get(digest)
+        if cached is not None:
+            try:
+                return succeed(self._accept(cached.user))
+            except AuthError as e:
+                return fail(e)
+        self.refused_busy += 1
+        now = self._clock.seconds()
+        if self._last_busy_warn is None or now - self._last_busy_warn >= _WARN_INTERVAL:
+            _log.warn("auth checks saturated: {running} in flight and {queued} queued (auth-max-concurrent);"
+                      " {n} request(s) with unknown keys answered 503 so far", running=self._running,
+                      queued=len(self._queue), n=self.refused_busy)
+            self._last_busy_warn = now
+        return fail(AuthError(503, "too many API keys are being checked at once; try again", RETRY_AFTER))
+
+    def _start(self, digest: str, key: str) -> None:
+        self._running += 1
+        self.peak_running = max(self.peak_running, self._running)
+        check = Deferred.fromCoroutine(self._check(key))
+        check.addTimeout(self._timeout, self._clock)
+        check.addBoth(self._finished, digest, key)
+
+    def _finished(self, result: Any, digest: str, key: str) -> None:
+        self._running -= 1
+        try:
+            self._settle(result, digest, key)
+        finally:
+            while self._queue and self._running < self._max_concurrent:
+                next_digest, next_key = self._queue.popitem(last=False)
+                self._start(next_digest, next_key)
 
     def _accept(self, user: User | None) -> User:
         if user is None:
@@ -186,8 +255,7 @@ class Authenticator:
             self._store(digest, _Entry(user, self._clock.seconds()))
         outcome: User | AuthError
         if isinstance(result, Failure) and user is None:
-            outcome = AuthError(
-                503, "cannot verify the API key: the auth endpoint is unavailable; try again")
+            outcome = _unavailable()
         else:
             try:
                 outcome = self._accept(user)
@@ -221,14 +289,16 @@ class Authenticator:
                 response = await self._http.post(
                     self._url, data={"token": key}, timeout=self._timeout,
                     allow_redirects=False)
-                body = await response.content()
+                body = await self._read_body(response)
                 break
+            except _EndpointFailure:
+                raise
             except Exception as e:
                 if attempt == 1 and _stale_connection(e):
                     continue
                 raise _EndpointFailure(self._describe(e)) from None
         code = response.code
-        if 400 <= code < 500:
+        if code in _INVALID_CODES:
             return None
         if code != 200:
             raise _EndpointFailure(f"HTTP {code}")
@@ -244,12 +314,27 @@ class Authenticator:
                     # Least privilege when the endpoint does not say.
                     role=str(data.get("role") or "Viewer"), is_admin=False)
 
+    async def _read_body(self, response: Any) -> bytes:
+        """The body, refused beyond `max_body` bytes (the connection is dropped then)."""
+        chunks: list[bytes] = []
+        size = 0
+
+        def collect(data: bytes) -> None:
+            nonlocal size
+            size += len(data)
+            if size > self._max_body:
+                raise _EndpointFailure(f"answer body larger than {self._max_body} bytes")
+            chunks.append(data)
+
+        await treq.collect(response, collect)
+        return b"".join(chunks)
+
     def _describe(self, e: BaseException) -> str:
         """A short, key-free reason for the log, unwrapping twisted.web's wrappers."""
         reasons = getattr(e, "reasons", None)
         if reasons:
             e = reasons[0].value
-        if isinstance(e, (CancelledError, ConnectingCancelledError)):
+        if isinstance(e, (CancelledError, ConnectingCancelledError, DeferredTimeout)):
             return f"no answer within {self._timeout:g} s"
         return f"{type(e).__name__}: {e}"[:300]
 

@@ -71,6 +71,14 @@ SERVER_OPTIONS: tuple[Option, ...] = (
            "How long a valid API key is cached: a duration such as 30s, 5m, 1h, or seconds."),
     Option("auth-invalid-ttl", parse_duration, "30s",
            "How long a rejected API key is cached: a duration such as 30s, 5m, or seconds."),
+    Option("auth-max-concurrent", int_range(lo=1), "20",
+           "Most API-key checks sent to auth-endpoint at once; more wait in a queue."),
+    Option("auth-max-queued", int_range(lo=0), "1000",
+           "Most API-key checks waiting for a free slot; beyond it a request with an"
+           " unknown key answers 503 (a cached valid key still works)."),
+    Option("auth-timeout", positive_duration, "10s",
+           "Deadline for one API-key check, answer body included; a check that misses it"
+           " counts as the endpoint being unavailable (never as an invalid key)."),
     Option("max-body-size", byte_size(lo=1), "1M",
            "Largest request body accepted, in bytes or with a unit: 512k, 1M, 1MiB."),
     Option("agent-autocreate", parse_bool, "true",
@@ -134,6 +142,9 @@ class ServerSettings:
     auth_valid_org_id: tuple[int, ...] = ()
     auth_valid_ttl: float = 300.0
     auth_invalid_ttl: float = 30.0
+    auth_max_concurrent: int = 20
+    auth_max_queued: int = 1000
+    auth_timeout: float = 10.0
     max_body_size: int = 1048576
     agent_autocreate: bool = True
     max_catalog_records: int = 5000

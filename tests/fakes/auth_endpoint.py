@@ -25,8 +25,10 @@ from tests.fakes.loopback import TrackingFactory
 __all__ = ["CheckKeyResource", "FakeAuthEndpoint", "org", "start_auth_endpoint", "MODES"]
 
 #: normal: answer from ``keys``; error500: always 500; garbage: 200 with a non-JSON
-#: body; hang: never answer (for request timeouts).
-MODES = ("normal", "error500", "garbage", "hang")
+#: body; hang: never answer (for request timeouts); status: answer ``status_code`` (a
+#: 429 rate limit, a 408, a 404...) with a JSON message; stall-body: send the headers
+#: and half a body, then nothing; huge-body: a 200 whose body is ``huge_size`` bytes.
+MODES = ("normal", "error500", "garbage", "hang", "status", "stall-body", "huge-body")
 
 
 def org(org_id: int, name: str, role: str = "Admin", slug: str | None = None) -> dict[str, Any]:
@@ -51,6 +53,19 @@ class CheckKeyResource(Resource):
         ep.tokens.append(token)
         if ep.mode == "hang":
             return NOT_DONE_YET
+        if ep.mode == "status":
+            request.setResponseCode(ep.status_code)
+            request.setHeader(b"content-type", b"application/json")
+            return b'{"message":"as configured"}'
+        if ep.mode == "stall-body":
+            request.setHeader(b"content-type", b"application/json")
+            request.setHeader(b"content-length", b"200")
+            request.write(b'{"orgId": 2, "orgName": "sl')
+            return NOT_DONE_YET
+        if ep.mode == "huge-body":
+            request.setHeader(b"content-type", b"application/json")
+            return b'{"orgId": 2, "pad": "' + b"x" * ep.huge_size + b'"}'
+
         if ep.mode == "error500":
             request.setResponseCode(500)
             return b'{"message":"Internal Server Error"}'
@@ -72,6 +87,8 @@ class FakeAuthEndpoint:
     def __init__(self, keys: dict[str, dict[str, Any]] | None = None) -> None:
         self.keys: dict[str, dict[str, Any]] = dict(keys or {})
         self.mode = "normal"
+        self.status_code = 429
+        self.huge_size = 200 * 1024
         self.requests = 0
         self.tokens: list[str] = []  # every token received, in order
         self.url = ""

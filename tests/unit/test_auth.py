@@ -19,6 +19,7 @@ from twisted.web.client import RequestTransmissionFailed, ResponseFailed, Respon
 
 from taskd.server.auth import ADMIN_USER, AuthError, Authenticator, User, bearer_key
 from tests.fakes.auth_endpoint import org, start_auth_endpoint
+from tests.waiting import until
 
 ADMIN = "admin-secret-key"
 KEY_A = "eyJrIjoiQUFBQUFBQUFBQUFBQUFBQSIsIm4iOiJhIiwiaWQiOjJ9"
@@ -386,3 +387,83 @@ async def test_a_flapping_endpoint_logs_little(endpoint, clock, logs):
     assert ours == [f"auth endpoint {endpoint.url} unavailable: HTTP 500 "
                     "(0 similar failures not logged)",
                     f"auth endpoint {endpoint.url} answers again"]
+
+
+# --- an endpoint that is rate-limited, slow, or floods us ---------------------------
+
+@pytest.mark.parametrize("code", [408, 429, 400, 502, 503])
+@pytest_twisted.ensureDeferred
+async def test_only_a_clear_no_makes_a_key_invalid(endpoint, clock, code):
+    """A 429 (or 408, 5xx...) says nothing about the key: a user we knew keeps working,
+    an unknown key is told to retry (503 with Retry-After), never that it is wrong."""
+    auth = make(endpoint, clock)
+    await auth.authenticate(KEY_A)
+    clock.advance(301)  # expired: the next call asks the endpoint again
+    endpoint.mode, endpoint.status_code = "status", code
+    assert (await auth.authenticate(KEY_A)).org_id == 2
+    err = await refused(auth.authenticate(KEY_B))
+    assert (err.status, err.retry_after) == (503, 5)
+    endpoint.mode = "normal"
+    clock.advance(1)
+    assert (await auth.authenticate(KEY_A)).org_id == 2  # the valid entry was not wiped
+    assert (await auth.authenticate(KEY_B)).org_id == 3  # nor was B remembered as invalid
+
+
+@pytest.mark.parametrize("code", [401, 403, 404])
+@pytest_twisted.ensureDeferred
+async def test_401_403_404_mean_invalid(endpoint, clock, code):
+    endpoint.mode, endpoint.status_code = "status", code
+    assert (await refused(make(endpoint, clock).authenticate(KEY_A))).status == 401
+
+
+@pytest_twisted.ensureDeferred
+async def test_checks_in_flight_are_capped_and_the_queue_is_bounded(endpoint, clock):
+    endpoint.mode = "hang"
+    auth = make(endpoint, clock, max_concurrent=3, max_queued=2, request_timeout=30)
+    pending = [auth.authenticate(f"random-key-{i}") for i in range(5)]
+    await until(lambda: endpoint.requests == 3, what="three checks sent")
+    assert auth.peak_running == 3  # the other two wait, unsent
+    err = await refused(auth.authenticate("one-too-many"))
+    assert (err.status, err.retry_after) == (503, 5) and "too many" in err.message
+    endpoint.mode = "normal"
+    endpoint.keys.update({f"random-key-{i}": org(9, "n") for i in range(5)})
+    clock.advance(30)  # the three hung checks hit their deadline; the queued two are sent then
+    await until(lambda: all(d.called for d in pending), what="every check settled")
+    outcomes = [await d.addErrback(lambda f: f.value.status) for d in pending]
+    assert outcomes[:3] == [503, 503, 503]
+    assert [u.org_id for u in outcomes[3:]] == [9, 9]
+    assert auth.peak_running == 3 and endpoint.requests == 5
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_valid_cached_key_works_while_the_queue_is_full(endpoint, clock):
+    auth = make(endpoint, clock, max_concurrent=1, max_queued=0, request_timeout=30)
+    await auth.authenticate(KEY_A)
+    clock.advance(301)  # expired, so it would need a check
+    endpoint.mode = "hang"
+    hung = auth.authenticate("some-random-key")
+    await until(lambda: endpoint.requests == 2, what="the random key's check sent")
+    assert (await auth.authenticate(KEY_A)).org_id == 2  # served stale, not queued, not 503
+    clock.advance(30)
+    assert (await refused(hung)).status == 503
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_body_that_stalls_after_its_headers_hits_the_deadline(endpoint, clock, logs):
+    endpoint.mode = "stall-body"
+    auth = make(endpoint, clock, request_timeout=10)
+    check = auth.authenticate(KEY_A)
+    await until(lambda: endpoint.requests == 1, what="the check sent")
+    clock.advance(10)  # treq's own timeout covers only the headers: this deadline is ours
+    await until(lambda: check.called, what="the check ended by its deadline")
+    assert (await refused(check)).status == 503
+    [line] = auth_warnings(logs)
+    assert "no answer within 10 s" in line
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_answer_body_over_64_kb_is_refused(endpoint, clock, logs):
+    endpoint.mode = "huge-body"
+    assert (await refused(make(endpoint, clock).authenticate(KEY_A))).status == 503
+    [line] = auth_warnings(logs)
+    assert "answer body larger than 65536 bytes" in line

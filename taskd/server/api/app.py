@@ -97,6 +97,8 @@ class Api:
         except AuthError as exc:
             if exc.status == 401:
                 request.setHeader(b"www-authenticate", b'Bearer realm="taskd"')
+            if exc.retry_after is not None:
+                request.setHeader(b"retry-after", str(exc.retry_after).encode("ascii"))
             return error(request, exc.status, exc.message)
         except (StoreError, BodyError) as exc:
             status = exc.status if isinstance(exc, StoreError) else 400
