@@ -12,6 +12,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from sqlalchemy.dialects import mysql
 
+from taskd.db.sealing import SealedJSON
+
 NAMING = {
     "ix": "ix_%(table_name)s_%(column_0_N_name)s",
     "uq": "uq_%(table_name)s_%(column_0_N_name)s",
@@ -111,7 +113,7 @@ task = sa.Table(
     sa.Column("org_id", sa.Integer, nullable=False),
     sa.Column("name", sa.String(255), nullable=False),
     sa.Column("task_type", sa.String(255), nullable=False),
-    sa.Column("config", sa.JSON, nullable=False),
+    sa.Column("config", SealedJSON, nullable=False),  # sealed at rest when db-encryption-key is set
     sa.Column("interval", sa.Integer, nullable=False),
     sa.Column("route", sa.JSON, nullable=False),
     sa.Column("enabled", sa.Boolean, nullable=False),

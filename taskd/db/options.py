@@ -40,4 +40,9 @@ DB_OPTIONS: tuple[Option, ...] = (
            "Longest wait for the database per operation (connect, read, write, and the"
            " wait for a free connection); past it API calls answer 503 'database"
            " unavailable' with Retry-After, and agent sessions retry their database work."),
+    Option("db-encryption-key", str, "",
+           "Key file(s) sealing task config at rest (comma-separated paths; one key per"
+           " line, 64 hex digits: `taskd-db genkey`). The first key seals, every key"
+           " unseals: rotate by putting a new key first, then `taskd-db reencrypt`."
+           " Empty stores task config in clear (the server warns at start-up)."),
 )

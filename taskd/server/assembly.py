@@ -20,7 +20,7 @@ from twisted.logger import Logger
 
 import taskd
 from taskd.daemon import StartupError
-from taskd.db import migrate
+from taskd.db import migrate, sealing
 from taskd.db.availability import DatabaseUnavailable
 from taskd.db.connector import Database
 from taskd.db.engine import create_engine
@@ -148,21 +148,33 @@ def build_server(settings: Any, reactor: Any = None) -> Server:
 
         reactor = _reactor
     try:
+        sealer = sealing.sealer_from_setting(settings.db_encryption_key)
+    except sealing.SealError as exc:
+        raise StartupError(f"db-encryption-key: {exc}") from None
+    try:
         # Migrations may rebuild big tables: they run without db-timeout, on their own
         # connection; serving statements are bounded by it (taskd.db.pool).
         schema_engine = create_engine(settings.db_type, settings.db_connect_str, pool_size=1)
+        sealing.attach(schema_engine, sealer)
         try:
             migrate.upgrade(schema_engine)
         finally:
             schema_engine.dispose()
         engine = create_engine(settings.db_type, settings.db_connect_str, pool_size=settings.db_pool_size,
                                timeout=settings.db_timeout)
+        sealing.attach(engine, sealer)
     except ValueError as exc:
         raise StartupError(str(exc)) from None
     except Exception as exc:  # unreachable server, bad credentials, read-only file...
         first = str(getattr(exc, "orig", exc)).splitlines()[0] if str(exc) else type(exc).__name__
         raise StartupError(f"db-connect-str: cannot open the {settings.db_type} database: {first}") from None
     log.info("database {db}, schema at revision {rev}", db=describe_db(settings, engine), rev=migrate.head_revision())
+    if sealer is None:
+        log.warn("db-encryption-key is not set: task config (third-party API keys among it) is stored"
+                 " in clear in the database")
+    else:
+        log.info("task config sealed at rest with key {kid} ({n} key(s) can unseal)", kid=sealer.current,
+                 n=len(sealer.keys))
 
     db = Database.open(engine, reactor, max_threads=None if engine.dialect.name == "sqlite" else settings.db_pool_size,
                        timeout=settings.db_timeout)

@@ -130,6 +130,7 @@ class ServerSettings:
     db_connect_str: str = ""
     db_pool_size: int = 10
     db_timeout: float = 5.0
+    db_encryption_key: str = ""
     stats_enabled: bool = False
     statsd_addr: str = "localhost:8125"
     statsd_type: str = "standard"
