@@ -28,6 +28,8 @@ class SessionTransport(Protocol):
 
     def send_frame(self, data: bytes) -> None: ...
     def close(self, code: int, reason: str) -> None: ...
+    def pause_reading(self) -> None: ...   # stop reading the agent's frames (back-pressure)
+    def resume_reading(self) -> None: ...
 
 
 class SessionListener(Protocol):
@@ -61,6 +63,8 @@ class AgentSession(Told):
     agent_epoch: Any = None
     ready: Deferred = field(default_factory=Deferred)    # fires once registered
     catalogs: int = 0  # catalog frames received: a retried one gives way to a newer one
+    inbound: int = 0  # its catalog/taskStatus frames taken and not yet handled (see SessionManager)
+    paused: bool = False  # reading its socket is paused until `inbound` drains
     bad_frames: int = 0  # frames it sent that could not be used (taskd.server.badframes)
     bad_logged_at: float | None = None
     bad_unlogged: int = 0

@@ -34,6 +34,11 @@ from taskd.wire import framing
 from taskd.wire.framing import Frame, FrameError
 
 OPEN_BATCH = 500  # sessions recorded per transaction at most
+#: Catalog/taskStatus frames of one agent waiting to be handled (behind a slow catalog
+#: write, or before its session is recorded) before the server stops reading its socket;
+#: reading resumes once half have been handled. An agent sends one catalog per connection
+#: and a taskStatus every few seconds, so only a flood ever reaches this.
+MAX_INBOUND = 16
 SLICE = 1000  # sessions handled per reactor turn (heartbeats) or per read (taskLists) by the timer
 
 
@@ -339,15 +344,35 @@ class SessionManager(Service):
         # database error) from leaving the queue failed, which would drop every later one.
         session.catalogs += 1
         seq = session.catalogs
+        self._taken(session)
         session.ready.addCallback(lambda _: self._catalog(session, frame)).addErrback(
-            self._catalog_failed, session, frame, seq)
+            self._catalog_failed, session, frame, seq).addBoth(self._handled, session)
 
     def handle_taskStatus(self, session: AgentSession, frame: Frame) -> None:
         # Queued on `ready` too: only then does `view` hold what the agent was sent,
         # which is what its statuses are checked against.
         if self.status is not None:
+            self._taken(session)
             session.ready.addCallback(lambda _: self._task_status(session, frame)).addErrback(
-                self._status_failed, session)
+                self._status_failed, session).addBoth(self._handled, session)
+
+    def _taken(self, session: AgentSession) -> None:
+        """Back-pressure: past MAX_INBOUND frames waiting, stop reading the socket rather
+        than queue without bound (one agent queued 500 catalogs, 35 MB, before)."""
+        session.inbound += 1
+        if session.inbound >= MAX_INBOUND and not session.paused and not session.closed:
+            session.paused = True
+            session.transport.pause_reading()
+            self.log.info("agent {name} ({id}): {n} frames waiting to be handled; pausing reads from it",
+                          name=session.agent.name, id=session.agent.id, n=session.inbound)
+
+    def _handled(self, result: Any, session: AgentSession) -> Any:
+        session.inbound -= 1
+        if session.paused and session.inbound <= MAX_INBOUND // 2:
+            session.paused = False
+            if not session.closed:
+                session.transport.resume_reading()
+        return result
 
     @inlineCallbacks
     def _catalog(self, session: AgentSession, frame: Frame):

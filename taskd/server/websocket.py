@@ -62,6 +62,14 @@ class AgentSocketProtocol(WebSocketServerProtocol):
             self.manager.detach(self.session, why)
 
     # SessionTransport
+    def pause_reading(self) -> None:
+        if self.transport is not None:
+            self.transport.pauseProducing()
+
+    def resume_reading(self) -> None:
+        if self.transport is not None:
+            self.transport.resumeProducing()
+
     def send_frame(self, data: bytes) -> None:
         if self.state == self.STATE_OPEN:
             self.sendMessage(data, isBinary=True)

@@ -18,6 +18,8 @@ class FakeTransport:
     def __init__(self) -> None:
         self.frames: list[tuple[str, Any]] = []
         self.closes: list[tuple[int, str]] = []
+        self.paused = False  # reading paused by the session manager (back-pressure)
+        self.pauses = 0
         self.published: list[dict] = []
         self.connected = True
         self.connections = 1
@@ -30,6 +32,13 @@ class FakeTransport:
 
     def close(self, code: int, reason: str) -> None:
         self.closes.append((code, reason))
+
+    def pause_reading(self) -> None:
+        self.paused = True
+        self.pauses += 1
+
+    def resume_reading(self) -> None:
+        self.paused = False
 
     # -- the event exchange (taskd.server.amqp.AmqpTransport) ------------------------------
 

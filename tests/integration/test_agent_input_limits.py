@@ -147,3 +147,45 @@ async def test_max_agents_per_org_bounds_post_and_auto_create(small):
     [a1] = await small.ok("GET", "/api/v1/agents", key=ORG2_KEY, params={"name": "a1"})
     await small.ok("DELETE", f"/api/v1/agents/{a1['id']}", key=ORG2_KEY)
     await small.ok("POST", "/api/v1/agents", key=ORG2_KEY, json_body={"name": "a4"})
+
+
+FLOOD = 60  # catalog frames of ~32 KB: many TCP reads' worth
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_flood_behind_a_stuck_catalog_write_is_held_off_by_back_pressure(api):
+    """Real Autobahn and TCP: while the catalog store is stuck, a flood of catalog frames
+    stops being read once MAX_INBOUND wait (the rest stays in the kernel's buffers and
+    the agent's), and everything resumes once the store answers."""
+    from twisted.internet.defer import Deferred
+    from taskd.server.sessions import MAX_INBOUND
+    small = api  # default limits: catalogs of 400 records (32 KB frames) are fine
+    client = await online(small, "flooder")
+    store = small.server.sessions.catalog
+    real, stuck = store.replace_agent_catalog, []
+
+    def stuck_write(agent_id: int, recs: Any):
+        d: Deferred = Deferred()
+        stuck.append((d, agent_id, recs))
+        return d
+
+    store.replace_agent_catalog = stuck_write
+    try:
+        for i in range(FLOOD):
+            client.send("catalog", records(400, f"/flood{i}/a-longer-namespace-to-make-the-frame-bigger"))
+        [session] = [s for s in small.server.sessions.sessions.values() if s.agent.name == "flooder"]
+        await until(lambda: session.paused, what="reading paused")
+        assert session.inbound < FLOOD // 2  # not the whole flood (2 MB) queued in the server
+    finally:
+        store.replace_agent_catalog = real
+    for d, agent_id, recs in stuck:  # the store answers again; later frames go to it directly
+        real(agent_id, recs).chainDeferred(d)
+
+    async def first_namespace() -> str:
+        got = await metrics_of(small, "flooder")
+        return got[0][0] if got else ""
+
+    await value_of(first_namespace, lambda ns: ns.startswith(f"/flood{FLOOD - 1}/"), timeout=60,
+                   what="the last catalog stored")
+    assert not client.closed.called and session.inbound == 0 and not session.paused
+    await client.disconnect()

@@ -27,6 +27,12 @@ class Transport:
     def close(self, code: int, reason: str) -> None:
         pass
 
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
     def take(self) -> list[tuple[str, Any]]:
         frames, self.frames = self.frames, []
         return [(event, json.loads(payload)) for event, payload in frames]

@@ -13,7 +13,7 @@ from tests.fakes.transport import FakeTransport
 
 # (real class, method names the fake stands in for)
 STANDS_FOR = [
-    (SessionTransport, ["send_frame", "close"]),
+    (SessionTransport, ["send_frame", "close", "pause_reading", "resume_reading"]),
     (AmqpTransport, ["publish"]),
 ]
 

@@ -343,3 +343,28 @@ def test_a_session_of_an_agent_online_already_is_announced_as_connected(rig):
     [(_, payload)] = [p for p in rig.published if p[0] == "agent.connected"]
     assert payload == {"id": 2, "name": "agent2", "orgId": 1, "session": rig.manager.sessions[2].id,
                        "server": "here"}
+
+
+def test_frames_piling_up_behind_a_slow_catalog_pause_reading_the_socket(rig):
+    """Back-pressure instead of an unbounded queue: past MAX_INBOUND frames waiting the
+    server stops reading that agent; once half are handled it reads again."""
+    from taskd.server.sessions import MAX_INBOUND
+    held = rig.db.hold(rig.db.catalog.replace_agent_catalog)
+    session = rig.attach(1)
+    rig.clock.advance(0)
+    rig.finish(0)
+    transport = rig.transports[1]
+    catalog = framing.encode_json(framing.CATALOG, [{"namespace": "/a", "version": 1}])
+    for _ in range(MAX_INBOUND - 1):
+        rig.manager.frame_received(session, catalog)
+    assert not transport.paused and session.inbound == MAX_INBOUND - 1
+    rig.manager.frame_received(session, catalog)
+    assert transport.paused and transport.pauses == 1
+    rig.manager.frame_received(session, catalog)  # what was already in flight still counts
+    assert transport.pauses == 1
+    while transport.paused:
+        held.release()
+    assert session.inbound == MAX_INBOUND // 2 and not transport.paused
+    while held.waiting:
+        held.release()
+    assert session.inbound == 0 and transport.pauses == 1
