@@ -54,7 +54,11 @@ clean:
 ## Benchmarks (issue 6): a real twistd taskserver against bare Klein/Autobahn in the same
 ## run, one table, bench/results.md; under 10 minutes. BENCH_FLAGS=--mysql uses MariaDB.
 BENCH_FLAGS ?=
-.PHONY: bench
+.PHONY: bench bench-security
+## Security figures (issue 12): auth flood, hostile catalogs, schemathesis; bench/security.md.
+bench-security: $(STAMP)
+	$(VENV)/bin/python -m bench.security
+
 bench: $(STAMP)
 	$(VENV)/bin/python -m bench $(BENCH_FLAGS)
 
