@@ -253,11 +253,35 @@ class AgentStore:
                 # Explicit deletes as well as ON DELETE CASCADE: sqlite files created
                 # with foreign keys off, or tables from older tools, stay consistent.
                 for table in (m.agent_tag, m.agent_session, m.agent_metric, m.route_by_id_index, m.route_by_any_index,
-                              m.task_status):
+                              m.task_status, m.agent_token):
                     conn.execute(sa.delete(table).where(table.c.agent_id == agent_id))
                 conn.execute(sa.delete(m.agent).where(m.agent.c.id == agent_id))
                 # The org catalog is derived from agents' metrics: drop what only it gave.
                 refresh_org_catalog(conn, old.org_id)
             return old
+
+        return self.pool.do(thd)
+
+    def set_token(self, agent_id: int, token_hash: str) -> "Deferred[bool]":
+        """Make `token_hash` the agent's only token (replacing any earlier one); False
+        when the agent is gone."""
+        now = self.now()
+
+        def thd(conn: Connection) -> bool:
+            if conn.execute(sa.select(m.agent.c.id).where(m.agent.c.id == agent_id)).first() is None:
+                return False
+            conn.execute(sa.delete(m.agent_token).where(m.agent_token.c.agent_id == agent_id))
+            conn.execute(sa.insert(m.agent_token).values(agent_id=agent_id, token_hash=token_hash, created=now))
+            return True
+
+        return self.pool.do(thd)
+
+    def by_token(self, token_hash: str) -> "Deferred[Agent | None]":
+        """The agent whose token hashes to `token_hash`, if any."""
+
+        def thd(conn: Connection) -> Agent | None:
+            agent_id = conn.execute(sa.select(m.agent_token.c.agent_id)
+                                    .where(m.agent_token.c.token_hash == token_hash)).scalar()
+            return load_agent(conn, agent_id) if agent_id is not None else None
 
         return self.pool.do(thd)

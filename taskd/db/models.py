@@ -215,3 +215,15 @@ server_instance = sa.Table(
     sa.Index(None, "last_seen"),
     **TABLE_OPTS,
 )
+
+# An agent's own secret (POST /api/v1/agents/<id>/token): only its sha256 is kept. It
+# authorises that agent's websocket and nothing else; a new token replaces the row.
+agent_token = sa.Table(
+    "agent_token",
+    metadata,
+    sa.Column("agent_id", sa.Integer, _fk("agent.id"), primary_key=True),
+    sa.Column("token_hash", sa.String(64), nullable=False),
+    sa.Column("created", Timestamp, nullable=False),
+    sa.UniqueConstraint("token_hash"),
+    **TABLE_OPTS,
+)

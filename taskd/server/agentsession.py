@@ -53,6 +53,7 @@ class AgentSession(Told):
     transport: SessionTransport
     id: str | None = None
     closed: bool = False
+    via_token: bool = False  # opened with the agent's own token (see taskd.server.agenttokens)
     # The (namespace, version) pairs the agent advertises, as stored; None while unknown
     # (not loaded yet, or a new catalog being written): then routing asks the database.
     catalog: frozenset[tuple[str, int]] | None = None

@@ -25,6 +25,7 @@ from taskd.db.availability import DatabaseUnavailable
 from taskd.db.connector import Database
 from taskd.db.engine import create_engine
 from taskd.db.pool import DBPool
+from taskd.server.agenttokens import AgentTokens
 from taskd.server.api.app import Api
 from taskd.server.api.site import TaskdSite
 from taskd.server.auth import Authenticator
@@ -217,7 +218,8 @@ def build_server(settings: Any, reactor: Any = None) -> Server:
         request_timeout=settings.auth_timeout,
         clock=reactor,
     )
-    api = Api(agents, tasks, auth, max_body_size=settings.max_body_size, socket=socket, stats=stats,
+    tokens = AgentTokens(db.agents, events)
+    api = Api(agents, tasks, auth, max_body_size=settings.max_body_size, socket=socket, stats=stats, tokens=tokens,
               database=db, servers=liveness)
     site = TaskdSite(api.resource(), max_body_size=settings.max_body_size)
 

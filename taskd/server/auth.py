@@ -57,6 +57,9 @@ class User:
     org_slug: str
     role: str
     is_admin: bool = False
+    # Set for an agent token (taskd.server.agenttokens): it opens this agent's websocket only.
+    agent_id: int | None = None
+    agent_name: str | None = None
 
 
 ADMIN_USER = User(org_id=1, org_name="admin", org_slug="admin", role="Admin", is_admin=True)

@@ -27,7 +27,7 @@ from taskd.timeutil import rfc3339, utcnow
 
 EVENT_TYPES = (
     "agent.created", "agent.updated", "agent.deleted", "agent.online", "agent.offline",
-    "agent.connected",
+    "agent.connected", "agent.tokenReset",
     "task.created", "task.updated", "task.deleted",
 )
 

@@ -25,6 +25,7 @@ from taskd.db.connector import Database
 from taskd.db.sessions import OnlineChange
 from taskd.server.agentsession import (CLOSE_GOING_AWAY, CLOSE_NORMAL, AgentSession, SessionListener,
                                        SessionTransport, online_payload)
+from taskd.server.agenttokens import CLOSE_TOKEN_RESET, TOKEN_RESET
 from taskd.server.badframes import BadFrames
 from taskd.server.events import EventBus
 from taskd.wire.messages import parse_catalog
@@ -93,6 +94,9 @@ class SessionManager(Service):
     def _on_event(self, event: Any) -> None:
         """Newest session wins across servers: an agent that connected to another server
         while it still has a session here (its socket here died unseen) is closed here."""
+        if event.type == TOKEN_RESET:
+            self._token_reset(event)
+            return
         if event.type != "agent.connected" or event.source == self.instance_id:
             return
         payload = event.payload if isinstance(event.payload, dict) else {}
@@ -103,6 +107,17 @@ class SessionManager(Service):
         self.log.info("agent {name} ({id}) connected to server {server}; closing its older connection here {old}",
                       name=session.agent.name, id=session.agent.id, server=server, old=session.id)
         session.transport.close(CLOSE_NORMAL, f"replaced by a newer connection on server {server}")
+
+    def _token_reset(self, event: Any) -> None:
+        """The agent's token was replaced (on any server): the connection the old one
+        opened is closed; the agent must come back with the new token."""
+        payload = event.payload if isinstance(event.payload, dict) else {}
+        session = self.sessions.get(payload.get("id"))  # type: ignore[arg-type]
+        if session is None or session.closed or not session.via_token:
+            return
+        self.log.info("agent {name} ({id}): its token was replaced; closing the connection it opened",
+                      name=session.agent.name, id=session.agent.id)
+        session.transport.close(CLOSE_TOKEN_RESET, "agent token replaced; reconnect with the new token")
 
     @inlineCallbacks
     def stopService(self):
@@ -161,14 +176,15 @@ class SessionManager(Service):
 
     # -- sessions ----------------------------------------------------------------------
 
-    def attach(self, agent: Agent, version: int, remote_ip: str, transport: SessionTransport) -> AgentSession:
+    def attach(self, agent: Agent, version: int, remote_ip: str, transport: SessionTransport, *,
+               via_token: bool = False) -> AgentSession:
         """A websocket for `agent` just opened: record it, then tell the agent its tasks.
 
         Sessions that open close together are handled together (a reconnect storm after
         a restart is thousands at once): those that opened in the same reactor turn, or
         while the previous batch was being brought up, are recorded in one transaction,
         get their `any` tasks in one more, and their first taskLists from one read."""
-        session = AgentSession(agent, version, remote_ip, transport)
+        session = AgentSession(agent, version, remote_ip, transport, via_token=via_token)
         self.stats.incr("agents.connections_accepted")
         self._opening.append(session)
         if self._open_call is None and not self._open_busy:

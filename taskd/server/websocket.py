@@ -16,7 +16,7 @@ from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerPr
 from twisted.logger import Logger
 
 from taskd.db.agents import Agent
-from taskd.errors import Invalid
+from taskd.errors import Forbidden, Invalid
 from taskd.server.domain import AgentService
 from taskd.server.agentsession import CLOSE_PROTOCOL_ERROR, AgentSession
 from taskd.server.sessions import SessionManager
@@ -32,6 +32,7 @@ class SocketContext:
     agent: Agent
     version: int
     remote_ip: str
+    via_token: bool = False  # opened with the agent's own token (closed when it is replaced)
 
 
 class AgentSocketProtocol(WebSocketServerProtocol):
@@ -40,7 +41,8 @@ class AgentSocketProtocol(WebSocketServerProtocol):
     session: AgentSession | None = None
 
     def onOpen(self) -> None:
-        self.session = self.manager.attach(self.context.agent, self.context.version, self.context.remote_ip, self)
+        self.session = self.manager.attach(self.context.agent, self.context.version, self.context.remote_ip, self,
+                                           via_token=self.context.via_token)
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         if self.session is None:
@@ -128,7 +130,12 @@ class SocketEndpoint:
             raise Invalid(f"agent name {agent_name!r} may only contain letters, digits, '_' and '-'")
         if not version.isdigit() or not 1 <= int(version) <= 1000:
             raise Invalid(f"protocol version {version!r} must be a positive integer (this server speaks 1)")
-        agent = await self.agents.for_socket(call.user, agent_name, autocreate=self.autocreate)
-        context = SocketContext(agent, int(version), client_ip(request))
+        user = call.user
+        if user.agent_id is not None and agent_name != user.agent_name:
+            raise Forbidden(f"this agent token belongs to agent {user.agent_name!r}, not {agent_name!r}")
+        agent = await self.agents.for_socket(user, agent_name, autocreate=self.autocreate and user.agent_id is None)
+        if user.agent_id is not None and agent.id != user.agent_id:  # renamed meanwhile, another took the name
+            raise Forbidden(f"this agent token belongs to agent {user.agent_id}, not to {agent_name!r}")
+        context = SocketContext(agent, int(version), client_ip(request), via_token=user.agent_id is not None)
         log.debug("upgrading agent {name} (org {org}) from {ip}", name=agent.name, org=agent.org_id, ip=context.remote_ip)
         return WebSocketResource(_WithContext(self.factory, context))

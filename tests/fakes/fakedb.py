@@ -140,6 +140,7 @@ class _State:
     statuses: dict[tuple[int, int], TaskStatusRow] = field(default_factory=dict)
     tasks: dict[int, Task] = field(default_factory=dict)
     any_index: dict[int, int] = field(default_factory=dict)  # `any` task id -> its agent
+    tokens: dict[int, str] = field(default_factory=dict)  # agent id -> its token's hash
     ids: Iterable[int] = field(default_factory=lambda: itertools.count(1))
     calls: list[tuple[MethodType, tuple]] = field(default_factory=list)
     holds: dict[MethodType, Held] = field(default_factory=dict)
@@ -360,7 +361,20 @@ class FakeAgentStore(_Fake):
 
     @recorded
     def delete(self, agent_id: int) -> "Deferred[Agent | None]":
+        self._state.tokens.pop(agent_id, None)
         return succeed(self._state.drop_agent(agent_id))
+
+    @recorded
+    def set_token(self, agent_id: int, token_hash: str) -> "Deferred[bool]":
+        if agent_id not in self._state.agents:
+            return succeed(False)
+        self._state.tokens[agent_id] = token_hash
+        return succeed(True)
+
+    @recorded
+    def by_token(self, token_hash: str) -> "Deferred[Agent | None]":
+        agent_id = next((a for a, h in self._state.tokens.items() if h == token_hash), None)
+        return succeed(self._state.agents.get(agent_id) if agent_id is not None else None)
 
 
 AGENT_ORDER = {"id": "id", "name": "name", "enabled": "enabled", "enabledChange": "enabled_change",

@@ -230,6 +230,59 @@ def test_0003_downgrade_drops_only_server_instance(fresh_db):
         _seed_instance(conn)  # the table is back, empty, and usable
 
 
+# -- 0004: agent_token -------------------------------------------------------------------
+
+def _seed_token(conn: sa.Connection, agent_id: int = 1, digest: str = "a" * 64) -> None:
+    conn.execute(sa.insert(models.agent_token).values(agent_id=agent_id, token_hash=digest, created=NOW))
+
+
+def test_0004_adds_agent_token_to_a_database_holding_0003_data(fresh_db):
+    _, engine = fresh_db
+    migrate.upgrade(engine, "0003")
+    with engine.begin() as conn:
+        _seed(conn)
+        _seed_status(conn)
+        _seed_instance(conn)
+    migrate.upgrade(engine, "0004")
+    assert migrate.current_revision(engine) == "0004"
+    with engine.begin() as conn:
+        assert conn.execute(sa.select(models.task.c.name)).scalars().all() == ["example-task-1"]
+        assert conn.execute(sa.select(models.server_instance.c.name)).scalar() == "web-1:8082"
+        assert conn.execute(sa.select(sa.func.count()).select_from(models.agent_token)).scalar() == 0
+        _seed_token(conn)
+    with engine.connect() as conn:
+        assert conn.execute(sa.select(models.agent_token)).one().created == NOW
+    with pytest.raises(sa.exc.IntegrityError):  # one token per agent
+        with engine.begin() as conn:
+            _seed_token(conn, digest="b" * 64)
+    with pytest.raises(sa.exc.IntegrityError):  # a token hash names one agent
+        with engine.begin() as conn:
+            conn.execute(sa.insert(models.agent).values(id=2, org_id=1, name="agent2", enabled=False, public=False,
+                                                        online=False, created=NOW, updated=NOW))
+            _seed_token(conn, agent_id=2)
+    with engine.begin() as conn:  # deleting the agent revokes its token (the FK cascades)
+        conn.execute(sa.delete(models.agent))
+    with engine.connect() as conn:
+        assert conn.execute(sa.select(sa.func.count()).select_from(models.agent_token)).scalar() == 0
+
+
+def test_0004_downgrade_drops_only_agent_token(fresh_db):
+    _, engine = fresh_db
+    migrate.upgrade(engine, "0004")
+    with engine.begin() as conn:
+        _seed(conn)
+        _seed_token(conn)
+    migrate.downgrade(engine, "0003")
+    assert migrate.current_revision(engine) == "0003"
+    names = set(sa.inspect(engine).get_table_names())
+    assert "agent_token" not in names and {"agent", "task", "server_instance"} <= names
+    with engine.connect() as conn:
+        assert conn.execute(sa.select(models.agent.c.name)).scalars().all() == ["agent1"]
+    migrate.upgrade(engine, "0004")
+    with engine.begin() as conn:
+        _seed_token(conn)  # the table is back, empty, and usable
+
+
 def test_taskd_db_command_upgrades_and_reports(fresh_db, tmp_path):
     (db_type, connect_str), engine = fresh_db
     # The server's own example file, every other key and section in it: taskd-db reads

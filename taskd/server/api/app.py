@@ -21,6 +21,7 @@ from taskd.server.api.bodies import BodyError, ParsedBody, parse_body
 from taskd.server.api import openapi
 from taskd.server.api.envelope import JSON_CT, error, respond
 from taskd.server.render import agent_json, metric_json, server_json, status_json, task_json
+from taskd.server.agenttokens import AgentTokens, is_token
 from taskd.server.auth import ADMIN_USER, AuthError, Authenticator, User, bearer_key
 from taskd.server.domain import AgentService, TaskService
 from taskd.server.peer import client_ip
@@ -49,20 +50,22 @@ class Api:
 
     def __init__(self, agents: AgentService, tasks: TaskService, auth: Authenticator, *, max_body_size: int,
                  socket: Handler | None = None, stats: Any = NULL_STATS, database: Any = None,
-                 servers: Any = None) -> None:
+                 servers: Any = None, tokens: AgentTokens | None = None) -> None:
         """`database`: what `GET /` reports on (its `health()`); None reports nothing.
         `servers`: has `live()` -> Deferred of the live ServerInstances (the liveness
         service); None leaves GET /servers out."""
         self.stats = stats
         self.database = database
         self.servers = servers
+        self.tokens = tokens
         self.agents = agents
         self.tasks = tasks
         self.auth = auth
         self.socket = socket
         self.max_body_size = max_body_size
         self.app = Klein()
-        self._openapi = json.dumps(openapi.document(servers=servers is not None, socket=socket is not None),
+        self._openapi = json.dumps(openapi.document(servers=servers is not None, socket=socket is not None,
+                                                    tokens=tokens is not None),
                                    separators=(",", ":")).encode("utf-8")
         self._routes()
 
@@ -90,6 +93,9 @@ class Api:
             if getattr(request, "body_too_large", False):
                 return error(request, 413, f"request body is larger than {self.max_body_size} bytes (max-body-size)")
             user = await self._authenticate(request) if auth else None
+            if user is not None and user.agent_id is not None and not raw:
+                raise AuthError(403, "an agent token opens only its agent's websocket"
+                                     " (GET /api/v1/socket/<name>/1); the REST API needs an API key")
             result = await handler(Call(request, user), **kwargs)
             if raw:
                 return result
@@ -132,6 +138,8 @@ class Api:
     async def _authenticate(self, request: IRequest) -> User:
         headers = request.requestHeaders
         key = bearer_key(headers.getRawHeaders(b"authorization"), headers.getRawHeaders(b"authentication"))
+        if self.tokens is not None and is_token(key):
+            return await self.tokens.user_for(key)  # never sent to the key check
         return await self.auth.authenticate(key)
 
     def _routes(self) -> None:
@@ -166,6 +174,8 @@ class Api:
         r(PREFIX + "/agents/<agent_id>", "GET", "agent", self.get_agent)
         r(PREFIX + "/agents/<agent_id>", "DELETE", "agent", self.delete_agent)
         r(PREFIX + "/agents/<agent_id>/metrics", "GET", "metrics", self.agent_metrics)
+        if self.tokens is not None:
+            r(PREFIX + "/agents/<agent_id>/token", "POST", "token", self.issue_token)
         r(PREFIX + "/tasks", "GET", "tasks", self.list_tasks)
         r(PREFIX + "/tasks", "POST", "task", self.create_task)
         r(PREFIX + "/tasks", "PUT", "task", self.update_task)
@@ -218,6 +228,13 @@ class Api:
     async def delete_agent(self, call: Call, agent_id: str) -> None:
         await self.agents.delete(call.user, parse_id("agent", agent_id))
         return None
+
+    async def issue_token(self, call: Call, agent_id: str) -> dict:
+        """A new token for an own agent, shown this once (only its hash is kept)."""
+        call.query.check_known(set())
+        agent = await self.agents.owned(call.user, parse_id("agent", agent_id))
+        issued = await self.tokens.issue(agent)
+        return {"agentId": agent.id, "agentName": agent.name, "token": issued.token}
 
     async def agent_metrics(self, call: Call, agent_id: str) -> list:
         metrics = await self.agents.metrics(call.user, parse_id("agent", agent_id))

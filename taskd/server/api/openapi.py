@@ -16,7 +16,7 @@ from taskd.db import agents as agent_db, catalog as catalog_db, tasks as task_db
 
 MAX_INT = 2**31 - 1
 ROLE = "x-taskd-role"
-ENVELOPE_TYPES = ["agent", "agents", "task", "tasks", "metrics", "servers", "heartbeat", "error"]
+ENVELOPE_TYPES = ["agent", "agents", "task", "tasks", "metrics", "servers", "token", "heartbeat", "error"]
 _NO_CONTROL = r"^[^\x00-\x1f\x7f]*$"
 _TAG = r"^[^,\s\x00-\x1f\x7f]([^,\x00-\x1f\x7f]*[^,\s\x00-\x1f\x7f])?$"
 _TIME = {"type": "string", "format": "date-time"}
@@ -232,7 +232,7 @@ def _schemas() -> dict:
     }
 
 
-def _operations(servers: bool, socket: bool) -> dict:
+def _operations(servers: bool, socket: bool, tokens: bool) -> dict:
     agents, tasks = _ref("Agent"), _ref("Task")
     agent_id, task_id = _path_id("agent_id", "agent"), _path_id("task_id", "task")
     agent_body = {"required": True, "content": {
@@ -318,6 +318,15 @@ def _operations(servers: bool, socket: bool) -> dict:
             "responses": {"200": {"description": "the OpenAPI document",
                                   "content": {"application/json": {"schema": {"type": "object"}}}}}}},
     }
+    if tokens:
+        paths["/api/v1/agents/{agent_id}/token"] = {"parameters": [agent_id], "post": {
+            "operationId": "issueAgentToken",
+            "summary": "a new token for an own agent, shown once; replaces the old one and closes its connection",
+            "responses": _responses(_ok("token", {
+                "type": "object", "required": ["agentId", "agentName", "token"],
+                "properties": {"agentId": {"type": "integer"}, "agentName": {"type": "string"},
+                               "token": {"type": "string", "pattern": "^taskd_agent_"}}}, "the token, this once"),
+                400, 403, 404)}}
     if servers:
         paths["/api/v1/servers"] = {"get": {
             "operationId": "listServers", "summary": "live task-servers sharing the database (admin org only)",
@@ -347,13 +356,13 @@ def _roles(paths: dict) -> None:
                 op.setdefault(ROLE, "Viewer" if method == "get" else "Editor")
 
 
-def document(*, servers: bool = True, socket: bool = True) -> dict:
-    """The whole document; `servers`/`socket` say whether those routes are mounted."""
+def document(*, servers: bool = True, socket: bool = True, tokens: bool = True) -> dict:
+    """The whole document; `servers`/`socket`/`tokens` say whether those routes are mounted."""
     error_responses = {f"E{code}": {"description": text, "content": {"application/json": {"schema": _ref("Error")}}}
                        for code, text in {**_ERRORS, 426: "Not a websocket upgrade request"}.items()}
     error_responses["E401"]["headers"] = {"WWW-Authenticate": {"schema": {"type": "string"}}}
     error_responses["E503"]["headers"] = {"Retry-After": {"schema": {"type": "string"}}}
-    paths = _operations(servers, socket)
+    paths = _operations(servers, socket, tokens)
     _roles(paths)
     return {
         "openapi": "3.1.0",
@@ -365,7 +374,8 @@ def document(*, servers: bool = True, socket: bool = True) -> dict:
         "paths": paths,
         "components": {
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer",
-                                           "description": "an API key (or the admin-key)"}},
+                                           "description": "an API key (or the admin-key); an agent token"
+                                                          " (taskd_agent_...) opens only its agent's websocket"}},
             "schemas": _schemas(),
             "responses": error_responses,
         },
