@@ -24,6 +24,7 @@ ADMIN_KEY = "EASY"
 ORG2_KEY = "key-org-2"
 ORG3_KEY = "key-org-3"
 VIEWER_KEY = "key-org-2-viewer"
+EDITOR_KEY = "key-org-2-editor"
 
 
 @dataclass
@@ -96,6 +97,7 @@ async def start_server(db_type: str, connect_str: str, *, wipe: bool = True,
         ORG2_KEY: org(2, "acme", "Admin"),
         ORG3_KEY: org(3, "globex", "Admin"),
         VIEWER_KEY: org(2, "acme", "Viewer"),
+        EDITOR_KEY: org(2, "acme", "Editor"),
     })
     settings = dataclasses.replace(
         ServerSettings(),

@@ -30,6 +30,20 @@ from taskd.stats import NULL_STATS
 
 Handler = Callable[..., Awaitable[Any]]
 PREFIX = "/api/v1"
+#: Endpoint roles by rank (worldping-api's reqEditorRole on writes): reads need Viewer,
+#: writes and agent connections Editor. A role the endpoint does not name ranks lowest.
+ROLES = ("Viewer", "Editor", "Admin")
+
+
+def role_rank(role: str) -> int:
+    return ROLES.index(role) if role in ROLES else 0
+
+
+def check_role(user: User, needed: str, what: str) -> None:
+    """403 naming the role needed unless `user`'s role reaches `needed`."""
+    if role_rank(user.role) < role_rank(needed):
+        raise AuthError(403, f"this key's role is {user.role or 'none'}; {what} needs "
+                             f"{' or '.join(ROLES[role_rank(needed):])}")
 
 
 class Call:
@@ -75,9 +89,11 @@ class Api:
     # -- plumbing ----------------------------------------------------------------------
 
     def _route(self, path: str, method: str, type_: str, handler: Handler, *, auth: bool = True,
-               raw: bool = False) -> None:
+               raw: bool = False, role: str | None = None) -> None:
+        needed = role or ("Viewer" if method == "GET" else "Editor")
+
         async def endpoint(request: IRequest, **kwargs: Any) -> Any:
-            result = await self._endpoint(request, type_, handler, auth, kwargs, raw)
+            result = await self._endpoint(request, type_, handler, auth, kwargs, raw, needed, f"{method} {path}")
             if raw:
                 self._socket_outcome(request, kwargs, result)
             return result
@@ -86,16 +102,19 @@ class Api:
         self.app.route(path, methods=[method], strict_slashes=False, endpoint=endpoint.__name__)(endpoint)
 
     async def _endpoint(self, request: IRequest, type_: str, handler: Handler, auth: bool, kwargs: dict,
-                        raw: bool = False) -> Any:
+                        raw: bool = False, role: str = "Viewer", what: str = "") -> Any:
         """raw: the handler's result (e.g. the websocket upgrade resource) is returned as
         is; errors still become the envelope."""
         try:
             if getattr(request, "body_too_large", False):
                 return error(request, 413, f"request body is larger than {self.max_body_size} bytes (max-body-size)")
             user = await self._authenticate(request) if auth else None
-            if user is not None and user.agent_id is not None and not raw:
-                raise AuthError(403, "an agent token opens only its agent's websocket"
-                                     " (GET /api/v1/socket/<name>/1); the REST API needs an API key")
+            if user is not None and user.agent_id is not None:
+                if not raw:
+                    raise AuthError(403, "an agent token opens only its agent's websocket"
+                                         " (GET /api/v1/socket/<name>/1); the REST API needs an API key")
+            elif user is not None:
+                check_role(user, role, what.replace("<", ":").replace(">", ""))
             result = await handler(Call(request, user), **kwargs)
             if raw:
                 return result
@@ -185,7 +204,7 @@ class Api:
         if self.servers is not None:
             r(PREFIX + "/servers", "GET", "servers", self.list_servers)
         if self.socket is not None:
-            r(PREFIX + "/socket/<agent_name>/<version>", "GET", "error", self.socket, raw=True)
+            r(PREFIX + "/socket/<agent_name>/<version>", "GET", "error", self.socket, raw=True, role="Editor")
 
     async def heartbeat(self, call: Call) -> dict | None:
         """Always answers, at once: the database's last-known state, never a wait on it
