@@ -18,7 +18,7 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol
 
 from taskd.db import models
-from tests.integration.harness import ADMIN_KEY, Reply, start_server, stop_server
+from tests.integration.harness import ADMIN_KEY, Reply, assert_error, start_server, stop_server
 
 MAX_BODY = 1024
 JSON_HEADERS = {"Content-Type": "application/json"}
@@ -464,3 +464,12 @@ async def test_wildcards_in_the_metrics_namespace_filter_are_literal_except_star
     assert await matching("/os/cpu_*") == ["/os/cpu_0"]
     assert await matching("/os/*%") == ["/os/100%"]
     assert await matching("/os/*") == ["/os/100%", "/os/cpuX0", "/os/cpu_0"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_non_finite_number_is_a_400_naming_the_field_and_nothing_is_stored(api):
+    body = (b'{"name": "inf", "interval": 60, "route": {"type": "any"},'
+            b' "config": {"/raintank/apps/x": {"threshold": 1e400}}}')
+    reply = await api.request("POST", "/api/v1/tasks", data=body, headers={"Content-Type": "application/json"})
+    assert_error(reply, 400, "config./raintank/apps/x.threshold: not a finite number")
+    assert await api.ok("GET", "/api/v1/tasks") == []

@@ -286,3 +286,19 @@ def test_fuzz_only_body_error_or_parsed_body():
         kinds[got.kind] += 1
     # The mutations must actually exercise both outcomes, not only errors.
     assert kinds["error"] > 100 and kinds["form"] > 100 and kinds["json"] > 10, kinds
+
+
+@pytest.mark.parametrize("raw, where", [
+    (b'{"name": "t", "interval": 1e400}', "interval"),
+    (b'{"config": {"/ns": {"x": -1e400}}}', "config./ns.x"),
+    (b'{"route": {"config": {"ids": [1, 2e999]}}}', "route.config.ids[1]"),
+    (b'1e400', "the body"),
+])
+def test_a_number_that_is_not_finite_is_refused_naming_where(raw, where):
+    with pytest.raises(BodyError) as info:
+        parse_body([b"application/json"], raw)
+    assert info.value.message.startswith(f"{where}: not a finite number")
+
+
+def test_large_finite_numbers_are_kept():
+    assert parse_body([b"application/json"], b'{"x": 1.7e308, "y": -1e-400}').data == {"x": 1.7e308, "y": -0.0}

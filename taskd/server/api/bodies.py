@@ -21,6 +21,7 @@ decide when the body does not. Anything that cannot be parsed raises BodyError
 from __future__ import annotations
 
 import json
+import math
 import re
 from typing import Any
 from urllib.parse import parse_qs
@@ -73,13 +74,34 @@ def _parse_json(body: bytes) -> Any:
     except UnicodeDecodeError as e:
         raise BodyError(f"JSON body is not valid UTF-8 (byte {e.start})") from None
     try:
-        return json.loads(text, parse_constant=_reject_constant)
+        value = json.loads(text, parse_constant=_reject_constant)
     except json.JSONDecodeError as e:
         raise BodyError(f"malformed JSON body: {e.msg} at line {e.lineno} column {e.colno}") from None
     except RecursionError:
         raise BodyError("malformed JSON body: nested too deeply") from None
     except ValueError as e:  # e.g. integers beyond the int-string conversion limit
         raise BodyError(f"malformed JSON body: {e}") from None
+    where = _non_finite(value)
+    if where is not None:
+        raise BodyError(f"{where}: not a finite number (1e400 and the like overflow; JSON numbers"
+                        " must be finite)")
+    return value
+
+
+def _non_finite(value: Any) -> str | None:
+    """The path of the first number JSON parsed to infinity (`1e400`), or None. Stored,
+    such a value would come back as `Infinity`, which is not JSON, in the API's answer and
+    in every agent's taskList."""
+    stack: list[tuple[str, Any]] = [("", value)]
+    while stack:
+        path, item = stack.pop()
+        if isinstance(item, float) and not math.isfinite(item):
+            return path or "the body"
+        if isinstance(item, dict):
+            stack.extend((f"{path}.{k}" if path else str(k), v) for k, v in reversed(item.items()))
+        elif isinstance(item, list):
+            stack.extend((f"{path}[{i}]", v) for i, v in reversed(list(enumerate(item))))
+    return None
 
 
 def _parse_urlencoded(body: bytes) -> dict[str, list[str]]:
