@@ -19,7 +19,7 @@ CLOSE_POLICY_VIOLATION = 1008
 
 
 class BadFrames:
-    log = Logger(namespace="taskd.server.sessions")
+    log = Logger()  # namespace taskd.server.badframes.BadFrames
 
     def __init__(self, clock: Any, max_bad_frames: int = 100, log_every: float = LOG_EVERY) -> None:
         self.clock = clock

@@ -187,5 +187,8 @@ async def test_a_flood_behind_a_stuck_catalog_write_is_held_off_by_back_pressure
 
     await value_of(first_namespace, lambda ns: ns.startswith(f"/flood{FLOOD - 1}/"), timeout=60,
                    what="the last catalog stored")
-    assert not client.closed.called and session.inbound == 0 and not session.paused
+    # The last catalog is stored before its frame's bookkeeping runs (listener, then
+    # `_handled`): wait for that, then the queue is empty and reading resumed.
+    await until(lambda: session.inbound == 0 and not session.paused, what="the queue drained and reading resumed")
+    assert not client.closed.called
     await client.disconnect()

@@ -41,14 +41,19 @@ def count(engine: sa.Engine, *where: Any) -> int:
 
 
 class Logs:
-    """taskd.server.statusintake log lines at info and above."""
+    """What the server says about an agent's status frames: taskd.server.statusintake at
+    info and above, and the bad-frame complaints (taskd.server.badframes) at warn."""
 
     def __init__(self) -> None:
         self.lines: list[str] = []
 
     def __call__(self, event: dict) -> None:
         level = event.get("log_level")
-        if event.get("log_namespace", "").startswith("taskd.server.statusintake") and level is not None and level >= LogLevel.info:
+        namespace = event.get("log_namespace", "")
+        if level is None:
+            return
+        if (namespace.startswith("taskd.server.statusintake") and level >= LogLevel.info) or \
+                (namespace.startswith("taskd.server.badframes") and level >= LogLevel.warn):
             self.lines.append(formatEvent(event))
 
     def __enter__(self) -> "Logs":
