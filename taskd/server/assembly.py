@@ -183,7 +183,8 @@ def build_server(settings: Any, reactor: Any = None) -> Server:
     stats = make_stats(settings, SERVER_PREFIX, reactor)
     events = EventBus(instance_id)
     agents = AgentService(db.agents, db.catalog, events, stats=stats, status=db.status,
-                          max_agents_per_org=settings.max_agents_per_org)
+                          max_agents_per_org=settings.max_agents_per_org,
+                          public_agent_orgs=frozenset(settings.public_agent_orgs))
     tasks = TaskService(db.tasks, events, db.routes, stats=stats)
     status = StatusService(db.status, clock=reactor, flush_interval=settings.status_flush_interval,
                            instance_id=instance_id)

@@ -31,11 +31,15 @@ log = Logger(namespace="taskd.server.domain")
 class AgentService:
     def __init__(self, agents: AgentStore, catalog: CatalogStore, events: EventBus, *,
                  stats: Any = NULL_STATS, status: StatusStore | None = None, clock: Any = None,
-                 max_agents_per_org: int | None = None) -> None:
+                 max_agents_per_org: int | None = None,
+                 public_agent_orgs: frozenset[int] | None = None) -> None:
+        """`public_agent_orgs`: the orgs that may publish agents (None: every org, as the
+        original allowed; the server passes its `public-agent-orgs`)."""
         if clock is None:
             from twisted.internet import reactor as clock
         self.agents = agents
         self.max_agents_per_org = max_agents_per_org
+        self.public_agent_orgs = public_agent_orgs
         self.status = status
         self.catalog = catalog
         self.events = events
@@ -69,11 +73,25 @@ class AgentService:
             raise Forbidden(f"agent {agent_id} is a public agent of another org; only its owner can change it")
         return agent
 
+    def may_publish(self, user: User) -> bool:
+        """May `user`'s org have public agents? A public agent is given every org's `any`
+        tasks, config (third-party keys) included, so that is the operator's choice."""
+        return self.public_agent_orgs is None or user.org_id in self.public_agent_orgs
+
+    def _check_publish(self, user: User) -> None:
+        if not self.may_publish(user):
+            who = f"org {user.org_id}" + (f" ({user.org_slug})" if user.org_slug else "")
+            raise Forbidden(f"this key's {who} may not publish agents: a public"
+                            " agent runs other orgs' tasks, so only the orgs in the server's public-agent-orgs"
+                            " may; send public: false (or leave it out)")
+
     def list(self, user: User, flt: AgentFilter, page: Page) -> "Deferred[list[Agent]]":
         return self.agents.list(user.org_id, flt, page)
 
     @inlineCallbacks
     def create(self, user: User, spec: AgentInput) -> "Deferred[Agent]":
+        if spec.public:
+            self._check_publish(user)
         agent = yield self.agents.create(
             user.org_id, spec.name, enabled=bool(spec.enabled), public=bool(spec.public), tags=spec.tags or (),
             max_per_org=self.max_agents_per_org,
@@ -84,8 +102,9 @@ class AgentService:
 
     @inlineCallbacks
     def for_socket(self, user: User, name: str, *, autocreate: bool) -> "Deferred[Agent]":
-        """The agent connecting under `name` in the key's org; created (enabled, public,
-        as the later original did) when missing, unless auto-create is off."""
+        """The agent connecting under `name` in the key's org; created when missing
+        (enabled; public, as the later original did, only for an org that may publish),
+        unless auto-create is off."""
         agent = self.cache.get_by_name(user.org_id, name)
         if agent is not None:
             return agent
@@ -98,7 +117,7 @@ class AgentService:
             raise NotFound(f"agent {name!r} is not registered in this org; register it with "
                            "POST /api/v1/agents (agent-autocreate is off)")
         try:
-            agent = yield self.agents.create(user.org_id, name, enabled=True, public=True, tags=(),
+            agent = yield self.agents.create(user.org_id, name, enabled=True, public=self.may_publish(user), tags=(),
                                              max_per_org=self.max_agents_per_org)
         except Conflict:  # created concurrently by another connection
             return (yield self.agents.get_by_name(user.org_id, name))
@@ -114,6 +133,8 @@ class AgentService:
     @inlineCallbacks
     def update(self, user: User, spec: AgentInput) -> "Deferred[Agent]":
         current = yield self.owned(user, spec.id)
+        if spec.public and not current.public:  # an agent already public may stay so
+            self._check_publish(user)
         old, new = yield self.agents.update(
             current.id,
             name=spec.name if spec.name is not None else current.name,

@@ -82,8 +82,13 @@ SERVER_OPTIONS: tuple[Option, ...] = (
     Option("max-body-size", byte_size(lo=1), "1M",
            "Largest request body accepted, in bytes or with a unit: 512k, 1M, 1MiB."),
     Option("agent-autocreate", parse_bool, "true",
-           "Create an agent (enabled, public) when an unknown name connects with a valid"
-           " key; false refuses the connection with a 404 until it is registered."),
+           "Create an agent (enabled; public if its org is in public-agent-orgs) when an"
+           " unknown name connects with a valid key; false refuses the connection with a"
+           " 404 until it is registered."),
+    Option("public-agent-orgs", int_list(lo=1), "1",
+           "Comma-separated org ids that may publish agents (create or set public: true,"
+           " or have them auto-created public). A public agent runs every org's 'any'"
+           " tasks and sees their config; other orgs' agents are private. Empty: none."),
     Option("max-catalog-records", int_range(lo=1), "5000",
            "Most metrics one agent may advertise; a larger catalog is refused (nothing of"
            " it stored, one log line naming the agent) and the agent keeps its previous one."),
@@ -148,6 +153,7 @@ class ServerSettings:
     auth_timeout: float = 10.0
     max_body_size: int = 1048576
     agent_autocreate: bool = True
+    public_agent_orgs: tuple[int, ...] = (1,)
     max_catalog_records: int = 5000
     max_agents_per_org: int = 1000
     max_bad_frames: int = 100

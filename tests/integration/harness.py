@@ -23,6 +23,7 @@ from tests.fakes.auth_endpoint import FakeAuthEndpoint, org, start_auth_endpoint
 ADMIN_KEY = "EASY"
 ORG2_KEY = "key-org-2"
 ORG3_KEY = "key-org-3"
+ORG4_KEY = "key-org-4"  # an org not in public-agent-orgs
 VIEWER_KEY = "key-org-2-viewer"
 EDITOR_KEY = "key-org-2-editor"
 
@@ -96,6 +97,7 @@ async def start_server(db_type: str, connect_str: str, *, wipe: bool = True,
     auth = start_auth_endpoint({
         ORG2_KEY: org(2, "acme", "Admin"),
         ORG3_KEY: org(3, "globex", "Admin"),
+        ORG4_KEY: org(4, "initech", "Admin"),
         VIEWER_KEY: org(2, "acme", "Viewer"),
         EDITOR_KEY: org(2, "acme", "Editor"),
     })
@@ -107,6 +109,9 @@ async def start_server(db_type: str, connect_str: str, *, wipe: bool = True,
             "db_connect_str": connect_str,
             "admin_key": ADMIN_KEY,
             "auth_endpoint": auth.url,
+            # Orgs 1-3 are ones the operator lets publish agents (org 1 alone by
+            # default); org 4 is not (tests/integration/test_agent_publishing.py).
+            "public_agent_orgs": (1, 2, 3),
             **overrides,
         },
     )
