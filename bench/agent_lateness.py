@@ -228,7 +228,7 @@ def agent_proc(workdir: Path, cores: Cores, *, server_port: int, name: str, sink
     config = workdir / "taskagent.ini"
     keys = {
         "server-url": f"ws://127.0.0.1:{server_port}/api/v1", "api-key": KEY, "name": name,
-        "executor": "builtin", "publisher": "tsdbgw", "tsdb-url": f"http://127.0.0.1:{sink_port}/",
+        "executor": "builtin", "blocked-nets": "none", "publisher": "tsdbgw", "tsdb-url": f"http://127.0.0.1:{sink_port}/",
         "stats-enabled": "true", "statsd-addr": f"127.0.0.1:{statsd_port}",
         # everything else (log-level 2, status-interval 10s, tsdb-flush-interval 1s, snappy,
         # batch size 5000, statsd flavour standard) at its default

@@ -19,6 +19,7 @@ from twisted.application.service import Service
 from twisted.logger import Logger
 
 import taskd
+from taskd.agent.builtin.netpolicy import NetPolicy
 from taskd.agent.taskcache import TaskCache
 from taskd.agent.taskstate import TaskState
 from taskd.agent.connection import ServerConnection
@@ -56,6 +57,7 @@ class Agent:
         self.status = StatusReporter(send=self._send, clock=reactor, interval=settings.status_interval,
                                      stats=self.stats)
         self.publisher: Any = None
+        self.netpolicy = NetPolicy(settings.blocked_nets)
         if settings.executor == "builtin":
             self.driver = self._builtin(settings, reactor)
         else:
@@ -71,7 +73,7 @@ class Agent:
         self.cache = TaskCache(self._apply, stats=self.stats, state=state)
         self.connection = ServerConnection(
             url=settings.socket_url, api_key=settings.api_key, reactor=reactor, on_frame=self.cache.handle,
-            on_connected=self._connected, max_backoff=settings.reconnect_max_backoff,
+            on_connected=self._connected, on_handshake=self._handshake, max_backoff=settings.reconnect_max_backoff,
             heartbeat_interval=settings.heartbeat_interval, ca_bundle=settings.ca_bundle, stats=self.stats,
         )
         self.stats.setServiceParent(self.service)
@@ -103,7 +105,7 @@ class Agent:
                 batch_size=settings.tsdb_batch_size, flush_interval=settings.tsdb_flush_interval,
                 queue_size=settings.tsdb_queue_size, max_backoff=settings.tsdb_max_backoff,
                 timeout=settings.tsdb_timeout, reactor=reactor, stats=self.stats)
-        collectors = load_collectors(reactor=reactor, settings=settings)
+        collectors = load_collectors(reactor=reactor, settings=settings, netpolicy=self.netpolicy)
         log.info("built-in executor with collector(s) {names}; publishing to {where}",
                  names=", ".join(sorted(collectors)) or "(none)",
                  where=settings.graphite_addr if settings.publisher == "graphite" else settings.tsdb_url)
@@ -113,6 +115,15 @@ class Agent:
     def _apply(self, tasks: dict[int, dict]) -> None:
         self.driver.set_tasks(tasks)
         self.status.retain(tasks)
+
+    def _handshake(self, headers: dict) -> None:
+        was = self.netpolicy.public
+        self.netpolicy.server_said(headers)
+        if self.netpolicy.public != was and self.netpolicy.setting == "auto":
+            log.info("the server says this agent is {what}: the built-in collectors {rule}",
+                     what={True: "public", False: "private", None: "(not said)"}[self.netpolicy.public],
+                     rule="block nothing" if not self.netpolicy.active else
+                     "block loopback, private, link-local, CGNAT and ULA networks (blocked-nets = auto)")
 
     def _connected(self) -> None:
         self.driver.resend_catalog()

@@ -108,7 +108,8 @@ class ServerConnection(Service):
     name = "connection"
 
     def __init__(self, *, url: str, api_key: str, reactor: Any, on_frame: Callable[[Frame], None],
-                 on_connected: Callable[[], None] = lambda: None, max_backoff: float = 30.0,
+                 on_connected: Callable[[], None] = lambda: None,
+                 on_handshake: Callable[[dict], None] = lambda headers: None, max_backoff: float = 30.0,
                  heartbeat_interval: float = 2.0, ca_bundle: str = "",
                  rng: random.Random | None = None, stats: Any = NULL_STATS) -> None:
         self.stats = stats
@@ -117,6 +118,7 @@ class ServerConnection(Service):
         self.reactor = reactor
         self.on_frame = on_frame
         self.on_connected = on_connected
+        self.on_handshake = on_handshake  # the upgrade answer's headers (lowercase names)
         self.max_backoff = max_backoff
         self.heartbeat_interval = heartbeat_interval
         self.ca_bundle = ca_bundle
@@ -223,6 +225,12 @@ class ServerConnection(Service):
         conn = self
 
         class Protocol(WebSocketClientProtocol):
+            def onConnect(self, response: Any) -> None:
+                try:
+                    conn.on_handshake(dict(response.headers))
+                except Exception:
+                    conn.log.failure("handling the server's upgrade answer failed")
+
             def onOpen(self) -> None:
                 conn.protocol = self
                 conn.connected = True

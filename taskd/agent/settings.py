@@ -14,6 +14,7 @@ from dataclasses import dataclass, fields
 from taskd.common_options import logging_options, stats_options
 from taskd.config import ConfigError, Option, load
 from taskd.configtypes import choice, int_range, parse_bool, parse_duration, parse_host_port, url
+from taskd.agent.builtin.netpolicy import parse_blocked_nets
 from taskd.stats import AGENT_PREFIX
 
 ENV_PREFIX = "TASKAGENT_"
@@ -71,6 +72,11 @@ AGENT_OPTIONS: tuple[Option, ...] = (
            " empty means do not save (the packaged unit sets /var/lib/taskd)."),
     Option("ns1-api-url", url("http", "https"), "https://api.nsone.net/",
            "Base URL of the NS1 API used by the ns1 collector (/v1/stats/qps/<zone>)."),
+    Option("blocked-nets", parse_blocked_nets, "auto",
+           "Networks the built-in collectors may not connect to (checked after DNS, on"
+           " every connection and redirect hop): comma-separated CIDRs, none, or auto:"
+           " while the server says this agent is public, loopback, RFC 1918, link-local"
+           " (cloud metadata), CGNAT and ULA; nothing on a private agent."),
 )
 
 
@@ -103,6 +109,7 @@ class AgentSettings:
     graphite_addr: str = "localhost:2003"
     ns1_api_url: str = "https://api.nsone.net/"
     state_dir: str = ""
+    blocked_nets: str = "auto"
     config_path: str | None = None
     config_file_missing: bool = False
 

@@ -40,6 +40,11 @@ class AgentSocketProtocol(WebSocketServerProtocol):
     context: SocketContext
     session: AgentSession | None = None
 
+    def onConnect(self, request: Any) -> tuple[None, dict[str, str]]:
+        # Tells the agent whether it is public: its blocked-nets = auto depends on it
+        # (taskd.agent.builtin.netpolicy). A change of the flag closes the session.
+        return None, {"X-Taskd-Agent-Public": "true" if self.context.agent.public else "false"}
+
     def onOpen(self) -> None:
         self.session = self.manager.attach(self.context.agent, self.context.version, self.context.remote_ip, self,
                                            via_token=self.context.via_token)

@@ -58,6 +58,9 @@ class Stack:
         self.agent = AgentProcess(tmp, "task-agent", **{
             "log-level": "1", "server-url": f"ws://127.0.0.1:{self.server.port}/api/v1",
             "api-key": ADMIN_KEY, "name": "builtin1", "executor": "builtin",
+            # The checked site is on loopback, which a public agent (this one: org 1's,
+            # auto-created) blocks by default; test_blocked_nets.py tests that.
+            "blocked-nets": "none",
             **agent_keys})  # the default status-interval: outcome changes are sent within 1 s
 
     async def start(self) -> int:

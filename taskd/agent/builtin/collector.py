@@ -85,6 +85,9 @@ class Collector:
     name: ClassVar[str] = ""
     namespace: ClassVar[str] = ""
     catalog: ClassVar[tuple[dict, ...]] = ()
+    #: The agent's `blocked-nets` (a taskd.agent.builtin.netpolicy.NetPolicy), set by
+    #: `load_collectors`; a collector that connects where a task says checks it.
+    netpolicy: Any = None
 
     def __init__(self, *, reactor: Any, settings: Any) -> None:
         self.reactor = reactor
@@ -106,7 +109,8 @@ class Collector:
         raise NotImplementedError
 
 
-def load_collectors(*, reactor: Any, settings: Any, group: str = ENTRY_POINT_GROUP) -> dict[str, Collector]:
+def load_collectors(*, reactor: Any, settings: Any, group: str = ENTRY_POINT_GROUP,
+                    netpolicy: Any = None) -> dict[str, Collector]:
     """Instantiate every collector registered in ``group``, keyed by taskType.
 
     A plug-in that fails to import or construct is logged (naming it) and left out, so
@@ -124,5 +128,6 @@ def load_collectors(*, reactor: Any, settings: Any, group: str = ENTRY_POINT_GRO
         if ep.name in found:
             log.warn("collector {name} registered twice; keeping the first", name=ep.name)
             continue
+        collector.netpolicy = netpolicy
         found[ep.name] = collector
     return found

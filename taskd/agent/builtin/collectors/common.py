@@ -23,6 +23,7 @@ from twisted.web.http import PotentialDataLoss
 from twisted.web.iweb import IResponse
 
 from taskd.agent.builtin.collector import CollectError, ConfigError, TaskInfo
+from taskd.agent.builtin.netpolicy import BlockedAddress
 
 T = TypeVar("T")
 
@@ -188,6 +189,8 @@ def describe(exc: BaseException, timeout: float) -> str:
     reasons = getattr(exc, "reasons", None)  # twisted.web's ResponseFailed & co. wrap Failures
     if reasons:
         return describe(reasons[0].value, timeout)
+    if isinstance(exc, BlockedAddress):
+        return str(exc)
     if isinstance(exc, (defer.TimeoutError, net_error.TimeoutError, TimeoutError)) or \
             type(exc).__name__ == "DNSQueryTimeoutError":
         return f"timeout after {seconds_text(timeout)}"

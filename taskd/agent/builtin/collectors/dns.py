@@ -128,7 +128,10 @@ class DnsCollector(Collector):
 
     async def _query(self, cfg: DnsConfig, task: TaskInfo, what: str) -> list[Sample]:
         host, port = cfg.server
-        if not (isIPAddress(host) or isIPv6Address(host)):
+        net = self.netpolicy
+        if net is not None and net.active:  # the server asked is one this agent may reach
+            host = (await net.resolve(self.reactor, host, port))[0]
+        elif not (isIPAddress(host) or isIPv6Address(host)):
             host = await self.reactor.resolve(host)  # UDP needs an address to send to
         start = self.reactor.seconds()
         if cfg.protocol == "udp":

@@ -28,6 +28,7 @@ from zope.interface import implementer
 import taskd
 from taskd.agent.builtin.collector import Collector, Sample, TaskInfo
 from taskd.agent.builtin.collectors.common import Field, catalog, parse_fields, read_body, run, series
+from taskd.agent.builtin.netpolicy import CheckedEndpointFactory
 
 METHODS = ("GET", "HEAD")
 BODY_CAP = 10 * 1024 * 1024  # bytes read at most; body_size stops counting there
@@ -153,7 +154,12 @@ class HttpCollector(Collector):
 
     async def _request(self, cfg: HttpConfig, task: TaskInfo) -> list[Sample]:
         policy = _TlsPolicy(cfg.insecure)
-        agent = Agent(self.reactor, contextFactory=policy, connectTimeout=cfg.timeout)
+        net = self.netpolicy
+        if net is not None and net.active:  # only addresses it resolved and checked itself
+            agent = Agent.usingEndpointFactory(self.reactor, CheckedEndpointFactory(net, self.reactor, policy,
+                                                                                    cfg.timeout))
+        else:
+            agent = Agent(self.reactor, contextFactory=policy, connectTimeout=cfg.timeout)
         headers = Headers({b"User-Agent": [f"taskd/{taskd.__version__}".encode()]})
         for key, value in cfg.headers.items():
             headers.setRawHeaders(key, [value])

@@ -15,6 +15,7 @@ from twisted.internet.protocol import Factory, Protocol
 
 from taskd.agent.builtin.collector import Collector, Sample, TaskInfo
 from taskd.agent.builtin.collectors.common import Field, catalog, parse_fields, run, series
+from taskd.agent.builtin.netpolicy import connect_checked
 
 METRICS = ("connect_time", "success")
 
@@ -74,6 +75,11 @@ class TcpCollector(Collector):
         # An IP literal is connected to directly (HostnameEndpoint would "resolve" it in the
         # thread pool); a name goes through HostnameEndpoint, which resolves without
         # blocking and tries the IPv6/IPv4 addresses in turn.
+        start = self.reactor.seconds()
+        net = self.netpolicy
+        if net is not None and net.active:  # resolved and checked here, connected by address
+            protocol = await connect_checked(net, self.reactor, cfg.host, cfg.port, _QuietFactory(), cfg.timeout)
+            return self._connected(protocol, start, task)
         if isIPAddress(cfg.host):
             endpoint: Any = TCP4ClientEndpoint(self.reactor, cfg.host, cfg.port, timeout=cfg.timeout)
         elif isIPv6Address(cfg.host):
@@ -81,7 +87,9 @@ class TcpCollector(Collector):
         else:
             endpoint = HostnameEndpoint(self.reactor, cfg.host, cfg.port, timeout=cfg.timeout)
         start = self.reactor.seconds()
-        protocol = await endpoint.connect(_QuietFactory())
+        return self._connected(await endpoint.connect(_QuietFactory()), start, task)
+
+    def _connected(self, protocol: Any, start: float, task: TaskInfo) -> list[Sample]:
         elapsed = self.reactor.seconds() - start
         protocol.transport.loseConnection()
         return [Sample(series(self.name, task, "connect_time"), elapsed * 1000, "ms"),
