@@ -71,12 +71,20 @@ BY_IDS = "byIds"
 BY_TAGS = "byTags"
 
 
+def visible(agent: Candidate, org_id: int) -> bool:
+    """May a task of `org_id` go to `agent`? Its own agents and public ones. Checked on
+    every routing read, not only when the task is written: an agent made private (or
+    deleted) since stops receiving other orgs' tasks at once."""
+    return agent.public or agent.org_id == org_id
+
+
 def selects(route_type: str, ids: Iterable[int], tags: Iterable[str], org_id: int, agent: Candidate) -> bool:
     """Does a byIds/byTags route (of a task of `org_id`) name `agent`? byIds: the agent's
-    id is listed; byTags: the agent is of the task's org and has one of the tags. An
-    `any` route names no agent by itself (its agent is the one assigned: `can_run`)."""
+    id is listed and it is visible to the org; byTags: the agent is of the task's org and
+    has one of the tags. An `any` route names no agent by itself (its agent is the one
+    assigned: `can_run`)."""
     if route_type == BY_IDS:
-        return agent.id in set(ids)
+        return agent.id in set(ids) and visible(agent, org_id)
     if route_type == BY_TAGS:
         return agent.org_id == org_id and not set(tags).isdisjoint(agent.tags)
     return False
@@ -91,7 +99,7 @@ def routes_to(route_type: str, ids: Iterable[int], tags: Iterable[str], org_id: 
 
 def can_run(agent: Candidate, org_id: int, metrics: Mapping[str, int]) -> bool:
     """May `agent` be given an `any` task of `org_id`? Own or public, online, capable."""
-    return agent.online and (agent.public or agent.org_id == org_id) and covers(agent.catalog, metrics)
+    return agent.online and visible(agent, org_id) and covers(agent.catalog, metrics)
 
 
 def pick(candidates: Sequence[Candidate], rng: random.Random | None = None) -> Candidate | None:

@@ -48,6 +48,7 @@ agent = sa.Table(
     sa.Column("updated", Timestamp, nullable=False),
     sa.UniqueConstraint("org_id", "name"),
     sa.Index(None, "public"),
+    sqlite_autoincrement=True,  # ids are never reused: byIds routes name them (migration 0005)
     **TABLE_OPTS,
 )
 
@@ -120,6 +121,7 @@ task = sa.Table(
     sa.Column("created", Timestamp, nullable=False),
     sa.Column("updated", Timestamp, nullable=False),
     sa.UniqueConstraint("org_id", "name"),
+    sqlite_autoincrement=True,  # task ids are never reused either (migration 0005)
     **TABLE_OPTS,
 )
 

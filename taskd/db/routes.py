@@ -7,7 +7,7 @@ agent, so exactly one server wins and only the winner announces the change.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Iterable, Sequence
 
@@ -22,7 +22,7 @@ from taskd.db.agents import Agent, load_agents
 from taskd.db.taskstatus import TaskStatusRow
 from taskd.db.taskstatus import for_task as status_for_task
 from taskd.db.tasks import ANY, BY_IDS, BY_TAGS, Task, _tasks, load_task
-from taskd.routing import Candidate, can_run, covers, pick
+from taskd.routing import Candidate, can_run, covers, pick, visible
 from taskd.timeutil import utcnow
 
 
@@ -68,8 +68,8 @@ def routed_agents(conn: Connection, task: Task, among: Iterable[int] | None = No
         agent_id = any_assignee(conn, task.id)
         routed = {agent_id} if agent_id is not None else set()
     else:
-        if task.route.type == BY_IDS:
-            where = a.id.in_(task.route.ids)
+        if task.route.type == BY_IDS:  # visible to the task's org now (taskd.routing.visible)
+            where = sa.and_(a.id.in_(task.route.ids), sa.or_(a.org_id == task.org_id, a.public.is_(True)))
         elif task.route.type == BY_TAGS:
             where = a.id.in_(
                 sa.select(m.agent_tag.c.agent_id).where(
@@ -122,7 +122,8 @@ def tasks_for_agents(conn: Connection, agent_ids: Sequence[int]) -> dict[int, li
         tasks = {t.id: t for t in _tasks(conn, rows)}
     for agent_id, task_id in sorted(pairs, key=lambda p: (p[0], tasks[p[1]].name if p[1] in tasks else "")):
         task = tasks.get(task_id)
-        if task is not None and covers(agents[agent_id].catalog, task.metrics):
+        if task is not None and visible(agents[agent_id], task.org_id) and covers(agents[agent_id].catalog,
+                                                                                   task.metrics):
             out[agent_id].append(task)
     return out
 
@@ -327,13 +328,39 @@ class TaskDetail:
     task: Task
     agents: list[int]
     statuses: list[TaskStatusRow]
+    unrouted: list[tuple[int, str]] = field(default_factory=list)  # byIds: (agent id, why not)
 
 
 def task_detail(conn: Connection, org_id: int, task_id: int) -> TaskDetail | None:
     task = load_task(conn, org_id, task_id)
     if task is None:
         return None
-    return TaskDetail(task, sorted(routed_agents(conn, task)), status_for_task(conn, task.id, visible_to=org_id))
+    agents = routed_agents(conn, task)
+    return TaskDetail(task, sorted(agents), status_for_task(conn, task.id, visible_to=org_id),
+                      unrouted_ids(conn, task, agents))
+
+
+def unrouted_ids(conn: Connection, task: Task, routed: set[int]) -> list[tuple[int, str]]:
+    """Why each agent a byIds task names does not get it now. An agent the org may no
+    longer see reads as "not visible" whether it was deleted or made private, so the
+    answer tells another org's tenant nothing about that org's agents."""
+    if task.route.type != BY_IDS:
+        return []
+    missing = [i for i in task.route.ids if i not in routed]
+    if not missing:
+        return []
+    found = {c.id: c for c in load_candidates(conn, m.agent.c.id.in_(missing))}
+    out = []
+    for agent_id in missing:
+        agent = found.get(agent_id)
+        if agent is None or not visible(agent, task.org_id):
+            why = "not visible to this org (deleted, or another org's agent that is no longer public)"
+        elif not agent.online:
+            why = "offline"
+        else:
+            why = "its catalog does not provide the task's metrics"
+        out.append((agent_id, why))
+    return out
 
 
 class RouteStore:

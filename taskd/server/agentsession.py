@@ -21,6 +21,7 @@ from taskd.wire import framing
 CLOSE_NORMAL = 1000
 CLOSE_GOING_AWAY = 1001
 CLOSE_PROTOCOL_ERROR = 1002
+CLOSE_PUBLIC_CHANGED = 4002  # the agent was made public or private (docs/protocol.md)
 
 
 class SessionTransport(Protocol):

@@ -38,7 +38,7 @@ from taskd.db.tasks import Task
 from taskd.routing import BY_IDS, BY_TAGS, Candidate, routes_to, selects
 from taskd.server.agentview import AgentView, Desired
 from taskd.server.events import Event, EventBus
-from taskd.server.agentsession import CLOSE_NORMAL, AgentSession
+from taskd.server.agentsession import CLOSE_NORMAL, CLOSE_PUBLIC_CHANGED, AgentSession
 from taskd.stats import NULL_STATS
 from taskd.wire.messages import task_payload
 
@@ -291,9 +291,14 @@ class Dispatcher(Service):
         self._reloading[agent["id"]] = self._reloading.get(agent["id"], 0) + 1
         seq, epoch = self.view.next_read(), self.event_epoch()
 
+        was_public = session.agent.public
+
         def refreshed(fresh: Any) -> Any:
             self._refresh(session, fresh, seq, epoch)
-            return self.agent_changed(session)
+            d = self.agent_changed(session)
+            if fresh is not None and fresh.public != was_public:
+                d.addCallback(lambda _: self._publicity_changed(session, fresh.public))
+            return d
 
         def reloaded(_: Any) -> None:
             self._reloading[agent["id"]] -= 1
@@ -302,6 +307,18 @@ class Dispatcher(Service):
 
         self.db.agents.get(agent["id"]).addCallback(refreshed).addErrback(
             lambda f: log_failure(self.log, f, "re-routing agent {id} failed", id=agent["id"])).addBoth(reloaded)
+
+    def _publicity_changed(self, session: AgentSession, public: bool) -> None:
+        """The agent was made public or private. It has been re-routed (a task it may no
+        longer run got its taskRemove); its connection is then closed, because it was
+        opened telling the agent the old flag, on which its `blocked-nets = auto`
+        depends: it reconnects at once and is told the new one (docs/protocol.md)."""
+        if session.closed:
+            return
+        what = "public" if public else "private"
+        self.log.info("agent {name} ({id}) was made {what}; closing its connection so that it reconnects knowing",
+                      name=session.agent.name, id=session.agent.id, what=what)
+        session.transport.close(CLOSE_PUBLIC_CHANGED, f"this agent was made {what}; reconnect")
 
     @inlineCallbacks
     def agent_changed(self, session: AgentSession, initial: bool = False):

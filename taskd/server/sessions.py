@@ -34,7 +34,6 @@ from taskd.timeutil import rfc3339, utcnow
 from taskd.wire import framing
 from taskd.wire.framing import Frame, FrameError
 
-CLOSE_PUBLIC_CHANGED = 4002  # the agent's public flag changed (docs/protocol.md)
 OPEN_BATCH = 500  # sessions recorded per transaction at most
 #: Catalog/taskStatus frames of one agent waiting to be handled (behind a slow catalog
 #: write, or before its session is recorded) before the server stops reading its socket;
@@ -98,9 +97,6 @@ class SessionManager(Service):
         if event.type == TOKEN_RESET:
             self._token_reset(event)
             return
-        if event.type == "agent.updated":
-            self._published(event)
-            return
         if event.type != "agent.connected" or event.source == self.instance_id:
             return
         payload = event.payload if isinstance(event.payload, dict) else {}
@@ -111,22 +107,6 @@ class SessionManager(Service):
         self.log.info("agent {name} ({id}) connected to server {server}; closing its older connection here {old}",
                       name=session.agent.name, id=session.agent.id, server=server, old=session.id)
         session.transport.close(CLOSE_NORMAL, f"replaced by a newer connection on server {server}")
-
-    def _published(self, event: Any) -> None:
-        """The agent was made public or private (on any server): its connection here was
-        opened telling it the old flag, which its `blocked-nets = auto` depends on, so it
-        is closed; the agent reconnects at once and is told the new one."""
-        payload = event.payload if isinstance(event.payload, dict) else {}
-        old, new = payload.get("old") or {}, payload.get("new") or {}
-        if old.get("public") == new.get("public"):
-            return
-        session = self.sessions.get(new.get("id"))  # type: ignore[arg-type]
-        if session is None or session.closed:
-            return
-        self.log.info("agent {name} ({id}) was made {what}; closing its connection so that it reconnects knowing",
-                      name=session.agent.name, id=session.agent.id, what="public" if new.get("public") else "private")
-        session.transport.close(CLOSE_PUBLIC_CHANGED, "this agent was made " +
-                                ("public" if new.get("public") else "private") + "; reconnect")
 
     def _token_reset(self, event: Any) -> None:
         """The agent's token was replaced (on any server): the connection the old one

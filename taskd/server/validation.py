@@ -38,7 +38,7 @@ _TRUE, _FALSE = {"true", "1", "yes", "on"}, {"false", "0", "no", "off"}
 AGENT_FIELDS = {"name", "enabled", "public", "tags"}
 AGENT_READ_ONLY = {"id", "orgId", "online", "onlineChange", "enabledChange", "created", "updated", "failingTasks"}
 TASK_FIELDS = {"name", "taskType", "config", "interval", "route", "metrics", "enabled"}
-TASK_READ_ONLY = {"id", "orgId", "created", "updated", "agents", "status"}
+TASK_READ_ONLY = {"id", "orgId", "created", "updated", "agents", "unrouted", "status"}
 
 
 @dataclass(frozen=True)

@@ -40,6 +40,7 @@ class AgentClient:
     opened: Deferred = field(default_factory=Deferred)
     closed: Deferred = field(default_factory=Deferred)
     close_code: int | None = None
+    headers: dict = field(default_factory=dict)
     close_reason: str | None = None
     refused: int | None = None  # HTTP status when the upgrade was refused
     protocol: Any = None
@@ -127,6 +128,7 @@ def connect_agent(base_url: str, name: str, key: str, version: int = 1) -> Agent
     class Proto(WebSocketClientProtocol):
         def onConnect(self, response: Any) -> None:
             client.protocol = self
+            client.headers = dict(response.headers)  # the upgrade answer's (lowercase names)
 
         def onOpen(self) -> None:
             client.protocol = self

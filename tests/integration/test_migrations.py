@@ -321,3 +321,52 @@ def test_taskd_db_refuses_a_misspelt_database_key_instead_of_using_the_default(t
 def test_migrations_ship_inside_the_package():
     assert (Path(migrate.MIGRATIONS) / "env.py").is_file()
     assert Path(migrate.MIGRATIONS).is_relative_to(Path(migrate.__file__).parent)
+
+
+# -- 0005: ids never reused --------------------------------------------------------------
+
+def _max_ids(conn: sa.Connection) -> tuple[int, int]:
+    return (conn.execute(sa.select(sa.func.max(models.agent.c.id))).scalar(),
+            conn.execute(sa.select(sa.func.max(models.task.c.id))).scalar())
+
+
+def test_0005_keeps_every_row_and_child_and_ids_are_never_reused_after_it(fresh_db):
+    """On sqlite the tables are rebuilt with foreign keys off: no child row may be lost
+    to a cascade, nor left pointing at the old table."""
+    _, engine = fresh_db
+    migrate.upgrade(engine, "0004")
+    with engine.begin() as conn:
+        _seed(conn)
+        _seed_status(conn)
+        _seed_token(conn)
+    migrate.upgrade(engine, "0005")
+    assert migrate.current_revision(engine) == "0005"
+    with engine.begin() as conn:
+        for table in (models.agent_tag, models.route_by_id_index, models.task_metric, models.task_status,
+                      models.agent_token):
+            assert conn.execute(sa.select(sa.func.count()).select_from(table)).scalar() == 1, table.name
+        # The newest agent and task are deleted, then new ones created: new ids.
+        conn.execute(sa.delete(models.agent).where(models.agent.c.id == 1))
+        conn.execute(sa.delete(models.task).where(models.task.c.id == 1))
+        assert conn.execute(sa.select(sa.func.count()).select_from(models.agent_tag)).scalar() == 0  # still cascades
+        conn.execute(sa.insert(models.agent).values(org_id=3, name="newcomer", enabled=False, public=True,
+                                                    online=False, created=NOW, updated=NOW))
+        conn.execute(sa.insert(models.task).values(
+            org_id=1, name="t2", task_type="", config={}, interval=60, route={"type": "any", "config": {}},
+            enabled=True, created=NOW, updated=NOW))
+        assert _max_ids(conn) == (2, 2)
+    assert _diff(engine) == []
+
+
+def test_0005_downgrade_keeps_the_rows(fresh_db):
+    _, engine = fresh_db
+    migrate.upgrade(engine, "0005")
+    with engine.begin() as conn:
+        _seed(conn)
+    migrate.downgrade(engine, "0004")
+    assert migrate.current_revision(engine) == "0004"
+    with engine.connect() as conn:
+        assert conn.execute(sa.select(models.agent.c.name)).scalars().all() == ["agent1"]
+        assert conn.execute(sa.select(models.agent_tag.c.tag)).scalars().all() == ["dc1"]
+    migrate.upgrade(engine)
+    assert migrate.current_revision(engine) == "0005"

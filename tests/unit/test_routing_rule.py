@@ -59,8 +59,17 @@ def test_pick_is_random_among_candidates_and_none_when_empty():
 
 def test_selects_by_ids_names_listed_agents_only():
     from taskd.routing import BY_IDS, selects
-    assert selects(BY_IDS, [1, 5], [], 9, agent())
-    assert not selects(BY_IDS, [5], [], 9, agent())
+    assert selects(BY_IDS, [1, 5], [], 1, agent())
+    assert not selects(BY_IDS, [5], [], 1, agent())
+
+
+def test_selects_by_ids_only_agents_the_tasks_org_may_see_now():
+    """Checked at use: another org's agent listed when it was public stops being selected
+    once it is private."""
+    from taskd.routing import BY_IDS, selects
+    assert selects(BY_IDS, [1], [], 9, agent(org=2, public=True))
+    assert not selects(BY_IDS, [1], [], 9, agent(org=2, public=False))
+    assert selects(BY_IDS, [1], [], 2, agent(org=2, public=False))  # its own
 
 
 def test_selects_by_tags_needs_the_tasks_org_and_a_shared_tag():

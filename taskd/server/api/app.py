@@ -296,7 +296,9 @@ class Api:
 
     async def get_task(self, call: Call, task_id: str) -> dict:
         found = await self.tasks.detail(call.user, parse_id("task", task_id))
-        return {**task_json(found.task), "agents": found.agents, "status": [status_json(s) for s in found.statuses]}
+        return {**task_json(found.task), "agents": found.agents,
+                "unrouted": [{"id": i, "reason": why} for i, why in found.unrouted],
+                "status": [status_json(s) for s in found.statuses]}
 
     async def delete_task(self, call: Call, task_id: str) -> None:
         await self.tasks.delete(call.user, parse_id("task", task_id))

@@ -135,7 +135,7 @@ def _form(name: str, read_only: dict, fields: dict, required: list[str]) -> dict
 def _schemas() -> dict:
     read_only_agent = {k: {"readOnly": True} for k in
                        ("orgId", "online", "onlineChange", "enabledChange", "created", "updated", "failingTasks")}
-    read_only_task = {k: {"readOnly": True} for k in ("orgId", "created", "updated", "agents", "status")}
+    read_only_task = {k: {"readOnly": True} for k in ("orgId", "created", "updated", "agents", "unrouted", "status")}
     agent_fields = {
         "name": {"type": "string", "minLength": 1, "maxLength": 255, "pattern": "^[0-9a-zA-Z_-]+$"},
         "enabled": _BOOL,
@@ -195,6 +195,9 @@ def _schemas() -> dict:
                 "route": {"type": "object", "required": ["type", "config"]}, "metrics": {"type": "object"},
                 "enabled": _BOOL, "created": _TIME, "updated": _TIME,
                 "agents": {"type": "array", "items": {"type": "integer"}},
+                "unrouted": {"type": "array", "description": "byIds: the named agents the task does not go to now, and why",
+                             "items": {"type": "object", "required": ["id", "reason"],
+                                       "properties": {"id": {"type": "integer"}, "reason": {"type": "string"}}}},
                 "status": {"type": "array", "items": _ref("TaskStatus")},
             },
         },
