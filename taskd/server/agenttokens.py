@@ -35,6 +35,11 @@ def token_hash(token: str) -> str:
     return hashlib.sha256(token.encode("utf-8")).hexdigest()
 
 
+def token_id(digest: str) -> str:
+    """Names one token (in events and sessions) without being usable as it."""
+    return digest[:16]
+
+
 @dataclass(frozen=True)
 class Issued:
     agent: Agent
@@ -51,19 +56,24 @@ class AgentTokens:
         """A new token for `agent` (already checked to be the caller's own), replacing
         any earlier one; the session the old one opened is closed."""
         token = PREFIX + secrets.token_urlsafe(32)
-        if not (yield self.agents.set_token(agent.id, token_hash(token))):
+        digest = token_hash(token)
+        if not (yield self.agents.set_token(agent.id, digest)):
             from taskd.errors import NotFound
             raise NotFound(f"agent {agent.id} does not exist")
         log.info("agent {name} ({id}) of org {org} was issued a new token", name=agent.name, id=agent.id,
                  org=agent.org_id)
-        self.events.publish(TOKEN_RESET, {"id": agent.id, "name": agent.name, "orgId": agent.org_id})
+        # `tokenId` names the new token: a server closes the connections opened with any
+        # other (an agent may already be back with the new one when the event arrives).
+        self.events.publish(TOKEN_RESET, {"id": agent.id, "name": agent.name, "orgId": agent.org_id,
+                                          "tokenId": token_id(digest)})
         return Issued(agent, token)
 
     @inlineCallbacks
     def user_for(self, token: str) -> "Deferred[User]":
         """The caller a token stands for: its agent's org, allowed that agent only."""
-        agent = yield self.agents.by_token(token_hash(token))
+        digest = token_hash(token)
+        agent = yield self.agents.by_token(digest)
         if agent is None:
             raise AuthError(401, "unknown or replaced agent token")
         return User(org_id=agent.org_id, org_name="", org_slug="", role="Agent", agent_id=agent.id,
-                    agent_name=agent.name)
+                    agent_name=agent.name, token_id=token_id(digest))

@@ -60,6 +60,7 @@ class User:
     # Set for an agent token (taskd.server.agenttokens): it opens this agent's websocket only.
     agent_id: int | None = None
     agent_name: str | None = None
+    token_id: str | None = None  # which token (a prefix of its hash): a reset closes the others only
 
 
 ADMIN_USER = User(org_id=1, org_name="admin", org_slug="admin", role="Admin", is_admin=True)

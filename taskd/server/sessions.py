@@ -115,6 +115,8 @@ class SessionManager(Service):
         session = self.sessions.get(payload.get("id"))  # type: ignore[arg-type]
         if session is None or session.closed or not session.via_token:
             return
+        if payload.get("tokenId") is not None and payload.get("tokenId") == session.token_id:
+            return  # opened with the new token already (the event came after the agent)
         self.log.info("agent {name} ({id}): its token was replaced; closing the connection it opened",
                       name=session.agent.name, id=session.agent.id)
         session.transport.close(CLOSE_TOKEN_RESET, "agent token replaced; reconnect with the new token")
@@ -177,14 +179,14 @@ class SessionManager(Service):
     # -- sessions ----------------------------------------------------------------------
 
     def attach(self, agent: Agent, version: int, remote_ip: str, transport: SessionTransport, *,
-               via_token: bool = False) -> AgentSession:
+               via_token: bool = False, token_id: str | None = None) -> AgentSession:
         """A websocket for `agent` just opened: record it, then tell the agent its tasks.
 
         Sessions that open close together are handled together (a reconnect storm after
         a restart is thousands at once): those that opened in the same reactor turn, or
         while the previous batch was being brought up, are recorded in one transaction,
         get their `any` tasks in one more, and their first taskLists from one read."""
-        session = AgentSession(agent, version, remote_ip, transport, via_token=via_token)
+        session = AgentSession(agent, version, remote_ip, transport, via_token=via_token, token_id=token_id)
         self.stats.incr("agents.connections_accepted")
         self._opening.append(session)
         if self._open_call is None and not self._open_busy:

@@ -33,6 +33,7 @@ class SocketContext:
     version: int
     remote_ip: str
     via_token: bool = False  # opened with the agent's own token (closed when it is replaced)
+    token_id: str | None = None  # which one
 
 
 class AgentSocketProtocol(WebSocketServerProtocol):
@@ -47,7 +48,7 @@ class AgentSocketProtocol(WebSocketServerProtocol):
 
     def onOpen(self) -> None:
         self.session = self.manager.attach(self.context.agent, self.context.version, self.context.remote_ip, self,
-                                           via_token=self.context.via_token)
+                                           via_token=self.context.via_token, token_id=self.context.token_id)
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         if self.session is None:
@@ -141,6 +142,7 @@ class SocketEndpoint:
         agent = await self.agents.for_socket(user, agent_name, autocreate=self.autocreate and user.agent_id is None)
         if user.agent_id is not None and agent.id != user.agent_id:  # renamed meanwhile, another took the name
             raise Forbidden(f"this agent token belongs to agent {user.agent_id}, not to {agent_name!r}")
-        context = SocketContext(agent, int(version), client_ip(request), via_token=user.agent_id is not None)
+        context = SocketContext(agent, int(version), client_ip(request), via_token=user.agent_id is not None,
+                                token_id=user.token_id)
         log.debug("upgrading agent {name} (org {org}) from {ip}", name=agent.name, org=agent.org_id, ip=context.remote_ip)
         return WebSocketResource(_WithContext(self.factory, context))

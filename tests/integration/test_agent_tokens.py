@@ -112,3 +112,23 @@ async def test_a_token_replaced_on_one_server_closes_the_session_on_another(tmp_
     finally:
         await a.stop()
         await b.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_reset_event_arriving_after_the_agent_reconnected_with_the_new_token_leaves_it(api):
+    """Across servers the reset travels over RabbitMQ and may arrive after the agent is
+    already back with the new token: only connections opened with another token close."""
+    from taskd.server.agenttokens import TOKEN_RESET, token_hash, token_id
+
+    agent = await new_agent(api, "roamer")
+    token = (await api.ok("POST", f"/api/v1/agents/{agent['id']}/token"))["token"]
+    client = connect_agent(api.base, "roamer", token)
+    await client.opened
+    await client.next("taskList")
+    payload = {"id": agent["id"], "name": "roamer", "orgId": 1}
+    api.server.events.publish(TOKEN_RESET, {**payload, "tokenId": token_id(token_hash(token))})  # late: this token's
+    await client.roundtrip()
+    assert not client.closed.called
+    api.server.events.publish(TOKEN_RESET, {**payload, "tokenId": "0" * 16})  # a newer token than this one
+    await until(lambda: client.closed.called, what="the old token's connection closed")
+    assert client.close_code == 4001
