@@ -42,10 +42,12 @@ async def create_agent(api, name: str, *, key: str = ADMIN_KEY, **fields: Any) -
 
 
 async def get_task(api, task_id: int, key: str = ADMIN_KEY) -> dict:
-    """GET /tasks/:id without its `agents` (the ids it is routed to: none here, no agent is online)
-    and `status` (what agents reported: none here)."""
+    """GET /tasks/:id without its `agents` (the ids it is routed to: none here, no agent is online),
+    `unrouted` (why named agents do not get it: test_routes_checked_at_use.py) and `status`
+    (what agents reported: none here)."""
     task = await api.ok("GET", f"/api/v1/tasks/{task_id}", key=key)
     assert task.pop("agents") == [], task
+    assert isinstance(task.pop("unrouted"), list), task
     assert task.pop("status") == [], task
     return task
 
@@ -235,7 +237,7 @@ async def test_put_of_a_got_task_round_trips(api):
     created = await create_task(api)
     got = await api.ok("GET", f"/api/v1/tasks/{created['id']}")
     put = await api.ok("PUT", "/api/v1/tasks", json_body=got)
-    del got["agents"], got["status"]  # shown by GET only; accepted and ignored by PUT
+    del got["agents"], got["unrouted"], got["status"]  # shown by GET only; accepted and ignored by PUT
     assert {k: v for k, v in put.items() if k != "updated"} == {k: v for k, v in got.items() if k != "updated"}
     assert when(put["updated"]) > when(got["updated"])
 
