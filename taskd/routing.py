@@ -27,8 +27,9 @@ class Candidate:
     org_id: int
     public: bool
     online: bool
-    tags: frozenset[str]
+    tags: frozenset[str]  # its owner's
     catalog: frozenset[tuple[str, int]]  # (namespace, version) it advertises
+    org_tags: frozenset[tuple[int, str]] = frozenset()  # (org, tag) other orgs set on it
 
 
 def _pattern_matches(pattern: str, namespace: str) -> bool:
@@ -80,13 +81,16 @@ def visible(agent: Candidate, org_id: int) -> bool:
 
 def selects(route_type: str, ids: Iterable[int], tags: Iterable[str], org_id: int, agent: Candidate) -> bool:
     """Does a byIds/byTags route (of a task of `org_id`) name `agent`? byIds: the agent's
-    id is listed and it is visible to the org; byTags: the agent is of the task's org and
-    has one of the tags. An `any` route names no agent by itself (its agent is the one
-    assigned: `can_run`)."""
+    id is listed and it is visible to the org; byTags: the agent has one of the tags as
+    the task's org set them — its own agent's tags, or the org's own tags on a public
+    agent of another org (the owner's tags there route only the owner's tasks). An `any`
+    route names no agent by itself (its agent is the one assigned: `can_run`)."""
     if route_type == BY_IDS:
         return agent.id in set(ids) and visible(agent, org_id)
     if route_type == BY_TAGS:
-        return agent.org_id == org_id and not set(tags).isdisjoint(agent.tags)
+        if agent.org_id == org_id:
+            return not set(tags).isdisjoint(agent.tags)
+        return agent.public and any((org_id, tag) in agent.org_tags for tag in tags)
     return False
 
 

@@ -31,9 +31,19 @@ class Agent:
     online_change: datetime | None
     created: datetime
     updated: datetime
+    # Tags other orgs set on this (public) agent for their own byTags routing: (org, tag).
+    # `tags` are the owner's. Each org sees and routes by its own (`tags_for`).
+    org_tags: tuple[tuple[int, str], ...] = ()
 
     def visible_to(self, org_id: int) -> bool:
         return self.public or self.org_id == org_id
+
+    def tags_for(self, org_id: int | None) -> tuple[str, ...]:
+        """The tags `org_id` set on this agent: the owner's for the owner (or None: the
+        owner's view), the org's own for another org."""
+        if org_id is None or org_id == self.org_id:
+            return self.tags
+        return tuple(tag for org, tag in self.org_tags if org == org_id)
 
 
 @dataclass(frozen=True)
@@ -58,22 +68,26 @@ ORDERABLE = {
 }
 
 
-def _tags_for(conn: Connection, ids: Sequence[int]) -> dict[int, tuple[str, ...]]:
-    out: dict[int, list[str]] = {i: [] for i in ids}
-    if ids:
-        rows = conn.execute(
-            sa.select(m.agent_tag.c.agent_id, m.agent_tag.c.tag)
-            .where(m.agent_tag.c.agent_id.in_(ids))
-            .order_by(m.agent_tag.c.tag)
-        )
-        for agent_id, tag in rows:
-            out[agent_id].append(tag)
-    return {k: tuple(v) for k, v in out.items()}
+def _tags_for(conn: Connection, owners: dict[int, int]) -> tuple[dict[int, tuple[str, ...]],
+                                                                    dict[int, tuple[tuple[int, str], ...]]]:
+    """(owner's tags, other orgs' (org, tag)) of each agent in `owners` (id -> org)."""
+    own: dict[int, list[str]] = {i: [] for i in owners}
+    other: dict[int, list[tuple[int, str]]] = {i: [] for i in owners}
+    if owners:
+        t = m.agent_tag.c
+        rows = conn.execute(sa.select(t.agent_id, t.org_id, t.tag).where(t.agent_id.in_(list(owners)))
+                            .order_by(t.org_id, t.tag))
+        for agent_id, org_id, tag in rows:
+            if org_id == owners[agent_id]:
+                own[agent_id].append(tag)
+            else:
+                other[agent_id].append((org_id, tag))
+    return {k: tuple(v) for k, v in own.items()}, {k: tuple(v) for k, v in other.items()}
 
 
 def _agents(conn: Connection, rows: Iterable[sa.Row]) -> list[Agent]:
     rows = list(rows)
-    tags = _tags_for(conn, [r.id for r in rows])
+    tags, org_tags = _tags_for(conn, {r.id: r.org_id for r in rows})
     return [
         Agent(
             id=r.id,
@@ -87,6 +101,7 @@ def _agents(conn: Connection, rows: Iterable[sa.Row]) -> list[Agent]:
             online_change=r.online_change,
             created=r.created,
             updated=r.updated,
+            org_tags=org_tags[r.id],
         )
         for r in rows
     ]
@@ -106,7 +121,8 @@ def load_agents(conn: Connection, agent_ids: Sequence[int]) -> dict[int, Agent]:
 
 
 def _set_tags(conn: Connection, agent_id: int, org_id: int, tags: Sequence[str], now: datetime) -> None:
-    conn.execute(sa.delete(m.agent_tag).where(m.agent_tag.c.agent_id == agent_id))
+    """Replace the tags `org_id` set on the agent (other orgs' stay)."""
+    conn.execute(sa.delete(m.agent_tag).where(m.agent_tag.c.agent_id == agent_id, m.agent_tag.c.org_id == org_id))
     if tags:
         conn.execute(
             sa.insert(m.agent_tag),
@@ -203,9 +219,10 @@ class AgentStore:
             stmt = stmt.where(match(a.name, flt.name))
         if flt.enabled is not None:
             stmt = stmt.where(a.enabled.is_(flt.enabled))
-        if flt.tags:
+        if flt.tags:  # the tags the listing org set (on its own agents, or on public ones)
             stmt = stmt.where(
-                a.id.in_(sa.select(m.agent_tag.c.agent_id).where(m.agent_tag.c.tag.in_(flt.tags)))
+                a.id.in_(sa.select(m.agent_tag.c.agent_id).where(m.agent_tag.c.org_id == org_id,
+                                                                 m.agent_tag.c.tag.in_(flt.tags)))
             )
         if flt.metric is not None:
             stmt = stmt.where(
@@ -240,6 +257,22 @@ class AgentStore:
             if public != old.public:
                 # The agent's catalog entries follow its visibility.
                 refresh_org_catalog(conn, old.org_id, now)
+            return old, load_agent(conn, agent_id)
+
+        return self.pool.do(thd)
+
+    def set_org_tags(self, agent_id: int, org_id: int, tags: Sequence[str]) -> "Deferred[tuple[Agent, Agent]]":
+        """Replace the tags another org (`org_id`) set on a public agent; (old, new).
+        NotFound when the agent is gone or no longer public (checked in the same
+        transaction as the write)."""
+        now = self.now()
+
+        def thd(conn: Connection) -> tuple[Agent, Agent]:
+            old = load_agent(conn, agent_id)
+            if old is None or not old.visible_to(org_id):
+                raise NotFound(f"agent {agent_id} does not exist")
+            if set(tags) != set(old.tags_for(org_id)):
+                _set_tags(conn, agent_id, org_id, tags, now)
             return old, load_agent(conn, agent_id)
 
         return self.pool.do(thd)

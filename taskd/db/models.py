@@ -60,7 +60,9 @@ agent_tag = sa.Table(
     sa.Column("agent_id", sa.Integer, _fk("agent.id"), nullable=False),
     sa.Column("tag", sa.String(255), nullable=False),
     sa.Column("created", Timestamp, nullable=False),
-    sa.UniqueConstraint("agent_id", "tag"),
+    # org_id is the tagging org: the agent's own, or another org tagging a public agent
+    # for its own byTags routing (migration 0006).
+    sa.UniqueConstraint("agent_id", "org_id", "tag"),
     sa.Index(None, "org_id", "tag"),
     **TABLE_OPTS,
 )

@@ -33,20 +33,25 @@ def load_candidates(conn: Connection, where: sa.ColumnElement[bool] | None = Non
         stmt = stmt.where(where)
     rows = conn.execute(stmt).all()
     ids = [r.id for r in rows]
+    owner = {r.id: r.org_id for r in rows}
     tags: dict[int, set[str]] = {i: set() for i in ids}
+    org_tags: dict[int, set[tuple[int, str]]] = {i: set() for i in ids}
     catalogs: dict[int, set[tuple[str, int]]] = {i: set() for i in ids}
     if ids:
-        for agent_id, tag in conn.execute(
-            sa.select(m.agent_tag.c.agent_id, m.agent_tag.c.tag).where(m.agent_tag.c.agent_id.in_(ids))
-        ):
-            tags[agent_id].add(tag)
+        t = m.agent_tag.c
+        for agent_id, org_id, tag in conn.execute(sa.select(t.agent_id, t.org_id, t.tag).where(t.agent_id.in_(ids))):
+            if org_id == owner[agent_id]:
+                tags[agent_id].add(tag)
+            else:
+                org_tags[agent_id].add((org_id, tag))
         am = m.agent_metric.c
         for agent_id, ns, ver in conn.execute(
             sa.select(am.agent_id, am.namespace, am.version).where(am.agent_id.in_(ids))
         ):
             catalogs[agent_id].add((ns, ver))
     return [
-        Candidate(r.id, r.org_id, bool(r.public), bool(r.online), frozenset(tags[r.id]), frozenset(catalogs[r.id]))
+        Candidate(r.id, r.org_id, bool(r.public), bool(r.online), frozenset(tags[r.id]), frozenset(catalogs[r.id]),
+                  frozenset(org_tags[r.id]))
         for r in rows
     ]
 
@@ -70,12 +75,12 @@ def routed_agents(conn: Connection, task: Task, among: Iterable[int] | None = No
     else:
         if task.route.type == BY_IDS:  # visible to the task's org now (taskd.routing.visible)
             where = sa.and_(a.id.in_(task.route.ids), sa.or_(a.org_id == task.org_id, a.public.is_(True)))
-        elif task.route.type == BY_TAGS:
-            where = a.id.in_(
+        elif task.route.type == BY_TAGS:  # the task's org's tags, on agents it may see now
+            where = sa.and_(a.id.in_(
                 sa.select(m.agent_tag.c.agent_id).where(
                     m.agent_tag.c.org_id == task.org_id, m.agent_tag.c.tag.in_(task.route.tags)
                 )
-            )
+            ), sa.or_(a.org_id == task.org_id, a.public.is_(True)))
         else:
             return set()
         selected = sa.select(a.id).where(where, a.online.is_(True))

@@ -410,7 +410,8 @@ def _candidate(session: AgentSession) -> Candidate:
     then)."""
     agent = session.agent
     return Candidate(id=agent.id, org_id=agent.org_id, public=agent.public, online=True,
-                     tags=frozenset(agent.tags), catalog=session.catalog or frozenset())
+                     tags=frozenset(agent.tags), catalog=session.catalog or frozenset(),
+                     org_tags=frozenset(agent.org_tags))
 
 
 def _summary(told: dict[str, list[AgentSession]], shown: int = 5) -> str:

@@ -132,7 +132,9 @@ class AgentService:
 
     @inlineCallbacks
     def update(self, user: User, spec: AgentInput) -> "Deferred[Agent]":
-        current = yield self.owned(user, spec.id)
+        current = yield self.visible(user, spec.id, fresh=True)
+        if current.org_id != user.org_id:  # another org's public agent: its own tags only
+            return (yield self._tag_public(user, current, spec))
         if spec.public and not current.public:  # an agent already public may stay so
             self._check_publish(user)
         old, new = yield self.agents.update(
@@ -144,6 +146,26 @@ class AgentService:
         )
         log.info("agent {name} ({id}) updated: enabled {enabled}, public {public}, tags {tags}", name=new.name,
                  id=new.id, enabled=new.enabled, public=new.public, tags=",".join(new.tags) or "none")
+        self.events.publish("agent.updated", {"old": agent_event(old), "new": agent_event(new)})
+        return new
+
+    @inlineCallbacks
+    def _tag_public(self, user: User, current: Agent, spec: AgentInput) -> "Deferred[Agent]":
+        """An org setting its own tags on another org's public agent, for its own byTags
+        routing (as in the original). Fields sent back unchanged (a GET body) are fine;
+        changing any other field is the owner's business."""
+        changed = [name for name, value, now in (("name", spec.name, current.name),
+                                                 ("enabled", spec.enabled, current.enabled),
+                                                 ("public", spec.public, current.public))
+                   if value is not None and value != now]
+        if changed:
+            raise Forbidden(f"agent {current.id} is a public agent of another org: only its owner may change"
+                            f" {', '.join(changed)}; your org may set only its own tags on it")
+        if spec.tags is None:
+            return current
+        old, new = yield self.agents.set_org_tags(current.id, user.org_id, spec.tags)
+        log.info("agent {name} ({id}) of org {owner}: org {org} set its tags to {tags}", name=new.name, id=new.id,
+                 owner=new.org_id, org=user.org_id, tags=",".join(new.tags_for(user.org_id)) or "none")
         self.events.publish("agent.updated", {"old": agent_event(old), "new": agent_event(new)})
         return new
 

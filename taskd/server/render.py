@@ -15,14 +15,15 @@ from taskd.db.tasks import Task
 from taskd.timeutil import rfc3339
 
 
-def agent_json(a: Agent) -> dict[str, Any]:
+def agent_json(a: Agent, org_id: int | None = None) -> dict[str, Any]:
+    """`org_id`: the org looking, which sees its own tags on the agent (None: the owner)."""
     return {
         "id": a.id,
         "name": a.name,
         "enabled": a.enabled,
         "enabledChange": rfc3339(a.enabled_change),
         "public": a.public,
-        "tags": list(a.tags),
+        "tags": list(a.tags_for(org_id)),
         "online": a.online,
         "onlineChange": rfc3339(a.online_change),
         "created": rfc3339(a.created),

@@ -360,6 +360,17 @@ class FakeAgentStore(_Fake):
         return succeed((old, new))
 
     @recorded
+    def set_org_tags(self, agent_id: int, org_id: int, tags: Sequence[str]) -> "Deferred[tuple[Agent, Agent]]":
+        state = self._state
+        old = state.agents.get(agent_id)
+        if old is None or not old.visible_to(org_id):
+            return fail(NotFound(f"agent {agent_id} does not exist"))
+        kept = tuple(pair for pair in old.org_tags if pair[0] != org_id)
+        new = state.agents[agent_id] = replace(
+            old, org_tags=tuple(sorted(kept + tuple((org_id, t) for t in set(tags)))))
+        return succeed((old, new))
+
+    @recorded
     def delete(self, agent_id: int) -> "Deferred[Agent | None]":
         self._state.tokens.pop(agent_id, None)
         return succeed(self._state.drop_agent(agent_id))

@@ -355,6 +355,7 @@ def test_0005_keeps_every_row_and_child_and_ids_are_never_reused_after_it(fresh_
             org_id=1, name="t2", task_type="", config={}, interval=60, route={"type": "any", "config": {}},
             enabled=True, created=NOW, updated=NOW))
         assert _max_ids(conn) == (2, 2)
+    migrate.upgrade(engine)
     assert _diff(engine) == []
 
 
@@ -368,5 +369,45 @@ def test_0005_downgrade_keeps_the_rows(fresh_db):
     with engine.connect() as conn:
         assert conn.execute(sa.select(models.agent.c.name)).scalars().all() == ["agent1"]
         assert conn.execute(sa.select(models.agent_tag.c.tag)).scalars().all() == ["dc1"]
-    migrate.upgrade(engine)
+    migrate.upgrade(engine, "0005")
     assert migrate.current_revision(engine) == "0005"
+
+
+# -- 0006: tags per org ------------------------------------------------------------------
+
+def _tag(conn: sa.Connection, org_id: int, tag: str = "dc1") -> None:
+    conn.execute(sa.insert(models.agent_tag).values(org_id=org_id, agent_id=1, tag=tag, created=NOW))
+
+
+def test_0006_lets_two_orgs_put_the_same_tag_on_one_agent(fresh_db):
+    _, engine = fresh_db
+    migrate.upgrade(engine, "0005")
+    with engine.begin() as conn:
+        _seed(conn)  # agent 1 (org 1, public) tagged dc1 by org 1
+    with pytest.raises(sa.exc.IntegrityError):  # before: one dc1 per agent, whoever set it
+        with engine.begin() as conn:
+            _tag(conn, 2)
+    migrate.upgrade(engine, "0006")
+    with engine.begin() as conn:
+        _tag(conn, 2)
+    with pytest.raises(sa.exc.IntegrityError):  # still once per org
+        with engine.begin() as conn:
+            _tag(conn, 2)
+    with engine.connect() as conn:
+        rows = conn.execute(sa.select(models.agent_tag.c.org_id, models.agent_tag.c.tag)
+                            .order_by(models.agent_tag.c.org_id)).all()
+        assert [tuple(r) for r in rows] == [(1, "dc1"), (2, "dc1")]
+    assert _diff(engine) == []
+
+
+def test_0006_downgrade_drops_only_other_orgs_tags(fresh_db):
+    _, engine = fresh_db
+    migrate.upgrade(engine, "0006")
+    with engine.begin() as conn:
+        _seed(conn)
+        _tag(conn, 2)
+        _tag(conn, 2, "edge")
+    migrate.downgrade(engine, "0005")
+    with engine.connect() as conn:
+        rows = conn.execute(sa.select(models.agent_tag.c.org_id, models.agent_tag.c.tag)).all()
+        assert [tuple(r) for r in rows] == [(1, "dc1")]

@@ -221,7 +221,7 @@ class Api:
             public=q.boolean("public"), tags=q.many("tag"),
         )
         page = q.page(agent_db.ORDERABLE, "name")
-        return await self._agents_json(await self.agents.list(call.user, flt, page))
+        return await self._agents_json(await self.agents.list(call.user, flt, page), call.user.org_id)
 
     async def create_agent(self, call: Call) -> dict:
         call.query.check_known(set())
@@ -231,18 +231,20 @@ class Api:
     async def update_agent(self, call: Call) -> dict:
         call.query.check_known(set())
         spec = parse_agent(call.body(), for_update=True)
-        [agent] = await self._agents_json([await self.agents.update(call.user, spec)])
+        [agent] = await self._agents_json([await self.agents.update(call.user, spec)], call.user.org_id)
         return agent
 
     async def get_agent(self, call: Call, agent_id: str) -> dict:
-        [agent] = await self._agents_json([await self.agents.visible(call.user, parse_id("agent", agent_id))])
+        [agent] = await self._agents_json([await self.agents.visible(call.user, parse_id("agent", agent_id))],
+                                          call.user.org_id)
         return agent
 
-    async def _agents_json(self, agents: list) -> list[dict]:
-        """Agent JSON with `failingTasks` (every answer about agents has it, so a GET
-        compares equal to the POST or PUT before it), in one query for the whole page."""
+    async def _agents_json(self, agents: list, org_id: int) -> list[dict]:
+        """Agent JSON as `org_id` sees it (its own tags), with `failingTasks` (every
+        answer about agents has it, so a GET compares equal to the POST or PUT before
+        it), in one query for the whole page."""
         failing = await self.agents.failing_tasks(agents)
-        return [{**agent_json(a), "failingTasks": failing.get(a.id, 0)} for a in agents]
+        return [{**agent_json(a, org_id), "failingTasks": failing.get(a.id, 0)} for a in agents]
 
     async def delete_agent(self, call: Call, agent_id: str) -> None:
         await self.agents.delete(call.user, parse_id("agent", agent_id))
