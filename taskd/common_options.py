@@ -18,6 +18,28 @@ def logging_options() -> tuple[Option, ...]:
     )
 
 
+def parse_metrics_addr(raw: str) -> str:
+    """`metrics-addr`: empty, `off`, or where to listen (as `addr`)."""
+    text = raw.strip()
+    if text.lower() in ("", "off"):
+        return text.lower()
+    from taskd.configtypes import parse_listen_addr
+
+    return parse_listen_addr(text)
+
+
+def metrics_option(who: str) -> Option:
+    """Where the daemon serves its Prometheus metrics (taskd.promstats)."""
+    if who == "server":
+        return Option("metrics-addr", parse_metrics_addr, "",
+                      "Where Prometheus scrapes the server's own metrics: empty serves"
+                      " GET /metrics on the main port (unauthenticated; do not proxy it to"
+                      " the outside), HOST:PORT listens apart, off serves none.")
+    return Option("metrics-addr", parse_metrics_addr, "",
+                  "Where Prometheus scrapes the agent's own metrics (GET /metrics), such as"
+                  " 127.0.0.1:9283; empty or off serves none.")
+
+
 def stats_options(who: str, default_prefix: str) -> tuple[Option, ...]:
     """`who` is "server" or "agent", for the help text."""
     return (

@@ -23,11 +23,13 @@ speaks datadog tags. So this is a Twisted ``DatagramProtocol`` of our own:
 Line formats (``prefix`` joined with a dot)::
 
     standard:  raintank_apps.host1.task_server.api.tasks_create:1|c
-    datadog:   raintank_apps.host1.task_server.dispatch.latency:3.2|ms|#event:taskAdd
+    datadog:   raintank_apps.task_server.dispatch.latency:3.2|ms|#host:host1,event:taskAdd
 
 Tags are only sent in the datadog flavour; standard statsd has no tags, so there the
 same metric name aggregates across them. The prefix key ``stats-prefix`` may contain
-``$hostname`` (this machine's name, dots as underscores, as the Go daemons did).
+``$hostname`` (this machine's name, dots as underscores, as the Go daemons did); the
+datadog flavour leaves that segment out of the name and sends ``host:<name>`` as a tag
+on every line instead, as Datadog users expect.
 
 Callers get either a :class:`StatsClient` or a :class:`NullStats` and call ``incr`` /
 ``gauge`` / ``timing`` unconditionally.
@@ -89,10 +91,13 @@ def _num(value: float | int | bool) -> str:
 
 
 def format_line(prefix: str, name: str, value: float | int, kind: str, tags: Tags = None,
-                flavour: str = "standard") -> str:
-    """One statsd line: ``prefix.name:value|kind`` (+ ``|#k:v,…`` for datadog)."""
+                flavour: str = "standard", constant: Tags = None) -> str:
+    """One statsd line: ``prefix.name:value|kind`` (+ ``|#k:v,…`` for datadog, the
+    `constant` tags such as ``host`` first)."""
     full = _NAME_BAD.sub("_", f"{prefix}.{name}" if prefix else name)
     line = f"{full}:{_num(value)}|{kind}"
+    if flavour == "datadog" and constant:
+        tags = {**constant, **(tags or {})}
     if flavour == "datadog" and tags:
         line += "|#" + ",".join(
             f"{_TAG_BAD.sub('_', str(k)).replace(':', '_')}:{_TAG_BAD.sub('_', str(v))}"
@@ -170,7 +175,8 @@ class StatsClient(Service):
                  reactor: Any = None, clock: Any = None, flush_interval: float = 0.25,
                  max_datagram: int = MAX_DATAGRAM, max_queued: int = 10000,
                  retry_interval: float = 30.0, reopen_delay: float = 1.0,
-                 warn_interval: float = 300.0) -> None:
+                 warn_interval: float = 300.0, constant_tags: Tags = None) -> None:
+        """`constant_tags`: sent on every line (datadog only), e.g. ``{"host": ...}``."""
         if flavour not in ("standard", "datadog"):
             raise ValueError(f"statsd flavour {flavour!r} is not standard or datadog")
         if reactor is None:
@@ -181,6 +187,7 @@ class StatsClient(Service):
         self.host, self.port = split_host_port(addr)
         self.flavour = flavour
         self.prefix = prefix
+        self.constant_tags = dict(constant_tags or {})
         self.reactor = reactor
         self.clock = clock if clock is not None else reactor
         self.flush_interval = flush_interval
@@ -207,15 +214,15 @@ class StatsClient(Service):
     # -- the API the daemons use ---------------------------------------------------------
 
     def incr(self, name: str, n: int = 1, tags: Tags = None) -> None:
-        self._add(format_line(self.prefix, name, n, "c", tags, self.flavour))
+        self._add(format_line(self.prefix, name, n, "c", tags, self.flavour, self.constant_tags))
 
     def gauge(self, name: str, value: float | int, tags: Tags = None) -> None:
         if value < 0:  # a signed gauge is a *change* in statsd: set 0 first
-            self._add(format_line(self.prefix, name, 0, "g", tags, self.flavour))
-        self._add(format_line(self.prefix, name, value, "g", tags, self.flavour))
+            self._add(format_line(self.prefix, name, 0, "g", tags, self.flavour, self.constant_tags))
+        self._add(format_line(self.prefix, name, value, "g", tags, self.flavour, self.constant_tags))
 
     def timing(self, name: str, ms: float, tags: Tags = None) -> None:
-        self._add(format_line(self.prefix, name, max(0.0, ms), "ms", tags, self.flavour))
+        self._add(format_line(self.prefix, name, max(0.0, ms), "ms", tags, self.flavour, self.constant_tags))
 
     # -- service -------------------------------------------------------------------------
 
@@ -383,5 +390,16 @@ def make_stats(settings: Any, default_prefix: str, reactor: Any = None) -> Stats
     if not getattr(settings, "stats_enabled", False):
         return NullStats()
     prefix = getattr(settings, "stats_prefix", default_prefix)
+    if settings.statsd_type == "datadog":
+        # Datadog's convention: plain names, the host (and every dimension) as tags.
+        return StatsClient(settings.statsd_addr, flavour="datadog", prefix=datadog_prefix(prefix),
+                           constant_tags={"host": socket.gethostname() or "unknown"}, reactor=reactor)
     return StatsClient(settings.statsd_addr, flavour=settings.statsd_type,
                        prefix=expand_prefix(prefix), reactor=reactor)
+
+
+def datadog_prefix(prefix: str) -> str:
+    """The prefix without its ``$hostname`` segment (sent as the ``host`` tag instead):
+    ``raintank_apps.$hostname.task_server`` -> ``raintank_apps.task_server``."""
+    kept = [part for part in prefix.split(".") if part != "$hostname"]
+    return expand_prefix(".".join(kept))

@@ -26,6 +26,7 @@ from taskd.agent.connection import ServerConnection
 from taskd.agent.settings import AgentSettings
 from taskd.agent.statusreporter import StatusReporter
 from taskd.servicetree import OrderedMultiService
+from taskd.promstats import FanOutStats, PromStats, metrics_resource
 from taskd.stats import AGENT_PREFIX, GaugeReporter, make_stats
 from taskd.wire import framing
 
@@ -53,7 +54,9 @@ class Agent:
             reactor = _reactor
         self.settings = settings
         self.service = OrderedMultiService()
-        self.stats = make_stats(settings, AGENT_PREFIX, reactor)
+        # statsd (stats-enabled) and Prometheus (metrics-addr), as one (taskd.promstats)
+        self.prom = PromStats("taskd_agent") if settings.metrics_addr not in ("", "off") else None
+        self.stats = FanOutStats(make_stats(settings, AGENT_PREFIX, reactor), *([self.prom] if self.prom else []))
         self.status = StatusReporter(send=self._send, clock=reactor, interval=settings.status_interval,
                                      stats=self.stats)
         self.publisher: Any = None
@@ -83,8 +86,19 @@ class Agent:
         ResumeSaved(self.cache).setServiceParent(self.service)  # after the executor, before the server
         self.connection.setServiceParent(self.service)
         self.status.setServiceParent(self.service)
+        if self.prom is not None:
+            self.prom.live(self.live_rows, ("running", "tasks.active", "server.connected", "metrics.published",
+                                            "metrics.dropped", "metrics.queued"))
+            from twisted.application import strports
+            from twisted.web.server import Site
+
+            site = Site(metrics_resource(self.prom.registry))
+            site.noisy = False
+            strports.service(settings.metrics_addr, site, reactor=reactor).setServiceParent(self.service)
+            log.info("Prometheus metrics at {addr} (GET /metrics)", addr=settings.metrics_addr)
         if self.stats.enabled:
             GaugeReporter(self.stats, reactor, self.gauges, GAUGE_INTERVAL).setServiceParent(self.service)
+        if self.stats.statsd_enabled:
             log.info("sending metrics to statsd at {addr} ({flavour}), prefix {prefix}", addr=settings.statsd_addr,
                      flavour=settings.statsd_type, prefix=self.stats.prefix)
 
@@ -139,6 +153,19 @@ class Agent:
         else:
             values["snap.reachable"] = int(self.driver.snap_reachable)
         return values
+
+    def live_rows(self) -> list[tuple[str, str, float, dict]]:
+        """Read at each Prometheus scrape (taskd.promstats)."""
+        rows: list[tuple[str, str, float, dict]] = [
+            ("gauge", "running", 1, {}),
+            ("gauge", "tasks.active", len(self.cache.tasks), {}),
+            ("gauge", "server.connected", int(self.connection.connected), {}),
+        ]
+        if self.publisher is not None:
+            rows += [("counter", "metrics.published", self.publisher.published, {}),
+                     ("counter", "metrics.dropped", self.publisher.dropped, {}),
+                     ("gauge", "metrics.queued", self.publisher.queued, {})]
+        return rows
 
     def send_catalog(self, records: list[dict]) -> None:
         if self.connection.send(framing.CATALOG, records):

@@ -39,14 +39,20 @@ class QuietEndpointFactory:
     """``IAgentEndpointFactory`` as Agent's default (HostnameEndpoint, browser-like TLS
     for https), but with quiet connection factories."""
 
-    def __init__(self, reactor: Any) -> None:
+    def __init__(self, reactor: Any, tls: Any = None, timeout: float = 30.0) -> None:
+        """`tls`: an IPolicyForHTTPS (default: the browser-like one); `timeout`: the
+        connect timeout in seconds."""
         self.reactor = reactor
+        self.tls = tls
+        self.timeout = timeout
 
     def endpointForURI(self, uri: Any) -> Any:
         from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
         from twisted.internet.ssl import optionsForClientTLS
 
-        endpoint = HostnameEndpoint(self.reactor, uri.host, uri.port)
+        endpoint = HostnameEndpoint(self.reactor, uri.host, uri.port, timeout=self.timeout)
         if uri.scheme == b"https":
-            endpoint = wrapClientTLS(optionsForClientTLS(uri.host.decode("idna")), endpoint)
+            creator = (self.tls.creatorForNetloc(uri.host, uri.port) if self.tls is not None
+                       else optionsForClientTLS(uri.host.decode("idna")))
+            endpoint = wrapClientTLS(creator, endpoint)
         return _QuietEndpoint(endpoint)

@@ -11,7 +11,7 @@ import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 
-from taskd.common_options import logging_options, stats_options
+from taskd.common_options import logging_options, stats_options, metrics_option
 from taskd.config import ConfigError, Option, load
 from taskd.configtypes import choice, int_range, parse_bool, parse_duration, parse_host_port, url
 from taskd.agent.builtin.netpolicy import parse_blocked_nets
@@ -30,6 +30,7 @@ AGENT_OPTIONS: tuple[Option, ...] = (
     Option("snap-url", url("http", "https"), "http://localhost:8181/",
            "The local Snap daemon's REST API."),
     *stats_options("agent", AGENT_PREFIX),
+    metrics_option("agent"),
     Option("api-key", str, "",
            "API key sent as 'Authorization: Bearer' to the task-server (and given to Snap's"
            " publisher for tsdb-gw).", secret=True),
@@ -91,6 +92,7 @@ class AgentSettings:
     statsd_addr: str = "localhost:8125"
     statsd_type: str = "standard"
     stats_prefix: str = AGENT_PREFIX
+    metrics_addr: str = ""
     api_key: str = ""
     name: str = ""
     reconnect_max_backoff: float = 30.0

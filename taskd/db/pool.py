@@ -28,6 +28,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
+from taskd.stats import NULL_STATS
 from taskd.db.availability import Availability, DatabaseUnavailable
 
 T = TypeVar("T")
@@ -103,6 +104,7 @@ class DBPool:
         self.retry_delay = retry_delay
         self.timeout = timeout
         self.availability = Availability(reactor)
+        self.stats: Any = NULL_STATS  # set by the daemon: each `do`'s latency as db.duration
         self._running = False
         self._probe: Deferred | None = None
 
@@ -124,6 +126,7 @@ class DBPool:
         answered = threading.Event()  # set: the caller has its answer; the thread must not commit
         outer: Deferred = Deferred()
         timer = None
+        started = self.reactor.seconds()
 
         def expired() -> None:
             answered.set()
@@ -134,6 +137,7 @@ class DBPool:
         def finished(result: Any) -> None:
             if timer is not None and timer.active():
                 timer.cancel()
+            self.stats.timing("db.duration", (self.reactor.seconds() - started) * 1000.0)
             if isinstance(result, Failure):
                 if result.check(_Abandoned):
                     return None  # rolled back; the caller was answered when the deadline passed

@@ -37,7 +37,9 @@ from taskd.server.sessions import SessionManager
 from taskd.server.statusintake import StatusService
 from taskd.server.websocket import SocketEndpoint, make_factory
 from taskd.servicetree import OrderedMultiService
-from taskd.stats import SERVER_PREFIX, GaugeReporter, make_stats
+from taskd.promstats import metrics_resource
+from taskd.server.metrics import LIVE_GAUGES, live_rows, server_stats
+from taskd.stats import GaugeReporter
 
 log = Logger(namespace="taskd.server")
 
@@ -180,7 +182,8 @@ def build_server(settings: Any, reactor: Any = None) -> Server:
     db = Database.open(engine, reactor, max_threads=None if engine.dialect.name == "sqlite" else settings.db_pool_size,
                        timeout=settings.db_timeout)
     instance_id = instance_identity(settings)
-    stats = make_stats(settings, SERVER_PREFIX, reactor)
+    stats, prom = server_stats(settings, reactor)
+    db.pool.stats = stats  # each operation's latency (db.duration)
     events = EventBus(instance_id)
     agents = AgentService(db.agents, db.catalog, events, stats=stats, status=db.status,
                           max_agents_per_org=settings.max_agents_per_org,
@@ -220,8 +223,9 @@ def build_server(settings: Any, reactor: Any = None) -> Server:
         clock=reactor,
     )
     tokens = AgentTokens(db.agents, events)
+    metrics = metrics_resource(prom.registry) if prom is not None else None
     api = Api(agents, tasks, auth, max_body_size=settings.max_body_size, socket=socket, stats=stats, tokens=tokens,
-              database=db, servers=liveness)
+              database=db, servers=liveness, metrics=metrics if settings.metrics_addr == "" else None)
     site = TaskdSite(api.resource(), max_body_size=settings.max_body_size)
 
     root = OrderedMultiService()
@@ -247,6 +251,9 @@ def build_server(settings: Any, reactor: Any = None) -> Server:
     sessions.setServiceParent(root)
     status.setServiceParent(root)  # stops before the sessions (see above)
     dispatcher.setServiceParent(root)
+    if prom is not None:
+        prom.live(lambda: live_rows(sessions=sessions, events=events, pool=db.pool, auth=auth, status=status,
+                                    bad_frames=sessions.bad_frames), LIVE_GAUGES)
     if stats.enabled:
         def gauges() -> Deferred:
             connected = len(sessions.sessions)
@@ -264,10 +271,20 @@ def build_server(settings: Any, reactor: Any = None) -> Server:
                 **broker}, unavailable)
 
         GaugeReporter(stats, reactor, gauges, GAUGE_INTERVAL).setServiceParent(root)
+    if stats.statsd_enabled:
         log.info("sending metrics to statsd at {addr} ({flavour}), prefix {prefix}", addr=settings.statsd_addr,
                  flavour=settings.statsd_type, prefix=stats.prefix)
     listener = ListenerService(reactor, settings.addr, site)
     listener.setServiceParent(root)
+    if metrics is not None and settings.metrics_addr:
+        from twisted.web.server import Site
+
+        metrics_site = Site(metrics)
+        metrics_site.noisy = False
+        ListenerService(reactor, settings.metrics_addr, metrics_site).setServiceParent(root)
+        log.info("Prometheus metrics at {addr} (GET /metrics)", addr=settings.metrics_addr)
+    elif metrics is not None:
+        log.info("Prometheus metrics at GET /metrics on the main port (not proxied by the nginx site)")
     if not settings.admin_key:
         log.warn("admin-key is empty: only keys accepted by {endpoint} can use the API", endpoint=settings.auth_endpoint)
     log.info("server instance {id}; events {where}", id=instance_id,

@@ -161,10 +161,17 @@ class Authenticator:
         self._queue: OrderedDict[str, str] = OrderedDict()  # digest -> key, waiting for a slot
         self.peak_running = 0  # the most checks ever in flight at once (bench/security.py reads it)
         self.refused_busy = 0  # unknown keys answered 503 because the queue was full
+        self.cache_hits = 0  # keys answered from the cache
+        self.checks = {"valid": 0, "invalid": 0, "unavailable": 0}  # checks at the endpoint, by outcome
         self._last_busy_warn: float | None = None
         self._last_warn: float | None = None
         self._suppressed = 0
         self._failing = False  # a warning was logged and no recovery since
+
+    @property
+    def in_flight(self) -> int:
+        """Checks sent to the endpoint and not yet answered."""
+        return self._running
 
     @property
     def cache_size(self) -> int:
@@ -182,6 +189,7 @@ class Authenticator:
         if entry is not None:
             ttl = self._valid_ttl if entry.user else self._invalid_ttl
             if now - entry.stored_at < ttl:
+                self.cache_hits += 1
                 try:
                     return succeed(self._accept(entry.user))
                 except AuthError as e:
@@ -249,6 +257,7 @@ class Authenticator:
         a user grafana.com vouched for a while ago: an outage of the endpoint is
         far more likely than that user's key having been revoked meanwhile.
         """
+        self.checks["unavailable" if isinstance(result, Failure) else "valid" if result else "invalid"] += 1
         if isinstance(result, Failure):
             self._warn(result, key)
             cached = self._valid.get(digest)

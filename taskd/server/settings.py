@@ -16,7 +16,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 
-from taskd.common_options import logging_options, stats_options
+from taskd.common_options import logging_options, stats_options, metrics_option
 from taskd.config import ConfigError, Option, load
 from taskd.configtypes import (
     byte_size,
@@ -50,6 +50,7 @@ SERVER_OPTIONS: tuple[Option, ...] = (
            " [IPv6]:PORT or a Twisted endpoint such as ssl:8443:privateKey=key.pem."),
     *DB_OPTIONS,
     *stats_options("server", SERVER_PREFIX),
+    metrics_option("server"),
     Option("admin-key", str, "",
            "API key that acts as an admin of org 1; empty means no admin key is accepted.",
            aliases=("app-api-key",), secret=True),
@@ -140,6 +141,7 @@ class ServerSettings:
     statsd_addr: str = "localhost:8125"
     statsd_type: str = "standard"
     stats_prefix: str = SERVER_PREFIX
+    metrics_addr: str = ""
     admin_key: str = ""
     exchange: str = ""
     rabbitmq_url: str = "amqp://guest:guest@localhost:5672/"

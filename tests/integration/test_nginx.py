@@ -222,6 +222,17 @@ async def test_body_limit_matches_the_server(proxied):
     assert "client_max_body_size" in envelope["meta"]["message"]  # nginx's limit, not a larger one
 
 
+@pytest_twisted.ensureDeferred
+async def test_the_metrics_are_not_served_through_the_site(proxied):
+    """GET /metrics needs no key, so the public site does not pass it on; Prometheus
+    scrapes the server directly."""
+    server, nginx = proxied
+    resp, raw = await call(nginx, "GET", "/metrics")
+    assert resp.code == 404 and json.loads(raw)["meta"]["code"] == 404, raw[:300]
+    direct = await treq.get(server.base + "/metrics", timeout=TIMEOUT)
+    assert direct.code == 200 and b"taskd_server_running 1.0" in await direct.content()
+
+
 def test_site_keeps_the_socket_open_longer_than_the_servers_intervals():
     text = SITE.read_text()
     assert re.search(r"(?m)^\s*proxy_http_version\s+1\.1\s*;", text)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import socket
 from typing import Any
 
 import pytest
@@ -25,6 +26,8 @@ from tests.notes_requests import NOTES_TASK
 from tests.waiting import until
 
 SRV = "test.srv"
+HOST = socket.gethostname()  # the datadog flavour's host tag
+HOST_RX = re.escape(HOST)
 AGT = "test.agt"
 
 
@@ -81,50 +84,50 @@ def fast_gauges(monkeypatch):
 @pytest_twisted.ensureDeferred
 async def test_server_metrics_datadog(db_config, statsd, fast_gauges):
     api = await start_server(*db_config, stats_enabled=True, statsd_addr=statsd.addr, statsd_type="datadog",
-                             stats_prefix=SRV)
+                             stats_prefix="test.$hostname.srv")  # the host goes to a tag: names are {SRV}.…
     try:
-        await statsd.wait(f"{SRV}.running:1|g")
-        await statsd.wait(f"{SRV}.tasks.active:0|g")
+        await statsd.wait(f"{SRV}.running:1|g|#host:{HOST}")
+        await statsd.wait(f"{SRV}.tasks.active:0|g|#host:{HOST}")
 
         # An agent connects (auto-created): accepted, created, and the gauge moves.
         client = connect_agent(api.base, "agent1", ADMIN_KEY)
         await client.opened
         await client.next("taskList")
-        await statsd.wait(f"{SRV}.agents.connections_accepted:1|c")
-        await statsd.wait(f"{SRV}.agents.autocreate_success:1|c")
-        await statsd.wait(f"{SRV}.agents.connected:1|g")
+        await statsd.wait(f"{SRV}.agents.connections_accepted:1|c|#host:{HOST}")
+        await statsd.wait(f"{SRV}.agents.autocreate_success:1|c|#host:{HOST}")
+        await statsd.wait(f"{SRV}.agents.connected:1|g|#host:{HOST}")
 
         # A task through the API: counted, and timed until the frame reached the agent.
         before = len(statsd.matching(rf"{SRV}\.dispatch\.latency:.*"))
         task = await api.ok("POST", "/api/v1/tasks", json_body=NOTES_TASK)
         await client.next("taskAdd")
-        await statsd.wait(f"{SRV}.api.tasks_create:1|c")
-        await until(lambda: statsd.matching(rf"{SRV}\.dispatch\.latency:([0-9.]+)\|ms\|#event:taskAdd,source:local"),
+        await statsd.wait(f"{SRV}.api.tasks_create:1|c|#host:{HOST}")
+        await until(lambda: statsd.matching(rf"{SRV}\.dispatch\.latency:([0-9.]+)\|ms\|#host:{HOST_RX},event:taskAdd,source:local"),
                     what="a dispatch latency timing")
-        latency = float(statsd.matching(rf"{SRV}\.dispatch\.latency:([0-9.]+)\|ms\|#event:taskAdd.*")[0][1])
+        latency = float(statsd.matching(rf"{SRV}\.dispatch\.latency:([0-9.]+)\|ms\|#host:{HOST_RX},event:taskAdd.*")[0][1])
         assert 0 <= latency < 5000
         assert len(statsd.matching(rf"{SRV}\.dispatch\.latency:.*")) == before + 1  # one agent told, one timing
-        await statsd.wait(f"{SRV}.tasks.active:1|g")
+        await statsd.wait(f"{SRV}.tasks.active:1|g|#host:{HOST}")
 
         await api.ok("PUT", "/api/v1/tasks", json_body={**task, "enabled": False})
         await client.next("taskRemove")
-        await statsd.wait(f"{SRV}.api.tasks_update:1|c")
-        await until(lambda: statsd.matching(rf"{SRV}\.dispatch\.latency:[0-9.]+\|ms\|#event:taskRemove,source:local"),
+        await statsd.wait(f"{SRV}.api.tasks_update:1|c|#host:{HOST}")
+        await until(lambda: statsd.matching(rf"{SRV}\.dispatch\.latency:[0-9.]+\|ms\|#host:{HOST_RX},event:taskRemove,source:local"),
                     what="a taskRemove timing")
-        await statsd.wait(f"{SRV}.tasks.disabled:1|g")
+        await statsd.wait(f"{SRV}.tasks.disabled:1|g|#host:{HOST}")
         await api.ok("DELETE", f"/api/v1/tasks/{task['id']}")
-        await statsd.wait(f"{SRV}.api.tasks_delete:1|c")
+        await statsd.wait(f"{SRV}.api.tasks_delete:1|c|#host:{HOST}")
 
         # A refused upgrade (wrong key) is a failed connection, tagged with the status.
         refused = refused_agent(api.base, "agent2", "not-a-valid-key")
         await refused.closed
-        await statsd.wait(f"{SRV}.agents.connections_failed:1|c|#status:401")
+        await statsd.wait(f"{SRV}.agents.connections_failed:1|c|#host:{HOST},status:401")
 
         await client.disconnect()
-        await statsd.wait(f"{SRV}.agents.connected:0|g")
+        await statsd.wait(f"{SRV}.agents.connected:0|g|#host:{HOST}")
     finally:
         await stop_server(api)
-    await statsd.wait(f"{SRV}.running:0|g")
+    await statsd.wait(f"{SRV}.running:0|g|#host:{HOST}")
     assert all(len(d) <= 1432 for d in statsd.datagrams)
 
 

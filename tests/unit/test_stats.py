@@ -6,6 +6,7 @@ a `task.Clock`; tests/integration/test_stats.py reads real datagrams from a real
 from __future__ import annotations
 
 import dataclasses
+import socket
 import errno
 from typing import Any
 
@@ -158,8 +159,14 @@ def test_stats_enabled_gives_a_client_with_the_expanded_prefix():
                                    statsd_type="datadog", stats_prefix="ops.$hostname.srv")
     stats = make_stats(settings, "unused", FakeReactor())
     assert isinstance(stats, StatsClient) and stats.flavour == "datadog"
-    assert stats.prefix.startswith("ops.") and stats.prefix.endswith(".srv") and "$" not in stats.prefix
+    # Datadog's convention: the host is a tag on every line, not part of the name.
+    assert stats.prefix == "ops.srv" and stats.constant_tags == {"host": socket.gethostname()}
     assert (stats.host, stats.port) == ("127.0.0.1", 9)
+    assert format_line(stats.prefix, "dispatch.latency", 3, "ms", {"event": "taskAdd"}, "datadog",
+                       stats.constant_tags) == f"ops.srv.dispatch.latency:3|ms|#host:{socket.gethostname()},event:taskAdd"
+    standard = make_stats(dataclasses.replace(settings, statsd_type="standard"), "unused", FakeReactor())
+    assert standard.prefix == expand_prefix("ops.$hostname.srv") != "ops.srv"  # standard: the name keeps the host
+    assert format_line(standard.prefix, "c", 1, "c", {"a": "b"}, "standard", {"host": "h"}) == f"{standard.prefix}.c:1|c"
 
 
 # -- the client ------------------------------------------------------------------------

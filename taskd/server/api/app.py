@@ -64,10 +64,12 @@ class Api:
 
     def __init__(self, agents: AgentService, tasks: TaskService, auth: Authenticator, *, max_body_size: int,
                  socket: Handler | None = None, stats: Any = NULL_STATS, database: Any = None,
-                 servers: Any = None, tokens: AgentTokens | None = None) -> None:
+                 servers: Any = None, tokens: AgentTokens | None = None, metrics: Any = None) -> None:
         """`database`: what `GET /` reports on (its `health()`); None reports nothing.
         `servers`: has `live()` -> Deferred of the live ServerInstances (the liveness
-        service); None leaves GET /servers out."""
+        service); None leaves GET /servers out. `metrics`: the twisted.web resource serving
+        the Prometheus metrics at GET /metrics (None: not on this port)."""
+        self.metrics = metrics
         self.stats = stats
         self.database = database
         self.servers = servers
@@ -79,7 +81,7 @@ class Api:
         self.max_body_size = max_body_size
         self.app = Klein()
         self._openapi = json.dumps(openapi.document(servers=servers is not None, socket=socket is not None,
-                                                    tokens=tokens is not None),
+                                                    tokens=tokens is not None, metrics=metrics is not None),
                                    separators=(",", ":")).encode("utf-8")
         self._routes()
 
@@ -96,6 +98,8 @@ class Api:
             result = await self._endpoint(request, type_, handler, auth, kwargs, raw, needed, f"{method} {path}")
             if raw:
                 self._socket_outcome(request, kwargs, result)
+            else:  # by route template, so the label set stays small
+                self.stats.incr("api.requests", tags={"route": f"{method} {path}", "code": request.code})
             return result
 
         endpoint.__name__ = f"{method} {path}"
@@ -176,6 +180,12 @@ class Api:
             if isinstance(exc, NotFound):
                 return error(request, 404, f"no such route: {method} {path} (the API is under {PREFIX}/)")
             return error(request, exc.code or 400, exc.description or exc.name)
+
+        if self.metrics is not None:
+            @app.route("/metrics", methods=["GET"], strict_slashes=False)
+            def metrics(request: IRequest) -> Any:
+                # Unauthenticated, as Prometheus scrapes it; the nginx site does not proxy it.
+                return self.metrics
 
         @app.route(PREFIX + "/openapi.json", methods=["GET"], strict_slashes=False)
         def openapi_document(request: IRequest) -> bytes:

@@ -235,7 +235,7 @@ def _schemas() -> dict:
     }
 
 
-def _operations(servers: bool, socket: bool, tokens: bool) -> dict:
+def _operations(servers: bool, socket: bool, tokens: bool, metrics: bool = False) -> dict:
     agents, tasks = _ref("Agent"), _ref("Task")
     agent_id, task_id = _path_id("agent_id", "agent"), _path_id("task_id", "task")
     agent_body = {"required": True, "content": {
@@ -336,6 +336,12 @@ def _operations(servers: bool, socket: bool, tokens: bool) -> dict:
             ROLE: "Viewer of org 1",
             "responses": _responses(_ok("servers", {"type": "array", "items": _ref("Server")}, "live servers"),
                                     400, 403)}}
+    if metrics:
+        paths["/metrics"] = {"get": {
+            "operationId": "metrics", "security": [],
+            "summary": "self-metrics in the Prometheus text format (unauthenticated: keep it off the public site)",
+            "responses": {"200": {"description": "the metrics",
+                                  "content": {"text/plain": {"schema": {"type": "string"}}}}}}}
     if socket:
         paths["/api/v1/socket/{agent_name}/{version}"] = {"get": {
             "operationId": "agentSocket", "summary": "the agents' websocket (see docs/protocol.md)",
@@ -359,13 +365,14 @@ def _roles(paths: dict) -> None:
                 op.setdefault(ROLE, "Viewer" if method == "get" else "Editor")
 
 
-def document(*, servers: bool = True, socket: bool = True, tokens: bool = True) -> dict:
-    """The whole document; `servers`/`socket`/`tokens` say whether those routes are mounted."""
+def document(*, servers: bool = True, socket: bool = True, tokens: bool = True, metrics: bool = True) -> dict:
+    """The whole document; `servers`/`socket`/`tokens`/`metrics` say whether those routes
+    are mounted."""
     error_responses = {f"E{code}": {"description": text, "content": {"application/json": {"schema": _ref("Error")}}}
                        for code, text in {**_ERRORS, 426: "Not a websocket upgrade request"}.items()}
     error_responses["E401"]["headers"] = {"WWW-Authenticate": {"schema": {"type": "string"}}}
     error_responses["E503"]["headers"] = {"Retry-After": {"schema": {"type": "string"}}}
-    paths = _operations(servers, socket, tokens)
+    paths = _operations(servers, socket, tokens, metrics)
     _roles(paths)
     return {
         "openapi": "3.1.0",

@@ -29,6 +29,7 @@ import taskd
 from taskd.agent.builtin.collector import Collector, Sample, TaskInfo
 from taskd.agent.builtin.collectors.common import Field, catalog, parse_fields, read_body, run, series
 from taskd.agent.builtin.netpolicy import CheckedEndpointFactory
+from taskd.agent.httpclient import QuietEndpointFactory
 
 METHODS = ("GET", "HEAD")
 BODY_CAP = 10 * 1024 * 1024  # bytes read at most; body_size stops counting there
@@ -158,8 +159,8 @@ class HttpCollector(Collector):
         if net is not None and net.active:  # only addresses it resolved and checked itself
             agent = Agent.usingEndpointFactory(self.reactor, CheckedEndpointFactory(net, self.reactor, policy,
                                                                                     cfg.timeout))
-        else:
-            agent = Agent(self.reactor, contextFactory=policy, connectTimeout=cfg.timeout)
+        else:  # as Agent's default, without a "Starting factory" log line per run
+            agent = Agent.usingEndpointFactory(self.reactor, QuietEndpointFactory(self.reactor, policy, cfg.timeout))
         headers = Headers({b"User-Agent": [f"taskd/{taskd.__version__}".encode()]})
         for key, value in cfg.headers.items():
             headers.setRawHeaders(key, [value])

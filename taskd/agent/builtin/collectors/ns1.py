@@ -19,6 +19,7 @@ from twisted.web.http_headers import Headers
 
 from taskd.agent.builtin.collector import CollectError, Collector, Sample, TaskInfo
 from taskd.agent.builtin.collectors.common import Field, parse_fields, policy, read_body, run, slug
+from taskd.agent.httpclient import QuietEndpointFactory
 
 DEFAULT_API_URL = "https://api.nsone.net/"
 MAX_BODY = 1024 * 1024  # the answer is a few bytes of JSON
@@ -82,7 +83,7 @@ class Ns1Collector(Collector):
 
     async def _get(self, cfg: Ns1Config) -> list[Sample]:
         api = getattr(self.settings, "ns1_api_url", "") or DEFAULT_API_URL
-        agent = Agent(self.reactor, connectTimeout=cfg.timeout)
+        agent = Agent.usingEndpointFactory(self.reactor, QuietEndpointFactory(self.reactor, timeout=cfg.timeout))
         headers = Headers({"X-NSONE-KEY": [cfg.ns1_key], "Accept": ["application/json"]})
         response = await agent.request(b"GET", qps_url(api, cfg.zone).encode("ascii"), headers)
         _, body = await read_body(response, MAX_BODY)
