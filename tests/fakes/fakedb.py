@@ -335,7 +335,7 @@ class FakeAgentStore(_Fake):
         rows = [a for a in state.agents.values() if seen(a)
                 and (flt.name is None or _matches(flt.name, a.name))
                 and (flt.enabled is None or a.enabled == flt.enabled)
-                and (not flt.tags or not set(flt.tags).isdisjoint(a.tags))
+                and (not flt.tags or not set(flt.tags).isdisjoint(a.tags_for(org_id)))
                 and (flt.metric is None or any(_matches(flt.metric, ns) for ns, _ in state.agent_metrics.get(a.id, {})))]
         attr = AGENT_ORDER[page.order_by]
         # NULL sorts first ascending (sqlite and MySQL alike), so last descending

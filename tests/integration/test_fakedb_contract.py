@@ -129,7 +129,13 @@ async def test_agents_are_listed_by_visibility_and_filters_updated_and_deleted_w
     assert names(await listed(AgentFilter())) == ["a-web", "b-db", "p-pub"]
     assert names(await listed(AgentFilter(public=True))) == ["p-pub"]
     assert names(await listed(AgentFilter(public=False), Page("name", descending=True))) == ["b-db", "a-web"]
+    # Tags filter by the listing org's own tags: org 2's tags on its public agent are not org 1's.
+    assert names(await listed(AgentFilter(tags=("web",)))) == ["a-web"]
+    old_p, tagged = await db.agents.set_org_tags(p.id, 1, ["web", "edge"])
+    assert old_p == p and tagged.tags == ("web",) and tagged.tags_for(1) == ("edge", "web")
     assert names(await listed(AgentFilter(tags=("web",)))) == ["a-web", "p-pub"]
+    with pytest.raises(NotFound):  # org 2's private agent is not org 1's to tag
+        await db.agents.set_org_tags(p.id + 1, 1, ["web"])
     assert names(await listed(AgentFilter(name="*-*", enabled=True), Page("id", limit=1, page=2))) == ["p-pub"]
     assert names(await listed(AgentFilter(metric="/cpu/*"))) == ["b-db"]
     assert names(await listed(AgentFilter(), Page("enabledChange"))) == ["b-db", "a-web", "p-pub"]  # NULL first
@@ -150,7 +156,7 @@ async def test_agents_are_listed_by_visibility_and_filters_updated_and_deleted_w
     assert await db.routes.snapshot(task.id) == (task, set())  # its assignment went with it
     assert await db.catalog.list(1, MetricFilter(), Page("namespace")) == []
     assert names(await listed(AgentFilter())) == ["a-web", "p-pub"]
-    assert p.tags == ("web",)
+    assert p.tags == ("web",) and (await db.agents.get(p.id)).tags_for(2) == ("web",)
 
 
 @pytest_twisted.ensureDeferred
