@@ -2,9 +2,9 @@
 
 This is a stand-in, not Snap: snapd can no longer be installed (the project is archived
 and its packages are gone), yet the agent's Snap driver must be exercised over real HTTP.
-It follows ``/work/shared/reference/snap-rest-api.md`` — snap ca32c9a, the build
-raintank-apps pinned — and implements the part of the API the agent uses (§11 of that
-reference): the ``meta``/``body`` envelope pretty-printed with a 2-space indent, the exact
+It follows docs/snap-api.md — snap ca32c9a, the build
+raintank-apps pinned — and implements the part of the API the agent uses (docs/snap-api.md
+§9): the ``meta``/``body`` envelope pretty-printed with a 2-space indent, the exact
 ``meta.type`` strings, messages, status codes and error texts, UUID task ids, the task
 state machine (``Stopping`` after a stop, auto-``Disabled`` after ``max-failures``
 consecutive failed runs), Go-formatted durations (``300s`` echoed as ``5m0s``), the
@@ -43,7 +43,7 @@ from tests.fakes.snap_state import SnapFault, SnapState, ns_matches, go_value
 
 __all__ = ["SnapEmulator", "SnapFault", "metric", "TYPES"]
 
-#: meta.type and meta.message of each successful call (reference §2).
+#: meta.type and meta.message of each successful call (docs/snap-api.md §3, §4).
 TYPES = {
     "config_get": (200, "config_plugin_item_returned", "Plugin config item retrieved"),
     "config_put": (200, "config_plugin_item_created", "Plugin config item(s) set"),

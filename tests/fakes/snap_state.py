@@ -3,8 +3,8 @@ machine, the global plugin config, the metric catalog, and simulated scheduled r
 
 No HTTP here. Every operation either returns the envelope's ``body`` or raises
 :class:`SnapFault` with the HTTP status and the message snapd would give; the rules and
-texts follow ``/work/shared/reference/snap-rest-api.md`` (snap ca32c9a, §5, §6, §10 and
-§11 of that reference). Times come from an injectable clock (``IReactorTime``).
+texts follow docs/snap-api.md (snap ca32c9a, §5, §6, §8 and §9 there). Times come
+from an injectable clock (``IReactorTime``).
 """
 from __future__ import annotations
 

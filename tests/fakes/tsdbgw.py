@@ -1,19 +1,19 @@
 """An emulator of tsdb-gw's ``POST /metrics`` for the publisher's tests.
 
 This is a stand-in, not tsdb-gw (a Go service we cannot run here). It is faithful to
-``/work/shared/reference/tsdb-gw-wire.md`` for what the publisher sends: the exact
-Content-Type check (§4.1), the snappy *framing* (§4.2, decoded with
+docs/tsdb-gw.md for what the publisher sends: the exact
+Content-Type check (§5.1), the snappy *framing* (§5.2, decoded with
 ``cramjam.snappy.decompress``; a raw block or garbage is a body read error), the envelope
-(§3: at least 9 bytes, format 0 or 1; only format 1 is decoded here), Bearer/Basic auth
-(§4.3), and the msgp MetricDataArray decoded by its *own* decoder (§1), which records
+(§4: at least 9 bytes, format 0 or 1; only format 1 is decoded here), Bearer/Basic auth
+(§5.3), and the msgp MetricDataArray decoded by its *own* decoder (§2), which records
 the type byte of every field so it can refuse what the Go decoder refuses: the unsigned
 ints ``0xcc``-``0xcf`` for OrgId/Interval/Time, a msgpack integer for Value, non-str
 strings. Unknown keys are skipped, missing ones keep their zero value, an empty mtype
-becomes ``gauge``, then each metric is validated (§1.1 Validate: Metric is required in
+becomes ``gauge``, then each metric is validated (§2.3 Validate: Metric is required in
 the 2018 era, and the v2 tag rules of §2.3 apply when ``strict_tags``, the default, so
 what passes here passes on both generations).
 
-Answers follow the gateway's ``era`` (§4.4):
+Answers follow the gateway's ``era`` (§6):
 
 * ``"2018"`` (default, ≤ Jan 2019): decode errors 500; one invalid metric → 400 with the
   error text and the whole batch dropped; success 200 ``"ok"``.
@@ -22,7 +22,7 @@ Answers follow the gateway's ``era`` (§4.4):
 
 Bad snappy is 500 in both. Keys: ``admin_key`` is an admin (payload OrgId and Id kept),
 ``org_keys`` maps other keys to their org (OrgId forced, Id recomputed). One deliberate
-strictness beyond the gateway: for an admin key the emulator recomputes the Id (§2.1)
+strictness beyond the gateway: for an admin key the emulator recomputes the Id (§3.1)
 and answers 400 on a mismatch, where the real gateway would silently store a wrong
 series. Not emulated: ``application/json`` bodies and envelope format 0 (answered as
 errors), Kafka, ``/events``, other routes (404).
@@ -186,7 +186,7 @@ def decode_metric_array(body: bytes) -> list[dict[str, Any]]:
 
 
 def v1_id(m: dict[str, Any], key: str = "Metric") -> str:
-    """SetId (§2.1): KEY is Metric in schema v1, Name (``key="Name"``) in v2."""
+    """SetId (§3.1): KEY is Metric in schema v1, Name (``key="Name"``) in v2."""
     raw = b"\x00".join([m[key].encode(), m["Unit"].encode(), m["Mtype"].encode(),
                         str(m["Interval"]).encode()] + [t.encode() for t in sorted(m["Tags"])])
     return f"{m['OrgId']}.{hashlib.md5(raw).hexdigest()}"
@@ -298,7 +298,7 @@ class TsdbGwEmulator(LoopbackServer):
         return json.dumps(record.error).encode()
 
     def _auth(self, header: bytes | None) -> tuple[bool, int] | str:
-        """(admin, org) for a good key, else the 401 text (§4.3)."""
+        """(admin, org) for a good key, else the 401 text (§5.3)."""
         text = (header or b"").decode("latin-1")
         scheme, _, cred = text.partition(" ")
         if scheme == "Bearer" and cred:

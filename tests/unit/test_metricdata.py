@@ -1,5 +1,5 @@
-"""The tsdb-gw binary format: test vectors and bytes of tsdb-gw-wire.md §1.3 and §2.4,
-and the msgpack forms the gateway's decoder accepts (§1.2)."""
+"""The tsdb-gw binary format: test vectors and bytes of docs/tsdb-gw.md §2.4 and §3.3,
+and the msgpack forms the gateway's decoder accepts (§2.2)."""
 from __future__ import annotations
 
 import struct
@@ -57,7 +57,7 @@ def test_the_212_byte_message_of_section_1_3():
 
 
 def test_snappy_framing_of_the_212_byte_message():
-    """§4.2: stream identifier, then an uncompressed chunk with the masked CRC-32C given."""
+    """§5.2: stream identifier, then an uncompressed chunk with the masked CRC-32C given."""
     framed = snappy_frame(encode_message([VECTOR_A]))
     assert framed[:10] == bytes.fromhex("ff060000734e61507059")
     assert framed[10:18] == bytes.fromhex("01 d80000 3d121aa9")

@@ -1,4 +1,4 @@
-"""The Snap emulator answers as snap-rest-api.md says snapd (ca32c9a) does.
+"""The Snap emulator answers as docs/snap-api.md says snapd (ca32c9a) does.
 
 Real HTTP on loopback through treq; task times on an injected ``task.Clock``.
 """

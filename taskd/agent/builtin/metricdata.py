@@ -1,7 +1,7 @@
 """tsdb-gw's binary metric format: the MetricData record, its Id, the envelope, snappy framing.
 
-Follows ``/work/shared/reference/tsdb-gw-wire.md`` (the spec; section numbers below are
-its). The encoder is written by hand rather than with the ``msgpack`` package because the
+Follows docs/tsdb-gw.md (the section numbers below are those of the wire notes it was
+written from; its section map gives its own). The encoder is written by hand rather than with the ``msgpack`` package because the
 gateway's msgp decoder only accepts the *signed* integer forms (§1.2) and msgpack-python
 writes non-negative ints above 127 as unsigned (``0xcc``-``0xcf``), which tsdb-gw rejects.
 

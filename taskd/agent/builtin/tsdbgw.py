@@ -1,8 +1,8 @@
 """The tsdb-gw publisher: batches points and POSTs them to ``<tsdb-url>/metrics``.
 
 Wire format: :mod:`taskd.agent.builtin.metricdata` (``rt-metric-binary[-snappy]``,
-``Authorization: Bearer <key>``; reference ``tsdb-gw-wire.md`` §4). How it behaves, and
-why it differs from the Go publishers it replaces (§5), which retried every failure
+``Authorization: Bearer <key>``; docs/tsdb-gw.md §5). How it behaves, and
+why it differs from the Go publishers it replaces (§7), which retried every failure
 forever and so let one bad batch block everything behind it:
 
 * Points are queued and sent in batches of at most ``batch_size``: a full batch goes at

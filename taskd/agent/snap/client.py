@@ -3,7 +3,7 @@ api key kept out of every message, and the stop/delete state machine of a Snap t
 
 Apart from the driver (:mod:`taskd.agent.snap.driver`), which holds the loops and the
 reconcile rule and calls only :meth:`SnapClient.call` and
-:meth:`SnapClient.stop_and_delete`. See docs/snap.md and snap-rest-api.md.
+:meth:`SnapClient.stop_and_delete`. See docs/snap.md and docs/snap-api.md.
 """
 from __future__ import annotations
 

@@ -3,7 +3,7 @@
 :class:`taskd.agent.snap.reconcile.SnapReconciler`): runs the agent's tasks as tasks of the
 local Snap daemon (REST API v1).
 
-Behaviour of the Go task-agent (``original-behaviour.md`` §7, ``snap-rest-api.md`` §10),
+Behaviour of the Go task-agent (docs/snap.md, docs/snap-api.md §8),
 with its gaps closed. Three loops, all on the injected clock and each guarded so that a
 failure is logged and retried on the next tick instead of stopping the loop:
 

@@ -1,7 +1,7 @@
 """Task status for the Snap executor, read off Snap's task list.
 
 Snap keeps per task ``hit_count`` (fires), ``failed_count`` (runs that recorded an error,
-cumulative), ``last_failure_message`` and ``last_run_timestamp`` (snap-rest-api.md §5), but
+cumulative), ``last_failure_message`` and ``last_run_timestamp`` (docs/snap-api.md §5, §6), but
 no "did the last run work" flag. The outcome is derived from how the counters moved since
 the previous listing: failures grew → error; fires grew without failures → ok; nothing
 moved → unchanged. On the first sight of a task (say, after an agent restart) a task whose

@@ -1,7 +1,7 @@
 """What goes over Snap's REST API v1 for the task-agent: the names, the exact task body
 the Go agent posted, and reading Snap's answers (Go durations, RFC 3339 times, its
 catalog records). Pure functions, so the driver and client hold only behaviour.
-See docs/snap.md and the reference snap-rest-api.md.
+See docs/snap.md and docs/snap-api.md.
 """
 from __future__ import annotations
 
