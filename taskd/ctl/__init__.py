@@ -1,0 +1,1 @@
+"""`taskctl`: the task-server's REST API from a terminal."""
