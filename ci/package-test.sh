@@ -106,6 +106,10 @@ check_installed() {
   "$VENV/bin/twistd" taskserver --help >/dev/null || fail "twistd taskserver --help"
   "$VENV/bin/twistd" taskagent --help >/dev/null || fail "twistd taskagent --help"
   "$VENV/bin/taskd-db" --help >/dev/null || fail "taskd-db --help"
+  /usr/bin/taskctl --help >/dev/null || fail "taskctl --help (/usr/bin/taskctl)"
+  for shipped in grafana/taskd.json prometheus/taskd-rules.yml prometheus/taskd-rules.test.yml; do
+    [ -f "/usr/share/taskd/$shipped" ] || fail "/usr/share/taskd/$shipped is not installed"
+  done
   "$VENV/bin/python" -m pip check -q >/dev/null || fail "pip check in $VENV"
   ! "$VENV/bin/python" -c 'import pytest' 2>/dev/null || fail "test-only pins (pytest) are in the venv"
   [ -f "$VENV/lib/python3.11/site-packages/twisted/plugins/dropin.cache" ] || fail "no twistd plugin cache"

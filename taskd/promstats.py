@@ -72,6 +72,17 @@ class PromStats(Service):
     def flush(self) -> None:
         pass
 
+    def declare(self, kind: str, name: str, tags: Tags = None) -> None:
+        """Make a counter (`incr`) or histogram (`timing`) series exist at 0 before its
+        first event, so that rules such as `increase(..._skipped_total[10m]) > 0` have a
+        series to work on (Prometheus' advice for label sets known up front)."""
+        if kind == "incr":
+            self._get(Counter, name, tags, "")
+        elif kind == "timing":
+            self._get(Histogram, name, tags, "_seconds")
+        else:
+            raise ValueError(f"declare: {kind!r} is not incr or timing")
+
     # -- read at scrape time -----------------------------------------------------------
 
     def live(self, collect: Callable[[], Iterable[tuple[str, str, float, Mapping[str, Any]]]],

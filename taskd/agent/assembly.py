@@ -120,6 +120,10 @@ class Agent:
                 queue_size=settings.tsdb_queue_size, max_backoff=settings.tsdb_max_backoff,
                 timeout=settings.tsdb_timeout, reactor=reactor, stats=self.stats)
         collectors = load_collectors(reactor=reactor, settings=settings, netpolicy=self.netpolicy)
+        if self.prom is not None:  # every collector's series exist from the start (alert rules need them)
+            for collector in collectors:
+                for name in ("builtin.runs", "builtin.failures", "builtin.skipped"):
+                    self.prom.declare("incr", name, {"collector": collector})
         log.info("built-in executor with collector(s) {names}; publishing to {where}",
                  names=", ".join(sorted(collectors)) or "(none)",
                  where=settings.graphite_addr if settings.publisher == "graphite" else settings.tsdb_url)

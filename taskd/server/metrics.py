@@ -22,6 +22,9 @@ def server_stats(settings: Any, reactor: Any) -> tuple[FanOutStats, PromStats | 
     """statsd (when stats-enabled) and Prometheus (unless metrics-addr = off), as one."""
     statsd = make_stats(settings, SERVER_PREFIX, reactor)
     prom = None if settings.metrics_addr == "off" else PromStats(NAMESPACE)
+    if prom is not None:  # series the shipped alert rules watch exist before their first event
+        for name in ("agents.autocreate_failure", "servers.reaped"):
+            prom.declare("incr", name)
     return FanOutStats(statsd, *([prom] if prom is not None else [])), prom
 
 
