@@ -3,10 +3,7 @@ is never sent to the key check, is replaced (closing what the old one opened, ac
 servers) and is revoked with its agent."""
 from __future__ import annotations
 
-import subprocess
-import uuid
 
-import pytest
 import pytest_twisted
 import treq
 
@@ -81,12 +78,6 @@ async def test_deleting_the_agent_revokes_its_token(api):
     assert "[401]" in await refused(api, "probe-4", token)
 
 
-@pytest.fixture
-def exchange():
-    name = f"taskd-test-{uuid.uuid4().hex[:8]}"
-    yield name
-    subprocess.run(["rabbitmqctl", "-q", "eval", f'rabbit_exchange:delete(rabbit_misc:r(<<"/">>, exchange, <<"{name}">>), false, <<"test">>).'],
-                   capture_output=True, timeout=60)
 
 
 @pytest_twisted.ensureDeferred

@@ -10,10 +10,8 @@ import json
 import re
 import shutil
 import subprocess
-import uuid
 from pathlib import Path
 
-import pytest
 import pytest_twisted
 import treq
 
@@ -74,13 +72,6 @@ def test_the_dashboard_is_a_grafana_dashboard():
                 cells.add((x, y))
 
 
-@pytest.fixture
-def exchange():
-    name = f"taskd-test-{uuid.uuid4().hex[:8]}"
-    yield name
-    subprocess.run(["rabbitmqctl", "-q", "eval",
-                    f'rabbit_exchange:delete(rabbit_misc:r(<<"/">>, exchange, <<"{name}">>), false, <<"test">>).'],
-                   capture_output=True, timeout=60)
 
 
 @pytest_twisted.ensureDeferred

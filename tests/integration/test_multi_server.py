@@ -2,9 +2,7 @@
 from __future__ import annotations
 
 import subprocess
-import uuid
 
-import pytest
 import pytest_twisted
 import treq
 
@@ -33,12 +31,6 @@ def close_amqp_connection_of(instance: str) -> None:
         subprocess.run(["rabbitmqctl", "-q", "close_connection", pid, "test cut"], timeout=60, check=True)
 
 
-@pytest.fixture
-def exchange():
-    name = f"taskd-test-{uuid.uuid4().hex[:8]}"
-    yield name
-    subprocess.run(["rabbitmqctl", "-q", "eval", f'rabbit_exchange:delete(rabbit_misc:r(<<"/">>, exchange, <<"{name}">>), false, <<"test">>).'],
-                   capture_output=True, timeout=60)
 
 
 @pytest_twisted.ensureDeferred

@@ -9,7 +9,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import pytest_twisted
 from twisted.internet import threads
 
