@@ -164,6 +164,12 @@ def parse_route(value: Any) -> Route:
     return Route(BY_IDS, {"ids": sorted({_int(f"route.config.ids[{i}]", v, False, 1) for i, v in enumerate(config[key])})})
 
 
+#: Bounds of one config value that is a list or an object (a collector's headers, its
+#: status codes or regexes): nesting below the key, and items in it, all levels counted.
+CONFIG_MAX_DEPTH = 4
+CONFIG_MAX_ITEMS = 1000
+
+
 def _task_config(value: Any) -> dict:
     if not isinstance(value, dict):
         raise Invalid('config must be an object of objects, e.g. {"/namespace": {"key": "value"}}')
@@ -171,9 +177,30 @@ def _task_config(value: Any) -> dict:
         if not isinstance(items, dict):
             raise Invalid(f"config[{ns!r}] must be an object of key: value settings")
         for key, item in items.items():
-            if item is None or isinstance(item, (dict, list)):
-                raise Invalid(f"config[{ns!r}][{key!r}] must be a string, number or boolean")
+            where = f"config[{ns!r}][{key!r}]"
+            if item is None:
+                raise Invalid(f"{where} must be a string, number, boolean, list or object, not null")
+            if isinstance(item, (dict, list)):
+                _config_value(where, item, 1, [0])
     return value
+
+
+def _config_value(where: str, value: Any, depth: int, count: list[int]) -> None:
+    """Lists and objects (of strings, numbers, booleans, lists, objects), bounded: what
+    the built-in collectors take (headers, status codes, regexes). Non-finite numbers
+    were refused when the body was parsed."""
+    if depth > CONFIG_MAX_DEPTH:
+        raise Invalid(f"{where}: nested deeper than {CONFIG_MAX_DEPTH} levels")
+    children = value.items() if isinstance(value, dict) else enumerate(value)
+    for k, child in children:
+        count[0] += 1
+        if count[0] > CONFIG_MAX_ITEMS:
+            raise Invalid(f"{where}: more than {CONFIG_MAX_ITEMS} items")
+        inner = f"{where}[{k!r}]"
+        if child is None:
+            raise Invalid(f"{inner} must be a string, number, boolean, list or object, not null")
+        if isinstance(child, (dict, list)):
+            _config_value(inner, child, depth + 1, count)
 
 
 def _task_metrics(value: Any) -> dict[str, int]:

@@ -324,6 +324,17 @@ async def test_list_shows_only_the_callers_org(api):
     assert {t["orgId"] for t in await list_tasks(api, ORG2_KEY)} == {2}
 
 
+@pytest_twisted.ensureDeferred
+async def test_config_values_may_be_lists_and_objects_for_the_builtin_collectors(api):
+    """`headers` (an object) and status codes (a list) round-trip through the API and reach
+    the agent as sent; bounds and nulls are in INVALID_TASKS."""
+    config = {"/raintank/apps/http": {"url": "http://example.com/", "headers": {"X-Api-Key": "s3cret"},
+                                      "valid_status_codes": [200, "300-399"], "nested": [{"a": [1, 2.5, True]}]}}
+    created = await create_task(api, "with-lists", config=config)
+    assert created["config"] == config
+    assert (await get_task(api, created["id"]))["config"] == config
+
+
 # -- validation ------------------------------------------------------------------------
 
 def _without(field: str):
@@ -363,9 +374,10 @@ INVALID_TASKS = [
     ("config not object", _with(config=["/a"]), ["config must"]),
     ("config string", _with(config="x"), ["config must"]),
     ("config ns not object", _with(config={"/a": "x"}), ["config['/a'] must"]),
-    ("config nested object", _with(config={"/a": {"k": {"n": 1}}}), ["config['/a']['k'] must"]),
-    ("config nested list", _with(config={"/a": {"k": [1]}}), ["config['/a']['k'] must"]),
-    ("config null value", _with(config={"/a": {"k": None}}), ["config['/a']['k'] must"]),
+    ("config null value", _with(config={"/a": {"k": None}}), ["config['/a']['k'] must", "not null"]),
+    ("config null in a list", _with(config={"/a": {"k": [1, None]}}), ["config['/a']['k'][1] must", "not null"]),
+    ("config nested too deep", _with(config={"/a": {"k": [[[[[1]]]]]}}), ["config['/a']['k']", "deeper than 4"]),
+    ("config too many items", _with(config={"/a": {"k": list(range(1001))}}), ["config['/a']['k']", "more than 1000"]),
     ("metrics not object", _with(metrics=["/a"]), ["metrics must"]),
     ("metrics negative", _with(metrics={"/a": -1}), ["metrics['/a'] must"]),
     ("metrics float", _with(metrics={"/a": 1.5}), ["metrics['/a'] must"]),

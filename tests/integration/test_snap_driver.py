@@ -273,6 +273,21 @@ async def test_a_task_snap_cannot_run_is_logged_and_skipped(make, snap, clock, l
     assert len(lines(logs, "task 2 cannot be run by Snap")) == 1
 
 
+@pytest_twisted.ensureDeferred
+async def test_a_list_or_object_in_config_is_that_tasks_error_and_never_sent_to_snap(make, snap, clock, logs):
+    """The server takes lists and objects for the built-in collectors; Snap takes scalars."""
+    listed = server_task(2, config={NS: {"codes": [200, 301]}})
+    mapped = server_task(3, config={NS: {"headers": {"X-A": "1"}}})
+    driver = await started(make(), {1: server_task(1), 2: listed, 3: mapped})
+    assert sorted(ours(snap)) == ["raintank-apps:1"]
+    assert posts(snap) == 1
+    assert len(lines(logs, f"task 2 cannot be run by Snap: config['{NS}']['codes'] is a list;"
+                           " Snap plugins take only strings, numbers and booleans")) == 1
+    assert len(lines(logs, f"task 3 cannot be run by Snap: config['{NS}']['headers'] is a JSON object")) == 1
+    await advance(clock, driver, 60, step=30)
+    assert posts(snap) == 1
+
+
 # --- out of date ----------------------------------------------------------------------
 
 @pytest_twisted.ensureDeferred

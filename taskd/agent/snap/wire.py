@@ -77,6 +77,11 @@ def snap_task_request(task_id: int, task: Mapping[str, Any]) -> dict[str, Any]:
     config = task.get("config") or {}
     if not isinstance(config, Mapping) or not all(isinstance(v, Mapping) for v in config.values()):
         raise ValueError("its config is not an object of objects")
+    for ns, kv in config.items():  # Snap's config values are scalars (the built-in collectors take more)
+        for k, v in kv.items():
+            if isinstance(v, (Mapping, list)):
+                raise ValueError(f"config[{ns!r}][{k!r}] is a {'list' if isinstance(v, list) else 'JSON object'};"
+                                 " Snap plugins take only strings, numbers and booleans")
     items = {str(ns): {str(k): v for k, v in kv.items()} for ns, kv in config.items() if kv}
     if items:
         collect["config"] = items

@@ -142,7 +142,7 @@ def _schemas() -> dict:
         "public": {"type": "boolean", "description": "only orgs in public-agent-orgs may set true"},
         "tags": {"type": ["array", "null"], "items": {"type": "string", "maxLength": 255, "pattern": _TAG}},
     }
-    config_value = {"type": ["string", "number", "boolean"]}
+    config_value = _ref("ConfigValue")
     task_fields = {
         "name": _TEXT,
         "taskType": {"type": "string", "maxLength": 255, "pattern": _NO_CONTROL},
@@ -154,6 +154,11 @@ def _schemas() -> dict:
         "enabled": _BOOL,
     }
     return {
+        "ConfigValue": {
+            "description": "a string, number or boolean; for the built-in collectors also a list or object of"
+                           " them (at most 4 levels, 1000 items, no null); Snap takes scalars only",
+            "type": ["string", "number", "boolean", "array", "object"],
+            "items": _ref("ConfigValue"), "additionalProperties": _ref("ConfigValue")},
         "Agent": {
             "type": "object",
             "required": ["id", "name", "enabled", "enabledChange", "public", "tags", "online", "onlineChange",
