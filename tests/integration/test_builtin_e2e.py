@@ -168,3 +168,25 @@ async def _status(stack: Stack, task_id: int, outcome: str) -> Any:
     body = await api(stack.server, "GET", f"/api/v1/tasks/{task_id}")
     statuses = body.get("status") or []
     return body if statuses and statuses[0]["outcome"] == outcome else None
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_failed_assertion_shows_in_the_task_within_two_intervals_with_success_0(tmp_path):
+    gw = TsdbGwEmulator(admin_key="gw-admin").start()
+    stack = Stack(tmp_path, **{"publisher": "tsdbgw", "tsdb-url": gw.url + "/", "tsdb-key": "gw-admin",
+                               "tsdb-flush-interval": "0.1s"})
+    try:
+        agent_id = await stack.start()
+        body = http_task("asserted", stack.url, agent_id)
+        body["config"]["/raintank/apps/http"]["fail_if_body_not_matches"] = ["^never there$"]
+        task = await api(stack.server, "POST", "/api/v1/tasks", body)
+        detail = await wait_for(lambda: _status(stack, task["id"], "error"), 2 * INTERVAL, "status error")
+        assert detail["status"][0]["error"] == (f"GET {stack.url}: body does not match fail_if_body_not_matches"
+                                                " '^never there$'")
+        success = await wait_for(lambda: [m for m in gw.metrics if m["Name"] == "raintank.apps.http.asserted.success"],
+                                 2 * INTERVAL, "the success point")
+        assert success[0]["Value"] == 0.0
+        assert [m for m in gw.metrics if m["Name"] == "raintank.apps.http.asserted.status_code"][0]["Value"] == 200.0
+    finally:
+        await stack.close()
+        await gw.stop()

@@ -71,7 +71,9 @@ async def stop(*ports: Any) -> None:
 # -- http -----------------------------------------------------------------------------
 
 class Web(Resource):
-    """/ok 1234 bytes, /fail 500, /big 5000 bytes, /slow never answers, /trickle answers half."""
+    """/ok 1234 bytes, /fail 500, /big 5000 bytes, /slow never answers, /trickle answers half;
+    /redirect -> /ok, /loop -> /loop, /echo the method and body back (with an X-Served-By
+    header), /auth 200 only with basic auth u:p or bearer t0k."""
 
     isLeaf = True
 
@@ -89,6 +91,18 @@ class Web(Resource):
             return b"boom"
         if path == "/big":
             return b"y" * 5000
+        if path in ("/redirect", "/loop"):
+            request.setResponseCode(302)
+            request.setHeader(b"location", b"/ok" if path == "/redirect" else b"/loop")
+            return b""
+        if path == "/echo":
+            request.setHeader(b"x-served-by", b"taskd-test")
+            return request.method + b" " + request.content.read()
+        if path == "/auth":
+            if request.getHeader(b"authorization") not in (b"Basic dTpw", b"Bearer t0k"):
+                request.setResponseCode(401)
+                return b"who are you"
+            return b"welcome"
         if path in ("/slow", "/trickle"):
             self.pending.append(request)
             request.notifyFinish().addErrback(lambda _: self.lost.append(path))
@@ -141,10 +155,10 @@ async def web():
 async def test_http_measures_a_200(web):
     samples = await collect(HttpCollector(reactor=reactor, settings=SETTINGS),
                             {"url": web.http + "/ok", "headers": {"X-Check": "yes"}})
-    assert {s.name for s in samples} == {f"raintank.apps.http.my-site.{m}"
-                                         for m in ("status_code", "total_time", "ttfb", "body_size")}
+    assert {s.name for s in samples} == {f"raintank.apps.http.my-site.{m}" for m in
+                                         ("status_code", "total_time", "ttfb", "body_size", "redirects", "success")}
     got = by_name(samples)
-    assert got["status_code"].value == 200.0
+    assert got["status_code"].value == 200.0 and got["success"].value == 1 and got["redirects"].value == 0
     assert got["body_size"].value == 1234.0 and got["body_size"].unit == "bytes"
     assert got["total_time"].unit == got["ttfb"].unit == "ms"
     assert 0 <= got["ttfb"].value <= got["total_time"].value < 10_000
@@ -154,9 +168,17 @@ async def test_http_measures_a_200(web):
 
 
 @pytest_twisted.ensureDeferred
-async def test_http_500_is_data_not_an_error(web):
-    got = by_name(await collect(HttpCollector(reactor=reactor, settings=SETTINGS), {"url": web.http + "/fail"}))
-    assert got["status_code"].value == 500.0 and got["body_size"].value == 4.0
+async def test_http_500_fails_by_default_and_is_still_measured(web):
+    """valid_status_codes defaults to 2xx (as blackbox_exporter's); the failed run keeps
+    its measurements, success 0 among them."""
+    with pytest.raises(CollectError) as caught:
+        await collect(HttpCollector(reactor=reactor, settings=SETTINGS), {"url": web.http + "/fail"})
+    assert str(caught.value) == f"GET {web.http}/fail: status 500 is not in valid_status_codes (200-299)"
+    got = by_name(caught.value.samples)
+    assert got["status_code"].value == 500.0 and got["body_size"].value == 4.0 and got["success"].value == 0
+    allowed = by_name(await collect(HttpCollector(reactor=reactor, settings=SETTINGS),
+                                    {"url": web.http + "/fail", "valid_status_codes": [200, "5xx"]}))
+    assert allowed["status_code"].value == 500.0 and allowed["success"].value == 1
 
 
 @pytest_twisted.ensureDeferred
@@ -198,6 +220,8 @@ async def test_https_reports_days_until_the_certificate_expires(web):
     assert got["status_code"].value == 200.0 and got["body_size"].value == 1234.0
     assert got["tls_expiry_days"].unit == "days"
     assert 29.99 < got["tls_expiry_days"].value <= 30.0
+    assert got["tls_chain_expiry_days"].value == pytest.approx(got["tls_expiry_days"].value, abs=0.01)  # self-signed
+    assert got["tls_version"].value in (1.2, 1.3)
 
 
 @pytest_twisted.ensureDeferred

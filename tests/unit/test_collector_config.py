@@ -73,7 +73,8 @@ def test_a_broken_entry_point_is_logged_and_skipped(monkeypatch):
 # -- catalogs -------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name, metrics", [
-    ("http", ["status_code", "total_time", "ttfb", "body_size", "tls_expiry_days"]),
+    ("http", ["status_code", "total_time", "ttfb", "body_size", "tls_expiry_days", "tls_chain_expiry_days",
+              "tls_version", "redirects", "success"]),
     ("tcp", ["connect_time", "success"]),
     ("dns", ["answers", "query_time"]),
 ])
@@ -188,7 +189,7 @@ BAD = [
     ("http", {"url": "http:///path"}, ["url", "no host"]),
     ("http", {"url": "http://example.com:99999/"}, ["url", "port"]),
     ("http", {"url": "http://u:p@example.com/"}, ["url", "credentials"]),
-    ("http", {**GOOD["http"], "method": "POST"}, ["method", "GET, HEAD"]),
+    ("http", {**GOOD["http"], "method": "TRACE"}, ["method", "GET, HEAD, POST"]),
     ("http", {**GOOD["http"], "headers": "X-A: b"}, ["headers", "expected an object", "got string"]),
     ("http", {**GOOD["http"], "headers": {"X-A": 1}}, ["headers", "non-string values"]),
     ("http", {**GOOD["http"], "headers": {"Bad Name": "x"}}, ["headers", "not a valid header name"]),

@@ -28,7 +28,13 @@ class ConfigError(ValueError):
 
 
 class CollectError(RuntimeError):
-    """One run failed; the message says why (shown as the task's error)."""
+    """One run failed; the message says why (shown as the task's error). `samples`: what
+    the run did measure (an assertion that failed still has a status code, a `success`
+    of 0), published with the failure."""
+
+    def __init__(self, message: str, samples: "list[Sample] | None" = None) -> None:
+        super().__init__(message)
+        self.samples = list(samples or ())
 
 
 @dataclass(frozen=True)

@@ -300,32 +300,37 @@ class BuiltinExecutor(Service):
         started = self.clock.seconds()
         points: list[Point] = []
         error = ""
+        when = math.floor(slot)
+
+        def stamped(samples: list) -> list[Point]:
+            return [Point(org_id=info.org_id, name=s.name, value=_value(s), time=when,
+                          interval=info.interval, unit=s.unit, mtype=s.mtype, tags=tuple(s.tags))
+                    for s in samples]
+
         try:
-            samples = await collector.collect(cfg, info)
-            when = math.floor(slot)
-            points = [Point(org_id=info.org_id, name=s.name, value=_value(s), time=when,
-                            interval=info.interval, unit=s.unit, mtype=s.mtype, tags=tuple(s.tags))
-                      for s in samples]
+            points = stamped(await collector.collect(cfg, info))
         except Exception as exc:  # noqa: BLE001 - any collector failure is the run's error
             error = _error_text(exc)
+            # A failed assertion still measured something (success 0, the status seen...).
+            points = stamped(exc.samples) if isinstance(exc, CollectError) and exc.samples else []
         duration = self.clock.seconds() - started
         if self._tasks.get(state.id) is not state or state.generation != generation or self._epoch != epoch:
             return  # removed, unscheduled or abandoned by a stop meanwhile: ignored
         tags = {"collector": type_name}
         self.stats.incr("builtin.runs", tags=tags)
         self.stats.timing("builtin.duration", duration * 1000.0, tags=tags)
-        if not error and points:
+        if points:
             try:
                 self.publisher.add(points)
             except Exception as exc:  # noqa: BLE001 - the contract says never; a bug must not kill the run
-                error = f"publish: {_error_text(exc)}"
+                error = error or f"publish: {_error_text(exc)}"
         status = replace(state.status, last_run=started, duration=duration, runs=state.status.runs + 1)
         if error:
             self.stats.incr("builtin.failures", tags=tags)
             if error != state.logged_error:
                 self.log.error("{task} failed: {error}", task=state.label, error=error)
                 state.logged_error = error
-            status = replace(status, outcome=ERROR, error=error, metrics=0, failures=status.failures + 1)
+            status = replace(status, outcome=ERROR, error=error, metrics=len(points), failures=status.failures + 1)
         else:
             self.stats.incr("builtin.points", len(points), tags=tags)
             if state.logged_error:

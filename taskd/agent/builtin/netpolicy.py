@@ -113,14 +113,19 @@ class NetPolicy:
         if rule is not None:
             raise BlockedAddress(f"{address} is blocked by blocked-nets ({rule})")
 
-    async def resolve(self, reactor: Any, host: str, port: int) -> list[str]:
-        """The addresses of `host` this agent may connect to, in resolver order; a
-        BlockedAddress naming the rule when every one is blocked."""
+    async def resolve(self, reactor: Any, host: str, port: int, family: str = "any") -> list[str]:
+        """The addresses of `host` this agent may connect to, in resolver order (`family`
+        "4" or "6": of that IP version only); a BlockedAddress naming the rule when every
+        one is blocked."""
         try:
             ipaddress.ip_address(host.split("%", 1)[0])
             addresses = [host]
         except ValueError:
             addresses = await resolve_host(reactor, host, port)
+        if family in ("4", "6"):
+            addresses = [a for a in addresses if (":" in a) == (family == "6")]
+            if not addresses:
+                raise BlockedAddress(f"{host} has no IPv{family} address (ip_version {family})")
         allowed = [a for a in addresses if self.blocked_by(a) is None]
         if not allowed:
             first = addresses[0]
@@ -159,14 +164,14 @@ async def resolve_host(reactor: Any, host: str, port: int) -> list[str]:
 
 
 async def connect_checked(policy: NetPolicy, reactor: Any, host: str, port: int, factory: Any,
-                          timeout: float) -> Any:
+                          timeout: float, family: str = "any") -> Any:
     """Connect `factory` to the first of `host`'s allowed addresses that answers (each
     tried in turn, as HostnameEndpoint would, but only ever by address)."""
     from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
     from twisted.internet.error import ConnectError
 
     last: Exception | None = None
-    for address in await policy.resolve(reactor, host, port):
+    for address in await policy.resolve(reactor, host, port, family):
         kind = TCP6ClientEndpoint if ":" in address else TCP4ClientEndpoint
         try:
             return await kind(reactor, address, port, timeout=timeout).connect(factory)
@@ -179,13 +184,15 @@ async def connect_checked(policy: NetPolicy, reactor: Any, host: str, port: int,
 class CheckedEndpoint:
     """An IStreamClientEndpoint to host:port that resolves and checks before connecting."""
 
-    def __init__(self, policy: NetPolicy, reactor: Any, host: str, port: int, timeout: float) -> None:
+    def __init__(self, policy: NetPolicy, reactor: Any, host: str, port: int, timeout: float,
+                 family: str = "any") -> None:
         self.policy, self.reactor, self.host, self.port, self.timeout = policy, reactor, host, port, timeout
+        self.family = family
 
     def connect(self, factory: Any) -> Deferred:
         factory.noisy = False
         return Deferred.fromCoroutine(connect_checked(self.policy, self.reactor, self.host, self.port, factory,
-                                                      self.timeout))
+                                                      self.timeout, self.family))
 
 
 @implementer(IAgentEndpointFactory)
@@ -194,14 +201,15 @@ class CheckedEndpointFactory:
     through `CheckedEndpoint`; https wrapped with `tls.creatorForNetloc`, so the
     certificate is still checked against the host name, not the address."""
 
-    def __init__(self, policy: NetPolicy, reactor: Any, tls: Any, timeout: float) -> None:
-        self.policy, self.reactor, self.tls, self.timeout = policy, reactor, tls, timeout
+    def __init__(self, policy: NetPolicy, reactor: Any, tls: Any, timeout: float, family: str = "any") -> None:
+        self.policy, self.reactor, self.tls, self.timeout, self.family = policy, reactor, tls, timeout, family
 
     def endpointForURI(self, uri: Any) -> Any:
         from twisted.internet.endpoints import wrapClientTLS
 
         host = uri.host.decode("idna") if isinstance(uri.host, bytes) else uri.host
-        endpoint: Any = CheckedEndpoint(self.policy, self.reactor, host.strip("[]"), uri.port, self.timeout)
+        endpoint: Any = CheckedEndpoint(self.policy, self.reactor, host.strip("[]"), uri.port, self.timeout,
+                                        self.family)
         if uri.scheme == b"https":
             endpoint = wrapClientTLS(self.tls.creatorForNetloc(uri.host, uri.port), endpoint)
         return endpoint

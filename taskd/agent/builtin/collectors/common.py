@@ -32,8 +32,9 @@ DEFAULT_TIMEOUT = 10.0
 
 @dataclass(frozen=True)
 class Field:
-    """One config key. ``type`` is string, integer, float, bool or map (of strings; Snap has no
-    such policy type). ``check`` normalises the typed value or raises ValueError(reason)."""
+    """One config key. ``type`` is string, integer, float, bool, map (of strings) or list (of
+    anything the check accepts); Snap has no policy type for the last two. ``check``
+    normalises the typed value or raises ValueError(reason)."""
 
     name: str
     type: str
@@ -72,7 +73,7 @@ def _json_type(value: Any) -> str:
 
 
 _EXPECTED = {"string": "a string", "integer": "an integer", "float": "a number",
-             "bool": "a boolean (true/false)", "map": "an object of string values"}
+             "bool": "a boolean (true/false)", "map": "an object of string values", "list": "a list"}
 
 
 def _typed(field: Field, value: Any) -> Any:
@@ -90,6 +91,8 @@ def _typed(field: Field, value: Any) -> Any:
     if kind == "float" and isinstance(value, (int, float)) and not isinstance(value, bool):
         if math.isfinite(value):
             return float(value)
+    if kind == "list" and isinstance(value, (list, tuple)):
+        return list(value)
     if kind == "map" and isinstance(value, Mapping):
         if all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
             return dict(value)
@@ -156,7 +159,7 @@ def parse_fields(namespace: str, config: Any, fields: Iterable[Field], task: Tas
 def policy(fields: Iterable[Field]) -> list[dict[str, Any]]:
     """Snap-style policy rows for the catalog (maps are left out: Snap has no such type)."""
     return [{"name": f.name, "type": f.type, "required": f.required}
-            for f in (*fields, TIMEOUT) if f.type != "map"]
+            for f in (*fields, TIMEOUT) if f.type not in ("map", "list")]
 
 
 def catalog(name: str, metrics: Iterable[str], fields: Iterable[Field]) -> tuple[dict[str, Any], ...]:

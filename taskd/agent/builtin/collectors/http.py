@@ -1,89 +1,41 @@
-"""The ``http`` collector: one request to a URL, timed, with the status as data.
+"""The ``http`` collector: one request to a URL, timed, checked, with the status as data.
 
-A response of any status is a successful run (a 500 is what the operator wants to
-graph and alert on); only a request that gets no response - refused, TLS failure,
-timeout - is the run's error. Redirects are not followed: a 301 is the status measured.
-For https the days until the server certificate expires are measured too, read from the
-very connection the request used.
+By default a response of any status in 200-299 is a successful run; `valid_status_codes`
+and the `fail_if_*` assertions (blackbox_exporter's http prober's keys) say otherwise. A
+failed assertion is a failed run whose error names the assertion and what was seen, and
+its measurements (the status, times, `success` 0) are still published: every run has a
+`success` of 1 or 0. Redirects are followed only with `follow_redirects` (each hop
+through the same address checks, counted in `redirects`). For https the days until the
+leaf certificate and the earliest one of the chain expire, and the TLS version, are
+read from the very connection the request used.
 """
 from __future__ import annotations
 
 import datetime
-import re
-from dataclasses import dataclass
-from types import MappingProxyType
+from io import BytesIO
 from typing import Any, Mapping
-from urllib.parse import urlsplit
 
-import hyperlink
 from OpenSSL import SSL
 from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 from twisted.internet.ssl import CertificateOptions, optionsForClientTLS
-from twisted.web.client import Agent
+from twisted.web.client import Agent, FileBodyProducer, RedirectAgent, ResponseFailed
+from twisted.web.error import InfiniteRedirection, RedirectWithNoLocation
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
 
 import taskd
-from taskd.agent.builtin.collector import Collector, Sample, TaskInfo
-from taskd.agent.builtin.collectors.common import Field, catalog, parse_fields, read_body, run, series
-from taskd.agent.builtin.netpolicy import CheckedEndpointFactory
+from taskd.agent.builtin.collector import CollectError, Collector, ConfigError, Sample, TaskInfo
+from taskd.agent.builtin.collectors.common import catalog, parse_fields, read_body, run, series
+from taskd.agent.builtin.collectors.httpconfig import FIELDS, HttpConfig, check_combination
+from taskd.agent.builtin.netpolicy import CheckedEndpointFactory, NetPolicy
 from taskd.agent.httpclient import QuietEndpointFactory
 
-METHODS = ("GET", "HEAD")
 BODY_CAP = 10 * 1024 * 1024  # bytes read at most; body_size stops counting there
-METRICS = ("status_code", "total_time", "ttfb", "body_size", "tls_expiry_days")
-
-
-def _url(value: str) -> str:
-    parts = urlsplit(value)
-    if parts.scheme.lower() not in ("http", "https"):
-        raise ValueError("must be an http:// or https:// URL")
-    if not parts.hostname:
-        raise ValueError("has no host")
-    if parts.username is not None or parts.password is not None:
-        raise ValueError("credentials in the URL are not supported (send an Authorization header)")
-    try:
-        parts.port
-    except ValueError:
-        raise ValueError("has an invalid port") from None
-    return hyperlink.parse(value).to_uri().to_text()  # IDN host -> punycode, non-ASCII -> %XX
-
-
-def _method(value: str) -> str:
-    if value.upper() not in METHODS:
-        raise ValueError(f"must be one of {', '.join(METHODS)}")
-    return value.upper()
-
-
-_TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
-
-
-def _headers(value: dict[str, str]) -> dict[str, str]:
-    for name, text in value.items():
-        if not _TOKEN.match(name):
-            raise ValueError(f"{name!r} is not a valid header name")
-        if "\r" in text or "\n" in text or "\0" in text:
-            raise ValueError(f"the value of {name} contains a line break")
-    return value
-
-
-FIELDS = (
-    Field("url", "string", required=True, check=_url),
-    Field("method", "string", default="GET", check=_method),
-    Field("headers", "map", default=MappingProxyType({}), check=_headers),
-    Field("insecure", "bool", default=False),
-)
-
-
-@dataclass(frozen=True)
-class HttpConfig:
-    url: str
-    method: str
-    headers: Mapping[str, str]
-    insecure: bool
-    timeout: float
+METRICS = ("status_code", "total_time", "ttfb", "body_size", "tls_expiry_days", "tls_chain_expiry_days",
+           "tls_version", "redirects", "success")
+_NO_RULES = NetPolicy("none")  # for ip_version on an agent that blocks nothing
 
 
 @implementer(IOpenSSLClientConnectionCreator)
@@ -103,30 +55,51 @@ class _Recording:
 
 @implementer(IPolicyForHTTPS)
 class _TlsPolicy:
-    """The platform's trust (or none at all with ``insecure``), remembering the connection."""
+    """The platform's trust (or none at all with ``insecure``), remembering the connection.
+    `server_name`: the name sent as SNI and checked in the certificate instead of the URL's."""
 
-    def __init__(self, insecure: bool) -> None:
+    def __init__(self, insecure: bool, server_name: str = "") -> None:
         self.insecure = insecure
+        self.server_name = server_name
         self.creator: _Recording | None = None
 
     def creatorForNetloc(self, hostname: bytes, port: int) -> _Recording:
-        host = hostname.decode("ascii")
+        host = self.server_name or hostname.decode("ascii")
         if self.insecure:
             is_ip = isIPAddress(host) or isIPv6Address(host)
-            self.creator = _Recording(CertificateOptions(verify=False), None if is_ip else hostname)
+            self.creator = _Recording(CertificateOptions(verify=False), None if is_ip else host.encode("idna"))
         else:
             self.creator = _Recording(optionsForClientTLS(host), None)
         return self.creator
 
-    def expiry(self, now: float) -> float | None:
-        """Days from ``now`` to the peer certificate's notAfter, if a TLS connection was made."""
-        conn = self.creator.connection if self.creator is not None else None
+    @property
+    def connection(self) -> SSL.Connection | None:
+        return self.creator.connection if self.creator is not None else None
+
+    def expiry(self, now: float) -> tuple[float, float] | None:
+        """Days from ``now`` to the leaf's and to the earliest chain certificate's notAfter,
+        if a TLS connection was made."""
+        conn = self.connection
         crypto = _peer_certificate(conn) if conn is not None else None
         if crypto is None:
             return None
-        not_after = getattr(crypto, "not_valid_after_utc", None) or \
-            crypto.not_valid_after.replace(tzinfo=datetime.timezone.utc)
-        return (not_after.timestamp() - now) / 86400.0
+        leaf = _days(crypto, now)
+        chain = [_days(c.to_cryptography(), now) for c in (conn.get_peer_cert_chain() or [])]
+        return leaf, min([leaf, *chain])
+
+    def version(self) -> float | None:
+        """1.2 for TLSv1.2, 1.3 for TLSv1.3 (None without TLS)."""
+        conn = self.connection
+        name = conn.get_protocol_version_name() if conn is not None else ""
+        try:
+            return float(name.removeprefix("TLSv")) if name.startswith("TLSv") else None
+        except ValueError:
+            return None
+
+
+def _days(cert: Any, now: float) -> float:
+    not_after = getattr(cert, "not_valid_after_utc", None) or cert.not_valid_after.replace(tzinfo=datetime.timezone.utc)
+    return (not_after.timestamp() - now) / 86400.0
 
 
 def _peer_certificate(conn: SSL.Connection) -> Any:
@@ -139,7 +112,8 @@ def _peer_certificate(conn: SSL.Connection) -> Any:
 
 
 class HttpCollector(Collector):
-    """taskType ``http``: status_code, total_time, ttfb, body_size, tls_expiry_days (https)."""
+    """taskType ``http``: status_code, total_time, ttfb, body_size, redirects, success;
+    tls_expiry_days (leaf), tls_chain_expiry_days (earliest), tls_version for https."""
 
     name = "http"
     namespace = "/raintank/apps/http"
@@ -147,35 +121,106 @@ class HttpCollector(Collector):
     body_cap = BODY_CAP
 
     def parse_config(self, config: Mapping[str, Any], task: TaskInfo) -> HttpConfig:
-        return HttpConfig(**parse_fields(self.namespace, config, FIELDS, task))
+        values = parse_fields(self.namespace, config, FIELDS, task)
+        problem = check_combination(values)
+        if problem:
+            raise ConfigError(problem)
+        return HttpConfig(**values)
 
     async def collect(self, config: HttpConfig, task: TaskInfo) -> list[Sample]:
-        return await run(self.reactor, config.timeout, f"{config.method} {config.url}",
-                         self._request(config, task))
+        try:
+            return await run(self.reactor, config.timeout, f"{config.method} {config.url}",
+                             self._request(config, task))
+        except CollectError as exc:
+            if not exc.samples:  # no response at all: still a run, and it failed
+                exc.samples = [self._sample(task, "success", 0)]
+            raise
+
+    def _sample(self, task: TaskInfo, metric: str, value: float, unit: str = "") -> Sample:
+        return Sample(series(self.name, task, metric), float(value), unit)
+
+    def _agent(self, cfg: HttpConfig, policy: _TlsPolicy) -> Any:
+        net = self.netpolicy
+        if (net is not None and net.active) or cfg.ip_version != "any":
+            # only addresses it resolved (of the asked IP version) and checked itself
+            factory: Any = CheckedEndpointFactory(net if net is not None and net.active else _NO_RULES,
+                                                  self.reactor, policy, cfg.timeout, cfg.ip_version)
+        else:  # as Agent's default, without a "Starting factory" log line per run
+            factory = QuietEndpointFactory(self.reactor, policy, cfg.timeout)
+        agent = Agent.usingEndpointFactory(self.reactor, factory)
+        return RedirectAgent(agent, redirectLimit=cfg.max_redirects) if cfg.follow_redirects else agent
 
     async def _request(self, cfg: HttpConfig, task: TaskInfo) -> list[Sample]:
-        policy = _TlsPolicy(cfg.insecure)
-        net = self.netpolicy
-        if net is not None and net.active:  # only addresses it resolved and checked itself
-            agent = Agent.usingEndpointFactory(self.reactor, CheckedEndpointFactory(net, self.reactor, policy,
-                                                                                    cfg.timeout))
-        else:  # as Agent's default, without a "Starting factory" log line per run
-            agent = Agent.usingEndpointFactory(self.reactor, QuietEndpointFactory(self.reactor, policy, cfg.timeout))
+        policy = _TlsPolicy(cfg.insecure, cfg.server_name)
+        agent = self._agent(cfg, policy)
         headers = Headers({b"User-Agent": [f"taskd/{taskd.__version__}".encode()]})
         for key, value in cfg.headers.items():
             headers.setRawHeaders(key, [value])
+        if cfg.authorization():
+            headers.setRawHeaders(b"Authorization", [cfg.authorization().encode("utf-8")])
+        body = FileBodyProducer(BytesIO(cfg.body.encode("utf-8"))) if cfg.body else None
         start = self.reactor.seconds()
-        response = await agent.request(cfg.method.encode("ascii"), cfg.url.encode("ascii"), headers)
+        try:
+            response = await agent.request(cfg.method.encode("ascii"), cfg.url.encode("ascii"), headers, body)
+        except (ResponseFailed, InfiniteRedirection, RedirectWithNoLocation) as exc:
+            reasons = [f.value for f in getattr(exc, "reasons", ())] or [exc]
+            if any(isinstance(r, InfiniteRedirection) for r in reasons):
+                why = f"more than {cfg.max_redirects} redirects (max_redirects)"
+            elif any(isinstance(r, RedirectWithNoLocation) for r in reasons):
+                why = "a redirect without a Location header"
+            else:
+                raise
+            raise CollectError(f"{cfg.method} {cfg.url}: {why}", [self._sample(task, "success", 0)]) from None
         ttfb = self.reactor.seconds() - start
+        redirects, previous = 0, getattr(response, "previousResponse", None)
+        while previous is not None:
+            redirects += 1
+            previous = getattr(previous, "previousResponse", None)
         expiry = policy.expiry(self.reactor.seconds())
-        size, _ = await read_body(response, self.body_cap, keep=False)
+        tls_version = policy.version()
+        size, content = await read_body(response, self.body_cap, keep=cfg.reads_body)
         total = self.reactor.seconds() - start
 
-        def sample(metric: str, value: float, unit: str = "") -> Sample:
-            return Sample(series(self.name, task, metric), float(value), unit)
-
-        samples = [sample("status_code", response.code), sample("total_time", total * 1000, "ms"),
-                   sample("ttfb", ttfb * 1000, "ms"), sample("body_size", size, "bytes")]
+        samples = [self._sample(task, "status_code", response.code), self._sample(task, "total_time", total * 1000, "ms"),
+                   self._sample(task, "ttfb", ttfb * 1000, "ms"), self._sample(task, "body_size", size, "bytes"),
+                   self._sample(task, "redirects", redirects)]
         if expiry is not None:
-            samples.append(sample("tls_expiry_days", expiry, "days"))
-        return samples
+            samples += [self._sample(task, "tls_expiry_days", expiry[0], "days"),
+                        self._sample(task, "tls_chain_expiry_days", expiry[1], "days")]
+        if tls_version is not None:
+            samples.append(self._sample(task, "tls_version", tls_version))
+        failed = _assertion(cfg, response, content)
+        if failed:
+            raise CollectError(f"{cfg.method} {cfg.url}: {failed}", [*samples, self._sample(task, "success", 0)])
+        return [*samples, self._sample(task, "success", 1)]
+
+
+def _assertion(cfg: HttpConfig, response: Any, content: bytes) -> str | None:
+    """The first assertion the response fails, said with what was seen; None if it passes."""
+    code = response.code
+    if not any(lo <= code <= hi for lo, hi in cfg.valid_status_codes):
+        wanted = ", ".join(str(lo) if lo == hi else f"{lo}-{hi}" for lo, hi in cfg.valid_status_codes)
+        return f"status {code} is not in valid_status_codes ({wanted})"
+    if cfg.reads_body:
+        text = content.decode("utf-8", "replace")
+        for pattern in cfg.fail_if_body_matches:
+            if (m := pattern.search(text)) is not None:
+                return f"body matches fail_if_body_matches {pattern.pattern!r} (at byte {m.start()})"
+        for pattern in cfg.fail_if_body_not_matches:
+            if pattern.search(text) is None:
+                return f"body does not match fail_if_body_not_matches {pattern.pattern!r}"
+    for rule in cfg.fail_if_header_matches:
+        for value in response.headers.getRawHeaders(rule.header, []):
+            if rule.regexp.search(value.decode("latin-1") if isinstance(value, bytes) else value):
+                return f"header {rule.header} matches fail_if_header_matches {rule.regexp.pattern!r}"
+    for rule in cfg.fail_if_header_not_matches:
+        values = response.headers.getRawHeaders(rule.header)
+        if values is None:
+            if not rule.allow_missing:
+                return f"header {rule.header} is missing (fail_if_header_not_matches; allow_missing is false)"
+            continue
+        texts = [v.decode("latin-1") if isinstance(v, bytes) else v for v in values]
+        if not any(rule.regexp.search(t) for t in texts):
+            return f"header {rule.header} ({texts[0][:100]!r}) does not match fail_if_header_not_matches" \
+                   f" {rule.regexp.pattern!r}"
+    return None
