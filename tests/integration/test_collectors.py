@@ -324,7 +324,8 @@ async def dns_server():
 async def test_dns_counts_the_answers(dns_server, protocol):
     samples = await collect(DnsCollector(reactor=reactor, settings=SETTINGS),
                             {"name": "www.example.test", "server": dns_server[protocol], "protocol": protocol})
-    assert {s.name for s in samples} == {"raintank.apps.dns.my-site.answers", "raintank.apps.dns.my-site.query_time"}
+    assert {s.name for s in samples} == {"raintank.apps.dns.my-site.answers", "raintank.apps.dns.my-site.query_time",
+                                         "raintank.apps.dns.my-site.success"}
     got = by_name(samples)
     assert got["answers"].value == 2.0
     assert got["query_time"].unit == "ms" and 0 <= got["query_time"].value < 10_000
@@ -352,7 +353,7 @@ async def test_dns_servfail_is_an_error():
     try:
         assert await failure(DnsCollector(reactor=reactor, settings=SETTINGS),
                              {"name": "www.example.test", "server": where}) == \
-            f"A www.example.test @{where}/udp: server answered SERVFAIL"
+            f"A www.example.test @{where}/udp: server answered SERVFAIL, not one of valid_rcodes (NOERROR, NXDOMAIN)"
     finally:
         await stop(udp)
 

@@ -75,8 +75,8 @@ def test_a_broken_entry_point_is_logged_and_skipped(monkeypatch):
 @pytest.mark.parametrize("name, metrics", [
     ("http", ["status_code", "total_time", "ttfb", "body_size", "tls_expiry_days", "tls_chain_expiry_days",
               "tls_version", "redirects", "success"]),
-    ("tcp", ["connect_time", "success"]),
-    ("dns", ["answers", "query_time"]),
+    ("tcp", ["connect_time", "success", "tls_expiry_days"]),
+    ("dns", ["answers", "query_time", "success"]),
 ])
 def test_catalog_has_one_record_per_metric_with_the_config_as_policy(name, metrics):
     records = CLASSES[name].catalog

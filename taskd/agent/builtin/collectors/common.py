@@ -28,6 +28,8 @@ from taskd.agent.builtin.netpolicy import BlockedAddress
 T = TypeVar("T")
 
 DEFAULT_TIMEOUT = 10.0
+MAX_PATTERNS = 50
+MAX_PATTERN_LENGTH = 1000
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,22 @@ def _positive(value: float) -> float:
     if value <= 0:
         raise ValueError("must be greater than 0 (seconds)")
     return value
+
+
+def regex_list(value: list) -> tuple[re.Pattern, ...]:
+    """A `fail_if_*` key's regular expressions (Python `re`), compiled; bounded in number and length."""
+    if len(value) > MAX_PATTERNS:
+        raise ValueError(f"at most {MAX_PATTERNS} regular expressions")
+    out = []
+    for i, item in enumerate(value):
+        if not isinstance(item, str) or not item or len(item) > MAX_PATTERN_LENGTH:
+            raise ValueError(f"item {i} must be a regular expression of 1-{MAX_PATTERN_LENGTH} characters")
+        try:
+            out.append(re.compile(item))
+        except re.error as exc:
+            raise ValueError(f"item {i} is not a valid regular expression: {exc}") from None
+    return tuple(out)
+
 
 
 #: Every collector's optional ``timeout``; its default depends on the task (see parse_fields).

@@ -1,13 +1,19 @@
-"""The ``dns`` collector: one query to one name server, counting the answers.
+"""The ``dns`` collector: one query to one name server, counting and checking the answers.
 
 The server asked is the configured one, not the system resolver, so the check measures
-that server. NXDOMAIN is an answer (``answers`` = 0: the name is gone, which is data);
-no answer in time, or a SERVFAIL/REFUSED/... reply, is the run's error. Over UDP a
-truncated reply is asked again over TCP, as resolvers do.
+that server. By default NXDOMAIN is an answer (``answers`` = 0: the name is gone, which
+is data); no answer in time, or a reply whose rcode is not in `valid_rcodes`, is the
+run's error. `fail_if_answer_matches` / `_not_matches` (blackbox_exporter's names) check
+the answer records as zone-file lines (``www.example.com 300 IN A 192.0.2.1``), and
+`min_answers` / `max_answers` bound their count; a failed check still publishes the
+run's measurements with `success` 0. Over UDP a truncated reply is asked again over TCP,
+as resolvers do.
 """
 from __future__ import annotations
 
 import ipaddress
+import re
+import socket
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -17,11 +23,13 @@ from twisted.internet.error import ConnectionLost
 from twisted.names import client, dns
 
 from taskd.agent.builtin.collector import CollectError, Collector, Sample, TaskInfo
-from taskd.agent.builtin.collectors.common import Field, catalog, parse_fields, run, series
+from taskd.agent.builtin.collectors.common import Field, catalog, parse_fields, regex_list, run, series
 
-METRICS = ("answers", "query_time")
+METRICS = ("answers", "query_time", "success")
 RECORD_TYPES = ("A", "AAAA", "CNAME", "MX", "NS", "TXT", "SOA", "PTR", "SRV")
-RCODES = {dns.EFORMAT: "FORMERR", dns.ESERVER: "SERVFAIL", dns.ENOTIMP: "NOTIMP", dns.EREFUSED: "REFUSED"}
+RCODES = {dns.OK: "NOERROR", dns.EFORMAT: "FORMERR", dns.ESERVER: "SERVFAIL", dns.ENAME: "NXDOMAIN",
+          dns.ENOTIMP: "NOTIMP", dns.EREFUSED: "REFUSED"}
+RCODE_NAMES = {name: code for code, name in RCODES.items()}
 
 
 def _name(value: str) -> str:
@@ -65,11 +73,33 @@ def _protocol(value: str) -> str:
     return value.lower()
 
 
+def _rcodes(value: list) -> frozenset[int]:
+    if not value:
+        raise ValueError("must list at least one rcode")
+    out = set()
+    for i, item in enumerate(value):
+        if not isinstance(item, str) or item.upper() not in RCODE_NAMES:
+            raise ValueError(f"item {i} must be one of {', '.join(RCODE_NAMES)}")
+        out.add(RCODE_NAMES[item.upper()])
+    return frozenset(out)
+
+
+def _count(value: int) -> int:
+    if value < 0:
+        raise ValueError("must be 0 or more")
+    return value
+
+
 FIELDS = (
     Field("name", "string", required=True, check=_name),
     Field("type", "string", default="A", check=_type),
     Field("server", "string", required=True, check=split_server),
     Field("protocol", "string", default="udp", check=_protocol),
+    Field("valid_rcodes", "list", default=frozenset({dns.OK, dns.ENAME}), check=_rcodes),
+    Field("fail_if_answer_matches", "list", default=(), check=regex_list),
+    Field("fail_if_answer_not_matches", "list", default=(), check=regex_list),
+    Field("min_answers", "integer", default=0, check=_count),
+    Field("max_answers", "integer", default=None, check=_count),
 )
 
 
@@ -79,6 +109,11 @@ class DnsConfig:
     type: str
     server: tuple[str, int]
     protocol: str
+    valid_rcodes: frozenset[int]
+    fail_if_answer_matches: tuple[re.Pattern, ...]
+    fail_if_answer_not_matches: tuple[re.Pattern, ...]
+    min_answers: int
+    max_answers: int | None
     timeout: float
 
     @property
@@ -124,7 +159,12 @@ class DnsCollector(Collector):
         host, port = config.server
         where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         what = f"{config.type} {config.name} @{where}/{config.protocol}"
-        return await run(self.reactor, config.timeout, what, self._query(config, task, what))
+        try:
+            return await run(self.reactor, config.timeout, what, self._query(config, task, what))
+        except CollectError as exc:
+            if not exc.samples:
+                exc.samples = [Sample(series(self.name, task, "success"), 0.0)]
+            raise
 
     async def _query(self, cfg: DnsConfig, task: TaskInfo, what: str) -> list[Sample]:
         host, port = cfg.server
@@ -142,14 +182,19 @@ class DnsCollector(Collector):
         else:
             message = await self._tcp(host, port, cfg)
         elapsed = self.reactor.seconds() - start
-        if message.rCode == dns.ENAME:
-            count = 0
-        elif message.rCode == dns.OK:
-            count = len(message.answers)
-        else:
-            raise CollectError(f"{what}: server answered {RCODES.get(message.rCode, f'rcode {message.rCode}')}")
-        return [Sample(series(self.name, task, "answers"), float(count)),
-                Sample(series(self.name, task, "query_time"), elapsed * 1000, "ms")]
+        rcode = RCODES.get(message.rCode, f"rcode {message.rCode}")
+        if message.rCode not in cfg.valid_rcodes:
+            wanted = ", ".join(n for c, n in RCODES.items() if c in cfg.valid_rcodes)
+            raise CollectError(f"{what}: server answered {rcode}, not one of valid_rcodes ({wanted})",
+                               [Sample(series(self.name, task, "query_time"), elapsed * 1000, "ms"),
+                                Sample(series(self.name, task, "success"), 0.0)])
+        answers = message.answers if message.rCode == dns.OK else []
+        samples = [Sample(series(self.name, task, "answers"), float(len(answers))),
+                   Sample(series(self.name, task, "query_time"), elapsed * 1000, "ms")]
+        failed = _check_answers(cfg, [record_line(rr) for rr in answers])
+        if failed:
+            raise CollectError(f"{what}: {failed}", [*samples, Sample(series(self.name, task, "success"), 0.0)])
+        return [*samples, Sample(series(self.name, task, "success"), 1.0)]
 
     async def _tcp(self, host: str, port: int, cfg: DnsConfig) -> dns.Message:
         endpoint = HostnameEndpoint(self.reactor, host, port, timeout=cfg.timeout)
@@ -158,3 +203,41 @@ class DnsCollector(Collector):
             return await protocol.query([cfg.query], timeout=cfg.timeout)
         finally:
             protocol.transport.loseConnection()
+
+
+def record_line(rr: dns.RRHeader) -> str:
+    """An answer as a zone-file line: ``www.example.com 300 IN A 192.0.2.1``."""
+    kind = dns.QUERY_TYPES.get(rr.type, f"TYPE{rr.type}")
+    payload = rr.payload
+    if isinstance(payload, (dns.Record_A, dns.Record_AAAA)):
+        data = payload.dottedQuad() if isinstance(payload, dns.Record_A) else socket.inet_ntop(socket.AF_INET6,
+                                                                                                payload.address)
+    elif isinstance(payload, dns.Record_MX):
+        data = f"{payload.preference} {payload.name}"
+    elif isinstance(payload, dns.Record_SRV):
+        data = f"{payload.priority} {payload.weight} {payload.port} {payload.target}"
+    elif isinstance(payload, dns.Record_TXT):
+        data = " ".join('"' + d.decode("utf-8", "replace") + '"' for d in payload.data)
+    elif isinstance(payload, dns.Record_SOA):
+        data = (f"{payload.mname} {payload.rname} {payload.serial} {payload.refresh} {payload.retry}"
+                f" {payload.expire} {payload.minimum}")
+    elif hasattr(payload, "name"):  # CNAME, NS, PTR
+        data = str(payload.name)
+    else:
+        data = repr(payload)
+    return f"{rr.name} {rr.ttl} IN {kind} {data}"
+
+
+def _check_answers(cfg: "DnsConfig", lines: list[str]) -> str | None:
+    if len(lines) < cfg.min_answers:
+        return f"{len(lines)} answer(s), fewer than min_answers {cfg.min_answers}"
+    if cfg.max_answers is not None and len(lines) > cfg.max_answers:
+        return f"{len(lines)} answer(s), more than max_answers {cfg.max_answers}"
+    for pattern in cfg.fail_if_answer_matches:
+        for line in lines:
+            if pattern.search(line):
+                return f"answer {line!r} matches fail_if_answer_matches {pattern.pattern!r}"
+    for pattern in cfg.fail_if_answer_not_matches:
+        if not any(pattern.search(line) for line in lines):
+            return f"no answer matches fail_if_answer_not_matches {pattern.pattern!r} (answers: {lines[:3]})"
+    return None

@@ -15,11 +15,9 @@ from urllib.parse import urlsplit
 
 import hyperlink
 
-from taskd.agent.builtin.collectors.common import Field
+from taskd.agent.builtin.collectors.common import MAX_PATTERNS, Field, regex_list
 
 METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
-MAX_PATTERNS = 50
-MAX_PATTERN_LENGTH = 1000
 MAX_REDIRECTS = 50
 DEFAULT_STATUS = ((200, 299),)
 
@@ -77,20 +75,6 @@ def _status_codes(value: list) -> tuple[tuple[int, int], ...]:
     return tuple(out)
 
 
-def _patterns(value: list) -> tuple[re.Pattern, ...]:
-    if len(value) > MAX_PATTERNS:
-        raise ValueError(f"at most {MAX_PATTERNS} regular expressions")
-    out = []
-    for i, item in enumerate(value):
-        if not isinstance(item, str) or not item or len(item) > MAX_PATTERN_LENGTH:
-            raise ValueError(f"item {i} must be a regular expression of 1-{MAX_PATTERN_LENGTH} characters")
-        try:
-            out.append(re.compile(item))
-        except re.error as exc:
-            raise ValueError(f"item {i} is not a valid regular expression: {exc}") from None
-    return tuple(out)
-
-
 @dataclass(frozen=True)
 class HeaderMatch:
     header: str
@@ -108,7 +92,7 @@ def _header_matches(value: list) -> tuple[HeaderMatch, ...]:
                 or not isinstance(item.get("regexp"), str) \
                 or not isinstance(item.get("allow_missing", False), bool):
             raise ValueError(f'item {i} must be {{"header": name, "regexp": regex, "allow_missing": bool}}')
-        [pattern] = _patterns([item["regexp"]])
+        [pattern] = regex_list([item["regexp"]])
         out.append(HeaderMatch(item["header"], pattern, item.get("allow_missing", False)))
     return tuple(out)
 
@@ -147,8 +131,8 @@ FIELDS = (
     Field("body", "string", default=""),
     Field("insecure", "bool", default=False),
     Field("valid_status_codes", "list", default=DEFAULT_STATUS, check=_status_codes),
-    Field("fail_if_body_matches", "list", default=(), check=_patterns),
-    Field("fail_if_body_not_matches", "list", default=(), check=_patterns),
+    Field("fail_if_body_matches", "list", default=(), check=regex_list),
+    Field("fail_if_body_not_matches", "list", default=(), check=regex_list),
     Field("fail_if_header_matches", "list", default=(), check=_header_matches),
     Field("fail_if_header_not_matches", "list", default=(), check=_header_matches),
     Field("follow_redirects", "bool", default=False),
