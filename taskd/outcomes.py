@@ -11,3 +11,8 @@ STATUS_OK = "ok"
 STATUS_ERROR = "error"
 STATUS_PENDING = "pending"  # known to the executor, not run yet
 STATUS_OUTCOMES = (STATUS_OK, STATUS_ERROR, STATUS_PENDING)
+
+# Never sent by an agent: the server's verdict on a routed task whose online agent has
+# not reported a run for a while (taskd.db.staleness). Not a STATUS_OUTCOMES member, so
+# an agent sending it is refused like any unknown outcome.
+STATUS_STALE = "stale"

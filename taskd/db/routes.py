@@ -19,6 +19,7 @@ from twisted.internet.defer import Deferred
 from taskd.db import models as m
 from taskd.db.pool import DBPool
 from taskd.db.agents import Agent, load_agents
+from taskd.db.staleness import with_staleness
 from taskd.db.taskstatus import TaskStatusRow
 from taskd.db.taskstatus import for_task as status_for_task
 from taskd.db.tasks import ANY, BY_IDS, BY_TAGS, Task, _tasks, load_task
@@ -336,13 +337,14 @@ class TaskDetail:
     unrouted: list[tuple[int, str]] = field(default_factory=list)  # byIds: (agent id, why not)
 
 
-def task_detail(conn: Connection, org_id: int, task_id: int) -> TaskDetail | None:
+def task_detail(conn: Connection, org_id: int, task_id: int, stale_floor: float = 60.0) -> TaskDetail | None:
     task = load_task(conn, org_id, task_id)
     if task is None:
         return None
     agents = routed_agents(conn, task)
-    return TaskDetail(task, sorted(agents), status_for_task(conn, task.id, visible_to=org_id),
-                      unrouted_ids(conn, task, agents))
+    statuses = with_staleness(conn, task, sorted(agents), status_for_task(conn, task.id, visible_to=org_id), utcnow(),
+                              stale_floor)
+    return TaskDetail(task, sorted(agents), statuses, unrouted_ids(conn, task, agents))
 
 
 def unrouted_ids(conn: Connection, task: Task, routed: set[int]) -> list[tuple[int, str]]:
@@ -374,6 +376,7 @@ class RouteStore:
 
     def __init__(self, pool: DBPool) -> None:
         self._pool = pool
+        self.stale_floor = 60.0  # the server's stale-min-window (taskd.db.staleness)
 
     def snapshot(self, task_id: int) -> "Deferred[tuple[Task | None, set[int]]]":
         """The task as it is now and every agent it is routed to."""
@@ -381,7 +384,7 @@ class RouteStore:
 
     def task_detail(self, org_id: int, task_id: int) -> "Deferred[TaskDetail | None]":
         """The task of `org_id`, its agents and the statuses of agents that org may see."""
-        return self._pool.do(task_detail, org_id, task_id)
+        return self._pool.do(task_detail, org_id, task_id, self.stale_floor)
 
     def tasks_for_agents(self, agent_ids: Sequence[int]) -> "Deferred[dict[int, list[Task]]]":
         return self._pool.do(tasks_for_agents, list(agent_ids))

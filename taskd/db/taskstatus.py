@@ -247,12 +247,18 @@ class StatusStore:
 
     def __init__(self, pool: DBPool) -> None:
         self.pool = pool
+        self.stale_floor = 60.0  # the server's stale-min-window (taskd.db.staleness)
 
     def for_task(self, task_id: int, visible_to: int | None = None) -> "Deferred[list[TaskStatusRow]]":
         return self.pool.do(for_task, task_id, visible_to)
 
-    def failing_counts(self, agent_ids: Sequence[int]) -> "Deferred[dict[int, int]]":
-        return self.pool.do(failing_counts, list(agent_ids))
+    def failing_counts(self, agent_ids: Sequence[int]) -> "Deferred[dict[int, tuple[int, int]]]":
+        """agent id -> (failing, stale): tasks whose last report is an error or that are
+        stale there (taskd.db.staleness), and the stale ones alone."""
+        from taskd.db.staleness import counts  # staleness reads this module's rows
+        from taskd.timeutil import utcnow
+
+        return self.pool.do(counts, list(agent_ids), utcnow(), self.stale_floor)
 
     def apply(self, rows: Sequence[TaskStatusRow], removals: Iterable[tuple[int, int]],
               server: str | None = None) -> Deferred:

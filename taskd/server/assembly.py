@@ -183,6 +183,7 @@ def build_server(settings: Any, reactor: Any = None) -> Server:
                        timeout=settings.db_timeout)
     instance_id = instance_identity(settings)
     stats, prom = server_stats(settings, reactor)
+    db.status.stale_floor = db.routes.stale_floor = settings.stale_min_window
     db.pool.stats = stats  # each operation's latency (db.duration)
     events = EventBus(instance_id)
     agents = AgentService(db.agents, db.catalog, events, stats=stats, status=db.status,
@@ -266,9 +267,18 @@ def build_server(settings: Any, reactor: Any = None) -> Server:
                 failure.trap(DatabaseUnavailable)  # the pool logged the outage once; no warning per interval
                 return {"agents.connected": connected, **broker}
 
-            return db.tasks.count_by_enabled().addCallbacks(lambda counts: {
+            def with_stale(values: dict) -> Any:
+                # (task, agent) pairs stale on the agents this server holds: summed over the
+                # servers, the fleet's (taskd.db.staleness).
+                held = list(sessions.sessions)
+                if not held:
+                    return {**values, "tasks.stale": 0}
+                return db.status.failing_counts(held).addCallback(
+                    lambda found: {**values, "tasks.stale": sum(stale for _, stale in found.values())})
+
+            return db.tasks.count_by_enabled().addCallback(lambda counts: {
                 "agents.connected": connected, "tasks.active": counts[0], "tasks.disabled": counts[1],
-                **broker}, unavailable)
+                **broker}).addCallback(with_stale).addErrback(unavailable)
 
         GaugeReporter(stats, reactor, gauges, GAUGE_INTERVAL).setServiceParent(root)
     if stats.statsd_enabled:

@@ -187,11 +187,12 @@ class AgentService:
     def catalog_list(self, user: User, flt: MetricFilter, page: Page) -> "Deferred[list[Metric]]":
         return self.catalog.list(user.org_id, flt, page)
 
-    def failing_tasks(self, agents: list[Agent]) -> "Deferred[dict[int, int]]":
-        """agent id -> tasks whose latest status there is an error: one grouped query
-        for a whole page of (already visible) agents."""
+    def failing_tasks(self, agents: list[Agent]) -> "Deferred[dict[int, tuple[int, int]]]":
+        """agent id -> (failing, stale): tasks whose latest status there is an error or
+        that are stale there, and the stale ones; a few queries for a whole page of
+        (already visible) agents."""
         if self.status is None or not agents:
-            return succeed({a.id: 0 for a in agents})
+            return succeed({a.id: (0, 0) for a in agents})
         # Counts up to FAILING_TTL old: a GET of an agent is then no database read at all.
         found, missing = self.failing.lookup([a.id for a in agents])
         if not missing:

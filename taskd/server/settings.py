@@ -118,6 +118,9 @@ SERVER_OPTIONS: tuple[Option, ...] = (
     Option("relocate-delay", parse_duration, "1s",
            "How long an offline agent may take to come back before its 'any' tasks move"
            " (plus up to 2.1s of jitter when the agent was on another server)."),
+    Option("stale-min-window", positive_duration, "60s",
+           "A routed task whose online agent has reported no run of it for max(3 intervals,"
+           " this) is shown as stale (GET /api/v1/tasks/<id>, staleTasks, failingTasks)."),
     Option("status-flush-interval", positive_duration, "2s",
            "How often the task statuses agents reported are written to the database, all"
            " in one transaction; the API shows a status up to this much later."),
@@ -165,6 +168,7 @@ class ServerSettings:
     heartbeat_interval: float = 2.0
     task_list_interval: float = 60.0
     relocate_delay: float = 1.0
+    stale_min_window: float = 60.0
     status_flush_interval: float = 2.0
     config_path: str | None = None
     config_file_missing: bool = False

@@ -36,7 +36,8 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _TRUE, _FALSE = {"true", "1", "yes", "on"}, {"false", "0", "no", "off"}
 
 AGENT_FIELDS = {"name", "enabled", "public", "tags"}
-AGENT_READ_ONLY = {"id", "orgId", "online", "onlineChange", "enabledChange", "created", "updated", "failingTasks"}
+AGENT_READ_ONLY = {"id", "orgId", "online", "onlineChange", "enabledChange", "created", "updated", "failingTasks",
+                   "staleTasks"}
 TASK_FIELDS = {"name", "taskType", "config", "interval", "route", "metrics", "enabled"}
 TASK_READ_ONLY = {"id", "orgId", "created", "updated", "agents", "unrouted", "status"}
 

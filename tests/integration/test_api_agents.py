@@ -19,7 +19,7 @@ from tests.integration.harness import ADMIN_KEY, ORG2_KEY, ORG3_KEY, Reply, asse
 AGENTS = "/api/v1/agents"
 ZERO = "0001-01-01T00:00:00Z"
 AGENT_KEYS = {"id", "name", "enabled", "enabledChange", "public", "tags",
-              "online", "onlineChange", "created", "updated", "failingTasks"}
+              "online", "onlineChange", "created", "updated", "failingTasks", "staleTasks"}
 RFC3339_UTC = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,9})?Z$")
 ORDERABLE = ("id", "name", "enabled", "enabledChange", "public", "online",
              "onlineChange", "created", "updated")

@@ -195,7 +195,7 @@ class FakeStatus:
 
     def failing_counts(self, ids: list[int]) -> Deferred:
         self.reads.append(list(ids))
-        return succeed({i: self.counts.get(i, 0) for i in ids})
+        return succeed({i: (self.counts.get(i, 0), 0) for i in ids})
 
 
 def result(d: Deferred) -> Any:
@@ -305,10 +305,10 @@ def test_failing_tasks_counts_are_kept_briefly(service, clock):
     status = svc.status
     status.counts = {1: 2}
     a1 = result(svc.visible(user(1), 1))
-    assert result(svc.failing_tasks([a1])) == {1: 2}
+    assert result(svc.failing_tasks([a1])) == {1: (2, 0)}
     status.counts = {1: 3}
-    assert result(svc.failing_tasks([a1])) == {1: 2}
+    assert result(svc.failing_tasks([a1])) == {1: (2, 0)}
     assert status.reads == [[1]]
     clock.advance(2.1)
-    assert result(svc.failing_tasks([a1])) == {1: 3}
+    assert result(svc.failing_tasks([a1])) == {1: (3, 0)}
     assert status.reads == [[1], [1]]

@@ -236,7 +236,8 @@ class Api:
     async def create_agent(self, call: Call) -> dict:
         call.query.check_known(set())
         spec = parse_agent(call.body(), for_update=False)
-        return {**agent_json(await self.agents.create(call.user, spec)), "failingTasks": 0}  # nothing ran yet
+        return {**agent_json(await self.agents.create(call.user, spec)), "failingTasks": 0,
+                "staleTasks": 0}  # nothing ran yet
 
     async def update_agent(self, call: Call) -> dict:
         call.query.check_known(set())
@@ -254,7 +255,8 @@ class Api:
         answer about agents has it, so a GET compares equal to the POST or PUT before
         it), in one query for the whole page."""
         failing = await self.agents.failing_tasks(agents)
-        return [{**agent_json(a, org_id), "failingTasks": failing.get(a.id, 0)} for a in agents]
+        return [{**agent_json(a, org_id), "failingTasks": failing.get(a.id, (0, 0))[0],
+                 "staleTasks": failing.get(a.id, (0, 0))[1]} for a in agents]
 
     async def delete_agent(self, call: Call, agent_id: str) -> None:
         await self.agents.delete(call.user, parse_id("agent", agent_id))

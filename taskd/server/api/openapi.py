@@ -134,7 +134,8 @@ def _form(name: str, read_only: dict, fields: dict, required: list[str]) -> dict
 
 def _schemas() -> dict:
     read_only_agent = {k: {"readOnly": True} for k in
-                       ("orgId", "online", "onlineChange", "enabledChange", "created", "updated", "failingTasks")}
+                       ("orgId", "online", "onlineChange", "enabledChange", "created", "updated", "failingTasks",
+                        "staleTasks")}
     read_only_task = {k: {"readOnly": True} for k in ("orgId", "created", "updated", "agents", "unrouted", "status")}
     agent_fields = {
         "name": {"type": "string", "minLength": 1, "maxLength": 255, "pattern": "^[0-9a-zA-Z_-]+$"},
@@ -162,11 +163,13 @@ def _schemas() -> dict:
         "Agent": {
             "type": "object",
             "required": ["id", "name", "enabled", "enabledChange", "public", "tags", "online", "onlineChange",
-                         "created", "updated", "failingTasks"],
+                         "created", "updated", "failingTasks", "staleTasks"],
             "properties": {
                 "id": {"type": "integer"}, "name": {"type": "string"}, "enabled": _BOOL, "enabledChange": _TIME,
                 "public": _BOOL, "tags": {"type": "array", "items": {"type": "string"}}, "online": _BOOL,
                 "onlineChange": _TIME, "created": _TIME, "updated": _TIME, "failingTasks": {"type": "integer"},
+                "staleTasks": {"type": "integer", "description": "routed tasks its executor has not reported a run of"
+                                                                 " for max(3 intervals, 60 s)"},
             },
         },
         "AgentCreate": {"type": "object", "required": ["name"], "additionalProperties": False,
