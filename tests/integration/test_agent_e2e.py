@@ -74,8 +74,9 @@ class Stack:
         self.logs = Logs()
         globalLogPublisher.addObserver(self.logs)
 
-    async def start_server(self, *, wipe: bool = True) -> RunningServer:
-        self.server = await start_server(*self.db, wipe=wipe, addr=f"tcp:{self.port}:interface=127.0.0.1")
+    async def start_server(self, *, wipe: bool = True, **settings: Any) -> RunningServer:
+        self.server = await start_server(*self.db, wipe=wipe, addr=f"tcp:{self.port}:interface=127.0.0.1",
+                                         **settings)
         return self.server
 
     async def stop_server(self) -> None:
@@ -415,3 +416,34 @@ async def test_catalog_routes_only_covered_tasks_to_the_agent(sqlite_only):
         assert not stack.posts(uncovered["id"])
     finally:
         await stack.close()
+
+
+# -- 5. a Snap that stops running tasks while the agent stays connected ------------------
+
+@pytest_twisted.ensureDeferred
+async def test_a_stalled_snap_turns_the_task_stale_while_the_socket_stays_up(stack):
+    """Snap keeps the task Running but runs nothing (wedged): the agent is online and
+    reports, yet no run; within max(3 intervals, stale-min-window) the task reads stale."""
+    from twisted.internet.task import LoopingCall
+
+    await stack.start_server(stale_min_window=1.0, status_flush_interval=0.2)
+    stack.start_agent(status_interval=0.2)
+    await stack.wait_online()
+    await stack.wait_catalog(CATALOG)
+    task = await stack.create({**TASK, "interval": 1})  # stale after max(3 x 1 s, 1 s)
+    await until(lambda: stack.one_running(task["id"]), what="Snap task created")
+    runs = LoopingCall(stack.snap.tick)
+    runs.start(0.2)
+    try:
+        async def status(outcome: str):
+            body = await stack.api.ok("GET", f"{TASKS}/{task['id']}")
+            return body if body["status"] and body["status"][0]["outcome"] == outcome else None
+
+        running = await eventually(lambda: status("ok"), timeout=15, what="runs reported")
+        assert running["status"][0]["runs"] > 0
+    finally:
+        runs.stop()  # Snap stalls: the task stays Running, nothing runs
+    stale = await eventually(lambda: status("stale"), timeout=30, what="the task reading stale")
+    assert stale["status"][0]["error"].startswith("no run reported for")
+    agent = await stack.agent_row()
+    assert agent["online"] and agent["staleTasks"] == 1 and agent["failingTasks"] == 1
