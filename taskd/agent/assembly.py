@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.application.service import Service
+from twisted.internet.defer import maybeDeferred, succeed
 from twisted.logger import Logger
 
 import taskd
@@ -73,7 +74,7 @@ class Agent:
                 **(snap_intervals or {}),
             )
         state = TaskState(settings.state_dir) if settings.state_dir else None
-        self.cache = TaskCache(self._apply, stats=self.stats, state=state)
+        self.cache = TaskCache(self._apply, stats=self.stats, state=state, run_once=self._run_once)
         self.connection = ServerConnection(
             url=settings.socket_url, api_key=settings.api_key, reactor=reactor, on_frame=self.cache.handle,
             on_connected=self._connected, on_handshake=self._handshake, max_backoff=settings.reconnect_max_backoff,
@@ -133,6 +134,24 @@ class Agent:
     def _apply(self, tasks: dict[int, dict]) -> None:
         self.driver.set_tasks(tasks)
         self.status.retain(tasks)
+
+    def _run_once(self, request_id: str, task: dict) -> None:
+        """An ad-hoc run: the executor runs the task once; its answer goes back as runResult."""
+        run = getattr(self.driver, "run_once", None)
+        if run is None:
+            d = succeed({"outcome": "unsupported", "error": f"the {self.settings.executor} executor cannot"
+                                                            " run a task once", "duration": None, "metrics": []})
+        else:
+            d = maybeDeferred(run, task)
+
+        def answer(result: dict) -> None:
+            self.connection.send(framing.RUN_RESULT, {"requestId": request_id, "taskId": task["id"], **result})
+
+        def failed(failure: Any) -> None:
+            answer({"outcome": "error", "error": f"{failure.type.__name__}: {failure.getErrorMessage()}",
+                    "duration": None, "metrics": []})
+
+        d.addCallbacks(answer, failed)
 
     def _handshake(self, headers: dict) -> None:
         was = self.netpolicy.public

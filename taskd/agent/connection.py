@@ -218,7 +218,8 @@ class ServerConnection(Service):
         parts = urlsplit(self.url)
         secure = parts.scheme == "wss"
         port = parts.port or (443 if secure else 80)
-        factory = WebSocketClientFactory(self.url, headers={"Authorization": f"Bearer {self.api_key}"})
+        factory = WebSocketClientFactory(self.url, headers={"Authorization": f"Bearer {self.api_key}",
+                                                            framing.FEATURES_HEADER: framing.FEATURE_RUN_TASK})
         factory.setProtocolOptions(openHandshakeTimeout=10, closeHandshakeTimeout=2)
         factory.noisy = False  # no "Starting factory" line per reconnection attempt
         opened: Deferred = Deferred()

@@ -31,8 +31,11 @@ class TaskCache:
     log = Logger(namespace="taskd.agent.tasks")
 
     def __init__(self, apply: Callable[[Mapping[int, dict]], None], *, stats: Any = NULL_STATS,
-                 state: Any = None) -> None:
+                 state: Any = None, run_once: Callable[[str, dict], None] | None = None) -> None:
+        """`run_once(request_id, task)`: a runTask from the server (an ad-hoc run; the
+        task set is not touched)."""
         self.apply = apply
+        self.run_once = run_once
         self.state = state  # a TaskState (taskstate.py) or None: do not persist
         self.stats = stats
         self.tasks: dict[int, dict] = {}
@@ -101,6 +104,16 @@ class TaskCache:
         self.tasks = tasks
         self.have_list = True
         return changed
+
+    def handle_runTask(self, value: Any) -> bool:
+        if not isinstance(value, dict) or not isinstance(value.get("requestId"), str):
+            raise FrameError("runTask payload must be {requestId, task}")
+        task = _task(value.get("task"))
+        self.log.info("task {id} ({name}): run once, now, on the server's request", id=task["id"],
+                      name=task.get("name"))
+        if self.run_once is not None:
+            self.run_once(value["requestId"], task)
+        return False
 
     def handle_taskRemove(self, value: Any) -> bool:
         task = _task(value)

@@ -180,6 +180,10 @@ class AgentStore:
     def get(self, agent_id: int) -> "Deferred[Agent | None]":
         return self.pool.do(load_agent, agent_id)
 
+    def get_many(self, agent_ids: Sequence[int]) -> "Deferred[dict[int, Agent]]":
+        """The agents of `agent_ids` that exist, by id, in one transaction."""
+        return self.pool.do(load_agents, list(agent_ids))
+
     def get_by_name(self, org_id: int, name: str) -> "Deferred[Agent | None]":
         def thd(conn: Connection) -> Agent | None:
             rows = conn.execute(

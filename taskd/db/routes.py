@@ -386,6 +386,15 @@ class RouteStore:
         """The task of `org_id`, its agents and the statuses of agents that org may see."""
         return self._pool.do(task_detail, org_id, task_id, self.stale_floor)
 
+    def capable(self, org_id: int, metrics: dict[str, int]) -> "Deferred[list[int]]":
+        """Online agents that may run a task of `org_id` with `metrics` (as for `any`):
+        the org's own first, then public ones, by id."""
+        def thd(conn: Connection) -> list[int]:
+            found = [c for c in _visible_online(conn, org_id) if can_run(c, org_id, metrics)]
+            return [c.id for c in sorted(found, key=lambda c: (c.org_id != org_id, c.id))]
+
+        return self._pool.do(thd)
+
     def tasks_for_agents(self, agent_ids: Sequence[int]) -> "Deferred[dict[int, list[Task]]]":
         return self._pool.do(tasks_for_agents, list(agent_ids))
 

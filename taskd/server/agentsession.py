@@ -56,6 +56,7 @@ class AgentSession(Told):
     closed: bool = False
     via_token: bool = False  # opened with the agent's own token (see taskd.server.agenttokens)
     token_id: str | None = None  # which token (agenttokens.token_id)
+    features: frozenset[str] = frozenset()  # optional events it understands (framing.FEATURES_HEADER)
     # The (namespace, version) pairs the agent advertises, as stored; None while unknown
     # (not loaded yet, or a new catalog being written): then routing asks the database.
     catalog: frozenset[tuple[str, int]] | None = None

@@ -25,6 +25,7 @@ from taskd.db.availability import DatabaseUnavailable
 from taskd.db.connector import Database
 from taskd.db.engine import create_engine
 from taskd.db.pool import DBPool
+from taskd.server.adhoc import AdhocRuns, TaskRuns
 from taskd.server.agenttokens import AgentTokens
 from taskd.server.api.app import Api
 from taskd.server.api.site import TaskdSite
@@ -224,9 +225,12 @@ def build_server(settings: Any, reactor: Any = None) -> Server:
         clock=reactor,
     )
     tokens = AgentTokens(db.agents, events)
+    adhoc = AdhocRuns(events=events, sessions=held, clock=reactor, instance_id=instance_id)
+    sessions.adhoc = adhoc
     metrics = metrics_resource(prom.registry) if prom is not None else None
     api = Api(agents, tasks, auth, max_body_size=settings.max_body_size, socket=socket, stats=stats, tokens=tokens,
-              database=db, servers=liveness, metrics=metrics if settings.metrics_addr == "" else None)
+              database=db, servers=liveness, metrics=metrics if settings.metrics_addr == "" else None,
+              runs=TaskRuns(adhoc, tasks, agents, db.routes))
     site = TaskdSite(api.resource(), max_body_size=settings.max_body_size)
 
     root = OrderedMultiService()

@@ -29,6 +29,7 @@ EVENT_TYPES = (
     "agent.created", "agent.updated", "agent.deleted", "agent.online", "agent.offline",
     "agent.connected", "agent.tokenReset",
     "task.created", "task.updated", "task.deleted",
+    "task.runRequest", "task.runResult",  # ad-hoc runs (taskd.server.adhoc)
 )
 
 

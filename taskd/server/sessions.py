@@ -56,6 +56,7 @@ class SessionManager(Service):
         the listener was built with it; a new one otherwise."""
         self.listener = listener
         self.status = status  # the StatusService taking taskStatus frames (None: ignored)
+        self.adhoc: Any = None  # the AdhocRuns taking runResult frames (taskd.server.adhoc)
         self.stats = stats
         self.store = db.sessions
         self.catalog = db.catalog
@@ -179,14 +180,16 @@ class SessionManager(Service):
     # -- sessions ----------------------------------------------------------------------
 
     def attach(self, agent: Agent, version: int, remote_ip: str, transport: SessionTransport, *,
-               via_token: bool = False, token_id: str | None = None) -> AgentSession:
+               via_token: bool = False, token_id: str | None = None,
+               features: frozenset[str] = frozenset()) -> AgentSession:
         """A websocket for `agent` just opened: record it, then tell the agent its tasks.
 
         Sessions that open close together are handled together (a reconnect storm after
         a restart is thousands at once): those that opened in the same reactor turn, or
         while the previous batch was being brought up, are recorded in one transaction,
         get their `any` tasks in one more, and their first taskLists from one read."""
-        session = AgentSession(agent, version, remote_ip, transport, via_token=via_token, token_id=token_id)
+        session = AgentSession(agent, version, remote_ip, transport, via_token=via_token, token_id=token_id,
+                               features=features)
         self.stats.incr("agents.connections_accepted")
         self._opening.append(session)
         if self._open_call is None and not self._open_busy:
@@ -365,6 +368,11 @@ class SessionManager(Service):
         self._taken(session)
         session.ready.addCallback(lambda _: self._catalog(session, frame)).addErrback(
             self._catalog_failed, session, frame, seq).addBoth(self._handled, session)
+
+    def handle_runResult(self, session: AgentSession, frame: Frame) -> None:
+        complaint = self.adhoc.received(session, frame) if self.adhoc is not None else "sent an unasked runResult"
+        if complaint:
+            self.bad_frames.complain(session, complaint)
 
     def handle_taskStatus(self, session: AgentSession, frame: Frame) -> None:
         # Queued on `ready` too: only then does `view` hold what the agent was sent,

@@ -20,6 +20,7 @@ from taskd.errors import Forbidden, Invalid
 from taskd.server.domain import AgentService
 from taskd.server.agentsession import CLOSE_PROTOCOL_ERROR, AgentSession
 from taskd.server.sessions import SessionManager
+from taskd.wire import framing
 from taskd.server.validation import NAME_RE
 from taskd.wire.framing import FrameError
 from taskd.server.peer import client_ip  # noqa: F401 (re-exported)
@@ -34,6 +35,7 @@ class SocketContext:
     remote_ip: str
     via_token: bool = False  # opened with the agent's own token (closed when it is replaced)
     token_id: str | None = None  # which one
+    features: frozenset[str] = frozenset()  # framing.FEATURES_HEADER of its upgrade request
 
 
 class AgentSocketProtocol(WebSocketServerProtocol):
@@ -48,7 +50,8 @@ class AgentSocketProtocol(WebSocketServerProtocol):
 
     def onOpen(self) -> None:
         self.session = self.manager.attach(self.context.agent, self.context.version, self.context.remote_ip, self,
-                                           via_token=self.context.via_token, token_id=self.context.token_id)
+                                           via_token=self.context.via_token, token_id=self.context.token_id,
+                                           features=self.context.features)
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         if self.session is None:
@@ -142,7 +145,9 @@ class SocketEndpoint:
         agent = await self.agents.for_socket(user, agent_name, autocreate=self.autocreate and user.agent_id is None)
         if user.agent_id is not None and agent.id != user.agent_id:  # renamed meanwhile, another took the name
             raise Forbidden(f"this agent token belongs to agent {user.agent_id}, not to {agent_name!r}")
+        listed = (request.getHeader(framing.FEATURES_HEADER.encode()) or b"").decode("ascii", "replace")
+        features = frozenset(f.strip() for f in listed.split(",") if f.strip())
         context = SocketContext(agent, int(version), client_ip(request), via_token=user.agent_id is not None,
-                                token_id=user.token_id)
+                                token_id=user.token_id, features=features)
         log.debug("upgrading agent {name} (org {org}) from {ip}", name=agent.name, org=agent.org_id, ip=context.remote_ip)
         return WebSocketResource(_WithContext(self.factory, context))

@@ -25,15 +25,23 @@ TASK_LIST = "taskList"
 TASK_ADD = "taskAdd"
 TASK_UPDATE = "taskUpdate"
 TASK_REMOVE = "taskRemove"
+RUN_TASK = "runTask"  # run this task once, now, and answer (docs/protocol.md); see FEATURES
 # Agent -> server
 CATALOG = "catalog"
 TASK_STATUS = "taskStatus"  # per-task status (docs/protocol.md); old agents never send it
+RUN_RESULT = "runResult"  # the answer to a runTask
 
 # taskStatus outcomes (docs/protocol.md): what the agent sends and the server stores.
 from taskd.outcomes import STATUS_ERROR, STATUS_OK, STATUS_OUTCOMES, STATUS_PENDING  # noqa: E402,F401
 
-SERVER_EVENTS = frozenset({HEARTBEAT, TASK_LIST, TASK_ADD, TASK_UPDATE, TASK_REMOVE})
-AGENT_EVENTS = frozenset({CATALOG, TASK_STATUS})
+SERVER_EVENTS = frozenset({HEARTBEAT, TASK_LIST, TASK_ADD, TASK_UPDATE, TASK_REMOVE, RUN_TASK})
+AGENT_EVENTS = frozenset({CATALOG, TASK_STATUS, RUN_RESULT})
+
+# The upgrade request header where an agent lists the optional events it understands
+# (comma-separated): a server sends `runTask` only to agents that list it, and answers
+# "unsupported" for the others (the Go agent, older taskd agents).
+FEATURES_HEADER = "X-Taskd-Agent-Features"
+FEATURE_RUN_TASK = RUN_TASK
 
 PROTOCOL_VERSION = 1  # the <version> in /socket/<agent>/<version>
 

@@ -10,6 +10,7 @@ Imports nothing of taskd's but the framing and the time format, so db/, server/ 
 """
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from datetime import datetime
@@ -109,3 +110,60 @@ def parse_catalog_records(value: Any, max_records: int | None = None) -> list[Ca
             raise FrameError(f"catalog record {i} has a bad version {version!r}")
         out.append(CatalogRecord(namespace, version, item.get("policy")))
     return out
+
+
+# -- ad-hoc runs (runTask / runResult) ------------------------------------------------
+
+MAX_RUN_METRICS = 1000
+RUN_OUTCOMES = ("ok", "error", "unsupported")
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """An agent's answer to one runTask: what a single run measured."""
+
+    request_id: str
+    task_id: int
+    outcome: str
+    error: str
+    duration: float | None
+    metrics: tuple[tuple[str, float, str], ...]  # (series name, value, unit)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"requestId": self.request_id, "taskId": self.task_id, "outcome": self.outcome, "error": self.error,
+                "duration": self.duration,
+                "metrics": [{"name": n, "value": v, "unit": u} for n, v, u in self.metrics]}
+
+
+def run_request(request_id: str, task: dict[str, Any]) -> dict[str, Any]:
+    """The runTask payload: the task as agents are sent it, and the id to answer with."""
+    return {"requestId": request_id, "task": task}
+
+
+def parse_run_result(value: Any) -> RunResult:
+    """A runResult payload; FrameError naming what is wrong."""
+    if not isinstance(value, dict):
+        raise FrameError("runResult payload must be a JSON object")
+    request_id, task_id, outcome = value.get("requestId"), value.get("taskId"), value.get("outcome")
+    if not isinstance(request_id, str) or not 0 < len(request_id) <= 64:
+        raise FrameError("runResult requestId must be the runTask's")
+    if isinstance(task_id, bool) or not isinstance(task_id, int):
+        raise FrameError("runResult taskId must be an integer")
+    if outcome not in RUN_OUTCOMES:
+        raise FrameError(f"runResult outcome must be one of {', '.join(RUN_OUTCOMES)}")
+    error = value.get("error") or ""
+    duration = value.get("duration")
+    if not isinstance(error, str) or (duration is not None and (isinstance(duration, bool)
+                                                                or not isinstance(duration, (int, float)))):
+        raise FrameError("runResult error must be a string and duration a number or null")
+    raw = value.get("metrics") or []
+    if not isinstance(raw, list) or len(raw) > MAX_RUN_METRICS:
+        raise FrameError(f"runResult metrics must be a list of at most {MAX_RUN_METRICS}")
+    metrics = []
+    for m in raw:
+        if not isinstance(m, dict) or not isinstance(m.get("name"), str) or isinstance(m.get("value"), bool) \
+                or not isinstance(m.get("value"), (int, float)) or not math.isfinite(m["value"]) \
+                or not isinstance(m.get("unit", ""), str):
+            raise FrameError("runResult metrics entries must be {name, value (a finite number), unit}")
+        metrics.append((m["name"][:255], float(m["value"]), m.get("unit", "")[:32]))
+    return RunResult(request_id, task_id, outcome, error[:1000], duration, tuple(metrics))

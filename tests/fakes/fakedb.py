@@ -314,6 +314,10 @@ class FakeAgentStore(_Fake):
         return succeed(self._state.agents.get(agent_id))
 
     @recorded
+    def get_many(self, agent_ids: Sequence[int]) -> "Deferred[dict[int, Agent]]":
+        return succeed({i: self._state.agents[i] for i in agent_ids if i in self._state.agents})
+
+    @recorded
     def get_by_name(self, org_id: int, name: str) -> "Deferred[Agent | None]":
         return succeed(next((a for a in self._state.agents.values() if (a.org_id, a.name) == (org_id, name)), None))
 

@@ -120,8 +120,9 @@ class AgentClient:
         return self.closed
 
 
-def connect_agent(base_url: str, name: str, key: str, version: int = 1) -> AgentClient:
-    """Open /api/v1/socket/<name>/<version>; await `.opened` (or `.closed` if refused)."""
+def connect_agent(base_url: str, name: str, key: str, version: int = 1, features: str = "") -> AgentClient:
+    """Open /api/v1/socket/<name>/<version>; await `.opened` (or `.closed` if refused).
+    `features`: the X-Taskd-Agent-Features it lists (none, as the original agent)."""
     url = f"{base_url.replace('http', 'ws', 1)}/api/v1/socket/{name}/{version}"
     client = AgentClient(url, key)
 
@@ -152,7 +153,8 @@ def connect_agent(base_url: str, name: str, key: str, version: int = 1) -> Agent
             if not client.closed.called:
                 client.closed.callback(client)
 
-    factory = WebSocketClientFactory(url, headers={"Authorization": f"Bearer {key}"})
+    headers = {"Authorization": f"Bearer {key}", **({framing.FEATURES_HEADER: features} if features else {})}
+    factory = WebSocketClientFactory(url, headers=headers)
     factory.protocol = Proto
     connectWS(factory)
     return client

@@ -17,18 +17,21 @@ from taskd.agent.builtin.collector import ConfigError, TaskInfo, load_collectors
 from taskd.agent.builtin.collectors.common import series, slug
 from taskd.agent.builtin.collectors.dns import DnsCollector
 from taskd.agent.builtin.collectors.http import HttpCollector
+from taskd.agent.builtin.collectors.ping import PingCollector
 from taskd.agent.builtin.collectors.ns1 import Ns1Collector, qps_url
 from taskd.agent.builtin.collectors.tcp import TcpCollector
 from taskd.agent.settings import AgentSettings
 
 GROUP = collector_module.ENTRY_POINT_GROUP
 TASK = TaskInfo(id=7, name="My Site", org_id=1, interval=60)
-CLASSES = {"http": HttpCollector, "tcp": TcpCollector, "dns": DnsCollector, "ns1": Ns1Collector}
+CLASSES = {"http": HttpCollector, "tcp": TcpCollector, "dns": DnsCollector, "ns1": Ns1Collector,
+           "ping": PingCollector}
 GOOD = {
     "http": {"url": "http://example.com/"},
     "tcp": {"host": "example.com", "port": 443},
     "dns": {"name": "example.com", "server": "192.0.2.53"},
     "ns1": {"ns1_key": "k", "zone": "example.com"},
+    "ping": {"host": "192.0.2.9"},
 }
 
 
@@ -48,7 +51,7 @@ def config_error(name: str, config: Any) -> str:
 
 # -- discovery ------------------------------------------------------------------------
 
-def test_the_installed_entry_points_give_all_four_collectors():
+def test_the_installed_entry_points_give_every_builtin_collector():
     found = load_collectors(reactor=MemoryReactorClock(), settings=AgentSettings())
     assert {name: type(c) for name, c in found.items()} == CLASSES
     for name, c in found.items():

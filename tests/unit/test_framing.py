@@ -61,4 +61,5 @@ def test_encode_refuses_impossible_names():
 
 def test_event_name_sets():
     assert framing.CATALOG in framing.AGENT_EVENTS
-    assert {"heartbeat", "taskList", "taskAdd", "taskUpdate", "taskRemove"} == framing.SERVER_EVENTS
+    assert {"heartbeat", "taskList", "taskAdd", "taskUpdate", "taskRemove", "runTask"} == framing.SERVER_EVENTS
+    assert {"catalog", "taskStatus", "runResult"} == framing.AGENT_EVENTS

@@ -33,13 +33,14 @@ def _documented(doc: dict) -> set[tuple[str, str]]:
 
 
 def test_every_route_is_documented_and_every_documented_path_exists():
-    api = _api(socket=lambda call, **kw: None, servers=object(), tokens=object(), metrics=object())
-    assert _klein_routes(api) == _documented(openapi.document(servers=True, socket=True, tokens=True, metrics=True))
+    api = _api(socket=lambda call, **kw: None, servers=object(), tokens=object(), metrics=object(), runs=object())
+    assert _klein_routes(api) == _documented(openapi.document(servers=True, socket=True, tokens=True, metrics=True,
+                                                              runs=True))
 
 
 def test_optional_routes_follow_what_is_mounted():
     api = _api()
-    doc = openapi.document(servers=False, socket=False, tokens=False, metrics=False)
+    doc = openapi.document(servers=False, socket=False, tokens=False, metrics=False, runs=False)
     assert _klein_routes(api) == _documented(doc)
     assert "/api/v1/servers" not in doc["paths"] and not any("socket" in p for p in doc["paths"])
     assert "/metrics" not in doc["paths"]

@@ -239,6 +239,29 @@ class BuiltinExecutor(Service):
             state.logged_error = ""
             self._report(state, replace(state.status, outcome=PENDING, error=""))
 
+    async def run_once(self, task: Mapping[str, Any]) -> dict[str, Any]:
+        """An ad-hoc run ("test before you save"): the task once, now, outside the schedule;
+        its measurements are answered to the server, not published."""
+        started = self.clock.seconds()
+        try:
+            _, collector, cfg, info = self._prepare(task.get("id") or 0, task)
+        except _Unrunnable as exc:
+            return {"outcome": "error", "error": str(exc), "duration": None, "metrics": []}
+        samples, error = [], ""
+        try:
+            samples = await collector.collect(cfg, info)
+        except Exception as exc:  # noqa: BLE001 - any collector failure is the run's error
+            error = _error_text(exc)
+            samples = exc.samples if isinstance(exc, CollectError) else []
+        metrics = []
+        for s in samples:
+            try:
+                metrics.append({"name": s.name, "value": _value(s), "unit": s.unit})
+            except CollectError as exc:
+                error = error or str(exc)
+        return {"outcome": "error" if error else "ok", "error": error,
+                "duration": self.clock.seconds() - started, "metrics": metrics}
+
     def _prepare(self, task_id: int, task: Mapping[str, Any]) -> tuple[str, Collector, Any, TaskInfo]:
         """Collector, parsed config and TaskInfo for a task, or _Unrunnable saying why not."""
         interval = task.get("interval")

@@ -23,6 +23,7 @@ from taskd.server.api.envelope import JSON_CT, error, respond
 from taskd.server.render import agent_json, metric_json, server_json, status_json, task_json
 from taskd.server.agenttokens import AgentTokens, is_token
 from taskd.server.auth import ADMIN_USER, AuthError, Authenticator, User, bearer_key
+from taskd.server.adhoc import parse_timeout
 from taskd.server.domain import AgentService, TaskService
 from taskd.server.peer import client_ip
 from taskd.server.validation import PAGE_PARAMS, Query, parse_agent, parse_id, parse_task
@@ -64,12 +65,14 @@ class Api:
 
     def __init__(self, agents: AgentService, tasks: TaskService, auth: Authenticator, *, max_body_size: int,
                  socket: Handler | None = None, stats: Any = NULL_STATS, database: Any = None,
-                 servers: Any = None, tokens: AgentTokens | None = None, metrics: Any = None) -> None:
+                 servers: Any = None, tokens: AgentTokens | None = None, metrics: Any = None,
+                 runs: Any = None) -> None:
         """`database`: what `GET /` reports on (its `health()`); None reports nothing.
         `servers`: has `live()` -> Deferred of the live ServerInstances (the liveness
         service); None leaves GET /servers out. `metrics`: the twisted.web resource serving
         the Prometheus metrics at GET /metrics (None: not on this port)."""
         self.metrics = metrics
+        self.runs = runs  # taskd.server.adhoc.TaskRuns (None: no ad-hoc runs)
         self.stats = stats
         self.database = database
         self.servers = servers
@@ -81,7 +84,8 @@ class Api:
         self.max_body_size = max_body_size
         self.app = Klein()
         self._openapi = json.dumps(openapi.document(servers=servers is not None, socket=socket is not None,
-                                                    tokens=tokens is not None, metrics=metrics is not None),
+                                                    tokens=tokens is not None, metrics=metrics is not None,
+                                                    runs=runs is not None),
                                    separators=(",", ":")).encode("utf-8")
         self._routes()
 
@@ -210,6 +214,9 @@ class Api:
         r(PREFIX + "/tasks", "PUT", "task", self.update_task)
         r(PREFIX + "/tasks/<task_id>", "GET", "task", self.get_task)
         r(PREFIX + "/tasks/<task_id>", "DELETE", "task", self.delete_task)
+        if self.runs is not None:
+            r(PREFIX + "/tasks/<task_id>/run", "POST", "runResults", self.run_task)
+            r(PREFIX + "/tasks/test", "POST", "runResults", self.test_task)
         r(PREFIX + "/metrics", "GET", "metrics", self.list_metrics)
         if self.servers is not None:
             r(PREFIX + "/servers", "GET", "servers", self.list_servers)
@@ -272,6 +279,19 @@ class Api:
     async def agent_metrics(self, call: Call, agent_id: str) -> list:
         metrics = await self.agents.metrics(call.user, parse_id("agent", agent_id))
         return [metric_json(m) for m in metrics]
+
+    async def run_task(self, call: Call, task_id: str) -> dict:
+        """Run a stored task once, now, on the agents it is routed to (docs/api.md)."""
+        call.query.check_known({"timeout"})
+        return await self.runs.stored(call.user, parse_id("task", task_id), parse_timeout(call.query.one("timeout")))
+
+    async def test_task(self, call: Call) -> dict:
+        """Run a task body that is not stored ("test before you save")."""
+        call.query.check_known({"timeout", "agentId"})
+        _, spec = parse_task(call.body(), for_update=False)
+        agent = call.query.one("agentId")
+        return await self.runs.test(call.user, spec, parse_id("agent", agent) if agent is not None else None,
+                                    parse_timeout(call.query.one("timeout")))
 
     async def list_metrics(self, call: Call) -> list:
         q = call.query

@@ -16,7 +16,8 @@ from taskd.db import agents as agent_db, catalog as catalog_db, tasks as task_db
 
 MAX_INT = 2**31 - 1
 ROLE = "x-taskd-role"
-ENVELOPE_TYPES = ["agent", "agents", "task", "tasks", "metrics", "servers", "token", "heartbeat", "error"]
+ENVELOPE_TYPES = ["agent", "agents", "task", "tasks", "metrics", "servers", "token", "heartbeat", "runResults",
+                  "error"]
 _NO_CONTROL = r"^[^\x00-\x1f\x7f]*$"
 _TAG = r"^[^,\s\x00-\x1f\x7f]([^,\x00-\x1f\x7f]*[^,\s\x00-\x1f\x7f])?$"
 _TIME = {"type": "string", "format": "date-time"}
@@ -243,7 +244,7 @@ def _schemas() -> dict:
     }
 
 
-def _operations(servers: bool, socket: bool, tokens: bool, metrics: bool = False) -> dict:
+def _operations(servers: bool, socket: bool, tokens: bool, metrics: bool = False, runs: bool = False) -> dict:
     agents, tasks = _ref("Agent"), _ref("Task")
     agent_id, task_id = _path_id("agent_id", "agent"), _path_id("task_id", "task")
     agent_body = {"required": True, "content": {
@@ -344,6 +345,29 @@ def _operations(servers: bool, socket: bool, tokens: bool, metrics: bool = False
             ROLE: "Viewer of org 1",
             "responses": _responses(_ok("servers", {"type": "array", "items": _ref("Server")}, "live servers"),
                                     400, 403)}}
+    if runs:
+        run_results = {"type": "object", "required": ["taskId", "results"], "properties": {
+            "taskId": {"type": ["integer", "null"]},
+            "results": {"type": "array", "items": {
+                "type": "object", "required": ["agentId", "agentName", "outcome", "error", "duration", "metrics"],
+                "properties": {"agentId": {"type": "integer"}, "agentName": {"type": "string"},
+                               "outcome": {"type": "string", "enum": ["ok", "error", "unsupported", "timeout"]},
+                               "error": {"type": ["string", "null"]}, "duration": {"type": ["number", "null"]},
+                               "metrics": {"type": ["array", "null"], "items": {"type": "object"}}}}}}}
+        timeout = _query("timeout", {"type": "number", "exclusiveMinimum": 0, "maximum": 60},
+                         "seconds to wait for the agents (default 10)")
+        paths["/api/v1/tasks/{task_id}/run"] = {"parameters": [task_id], "post": {
+            "operationId": "runTask", "summary": "run a stored task once, now, on the agents it is routed to",
+            "parameters": [timeout],
+            "responses": _responses(_ok("runResults", run_results, "each agent's outcome and measurements"),
+                                    400, 403, 404)}}
+        paths["/api/v1/tasks/test"] = {"post": {
+            "operationId": "testTask", "summary": "run a task body that is not stored, once, on one agent",
+            "parameters": [timeout, _query("agentId", {"type": "integer", "minimum": 1, "maximum": MAX_INT},
+                                           "the agent to run it on (default: one capable online agent)")],
+            "requestBody": {"required": True, "content": {"application/json": {"schema": _ref("TaskCreate")}}},
+            "responses": _responses(_ok("runResults", run_results, "the agent's outcome and measurements"),
+                                    400, 403, 404, 409)}}
     if metrics:
         paths["/metrics"] = {"get": {
             "operationId": "metrics", "security": [],
@@ -373,14 +397,15 @@ def _roles(paths: dict) -> None:
                 op.setdefault(ROLE, "Viewer" if method == "get" else "Editor")
 
 
-def document(*, servers: bool = True, socket: bool = True, tokens: bool = True, metrics: bool = True) -> dict:
+def document(*, servers: bool = True, socket: bool = True, tokens: bool = True, metrics: bool = True,
+             runs: bool = True) -> dict:
     """The whole document; `servers`/`socket`/`tokens`/`metrics` say whether those routes
     are mounted."""
     error_responses = {f"E{code}": {"description": text, "content": {"application/json": {"schema": _ref("Error")}}}
                        for code, text in {**_ERRORS, 426: "Not a websocket upgrade request"}.items()}
     error_responses["E401"]["headers"] = {"WWW-Authenticate": {"schema": {"type": "string"}}}
     error_responses["E503"]["headers"] = {"Retry-After": {"schema": {"type": "string"}}}
-    paths = _operations(servers, socket, tokens, metrics)
+    paths = _operations(servers, socket, tokens, metrics, runs)
     _roles(paths)
     return {
         "openapi": "3.1.0",
