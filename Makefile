@@ -69,6 +69,11 @@ BENCH_AGENT_FLAGS ?=
 .PHONY: bench-agent
 bench-agent: $(STAMP)
 	$(VENV)/bin/python -m bench.agent_lateness $(BENCH_AGENT_FLAGS)
+	$(VENV)/bin/python -m bench.vs_blackbox $(BENCH_BLACKBOX_FLAGS)
+## ... then 10,000 http tasks every 10 s (1,000 runs/s) and Debian's
+## prometheus-blackbox-exporter probing the same target at the same rate, CPU per check
+## of both: bench/agent-vs-blackbox.md, about 4 minutes (apt-get install prometheus-blackbox-exporter).
+BENCH_BLACKBOX_FLAGS ?=
 
 ## Chaos figures (issue 11): SIGKILL one of three servers behind nginx with 150 agents and
 ## time the repair (agents offline, `any` tasks moved, agents reconnected); writes

@@ -67,6 +67,7 @@ class Sizes:
     interval: int = 10     # seconds
     window: float = 60.0   # seconds measured
     warmup_timeout: float = 60.0  # beyond one interval: until every task has published once
+    collector: str = "tcp"        # or "http" (bench/vs_blackbox.py): a GET of the local HTTP target
 
 
 FULL = Sizes()
@@ -83,6 +84,25 @@ class Target(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         Target.accepted += 1
         transport.close()
+
+
+class HttpTarget(asyncio.Protocol):
+    """The http collector's target (and blackbox_exporter's): every request answered 200
+    "ok", then the connection closed (neither prober keeps connections)."""
+
+    served = 0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+        self.buffer = b""
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        if b"\r\n\r\n" in self.buffer:
+            HttpTarget.served += 1
+            self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 2\r\n"
+                                 b"Connection: close\r\n\r\nok")
+            self.transport.close()
 
 
 class Statsd(asyncio.DatagramProtocol):
@@ -291,7 +311,8 @@ async def measure(s: Sizes, workdir: Path, cores: Cores) -> Outcome:
     loop = asyncio.get_running_loop()
     TsdbSink.reset()
     Target.accepted = 0
-    target = await loop.create_server(Target, "127.0.0.1", 0, backlog=4096)
+    HttpTarget.served = 0
+    target = await loop.create_server(HttpTarget if s.collector == "http" else Target, "127.0.0.1", 0, backlog=4096)
     target_port = target.sockets[0].getsockname()[1]
     sink = await loop.create_server(TsdbSink, "127.0.0.1", 0, backlog=1024)
     sink_port = sink.sockets[0].getsockname()[1]
@@ -317,9 +338,10 @@ async def measure(s: Sizes, workdir: Path, cores: Cores) -> Outcome:
             due = t0 + i * s.interval / s.tasks
             if due > time.monotonic():
                 await asyncio.sleep(due - time.monotonic())
-            body = {"name": f"agentlat-{i:05d}", "taskType": "tcp", "interval": s.interval, "enabled": True,
-                    "metrics": {"/raintank/apps/tcp/*": 0},
-                    "config": {NAMESPACE: {"host": "127.0.0.1", "port": target_port}},
+            body = {"name": f"agentlat-{i:05d}", "taskType": s.collector, "interval": s.interval, "enabled": True,
+                    "metrics": {f"/raintank/apps/{s.collector}/*": 0},
+                    "config": ({"/raintank/apps/http": {"url": f"http://127.0.0.1:{target_port}/", "timeout": 2}}
+                               if s.collector == "http" else {NAMESPACE: {"host": "127.0.0.1", "port": target_port}}),
                     "route": {"type": "byIds", "config": {"ids": [agent_id]}}}
             status, answer = await http.request("POST", "/api/v1/tasks", body)
             if status != 200:
@@ -330,10 +352,11 @@ async def measure(s: Sizes, workdir: Path, cores: Cores) -> Outcome:
                            statsd_port=statsd_port)
         t_start = time.monotonic()
         await agent.start()
-        series_prefix = "raintank.apps.tcp."
+        series_prefix = f"raintank.apps.{s.collector}."
+        series_suffix = ".status_code" if s.collector == "http" else ".connect_time"
         deadline = t_start + s.interval + s.warmup_timeout
         while True:
-            done = sum(1 for n in TsdbSink.series if n.startswith(series_prefix) and n.endswith(".connect_time"))
+            done = sum(1 for n in TsdbSink.series if n.startswith(series_prefix) and n.endswith(series_suffix))
             if done >= s.tasks:
                 break
             if agent.proc.poll() is not None:
@@ -389,7 +412,8 @@ async def measure(s: Sizes, workdir: Path, cores: Cores) -> Outcome:
             "posts": len(bodies), "metrics_per_s": sum(b[2] for b in bodies) / span,
             "post_bytes": sum(b[1] for b in bodies),
             "statsd_datagrams": stats.datagrams, "bad_statsd_lines": stats.bad_lines,
-            "bad_bodies": len(TsdbSink.bad), "accepted": Target.accepted,
+            "bad_bodies": len(TsdbSink.bad), "accepted": Target.accepted + HttpTarget.served,
+            "agent_cpu_s": c1 - c0,
             "published_gauge": stats.gauges.get("metrics.published"),
             "dropped_gauge": stats.gauges.get("metrics.dropped"),
         })
