@@ -73,6 +73,10 @@ AGENT_OPTIONS: tuple[Option, ...] = (
            " empty means do not save (the packaged unit sets /var/lib/taskd)."),
     Option("ns1-api-url", url("http", "https"), "https://api.nsone.net/",
            "Base URL of the NS1 API used by the ns1 collector (/v1/stats/qps/<zone>)."),
+    Option("proxy-url", lambda raw: url("http")(raw) if raw.strip() else "", "",
+           "http://[user:password@]host:port of an HTTP proxy the http collector's checks go"
+           " through (CONNECT tunnels, for http:// and https:// URLs alike); empty: direct."
+           " blocked-nets still applies to the checked host.", secret=True),
     Option("blocked-nets", parse_blocked_nets, "auto",
            "Networks the built-in collectors may not connect to (checked after DNS, on"
            " every connection and redirect hop): comma-separated CIDRs, none, or auto:"
@@ -112,6 +116,7 @@ class AgentSettings:
     ns1_api_url: str = "https://api.nsone.net/"
     state_dir: str = ""
     blocked_nets: str = "auto"
+    proxy_url: str = ""
     config_path: str | None = None
     config_file_missing: bool = False
 
@@ -130,7 +135,7 @@ class AgentSettings:
 
     def __repr__(self) -> str:
         shown = ", ".join(
-            f"{f.name}={'***' if f.name in ('api_key', 'tsdb_key') and getattr(self, f.name) else repr(getattr(self, f.name))}"
+            f"{f.name}={'***' if f.name in ('api_key', 'tsdb_key', 'proxy_url') and getattr(self, f.name) else repr(getattr(self, f.name))}"
             for f in fields(self)
         )
         return f"AgentSettings({shown})"

@@ -201,15 +201,24 @@ class CheckedEndpointFactory:
     through `CheckedEndpoint`; https wrapped with `tls.creatorForNetloc`, so the
     certificate is still checked against the host name, not the address."""
 
-    def __init__(self, policy: NetPolicy, reactor: Any, tls: Any, timeout: float, family: str = "any") -> None:
+    def __init__(self, policy: NetPolicy, reactor: Any, tls: Any, timeout: float, family: str = "any",
+                 proxy_url: str = "") -> None:
         self.policy, self.reactor, self.tls, self.timeout, self.family = policy, reactor, tls, timeout, family
+        self.proxy_url = proxy_url
 
     def endpointForURI(self, uri: Any) -> Any:
         from twisted.internet.endpoints import wrapClientTLS
 
         host = uri.host.decode("idna") if isinstance(uri.host, bytes) else uri.host
-        endpoint: Any = CheckedEndpoint(self.policy, self.reactor, host.strip("[]"), uri.port, self.timeout,
-                                        self.family)
+        if self.proxy_url:
+            from taskd.agent.builtin.proxy import ProxiedEndpoint
+
+            endpoint: Any = ProxiedEndpoint(self.policy, self.reactor, host.strip("[]"), uri.port, self.timeout,
+                                            self.family, self.proxy_url)
+        else:
+            endpoint = CheckedEndpoint(self.policy, self.reactor, host.strip("[]"), uri.port, self.timeout,
+                                       self.family)
         if uri.scheme == b"https":
             endpoint = wrapClientTLS(self.tls.creatorForNetloc(uri.host, uri.port), endpoint)
         return endpoint
+

@@ -141,10 +141,12 @@ class HttpCollector(Collector):
 
     def _agent(self, cfg: HttpConfig, policy: _TlsPolicy) -> Any:
         net = self.netpolicy
-        if (net is not None and net.active) or cfg.ip_version != "any":
-            # only addresses it resolved (of the asked IP version) and checked itself
+        proxy_url = getattr(self.settings, "proxy_url", "") or ""
+        if (net is not None and net.active) or cfg.ip_version != "any" or proxy_url:
+            # only addresses it resolved (of the asked IP version) and checked itself;
+            # through the agent's proxy when it has one
             factory: Any = CheckedEndpointFactory(net if net is not None and net.active else _NO_RULES,
-                                                  self.reactor, policy, cfg.timeout, cfg.ip_version)
+                                                  self.reactor, policy, cfg.timeout, cfg.ip_version, proxy_url)
         else:  # as Agent's default, without a "Starting factory" log line per run
             factory = QuietEndpointFactory(self.reactor, policy, cfg.timeout)
         agent = Agent.usingEndpointFactory(self.reactor, factory)
