@@ -20,6 +20,7 @@ from tests.fakes.tsdbgw import TsdbGwEmulator
 from tests.integration.agent_client import connect_agent
 from tests.integration.daemons import AgentProcess, ServerProcess, free_port
 from tests.integration.harness import ADMIN_KEY
+from tests.integration.prometheus import Prometheus
 from tests.waiting import until, value_of
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -92,9 +93,7 @@ async def test_every_expression_runs_on_the_series_real_daemons_serve(tmp_path, 
         "server-url": f"ws://127.0.0.1:{server.port}/api/v1", "api-key": ADMIN_KEY, "name": "snap",
         "executor": "snap", "snap-url": f"http://127.0.0.1:{free_port()}/",  # no Snap there: unreachable
         "metrics-addr": f"127.0.0.1:{ports['snap']}"})
-    prom_port = free_port()
-    config = tmp_path / "prometheus.yml"
-    config.write_text(
+    config = (
         "global: {scrape_interval: 1s, scrape_timeout: 1s}\nscrape_configs:\n"
         f"  - job_name: taskserver\n    static_configs: [{{targets: ['127.0.0.1:{server.port}']}}]\n"
         f"  - job_name: taskagent\n    static_configs: [{{targets: ['127.0.0.1:{ports['builtin']}',"
@@ -118,17 +117,8 @@ async def test_every_expression_runs_on_the_series_real_daemons_serve(tmp_path, 
         await until(lambda: refused.closed.called, what="the intruder refused")
         refused.opened.addErrback(lambda failure: None)
 
-        prom = subprocess.Popen(
-            ["prometheus", f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-             f"--web.listen-address=127.0.0.1:{prom_port}"],
-            stdout=subprocess.DEVNULL, stderr=open(tmp_path / "prometheus.log", "wb"))
-        base = f"http://127.0.0.1:{prom_port}"
-
-        async def get(path: str, **params: str) -> dict:
-            try:
-                return await (await treq.get(base + path, params=params, timeout=2)).json()
-            except Exception:
-                return {}
+        prom = Prometheus(tmp_path, config)
+        get = prom.get
 
         wanted = {name for expr in rule_exprs() + dashboard_exprs() for name in NAME.findall(expr)}
 
@@ -144,8 +134,7 @@ async def test_every_expression_runs_on_the_series_real_daemons_serve(tmp_path, 
             assert body.get("status") == "success", (expr, body)
     finally:
         if prom is not None:
-            prom.terminate()
-            prom.wait(timeout=20)
+            prom.stop()
         await snap.stop()
         await builtin.stop()
         await server.stop()

@@ -5,11 +5,8 @@ scraping a real twistd server and agent and answering queries about them.
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
-from pathlib import Path
 
-import pytest
 import pytest_twisted
 import treq
 from prometheus_client.parser import text_string_to_metric_families
@@ -18,6 +15,7 @@ from tests.fakes.tsdbgw import TsdbGwEmulator
 from tests.integration.agent_client import connect_agent
 from tests.integration.daemons import AgentProcess, ServerProcess, free_port
 from tests.integration.harness import ADMIN_KEY, start_server, stop_server
+from tests.integration.prometheus import Prometheus
 from tests.waiting import until, value_of
 
 TASK = {"name": "t1", "interval": 60, "enabled": True, "route": {"type": "any"}}
@@ -74,21 +72,14 @@ async def test_metrics_addr_off_serves_none(sqlite_only):
         await stop_server(api)
 
 
-def _prometheus_config(path: Path, targets: dict[str, str]) -> None:
+def _prometheus_config(targets: dict[str, str]) -> str:
     jobs = "".join(f"  - job_name: {job}\n    static_configs:\n      - targets: ['{target}']\n"
                    for job, target in targets.items())
-    path.write_text(f"global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\nscrape_configs:\n{jobs}")
-
-
-@pytest.fixture
-def prometheus_bin() -> str:
-    found = shutil.which("prometheus")
-    assert found, "Debian's prometheus package is needed (.ci/run installs it)"
-    return found
+    return f"global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\nscrape_configs:\n{jobs}"
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_real_prometheus_scrapes_a_real_server_and_agent(tmp_path, prometheus_bin):
+async def test_a_real_prometheus_scrapes_a_real_server_and_agent(tmp_path):
     gw = TsdbGwEmulator(admin_key="gw-admin").start()
     server = ServerProcess(tmp_path, "task-server", **{
         "db-type": "sqlite3", "db-connect-str": str(tmp_path / "task-server.db"), "admin-key": ADMIN_KEY})
@@ -97,48 +88,30 @@ async def test_a_real_prometheus_scrapes_a_real_server_and_agent(tmp_path, prome
         "server-url": f"ws://127.0.0.1:{server.port}/api/v1", "api-key": ADMIN_KEY, "name": "scraped",
         "executor": "builtin", "publisher": "tsdbgw", "tsdb-url": gw.url + "/", "tsdb-key": "gw-admin",
         "metrics-addr": f"127.0.0.1:{agent_metrics}", "log-level": "1"})
-    prom_port = free_port()
-    config = tmp_path / "prometheus.yml"
-    _prometheus_config(config, {"taskserver": f"127.0.0.1:{server.port}", "taskagent": f"127.0.0.1:{agent_metrics}"})
-    check = subprocess.run(["promtool", "check", "config", str(config)], capture_output=True, text=True)
+    config = _prometheus_config({"taskserver": f"127.0.0.1:{server.port}", "taskagent": f"127.0.0.1:{agent_metrics}"})
+    (tmp_path / "check.yml").write_text(config)
+    check = subprocess.run(["promtool", "check", "config", str(tmp_path / "check.yml")], capture_output=True, text=True)
     assert check.returncode == 0, check.stdout + check.stderr
     prom = None
     try:
         await server.start()
         agent.start()
         await agent.wait_log("connected to")
-        prom = subprocess.Popen(
-            [prometheus_bin, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-             f"--web.listen-address=127.0.0.1:{prom_port}"],
-            stdout=subprocess.DEVNULL, stderr=open(tmp_path / "prometheus.log", "wb"))
-        base = f"http://127.0.0.1:{prom_port}"
-
-        async def query(expr: str) -> list:
-            try:
-                resp = await treq.get(base + "/api/v1/query", params={"query": expr}, timeout=2)
-                body = await resp.json()
-            except Exception:
-                return []
-            return body.get("data", {}).get("result", []) if body.get("status") == "success" else []
-
-        def log() -> str:
-            return (tmp_path / "prometheus.log").read_text(errors="replace")[-3000:]
-
+        prom = Prometheus(tmp_path, config)
         for expr, want in (("taskd_server_agents_connected", "1"), ("taskd_agent_server_connected", "1"),
                            ("taskd_server_running", "1"), ("taskd_agent_running", "1")):
-            result = await value_of(lambda: query(expr), bool, timeout=60,
-                                    what=lambda: f"{expr} in Prometheus:\n{log()}")
+            result = await value_of(lambda: prom.query(expr), bool, timeout=60,
+                                    what=lambda: f"{expr} in Prometheus:\n{prom.log()}")
             assert [r["value"][1] for r in result] == [want], (expr, result)
         # Every target is up, and a label set survives the trip.
-        up = await value_of(lambda: query("up"), lambda r: len(r) == 2 and all(x["value"][1] == "1" for x in r),
-                            timeout=30, what=lambda: f"both targets up:\n{log()}")
+        up = await value_of(lambda: prom.query("up"), lambda r: len(r) == 2 and all(x["value"][1] == "1" for x in r),
+                            timeout=30, what=lambda: f"both targets up:\n{prom.log()}")
         assert {r["metric"]["job"] for r in up} == {"taskserver", "taskagent"}
-        accepted = await query('taskd_server_agents_connections_accepted_total{job="taskserver"}')
+        accepted = await prom.query('taskd_server_agents_connections_accepted_total{job="taskserver"}')
         assert accepted and accepted[0]["value"][1] == "1"
     finally:
         if prom is not None:
-            prom.terminate()
-            prom.wait(timeout=20)
+            prom.stop()
         await agent.stop()
         await server.stop()
         await gw.stop()

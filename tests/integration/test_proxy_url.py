@@ -15,7 +15,7 @@ from taskd.agent.builtin.collector import CollectError
 from taskd.agent.builtin.collectors.http import HttpCollector
 from taskd.agent.builtin.netpolicy import NetPolicy
 from taskd.agent.settings import load_agent_settings
-from tests.integration.test_collectors import TASK, by_name, collect, stop, web  # noqa: F401 (fixture)
+from tests.integration.test_collectors import by_name, collect, web  # noqa: F401 (fixture)
 
 
 class _Relay(Protocol):
