@@ -443,12 +443,14 @@ class FakeStatusStore(_Fake):
         return succeed(self._state.status_rows(task_id, visible_to))
 
     @recorded
-    def failing_counts(self, agent_ids: Sequence[int]) -> "Deferred[dict[int, int]]":
+    def failing_counts(self, agent_ids: Sequence[int]) -> "Deferred[dict[int, tuple[int, int]]]":
+        """(failing, stale); the fake judges no staleness (taskd.db.staleness is tested
+        on the real stores: tests/integration/test_staleness.py)."""
         out = {a: 0 for a in agent_ids}
         for (_, a), row in self._state.statuses.items():
             if a in out and row.outcome == STATUS_ERROR:
                 out[a] += 1
-        return succeed(out)
+        return succeed({a: (n, 0) for a, n in out.items()})
 
     @recorded
     def apply(self, rows: Sequence[TaskStatusRow], removals: Iterable[tuple[int, int]],
@@ -578,6 +580,11 @@ class FakeCatalogStore(_Fake):
 
 
 class FakeRouteStore(_Fake):
+    @recorded
+    def capable(self, org_id: int, metrics: dict[str, int]) -> "Deferred[list[int]]":
+        found = [c for c in self._state.candidates() if can_run(c, org_id, metrics)]
+        return succeed([c.id for c in sorted(found, key=lambda c: (c.org_id != org_id, c.id))])
+
     @recorded
     def snapshot(self, task_id: int) -> "Deferred[tuple[Task | None, set[int]]]":
         task = self._state.tasks.get(task_id)

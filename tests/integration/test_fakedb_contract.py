@@ -227,7 +227,7 @@ async def test_statuses_are_written_for_agents_held_by_the_writer_and_read_back(
     assert (written, refused) == (1, [])  # the other agent is held by server B
     got = await db.status.for_task(task_id, visible_to=1)
     assert [(r.agent_id, r.agent_name, r.outcome, r.error, r.runs) for r in got] == [(a.id, "a1", "error", "boom", 3)]
-    assert await db.status.failing_counts([a.id, other.id]) == {a.id: 1, other.id: 0}
+    assert await db.status.failing_counts([a.id, other.id]) == {a.id: (1, 0), other.id: (0, 0)}
     await db.status.apply([], [(task_id, a.id)], "A")
     assert await db.status.for_task(task_id) == []
 

@@ -24,7 +24,7 @@ from tests.notes_requests import ALL, CURL, NotesRequest
 ZERO = "0001-01-01T00:00:00Z"
 RFC3339_UTC = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,9})?Z$")
 AGENT_KEYS = {"id", "name", "enabled", "enabledChange", "public", "tags",
-              "online", "onlineChange", "created", "updated", "failingTasks"}
+              "online", "onlineChange", "created", "updated", "failingTasks", "staleTasks"}
 TIMEOUT = 10.0  # seconds; a hung server fails the test instead of hanging the run
 
 

@@ -13,6 +13,7 @@ from klein import Klein
 from twisted.logger import Logger
 from twisted.web.iweb import IRequest
 from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
+from werkzeug.routing import BaseConverter
 
 from taskd.db import agents as agent_db, catalog as catalog_db, tasks as task_db
 from taskd.db.availability import DatabaseUnavailable
@@ -83,6 +84,7 @@ class Api:
         self.socket = socket
         self.max_body_size = max_body_size
         self.app = Klein()
+        self.app.url_map.converters["taskid"] = _TaskId
         self._openapi = json.dumps(openapi.document(servers=servers is not None, socket=socket is not None,
                                                     tokens=tokens is not None, metrics=metrics is not None,
                                                     runs=runs is not None),
@@ -212,10 +214,10 @@ class Api:
         r(PREFIX + "/tasks", "GET", "tasks", self.list_tasks)
         r(PREFIX + "/tasks", "POST", "task", self.create_task)
         r(PREFIX + "/tasks", "PUT", "task", self.update_task)
-        r(PREFIX + "/tasks/<task_id>", "GET", "task", self.get_task)
-        r(PREFIX + "/tasks/<task_id>", "DELETE", "task", self.delete_task)
+        r(PREFIX + "/tasks/<taskid:task_id>", "GET", "task", self.get_task)
+        r(PREFIX + "/tasks/<taskid:task_id>", "DELETE", "task", self.delete_task)
         if self.runs is not None:
-            r(PREFIX + "/tasks/<task_id>/run", "POST", "runResults", self.run_task)
+            r(PREFIX + "/tasks/<taskid:task_id>/run", "POST", "runResults", self.run_task)
             r(PREFIX + "/tasks/test", "POST", "runResults", self.test_task)
         r(PREFIX + "/metrics", "GET", "metrics", self.list_metrics)
         if self.servers is not None:
@@ -337,3 +339,10 @@ class Api:
     async def delete_task(self, call: Call, task_id: str) -> None:
         await self.tasks.delete(call.user, parse_id("task", task_id))
         return None
+
+
+class _TaskId(BaseConverter):
+    """A task id segment: anything but `test`, which is `POST /tasks/test` (so that path
+    answers with its own methods only); a non-number is still parse_id's 400."""
+
+    regex = r"(?!test(?:/|$))[^/]+"
