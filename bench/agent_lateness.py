@@ -353,7 +353,7 @@ async def measure(s: Sizes, workdir: Path, cores: Cores) -> Outcome:
         t_start = time.monotonic()
         await agent.start()
         series_prefix = f"raintank.apps.{s.collector}."
-        series_suffix = ".status_code" if s.collector == "http" else ".connect_time"
+        series_suffix = ".success" if s.collector == "http" else ".connect_time"  # http: published by every run
         deadline = t_start + s.interval + s.warmup_timeout
         while True:
             done = sum(1 for n in TsdbSink.series if n.startswith(series_prefix) and n.endswith(series_suffix))
