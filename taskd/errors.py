@@ -24,3 +24,9 @@ class NotFound(StoreError):
 
 class Conflict(StoreError):
     status = 409
+
+
+class TooMany(StoreError):
+    """Too many of something at once (ad-hoc runs of one org); retry later."""
+
+    status = 429

@@ -131,12 +131,12 @@ class _Live:
         families: dict[str, Any] = {}
         for kind, name, value, labels in rows:
             full = metric_name(self.namespace, name)
-            keys = sorted(_label(k) for k in labels)
+            pairs = sorted((_label(k), str(v)) for k, v in labels.items())
             family = families.get(full)
             if family is None:
                 cls = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
-                family = families[full] = cls(full, f"taskd {name}", labels=keys)
-            family.add_metric([str(labels[k]) for k in sorted(labels)], float(value))
+                family = families[full] = cls(full, f"taskd {name}", labels=[k for k, _ in pairs])
+            family.add_metric([v for _, v in pairs], float(value))
         return list(families.values())
 
 

@@ -44,10 +44,11 @@ class Staleness:
     since: datetime       # the last reported run, or the baseline before any
     seconds: float        # how long ago
     window: float
+    interval: int = 0
 
     @property
     def error(self) -> str:
-        return (f"no run reported for {self.seconds:.0f}s (expected every {self.window / INTERVALS:.0f}s;"
+        return (f"no run reported for {self.seconds:.0f}s (expected every {self.interval}s;"
                 f" stale after {self.window:.0f}s): is the agent's executor running?")
 
 
@@ -73,7 +74,7 @@ def judge(task: Task, agent_id: int, online_change: datetime | None, last_run: d
     baseline = max(d for d in (last_run, online_change, task.updated) if d is not None)
     ago = (now - baseline).total_seconds()
     limit = window(task.interval, floor)
-    return Staleness(task.id, agent_id, last_run or baseline, ago, limit) if ago > limit else None
+    return Staleness(task.id, agent_id, last_run or baseline, ago, limit, task.interval) if ago > limit else None
 
 
 def stale_by_agent(conn: Connection, agent_ids: Sequence[int], now: datetime,

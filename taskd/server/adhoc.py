@@ -27,6 +27,8 @@ from taskd.wire.messages import parse_run_result, run_request
 RUN_REQUEST = "task.runRequest"
 RUN_RESULT = "task.runResult"
 MAX_ASKED = 10_000  # requests sent to held agents and not yet answered (bounded)
+MAX_PER_AGENT = 4  # ad-hoc runs one agent is asked at once; more are answered "busy" at once
+MAX_PER_ORG = 20   # ad-hoc run requests of one org in flight on one server (429 beyond)
 
 log = Logger(namespace="taskd.server.adhoc")
 
@@ -35,7 +37,7 @@ log = Logger(namespace="taskd.server.adhoc")
 class _Pending:
     agents: dict[int, str]             # agent id -> name
     results: dict[int, dict] = field(default_factory=dict)
-    done: Deferred = field(default_factory=Deferred)
+    done: Deferred | None = None
     timer: Any = None
 
 
@@ -46,7 +48,8 @@ class AdhocRuns:
         self.clock = clock
         self.instance_id = instance_id
         self._pending: dict[str, _Pending] = {}
-        self._asked: dict[tuple[str, int], str] = {}  # (request, agent) sent here -> origin server
+        # (request, agent) sent here -> (origin server, when it stops mattering)
+        self._asked: dict[tuple[str, int], tuple[str, float]] = {}
         self._unsubscribe = events.subscribe(self._on_event)
 
     def stop(self) -> None:
@@ -60,15 +63,22 @@ class AdhocRuns:
         """Run `task` (as agents are sent it) once on `agents` ((id, name)); fires with
         one result per agent, in agent-name order, after every answer or `timeout` s."""
         pending = _Pending(dict(agents))
+        request_id = uuid.uuid4().hex
+        # The caller hanging up cancels the wait: forget the request, answer nobody.
+        pending.done = Deferred(lambda _: self._forget(request_id))
         if not pending.agents:
             pending.done.callback([])
             return pending.done
-        request_id = uuid.uuid4().hex
         self._pending[request_id] = pending
         pending.timer = self.clock.callLater(timeout, self._finish, request_id, timeout)
         self.events.publish(RUN_REQUEST, {"requestId": request_id, "origin": self.instance_id, "task": task,
-                                          "agentIds": sorted(pending.agents)})
+                                          "agentIds": sorted(pending.agents), "timeout": timeout})
         return pending.done
+
+    def _forget(self, request_id: str) -> None:
+        pending = self._pending.pop(request_id, None)
+        if pending is not None and pending.timer is not None and pending.timer.active():
+            pending.timer.cancel()
 
     def _result(self, payload: dict) -> None:
         pending = self._pending.get(payload.get("requestId"))
@@ -81,7 +91,7 @@ class AdhocRuns:
 
     def _finish(self, request_id: str, timeout: float | None = None) -> None:
         pending = self._pending.pop(request_id, None)
-        if pending is None:
+        if pending is None or pending.done is None or pending.done.called:
             return
         if pending.timer is not None and pending.timer.active():
             pending.timer.cancel()
@@ -105,6 +115,11 @@ class AdhocRuns:
 
     def _ask(self, payload: dict) -> None:
         request_id, origin, task = payload.get("requestId"), payload.get("origin"), payload.get("task")
+        now = self.clock.seconds()
+        timeout = payload.get("timeout")
+        expires = now + (float(timeout) if isinstance(timeout, (int, float)) and 0 < timeout <= 3600 else 60.0)
+        for key in [k for k, (_, until) in self._asked.items() if until < now]:  # their callers gave up
+            del self._asked[key]
         for agent_id in payload.get("agentIds") or ():
             session = self.sessions.get(agent_id)
             if session is None or session.closed:
@@ -114,9 +129,12 @@ class AdhocRuns:
                     "outcome": "unsupported", "error": "this agent does not know runTask (an older agent)",
                     "duration": None, "metrics": []})
                 continue
-            if len(self._asked) >= MAX_ASKED:
-                self._asked.pop(next(iter(self._asked)))
-            self._asked[(request_id, agent_id)] = origin
+            if sum(1 for (_, a) in self._asked if a == agent_id) >= MAX_PER_AGENT or len(self._asked) >= MAX_ASKED:
+                self._answer(origin, request_id, agent_id, {
+                    "outcome": "error", "error": f"this agent already runs {MAX_PER_AGENT} ad-hoc checks; try again",
+                    "duration": None, "metrics": []})
+                continue
+            self._asked[(request_id, agent_id)] = (origin, expires)
             session.send(framing.RUN_TASK, run_request(request_id, task))
 
     def received(self, session: AgentSession, frame: Frame) -> str | None:
@@ -125,9 +143,12 @@ class AdhocRuns:
             result = parse_run_result(frame.json())
         except FrameError as exc:
             return f"sent a bad runResult: {exc}; ignored"
-        origin = self._asked.pop((result.request_id, session.agent.id), None)
-        if origin is None:
-            return "sent a runResult for no request of this server to it; ignored"
+        asked = self._asked.pop((result.request_id, session.agent.id), None)
+        if asked is None:  # late (its caller gave up), or never asked: dropped, not held against the agent
+            log.debug("agent {name} ({id}) answered run request {rid}, which is no longer waited for",
+                      name=session.agent.name, id=session.agent.id, rid=result.request_id)
+            return None
+        origin, _ = asked
         body = result.to_json()
         self._answer(origin, result.request_id, session.agent.id, body)
         return None
@@ -146,6 +167,7 @@ class TaskRuns:
 
     def __init__(self, runs: AdhocRuns, tasks: Any, agents: Any, routes: Any) -> None:
         self.runs = runs
+        self._in_flight: dict[int, int] = {}  # org id -> its ad-hoc requests waiting here
         self.tasks = tasks    # TaskService (org scoping)
         self.agents = agents  # AgentService (visibility)
         self.routes = routes  # RouteStore
@@ -156,9 +178,24 @@ class TaskRuns:
 
         found = await self.tasks.detail(user, task_id)
         named = await self.agents.agents.get_many(found.agents)
-        results = await self.runs.run(task_payload(found.task), [(i, named[i].name) for i in found.agents
-                                                                  if i in named], timeout)
+        results = await self._run(user, task_payload(found.task), [(i, named[i].name) for i in found.agents
+                                                                    if i in named], timeout)
         return {"taskId": task_id, "results": results}
+
+    async def _run(self, user: Any, task: dict, agents: list[tuple[int, str]], timeout: float) -> list[dict]:
+        from taskd.errors import TooMany
+
+        org = user.org_id
+        if self._in_flight.get(org, 0) >= MAX_PER_ORG:
+            raise TooMany(f"this org already has {MAX_PER_ORG} ad-hoc runs waiting on this server; try again"
+                          " when they have answered")
+        self._in_flight[org] = self._in_flight.get(org, 0) + 1
+        try:
+            return await self.runs.run(task, agents, timeout)
+        finally:
+            self._in_flight[org] -= 1
+            if not self._in_flight[org]:
+                del self._in_flight[org]
 
     async def test(self, user: Any, spec: Any, agent_id: int | None, timeout: float) -> dict:
         """Run a task body that is not stored, once, on `agent_id` (visible to the org and
@@ -176,16 +213,16 @@ class TaskRuns:
             chosen = [(agent.id, agent.name)]
         else:
             ids = await self.routes.capable(user.org_id, spec.metrics)
-            if not ids:
+            first = (await self.agents.agents.get_many(ids[:1])).get(ids[0]) if ids else None
+            if first is None:
                 raise Conflict("no online agent of this org (or public one) can run this task's metrics;"
                                " connect one, or name one with ?agentId=")
-            first = (await self.agents.agents.get_many(ids[:1]))[ids[0]]
             chosen = [(first.id, first.name)]
         now = datetime.utcnow()
         task = Task(id=0, org_id=user.org_id, name=spec.name, task_type=spec.task_type, config=spec.config,
                     interval=spec.interval, route=spec.route, metrics=spec.metrics, enabled=True, created=now,
                     updated=now)
-        return {"taskId": None, "results": await self.runs.run(task_payload(task), chosen, timeout)}
+        return {"taskId": None, "results": await self._run(user, task_payload(task), chosen, timeout)}
 
 
 def parse_timeout(value: str | None) -> float:

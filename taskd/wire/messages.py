@@ -153,9 +153,10 @@ def parse_run_result(value: Any) -> RunResult:
         raise FrameError(f"runResult outcome must be one of {', '.join(RUN_OUTCOMES)}")
     error = value.get("error") or ""
     duration = value.get("duration")
-    if not isinstance(error, str) or (duration is not None and (isinstance(duration, bool)
-                                                                or not isinstance(duration, (int, float)))):
-        raise FrameError("runResult error must be a string and duration a number or null")
+    if not isinstance(error, str) or (duration is not None and (
+            isinstance(duration, bool) or not isinstance(duration, (int, float)) or not math.isfinite(duration)
+            or duration < 0)):
+        raise FrameError("runResult error must be a string and duration a finite number >= 0 or null")
     raw = value.get("metrics") or []
     if not isinstance(raw, list) or len(raw) > MAX_RUN_METRICS:
         raise FrameError(f"runResult metrics must be a list of at most {MAX_RUN_METRICS}")

@@ -74,7 +74,7 @@ async def test_agents_that_cannot_or_do_not_answer(tmp_path):
                             "mute": ("timeout", "no answer within 1s")}
         [request] = mute.events("runTask")
         assert request["task"]["id"] == task["id"] and request["requestId"]
-        # A forged answer to nobody's request is a bad frame, not a result.
+        # An answer to nobody's request (forged, or late) is dropped: not a result.
         mute.send("runResult", {"requestId": "f" * 32, "taskId": task["id"], "outcome": "ok"})
         await mute.roundtrip()
         assert (await post(stack, f"{RUNS}/test", {"name": "x", "interval": 60, "route": {"type": "any"}},

@@ -111,8 +111,8 @@ class Pinger:
         sock, _ = self._socket(family)
         seq = next(self._seq) & 0xFFFF
         key = (family, seq, token)
+        sock.sendto(echo_request(family, self.ident, seq, token), (address, 0))  # raises: nothing to forget
         self._waiting[key] = on_reply
-        sock.sendto(echo_request(family, self.ident, seq, token), (address, 0))
         return lambda: self._waiting.pop(key, None)
 
     def _received(self, family: int, raw: bool, data: bytes) -> None:

@@ -41,11 +41,16 @@ DEFAULT_BLOCKED: tuple[tuple[str, str], ...] = (
     ("192.168.0.0/16", "RFC 1918 private"),
     ("169.254.0.0/16", "link-local, cloud metadata"),
     ("100.64.0.0/10", "carrier-grade NAT"),
+    ("198.18.0.0/15", "benchmarking"),
+    ("224.0.0.0/4", "multicast"),
+    ("240.0.0.0/4", "reserved"),
     ("::/128", "unspecified"),
     ("::1/128", "loopback"),
     ("fe80::/10", "link-local"),
     ("fc00::/7", "unique local"),
 )
+
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")  # the well-known NAT64 prefix (RFC 6052)
 
 #: The header the task-server answers an agent's websocket upgrade with (see docs/protocol.md).
 PUBLIC_HEADER = "x-taskd-agent-public"
@@ -103,6 +108,8 @@ class NetPolicy:
         ip = ipaddress.ip_address(address.split("%", 1)[0])
         if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
             ip = ip.ipv4_mapped  # ::ffff:127.0.0.1 is 127.0.0.1
+        elif isinstance(ip, ipaddress.IPv6Address) and ip in _NAT64:
+            ip = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)  # 64:ff9b::10.0.0.1 reaches 10.0.0.1
         for net, why in self.rules:
             if ip.version == net.version and ip in net:
                 return f"{net}, {why}"
@@ -148,7 +155,8 @@ class _Addresses:
             self.found.append(address.host)
 
     def resolutionComplete(self) -> None:
-        self.done.callback(self.found)
+        if not self.done.called:  # a run that timed out cancelled the wait
+            self.done.callback(self.found)
 
 
 async def resolve_host(reactor: Any, host: str, port: int) -> list[str]:

@@ -24,11 +24,20 @@ class TunnelEndpoint:
 
     def connect(self, factory: Any) -> Deferred:
         factory.noisy = False
-        ready: Deferred = Deferred()
+        tunnel: _Tunnel | None = None
+        opened: Deferred | None = None
+
+        def cancel(_: Deferred) -> None:  # the check timed out: drop the proxy connection too
+            if opened is not None and not opened.called:
+                opened.cancel()
+            if tunnel is not None and tunnel.transport is not None:
+                tunnel.transport.abortConnection()
+
+        ready: Deferred = Deferred(cancel)
         where = f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
         tunnel = _Tunnel(where, factory, ready, self.authorization)
         opened = self.proxy.connect(_OneProtocol(tunnel))
-        opened.addErrback(lambda f: ready.called or ready.errback(f))
+        opened.addErrback(lambda f: None if ready.called else ready.errback(f))
         return ready
 
 
@@ -97,8 +106,10 @@ class _Tunnel:
 
 
 class ProxiedEndpoint:
-    """host:port checked as CheckedEndpoint does (resolved here, the rules applied), then
-    reached through the proxy's CONNECT by name (the proxy resolves it again)."""
+    """host:port through the proxy's CONNECT. Where rules apply (blocked-nets active, or an
+    ip_version asked), the host is resolved and checked here and the tunnel asked for the
+    checked *address*, so the proxy cannot resolve it to somewhere else (a DNS rebind);
+    otherwise by name (the ASCII form), as agents that cannot resolve outside names need."""
 
     def __init__(self, policy: NetPolicy, reactor: Any, host: str, port: int, timeout: float, family: str,
                  proxy_url: str) -> None:
@@ -114,12 +125,13 @@ class ProxiedEndpoint:
 
         from twisted.internet.endpoints import HostnameEndpoint
 
+        target = self.host.encode("idna").decode("ascii") if not self.host.isascii() else self.host
         if self.policy.active or self.family != "any":
-            await self.policy.resolve(self.reactor, self.host, self.port, self.family)
+            target = (await self.policy.resolve(self.reactor, self.host, self.port, self.family))[0]
         proxy = urlsplit(self.proxy_url)
         auth = None
         if proxy.username is not None:
             pair = f"{unquote(proxy.username)}:{unquote(proxy.password or '')}".encode("utf-8")
             auth = "Basic " + b64encode(pair).decode("ascii")
         endpoint = HostnameEndpoint(self.reactor, proxy.hostname, proxy.port or 80, timeout=self.timeout)
-        return await TunnelEndpoint(endpoint, self.host, self.port, auth).connect(factory)
+        return await TunnelEndpoint(endpoint, target, self.port, auth).connect(factory)

@@ -26,8 +26,9 @@ _ERRORS = {
     401: "Missing or unknown key",
     403: "The key's org or role may not do this",
     404: "Unknown id, or one this org may not see",
-    409: "Name already used in the org",
+    409: "Name already used in the org (ad-hoc test: no online agent can run it)",
     413: "Body larger than max-body-size",
+    429: "Too many ad-hoc runs of this org waiting; retry when they have answered",
     503: "Database or auth endpoint unavailable; nothing was committed, retry after Retry-After",
 }
 
@@ -360,14 +361,14 @@ def _operations(servers: bool, socket: bool, tokens: bool, metrics: bool = False
             "operationId": "runTask", "summary": "run a stored task once, now, on the agents it is routed to",
             "parameters": [timeout],
             "responses": _responses(_ok("runResults", run_results, "each agent's outcome and measurements"),
-                                    400, 403, 404)}}
+                                    400, 403, 404, 429)}}
         paths["/api/v1/tasks/test"] = {"post": {
             "operationId": "testTask", "summary": "run a task body that is not stored, once, on one agent",
             "parameters": [timeout, _query("agentId", {"type": "integer", "minimum": 1, "maximum": MAX_INT},
                                            "the agent to run it on (default: one capable online agent)")],
             "requestBody": {"required": True, "content": {"application/json": {"schema": _ref("TaskCreate")}}},
             "responses": _responses(_ok("runResults", run_results, "the agent's outcome and measurements"),
-                                    400, 403, 404, 409)}}
+                                    400, 403, 404, 409, 429)}}
     if metrics:
         paths["/metrics"] = {"get": {
             "operationId": "metrics", "security": [],

@@ -100,19 +100,21 @@ class PingCollector(Collector):
             self._pinger = Pinger(self.reactor)
         replies = []
         forget = []
-        for i in range(cfg.count):
-            if i:
-                await deferLater(self.reactor, SPACING, lambda: None)
-            reply: defer.Deferred[float] = defer.Deferred()
-            sent_at = self.reactor.seconds()
-            try:
-                forget.append(self._pinger.send(family, address, os.urandom(16), reply.callback))
-            except NoIcmp as exc:
-                raise CollectError(f"ping {cfg.host}: {exc}") from None
-            outcome["sent"] += 1
-            replies.append(reply.addCallback(lambda arrival, t=sent_at: outcome["rtts"].append(arrival - t))
-                           .addErrback(lambda f: f.trap(defer.CancelledError)))  # the run's timeout
-        try:
+        try:  # whatever ends the run (its timeout included), no waiter outlives it
+            for i in range(cfg.count):
+                if i:
+                    await deferLater(self.reactor, SPACING, lambda: None)
+                reply: defer.Deferred[float] = defer.Deferred()
+                sent_at = self.reactor.seconds()
+                try:
+                    forget.append(self._pinger.send(family, address, os.urandom(16), reply.callback))
+                except NoIcmp as exc:
+                    raise CollectError(f"ping {cfg.host}: {exc}") from None
+                except OSError as exc:
+                    raise CollectError(f"ping {cfg.host}: cannot send to {address}: {exc.strerror or exc}") from None
+                outcome["sent"] += 1
+                replies.append(reply.addCallback(lambda arrival, t=sent_at: outcome["rtts"].append(arrival - t))
+                               .addErrback(lambda f: f.trap(defer.CancelledError)))  # the run's timeout
             await defer.gatherResults(replies, consumeErrors=True)  # all answered, or the run's timeout
         finally:
             for f in forget:
