@@ -141,6 +141,11 @@ class NetPolicy:
         return allowed
 
 
+#: A policy that blocks nothing: for the checked-connection path (an `ip_version` asked)
+#: on an agent with no rules.
+NO_RULES = NetPolicy("none")
+
+
 @implementer(IResolutionReceiver)
 class _Addresses:
     def __init__(self) -> None:

@@ -67,6 +67,40 @@ def regex_list(value: list) -> tuple[re.Pattern, ...]:
 
 
 
+def host_name(value: str) -> str:
+    """A `host` key: a name or an IP address (brackets around an IPv6 one are dropped)."""
+    host = value.strip()
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not host or any(c.isspace() for c in host) or "/" in host:
+        raise ValueError("must be a host name or IP address")
+    return host
+
+
+def server_name(value: str) -> str:
+    """A `server_name` key: the TLS name to send and to check the certificate against."""
+    name = value.strip()
+    if not name or any(c.isspace() for c in name) or "/" in name:
+        raise ValueError("must be a host name")
+    return name
+
+
+def ip_version(value: str) -> str:
+    """An `ip_version` key: any, 4 or 6."""
+    if value not in ("any", "4", "6"):
+        raise ValueError("must be any, 4 or 6")
+    return value
+
+
+def days_until(cert: Any, now: float) -> float:
+    """Days from `now` (Unix seconds) to a cryptography certificate's notAfter."""
+    import datetime
+
+    not_after = getattr(cert, "not_valid_after_utc", None) or \
+        cert.not_valid_after.replace(tzinfo=datetime.timezone.utc)
+    return (not_after.timestamp() - now) / 86400.0
+
+
 #: Every collector's optional ``timeout``; its default depends on the task (see parse_fields).
 TIMEOUT = Field("timeout", "float", check=_positive)
 

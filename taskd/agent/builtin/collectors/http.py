@@ -11,7 +11,6 @@ read from the very connection the request used.
 """
 from __future__ import annotations
 
-import datetime
 from io import BytesIO
 from typing import Any, Mapping
 
@@ -27,15 +26,14 @@ from zope.interface import implementer
 
 import taskd
 from taskd.agent.builtin.collector import CollectError, Collector, ConfigError, Sample, TaskInfo
-from taskd.agent.builtin.collectors.common import catalog, parse_fields, read_body, run, series
+from taskd.agent.builtin.collectors.common import catalog, days_until, parse_fields, read_body, run, series
 from taskd.agent.builtin.collectors.httpconfig import FIELDS, HttpConfig, check_combination
-from taskd.agent.builtin.netpolicy import CheckedEndpointFactory, NetPolicy
+from taskd.agent.builtin.netpolicy import NO_RULES, CheckedEndpointFactory
 from taskd.agent.httpclient import QuietEndpointFactory
 
 BODY_CAP = 10 * 1024 * 1024  # bytes read at most; body_size stops counting there
 METRICS = ("status_code", "total_time", "ttfb", "body_size", "tls_expiry_days", "tls_chain_expiry_days",
            "tls_version", "redirects", "success")
-_NO_RULES = NetPolicy("none")  # for ip_version on an agent that blocks nothing
 
 
 @implementer(IOpenSSLClientConnectionCreator)
@@ -83,8 +81,8 @@ class _TlsPolicy:
         crypto = _peer_certificate(conn) if conn is not None else None
         if crypto is None:
             return None
-        leaf = _days(crypto, now)
-        chain = [_days(c.to_cryptography(), now) for c in (conn.get_peer_cert_chain() or [])]
+        leaf = days_until(crypto, now)
+        chain = [days_until(c.to_cryptography(), now) for c in (conn.get_peer_cert_chain() or [])]
         return leaf, min([leaf, *chain])
 
     def version(self) -> float | None:
@@ -95,11 +93,6 @@ class _TlsPolicy:
             return float(name.removeprefix("TLSv")) if name.startswith("TLSv") else None
         except ValueError:
             return None
-
-
-def _days(cert: Any, now: float) -> float:
-    not_after = getattr(cert, "not_valid_after_utc", None) or cert.not_valid_after.replace(tzinfo=datetime.timezone.utc)
-    return (not_after.timestamp() - now) / 86400.0
 
 
 def _peer_certificate(conn: SSL.Connection) -> Any:
@@ -145,7 +138,7 @@ class HttpCollector(Collector):
         if (net is not None and net.active) or cfg.ip_version != "any" or proxy_url:
             # only addresses it resolved (of the asked IP version) and checked itself;
             # through the agent's proxy when it has one
-            factory: Any = CheckedEndpointFactory(net if net is not None and net.active else _NO_RULES,
+            factory: Any = CheckedEndpointFactory(net if net is not None and net.active else NO_RULES,
                                                   self.reactor, policy, cfg.timeout, cfg.ip_version, proxy_url)
         else:  # as Agent's default, without a "Starting factory" log line per run
             factory = QuietEndpointFactory(self.reactor, policy, cfg.timeout)

@@ -15,7 +15,7 @@ from urllib.parse import urlsplit
 
 import hyperlink
 
-from taskd.agent.builtin.collectors.common import MAX_PATTERNS, Field, regex_list
+from taskd.agent.builtin.collectors.common import MAX_PATTERNS, Field, ip_version, regex_list, server_name
 
 METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 MAX_REDIRECTS = 50
@@ -97,12 +97,6 @@ def _header_matches(value: list) -> tuple[HeaderMatch, ...]:
     return tuple(out)
 
 
-def _ip_version(value: str) -> str:
-    if value not in ("any", "4", "6"):
-        raise ValueError("must be any, 4 or 6")
-    return value
-
-
 def _basic_auth(value: dict[str, str]) -> str:
     if set(value) != {"username", "password"}:
         raise ValueError('must be {"username": ..., "password": ...}')
@@ -115,13 +109,6 @@ def _redirects(value: int) -> int:
     if not 0 <= value <= MAX_REDIRECTS:
         raise ValueError(f"must be 0-{MAX_REDIRECTS}")
     return value
-
-
-def _server_name(value: str) -> str:
-    name = value.strip()
-    if not name or any(c.isspace() for c in name) or "/" in name:
-        raise ValueError("must be a host name")
-    return name
 
 
 FIELDS = (
@@ -137,10 +124,10 @@ FIELDS = (
     Field("fail_if_header_not_matches", "list", default=(), check=_header_matches),
     Field("follow_redirects", "bool", default=False),
     Field("max_redirects", "integer", default=10, check=_redirects),
-    Field("ip_version", "string", default="any", check=_ip_version),
+    Field("ip_version", "string", default="any", check=ip_version),
     Field("basic_auth", "map", default=None, check=_basic_auth),
     Field("bearer_token", "string", default=""),
-    Field("server_name", "string", default="", check=_server_name),
+    Field("server_name", "string", default="", check=server_name),
 )
 
 

@@ -18,22 +18,13 @@ from twisted.internet import defer
 from twisted.internet.task import deferLater
 
 from taskd.agent.builtin.collector import CollectError, Collector, ConfigError, Sample, TaskInfo
-from taskd.agent.builtin.collectors.common import Field, catalog, parse_fields, run, series
+from taskd.agent.builtin.collectors.common import Field, catalog, host_name, ip_version, parse_fields, run, series
 from taskd.agent.builtin.icmp import NoIcmp, Pinger
-from taskd.agent.builtin.netpolicy import NetPolicy
+from taskd.agent.builtin.netpolicy import NO_RULES
 
 METRICS = ("sent", "received", "loss_ratio", "rtt_min", "rtt_avg", "rtt_max", "rtt_stddev", "success")
 SPACING = 0.2  # seconds between two echo requests of one run
 MAX_COUNT = 20
-_NO_RULES = NetPolicy("none")
-
-
-def _host(value: str) -> str:
-    host = value.strip().strip("[]")
-    if not host or any(c.isspace() for c in host) or "/" in host:
-        raise ValueError("must be a host name or IP address")
-    return host
-
 
 def _count(value: int) -> int:
     if not 1 <= value <= MAX_COUNT:
@@ -41,16 +32,10 @@ def _count(value: int) -> int:
     return value
 
 
-def _ip_version(value: str) -> str:
-    if value not in ("any", "4", "6"):
-        raise ValueError("must be any, 4 or 6")
-    return value
-
-
 FIELDS = (
-    Field("host", "string", required=True, check=_host),
+    Field("host", "string", required=True, check=host_name),
     Field("count", "integer", default=3, check=_count),
-    Field("ip_version", "string", default="any", check=_ip_version),
+    Field("ip_version", "string", default="any", check=ip_version),
 )
 
 
@@ -93,7 +78,7 @@ class PingCollector(Collector):
         return self._samples(task, outcome, success=True)
 
     async def _ping(self, cfg: PingConfig, outcome: dict[str, Any]) -> None:
-        net = self.netpolicy if self.netpolicy is not None and self.netpolicy.active else _NO_RULES
+        net = self.netpolicy if self.netpolicy is not None and self.netpolicy.active else NO_RULES
         address = (await net.resolve(self.reactor, cfg.host, 0, cfg.ip_version))[0]
         family = socket.AF_INET6 if ":" in address else socket.AF_INET
         if self._pinger is None:

@@ -12,7 +12,6 @@ is closed.
 """
 from __future__ import annotations
 
-import datetime
 import re
 from dataclasses import dataclass
 from typing import Any, Mapping
@@ -26,21 +25,13 @@ from twisted.internet.ssl import CertificateOptions, optionsForClientTLS
 from zope.interface import implementer
 
 from taskd.agent.builtin.collector import CollectError, Collector, Sample, TaskInfo
-from taskd.agent.builtin.collectors.common import Field, catalog, parse_fields, run, series
+from taskd.agent.builtin.collectors.common import (Field, catalog, days_until, host_name, parse_fields, run, series,
+                                                   server_name)
 from taskd.agent.builtin.netpolicy import CheckedEndpoint
 
 METRICS = ("connect_time", "success", "tls_expiry_days")
 READ_CAP = 64 * 1024
 ANSWER_SHARE = 0.9  # of the timeout, spent waiting for `expect` to match
-
-
-def _host(value: str) -> str:
-    host = value.strip()
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    if not host or any(c.isspace() for c in host) or "/" in host:
-        raise ValueError("must be a host name or IP address")
-    return host
 
 
 def _port(value: int) -> int:
@@ -58,18 +49,12 @@ def _expect(value: str) -> re.Pattern | None:
         raise ValueError(f"is not a valid regular expression: {exc}") from None
 
 
-def _server_name(value: str) -> str:
-    if not value or any(c.isspace() for c in value) or "/" in value:
-        raise ValueError("must be a host name")
-    return value
-
-
 FIELDS = (
-    Field("host", "string", required=True, check=_host),
+    Field("host", "string", required=True, check=host_name),
     Field("port", "integer", required=True, check=_port),
     Field("tls", "bool", default=False),
     Field("insecure", "bool", default=False),
-    Field("server_name", "string", default="", check=_server_name),
+    Field("server_name", "string", default="", check=server_name),
     Field("query", "string", default=""),
     Field("expect", "string", default=None, check=_expect),
 )
@@ -219,7 +204,4 @@ def _expiry_days(transport: Any, now: float) -> float | None:
     cert = get() if get is not None else None
     if cert is None:
         return None
-    crypto = cert.to_cryptography()
-    not_after = getattr(crypto, "not_valid_after_utc", None) or \
-        crypto.not_valid_after.replace(tzinfo=datetime.timezone.utc)
-    return (not_after.timestamp() - now) / 86400.0
+    return days_until(cert.to_cryptography(), now)
