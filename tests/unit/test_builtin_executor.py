@@ -44,7 +44,7 @@ def rig(start: bool = True, **kw: Any) -> Rig:
     statuses: list[TaskStatus] = []
     catalogs: list[list[dict]] = []
     ex = BuiltinExecutor(collectors=cols, publisher=publisher, clock=clock, send_catalog=catalogs.append,
-                         report_status=statuses.append, stats=stats, **kw)
+                         report_status=statuses.append, stats=stats, **{"spread": lambda _id: 0.0, **kw})
     r = Rig(clock, cols, publisher, ex, stats, statuses, catalogs)
     ex.log = Logger(namespace="test", observer=r.events.append)
     if start:
@@ -377,3 +377,23 @@ def test_a_task_event_on_a_large_set_looks_only_at_the_task_that_changed(monkeyp
     r.executor.set_tasks(tasks)
     assert fingerprinted == [1001, 5] and r.collectors["http"].parsed == 1002
     assert r.executor.scheduler.job(5).interval == 30
+
+
+def test_tasks_created_in_the_same_second_start_spread_over_it_and_are_stamped_with_it():
+    r = rig(spread=None)  # the executor's own spread
+    r.executor.set_tasks({i: task(i) for i in range(1, 21)})
+    r.clock.advance(17)
+    assert r.collectors["http"].calls == []  # none at the very start of the second
+    for _ in range(100):
+        r.clock.advance(0.01)
+    starts = [at for _, _, at in r.collectors["http"].calls]
+    assert len(starts) == 20 and all(FIRST < at < FIRST + 1 for at in starts)
+    assert len({round(at, 2) for at in starts}) == 20  # twenty different instants
+    # each tenth of the second holds two of the twenty, not a burst in one of them
+    assert sorted({int((at - FIRST) * 10) for at in starts}) == list(range(10))
+    assert {p.time for p in r.publisher.points} == {FIRST}
+    r.clock.advance(59)  # and at the same instants every interval
+    for _ in range(100):
+        r.clock.advance(0.01)
+    again = [at - 60 for _, _, at in r.collectors["http"].calls[20:]]
+    assert len(again) == 20 and all(abs(a - b) < 0.02 for a, b in zip(again, starts))  # (one 0.01 s step)

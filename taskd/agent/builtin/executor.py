@@ -30,7 +30,7 @@ import json
 import math
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from twisted.application.service import Service
 from twisted.internet.defer import CancelledError, Deferred
@@ -73,9 +73,14 @@ def _value(sample: Any) -> float:
     return value
 
 
-def _phase(task: Mapping[str, Any], task_id: int) -> int:
-    """``created`` as whole Unix seconds; the task id when it is missing or unparsable,
-    which still spreads such tasks over the interval."""
+def _phase(task: Mapping[str, Any], task_id: int, spread: Callable[[int], float]) -> float:
+    """``created`` as whole Unix seconds, plus a fixed fraction of a second from the task
+    id (`spread`, by default `_spread`); the task id when ``created`` is missing or unparsable, which still
+    spreads such tasks over the interval.
+
+    The fraction matters when many tasks are created in one second (a script, an import):
+    without it they all fire in the same instant every interval, and a burst of a thousand
+    runs started together is late by the time it takes to start them all."""
     value = task.get("created")
     if isinstance(value, str):
         try:
@@ -84,8 +89,14 @@ def _phase(task: Mapping[str, Any], task_id: int) -> int:
             return task_id
         if dt.tzinfo is None:
             dt = dt.replace(tzinfo=timezone.utc)
-        return math.floor(dt.timestamp())
+        return math.floor(dt.timestamp()) + spread(task_id)
     return task_id
+
+
+def _spread(task_id: int) -> float:
+    """A fraction of a second in [0, 1) from the id: consecutive ids land far apart (the
+    golden-ratio sequence), so tasks created together spread evenly over their second."""
+    return (task_id * 0.6180339887498949) % 1.0
 
 
 def _error_text(exc: BaseException) -> str:
@@ -132,8 +143,11 @@ class BuiltinExecutor(Service):
 
     def __init__(self, *, collectors: Mapping[str, Collector], publisher: Publisher, clock: IReactorTime,
                  send_catalog: SendCatalog, report_status: ReportStatus, stats: Any = NULL_STATS,
-                 stop_timeout: float = 5.0) -> None:
+                 stop_timeout: float = 5.0, spread: Callable[[int], float] | None = None) -> None:
+        """`spread`: a task id's fraction of a second within its `created` second
+        (default `_spread`; the unit tests pass none, to run on whole seconds)."""
         self.collectors = dict(collectors)
+        self.spread = _spread if spread is None else spread
         self.publisher = publisher
         self.clock = clock
         self.send_catalog = send_catalog
@@ -230,11 +244,11 @@ class BuiltinExecutor(Service):
         first = not state.scheduled
         state.type, state.collector, state.cfg, state.info = type_name, collector, cfg, info
         state.scheduled = True
-        phase = _phase(task, task_id)
+        phase = _phase(task, task_id, self.spread)
         moved = self.scheduler.set(task_id, info.interval, phase, lambda slot: self._run(state, slot))
         self.log.info("{task} {verb}: {type} every {interval}s at offset {offset}s", task=state.label,
                       verb="scheduled" if first else ("rescheduled" if moved else "updated"),
-                      type=type_name, interval=info.interval, offset=phase % info.interval)
+                      type=type_name, interval=info.interval, offset=math.floor(phase % info.interval))
         if first:
             state.logged_error = ""
             self._report(state, replace(state.status, outcome=PENDING, error=""))

@@ -18,6 +18,7 @@ from __future__ import annotations
 import ipaddress
 from typing import Any
 
+from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IResolutionReceiver
 from twisted.web.iweb import IAgentEndpointFactory
@@ -124,15 +125,16 @@ class NetPolicy:
         """The addresses of `host` this agent may connect to, in resolver order (`family`
         "4" or "6": of that IP version only); a BlockedAddress naming the rule when every
         one is blocked."""
-        try:
-            ipaddress.ip_address(host.split("%", 1)[0])
+        if isIPAddress(host) or isIPv6Address(host):
             addresses = [host]
-        except ValueError:
+        else:
             addresses = await resolve_host(reactor, host, port)
         if family in ("4", "6"):
             addresses = [a for a in addresses if (":" in a) == (family == "6")]
             if not addresses:
                 raise BlockedAddress(f"{host} has no IPv{family} address (ip_version {family})")
+        if not self.rules:  # (NO_RULES: every check of an agent without blocked-nets)
+            return addresses
         allowed = [a for a in addresses if self.blocked_by(a) is None]
         if not allowed:
             first = addresses[0]

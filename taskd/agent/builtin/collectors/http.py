@@ -18,7 +18,7 @@ from OpenSSL import SSL
 from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 from twisted.internet.ssl import CertificateOptions, optionsForClientTLS
-from twisted.web.client import Agent, FileBodyProducer, RedirectAgent, ResponseFailed
+from twisted.web.client import Agent, FileBodyProducer, HTTPConnectionPool, RedirectAgent, ResponseFailed
 from twisted.web.error import InfiniteRedirection, RedirectWithNoLocation
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IPolicyForHTTPS
@@ -111,6 +111,7 @@ class HttpCollector(Collector):
     namespace = "/raintank/apps/http"
     catalog = catalog(name, METRICS, FIELDS)
     body_cap = BODY_CAP
+    _pool: HTTPConnectionPool | None = None
 
     def parse_config(self, config: Mapping[str, Any], task: TaskInfo) -> HttpConfig:
         values = parse_fields(self.namespace, config, FIELDS, task)
@@ -140,7 +141,9 @@ class HttpCollector(Collector):
         proxy_url = getattr(self.settings, "proxy_url", "") or ""
         factory = CheckedEndpointFactory(net if net is not None and net.active else NO_RULES,
                                          self.reactor, policy, cfg.timeout, cfg.ip_version, proxy_url)
-        agent = Agent.usingEndpointFactory(self.reactor, factory)
+        if self._pool is None:  # one pool for every run; not persistent: a connection per check
+            self._pool = HTTPConnectionPool(self.reactor, persistent=False)
+        agent = Agent.usingEndpointFactory(self.reactor, factory, pool=self._pool)
         return RedirectAgent(agent, redirectLimit=cfg.max_redirects) if cfg.follow_redirects else agent
 
     async def _request(self, cfg: HttpConfig, task: TaskInfo) -> list[Sample]:
