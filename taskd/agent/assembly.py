@@ -129,7 +129,8 @@ class Agent:
                  names=", ".join(sorted(collectors)) or "(none)",
                  where=settings.graphite_addr if settings.publisher == "graphite" else settings.tsdb_url)
         return BuiltinExecutor(collectors=collectors, publisher=self.publisher, clock=reactor,
-                               send_catalog=self.send_catalog, report_status=self.status.report, stats=self.stats)
+                               send_catalog=self.send_catalog, report_status=self.status.report, stats=self.stats,
+                               max_run_lateness=settings.max_run_lateness)
 
     def _apply(self, tasks: dict[int, dict]) -> None:
         self.driver.set_tasks(tasks)

@@ -67,6 +67,11 @@ AGENT_OPTIONS: tuple[Option, ...] = (
            "Timeout of one tsdb-gw request."),
     Option("graphite-addr", parse_host_port, "localhost:2003",
            "HOST:PORT of the carbon plaintext receiver (publisher = graphite)."),
+    Option("max-run-lateness", parse_duration, "1s",
+           "builtin executor: a run whose timer fires later than this (the agent is out of CPU)"
+           " is skipped, not started, and counted in its task's skipped; no task is skipped more"
+           " than twice in a row. Keeps an overloaded agent connected and publishing, with"
+           " timings of its target, not of its backlog. 0 turns this off."),
     Option("state-dir", str, "",
            "Directory where the agent saves its last task list (tasks.json, mode 0600) so that,"
            " restarted while no server answers, it resumes those tasks until the first taskList;"
@@ -115,6 +120,7 @@ class AgentSettings:
     graphite_addr: str = "localhost:2003"
     ns1_api_url: str = "https://api.nsone.net/"
     state_dir: str = ""
+    max_run_lateness: float = 1.0
     blocked_nets: str = "auto"
     proxy_url: str = ""
     config_path: str | None = None

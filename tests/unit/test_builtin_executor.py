@@ -397,3 +397,19 @@ def test_tasks_created_in_the_same_second_start_spread_over_it_and_are_stamped_w
         r.clock.advance(0.01)
     again = [at - 60 for _, _, at in r.collectors["http"].calls[20:]]
     assert len(again) == 20 and all(abs(a - b) < 0.02 for a, b in zip(again, starts))  # (one 0.01 s step)
+
+
+def test_an_agent_behind_skips_late_runs_with_one_warning_and_says_when_it_caught_up():
+    r = rig(max_run_lateness=1.0)
+    r.executor.set_tasks({i: task(i) for i in (1, 2, 3)})
+    r.clock.advance(17)  # on time: all three run
+    assert [r.status(i).runs for i in (1, 2, 3)] == [1, 1, 1]
+    r.clock.advance(62)  # the next slots fire 2 s late: none starts
+    assert [(r.status(i).runs, r.status(i).skipped) for i in (1, 2, 3)] == [(1, 1)] * 3
+    behind = [line for line in r.lines() if "out of CPU" in line]
+    assert len(behind) == 1 and "more than 1s late" in behind[0] and "max-run-lateness" in behind[0]
+    assert sum(n for kind, name, n, _ in r.stats.calls if name == "builtin.skipped") == 3
+    r.clock.advance(58)  # on time again
+    assert [(r.status(i).runs, r.status(i).skipped) for i in (1, 2, 3)] == [(2, 1)] * 3
+    assert "caught up: runs start on time again; 3 run(s) were skipped while behind" in r.lines()
+    assert not any("previous run still going" in line or "passed while" in line for line in r.lines())

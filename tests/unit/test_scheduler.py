@@ -8,7 +8,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.logger import Logger
 
-from taskd.agent.builtin.scheduler import LATE, RUNNING, Scheduler
+from taskd.agent.builtin.scheduler import LATE, OVERLOADED, RUNNING, SHED_STREAK, Scheduler
 
 
 class Recorder:
@@ -291,3 +291,43 @@ def test_a_failing_hook_does_not_stop_the_job():
 def test_interval_must_be_positive(interval):
     with pytest.raises(ValueError):
         Scheduler(Clock()).set("j", interval, 0, lambda slot: None)
+
+
+def test_a_fire_later_than_shed_lateness_is_skipped_as_overloaded_and_on_time_ones_run():
+    clock = Clock()
+    skips = []
+    sched = Scheduler(clock, on_skip=lambda key, n, why: skips.append((key, n, why)), shed_lateness=1.0)
+    rec = Recorder(clock)
+    sched.set("j", 10, 0, rec)
+    clock.advance(0)      # on time
+    clock.advance(10.5)   # half a second late: within the bound, runs
+    clock.advance(11)     # slot 20 fired at 21.5: 1.5 s late, shed
+    assert rec.slots == [0, 10]
+    assert skips == [("j", 1, OVERLOADED)] and sched.job("j").shed == sched.shed == 1
+    assert sched.job("j").runs == sched.runs == 2
+    advance_to(clock, 30)  # the next slot, on time: runs
+    assert rec.slots == [0, 10, 30]
+
+
+def test_shedding_never_skips_a_job_more_than_twice_in_a_row():
+    clock = Clock()
+    skips = []
+    sched = Scheduler(clock, on_skip=lambda key, n, why: skips.append(why), shed_lateness=1.0)
+    rec = Recorder(clock)
+    sched.set("j", 10, 0, rec)
+    clock.advance(0)
+    clock.advance(5)
+    for _ in range(7):  # fires at 15, 25, ... each 5 s late: shed, shed, run, shed, shed, run, shed
+        clock.advance(10)
+    assert skips == [OVERLOADED] * 5 and SHED_STREAK == 2
+    assert rec.runs == [(0, 0), (30, 35), (60, 65)]
+
+
+def test_without_shed_lateness_a_late_fire_runs():
+    clock = Clock()
+    sched = Scheduler(clock)
+    rec = Recorder(clock)
+    sched.set("j", 10, 0, rec)
+    clock.advance(0)
+    clock.advance(15)  # 5 s late
+    assert rec.runs == [(0, 0), (10, 15)] and sched.shed == 0

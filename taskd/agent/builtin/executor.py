@@ -39,7 +39,7 @@ from twisted.logger import Logger
 
 from taskd.agent.builtin.collector import CollectError, Collector, ConfigError, Point, TaskInfo
 from taskd.agent.builtin.publisher import Publisher
-from taskd.agent.builtin.scheduler import RUNNING, Scheduler
+from taskd.agent.builtin.scheduler import OVERLOADED, RUNNING, Scheduler
 from taskd.agent.contract import ERROR, OK, PENDING, ReportStatus, SendCatalog, TaskStatus, desired_tasks
 from taskd.stats import NULL_STATS
 
@@ -143,9 +143,12 @@ class BuiltinExecutor(Service):
 
     def __init__(self, *, collectors: Mapping[str, Collector], publisher: Publisher, clock: IReactorTime,
                  send_catalog: SendCatalog, report_status: ReportStatus, stats: Any = NULL_STATS,
-                 stop_timeout: float = 5.0, spread: Callable[[int], float] | None = None) -> None:
+                 stop_timeout: float = 5.0, spread: Callable[[int], float] | None = None,
+                 max_run_lateness: float = 0.0) -> None:
         """`spread`: a task id's fraction of a second within its `created` second
-        (default `_spread`; the unit tests pass none, to run on whole seconds)."""
+        (default `_spread`; the unit tests pass none, to run on whole seconds).
+        `max_run_lateness`: a run whose timer fires later than this many seconds is
+        skipped, not started (the scheduler's shedding); 0: never."""
         self.collectors = dict(collectors)
         self.spread = _spread if spread is None else spread
         self.publisher = publisher
@@ -154,7 +157,10 @@ class BuiltinExecutor(Service):
         self.report_status = report_status
         self.stats = stats
         self.stop_timeout = stop_timeout
-        self.scheduler = Scheduler(clock, on_skip=self._skipped, on_lateness=self._late)
+        self.max_run_lateness = max_run_lateness
+        self.scheduler = Scheduler(clock, on_skip=self._skipped, on_lateness=self._late,
+                                   shed_lateness=max_run_lateness or None)
+        self._shedding = 0  # runs shed since the agent fell behind (0: it is not behind)
         self._desired: dict[int, dict] = {}
         self._tasks: dict[int, _Task] = {}
         self._epoch = 0  # bumped when a stop stops waiting: runs from before are ignored
@@ -382,7 +388,13 @@ class BuiltinExecutor(Service):
             return
         self.stats.incr("builtin.skipped", n, tags={"collector": state.type})
         state.last_fire_ran = False
-        if not state.skip_logged:
+        if why == OVERLOADED:  # one line for the agent, not one per task
+            if not self._shedding:
+                self.log.warn("runs are starting more than {max:g}s late: this agent is out of CPU; such runs are"
+                              " skipped (counted in each task's skipped) until it catches up (max-run-lateness)",
+                              max=self.max_run_lateness)
+            self._shedding += n
+        elif not state.skip_logged:
             state.skip_logged = True
             if why == RUNNING:
                 self.log.warn("{task}: previous run still going at the next slot; run skipped",
@@ -394,6 +406,10 @@ class BuiltinExecutor(Service):
 
     def _late(self, task_id: Any, lateness: float) -> None:
         self.stats.timing("builtin.lateness", lateness * 1000.0)
+        if self._shedding and lateness < self.max_run_lateness / 2:
+            self.log.info("caught up: runs start on time again; {n} run(s) were skipped while behind",
+                          n=self._shedding)
+            self._shedding = 0
 
     def _report(self, state: _Task, status: TaskStatus) -> None:
         if status == state.status and state.reported:

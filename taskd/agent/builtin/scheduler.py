@@ -18,6 +18,13 @@ skips rather than drift, bursts or piles of concurrent runs:
   moment: the new grid's first fire is its first slot at or after now *and* strictly
   after the last slot that already ran. `set` with the same grid keeps the current timer
   (only the function is replaced), so re-sending an unchanged task does not move it.
+* **Shedding** (with `shed_lateness`): a fire that comes more than that many seconds
+  after its slot is not started but skipped (reason ``overloaded``). Such lateness means
+  the process is out of CPU; starting more work then only makes every run time out, the
+  connection to the server and the publisher starve, and the process stop answering.
+  Skipping keeps the work to what the CPU can do, and the runs that do start measure
+  their target rather than the backlog. No job is shed more than `SHED_STREAK` times in a
+  row, so under any load every task still runs at least every third interval.
 * **Removal** cancels the timer; a run in progress finishes on its own, its result and
   errors are ignored and nothing is rescheduled for it.
 
@@ -39,10 +46,12 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-__all__ = ["Scheduler", "Job", "RUNNING", "LATE"]
+__all__ = ["Scheduler", "Job", "RUNNING", "LATE", "OVERLOADED"]
 
-RUNNING = "running"  # on_skip reason: the previous run was still going
-LATE = "late"        # on_skip reason: the slot passed while the timer was overdue
+RUNNING = "running"        # on_skip reason: the previous run was still going
+LATE = "late"              # on_skip reason: the slot passed while the timer was overdue
+OVERLOADED = "overloaded"  # on_skip reason: the fire came later than `shed_lateness`
+SHED_STREAK = 2  # a job shed this many times in a row runs at its next fire, however late
 
 RunFn = Callable[[float], Any]
 OnSkip = Callable[[Hashable, int, str], None]
@@ -65,6 +74,8 @@ class Job:
         self.runs = 0
         self.skipped = 0
         self.missed = 0
+        self.shed = 0
+        self._shed_streak = 0  # fires shed in a row
         self.last_slot: float | None = None
         self.running = False
         self._k = 0  # index of the slot the timer is set for
@@ -120,20 +131,23 @@ class Scheduler:
 
     ``fn`` is called with the slot time (a float, Unix seconds on a real reactor) so the
     caller can stamp its results with the intended time rather than the late one.
-    Totals over all jobs: ``runs``, ``skipped``, ``missed``; ``lateness`` holds the
+    Totals over all jobs: ``runs``, ``skipped``, ``missed``, ``shed``; ``lateness`` holds the
     lateness in seconds of the most recent fires.
     """
 
     log = Logger(namespace="taskd.agent.scheduler")
 
     def __init__(self, clock: IReactorTime, *, on_skip: OnSkip | None = None,
-                 on_lateness: OnLateness | None = None, keep_lateness: int = 1024) -> None:
+                 on_lateness: OnLateness | None = None, keep_lateness: int = 1024,
+                 shed_lateness: float | None = None) -> None:
         self.clock = clock
+        self.shed_lateness = shed_lateness
         self.on_skip = on_skip
         self.on_lateness = on_lateness
         self.runs = 0
         self.skipped = 0
         self.missed = 0
+        self.shed = 0
         self.lateness: deque[float] = deque(maxlen=keep_lateness)
         self._jobs: dict[Hashable, Job] = {}
         self._inflight: set[Deferred] = set()
@@ -227,6 +241,14 @@ class Scheduler:
             return
         if not job._active:  # a hook removed it
             return
+        if self.shed_lateness is not None and now - slot > self.shed_lateness and job._shed_streak < SHED_STREAK:
+            job._shed_streak += 1
+            job.shed += 1
+            self.shed += 1
+            if self.on_skip is not None:
+                self._hook(self.on_skip, job.key, 1, OVERLOADED)
+            return
+        job._shed_streak = 0
         job.last_slot = slot
         job.runs += 1
         self.runs += 1
