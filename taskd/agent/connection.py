@@ -19,6 +19,7 @@ from typing import Any, Callable
 from urllib.parse import urlsplit
 
 import idna
+from autobahn.exception import Disconnected
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
 from OpenSSL import SSL
 from service_identity import CertificateError, VerificationError
@@ -129,6 +130,7 @@ class ServerConnection(Service):
         self._wait: Deferred | None = None
         self._last_state = ""
         self._last_seen = 0.0
+        self._last_check = 0.0
         self._watchdog: RepeatingTimer | None = None
         self.attempts = 0
 
@@ -157,7 +159,10 @@ class ServerConnection(Service):
         """Send an event now if connected; False (nothing sent) otherwise."""
         if not self.connected or self.protocol is None:
             return False
-        self.protocol.sendMessage(framing.encode_json(event, value), isBinary=True)
+        try:
+            self.protocol.sendMessage(framing.encode_json(event, value), isBinary=True)
+        except Disconnected:  # dropped (a missed heartbeat), its connectionLost not run yet
+            return False
         return True
 
     # -- the loop ----------------------------------------------------------------------
@@ -278,7 +283,7 @@ class ServerConnection(Service):
     # -- dead connection detection -----------------------------------------------------
 
     def _start_watchdog(self) -> None:
-        self._last_seen = self.reactor.seconds()
+        self._last_seen = self._last_check = self.reactor.seconds()
         self._stop_watchdog()  # never two: a watchdog per open connection
         self._watchdog = RepeatingTimer(self.reactor, self.heartbeat_interval, self._check_heartbeat,
                                         what="heartbeat watchdog", log=self.log)
@@ -289,8 +294,15 @@ class ServerConnection(Service):
             self._watchdog.stopService()
 
     def _check_heartbeat(self) -> None:
-        silent = self.reactor.seconds() - self._last_seen
-        if silent > 3 * self.heartbeat_interval and self.protocol is not None:
+        # A check that comes late (this process was out of CPU) says nothing of the
+        # server: the heartbeats may sit unread in the socket. The silence allowed grows by
+        # how late the check is, so an overloaded agent does not drop a live connection
+        # (and pay a whole taskList again to reconnect).
+        now = self.reactor.seconds()
+        late = max(0.0, now - self._last_check - self.heartbeat_interval)
+        self._last_check = now
+        silent = now - self._last_seen
+        if silent > 3 * self.heartbeat_interval + late and self.protocol is not None:
             self.log.warn("no heartbeat from the server for {s:.1f}s; dropping the connection", s=silent)
             self._stop_watchdog()
             self.protocol.dropConnection(abort=True)

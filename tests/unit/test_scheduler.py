@@ -309,7 +309,7 @@ def test_a_fire_later_than_shed_lateness_is_skipped_as_overloaded_and_on_time_on
     assert rec.slots == [0, 10, 30]
 
 
-def test_shedding_never_skips_a_job_more_than_twice_in_a_row():
+def test_shedding_never_skips_a_job_more_than_shed_streak_times_in_a_row():
     clock = Clock()
     skips = []
     sched = Scheduler(clock, on_skip=lambda key, n, why: skips.append(why), shed_lateness=1.0)
@@ -317,10 +317,12 @@ def test_shedding_never_skips_a_job_more_than_twice_in_a_row():
     sched.set("j", 10, 0, rec)
     clock.advance(0)
     clock.advance(5)
-    for _ in range(7):  # fires at 15, 25, ... each 5 s late: shed, shed, run, shed, shed, run, shed
+    fires = 2 * (SHED_STREAK + 1)
+    for _ in range(fires):  # fires at 15, 25, ... each 5 s late: SHED_STREAK shed, then one runs
         clock.advance(10)
-    assert skips == [OVERLOADED] * 5 and SHED_STREAK == 2
-    assert rec.runs == [(0, 0), (30, 35), (60, 65)]
+    assert skips == [OVERLOADED] * (2 * SHED_STREAK)
+    every = 10 * (SHED_STREAK + 1)
+    assert rec.runs == [(0, 0), (every, every + 5), (2 * every, 2 * every + 5)]
 
 
 def test_without_shed_lateness_a_late_fire_runs():
