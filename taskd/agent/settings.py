@@ -70,7 +70,7 @@ AGENT_OPTIONS: tuple[Option, ...] = (
     Option("max-run-lateness", parse_duration, "1s",
            "builtin executor: a run whose timer fires later than this (the agent is out of CPU)"
            " is skipped, not started, and counted in its task's skipped; no task is skipped more"
-           " than four times in a row. Keeps an overloaded agent connected and publishing, with"
+           " than nine times in a row. Keeps an overloaded agent connected and publishing, with"
            " timings of its target, not of its backlog. 0 turns this off."),
     Option("state-dir", str, "",
            "Directory where the agent saves its last task list (tasks.json, mode 0600) so that,"

@@ -24,7 +24,7 @@ skips rather than drift, bursts or piles of concurrent runs:
   connection to the server and the publisher starve, and the process stop answering.
   Skipping keeps the work to what the CPU can do, and the runs that do start measure
   their target rather than the backlog. No job is shed more than `SHED_STREAK` times in a
-  row, so under any load every task still runs at least every fifth interval.
+  row, so under any load every task still runs at least every tenth interval.
 * **Removal** cancels the timer; a run in progress finishes on its own, its result and
   errors are ignored and nothing is rescheduled for it.
 
@@ -51,7 +51,7 @@ __all__ = ["Scheduler", "Job", "RUNNING", "LATE", "OVERLOADED"]
 RUNNING = "running"        # on_skip reason: the previous run was still going
 LATE = "late"              # on_skip reason: the slot passed while the timer was overdue
 OVERLOADED = "overloaded"  # on_skip reason: the fire came later than `shed_lateness`
-SHED_STREAK = 4  # a job shed this many times in a row runs at its next fire, however late
+SHED_STREAK = 9  # a job shed this many times in a row runs at its next fire, however late
 
 RunFn = Callable[[float], Any]
 OnSkip = Callable[[Hashable, int, str], None]
