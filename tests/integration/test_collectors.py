@@ -72,8 +72,9 @@ async def stop(*ports: Any) -> None:
 
 class Web(Resource):
     """/ok 1234 bytes, /fail 500, /big 5000 bytes, /slow never answers, /trickle answers half;
-    /redirect -> /ok, /loop -> /loop, /echo the method and body back (with an X-Served-By
-    header), /auth 200 only with basic auth u:p or bearer t0k."""
+    /redirect -> /ok, /loop -> /loop, /to?code=C&url=U a C redirect to U (no Location
+    without url), /echo the method and body back (with an X-Served-By header), /auth 200
+    only with basic auth u:p or bearer t0k."""
 
     isLeaf = True
 
@@ -95,6 +96,11 @@ class Web(Resource):
             request.setResponseCode(302)
             request.setHeader(b"location", b"/ok" if path == "/redirect" else b"/loop")
             return b""
+        if path == "/to":
+            request.setResponseCode(int(request.args[b"code"][0]))
+            if b"url" in request.args:
+                request.setHeader(b"location", request.args[b"url"][0])
+            return b"moved " * 100
         if path == "/echo":
             request.setHeader(b"x-served-by", b"taskd-test")
             return request.method + b" " + request.content.read()

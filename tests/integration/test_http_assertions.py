@@ -52,6 +52,48 @@ async def test_header_regexes(web):
     assert allowed["success"].value == 1
 
 
+def to(code: int, url: str | None = None) -> str:
+    from urllib.parse import urlencode
+
+    return "/to?" + urlencode({"code": code, **({"url": url} if url is not None else {})})
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_post_answered_302_goes_on_as_a_get_and_307_keeps_the_method_and_body(web):
+    for code, want in [(301, b"GET "), (302, b"GET "), (303, b"GET "), (307, b"POST hello"), (308, b"POST hello")]:
+        got = by_name(await collect(http(), {"url": web.http + to(code, "/echo"), "method": "POST", "body": "hello",
+                                             "follow_redirects": True, "fail_if_body_not_matches": [f"^{want.decode()}$"]}))
+        assert (got["status_code"].value, got["redirects"].value, got["success"].value) == (200, 1, 1), code
+        assert [m for m, _, _ in web.seen[-2:]] == [b"POST", want.split()[0]]
+
+
+@pytest_twisted.ensureDeferred
+async def test_credentials_follow_a_redirect_only_within_their_origin(web):
+    same = by_name(await collect(http(), {"url": web.http + to(302, "/auth"), "basic_auth": {"username": "u",
+                                          "password": "p"}, "follow_redirects": True}))
+    assert same["success"].value == 1
+    elsewhere = await failed({"url": web.http + to(302, web.https + "/auth"), "insecure": True,
+                              "basic_auth": {"username": "u", "password": "p"}, "follow_redirects": True})
+    assert "status 401" in str(elsewhere)
+    assert web.seen[-1][2].getRawHeaders(b"authorization") is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_tls_figures_are_the_final_hops(web):
+    to_plain = by_name(await collect(http(), {"url": web.https + to(302, web.http + "/ok"), "insecure": True,
+                                              "follow_redirects": True}))
+    assert to_plain["success"].value == 1 and "tls_version" not in to_plain and "tls_expiry_days" not in to_plain
+    to_tls = by_name(await collect(http(), {"url": web.http + to(302, web.https + "/ok"), "insecure": True,
+                                            "follow_redirects": True}))
+    assert to_tls["success"].value == 1 and to_tls["tls_expiry_days"].value > 29
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_redirect_without_location_is_a_failed_run_saying_so(web):
+    bad = await failed({"url": web.http + to(302), "follow_redirects": True})
+    assert str(bad) == f"GET {web.http}{to(302)}: a 302 redirect without a Location header"
+
+
 @pytest_twisted.ensureDeferred
 async def test_redirects_are_followed_only_when_asked_and_counted(web):
     plain = await failed({"url": web.http + "/redirect"})  # a 302 is not 2xx

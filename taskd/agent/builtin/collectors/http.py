@@ -5,7 +5,7 @@ and the `fail_if_*` assertions (blackbox_exporter's http prober's keys) say othe
 failed assertion is a failed run whose error names the assertion and what was seen, and
 its measurements (the status, times, `success` 0) are still published: every run has a
 `success` of 1 or 0. Redirects are followed only with `follow_redirects` (each hop
-through the same address checks, counted in `redirects`). For https the days until the
+through the same address checks, counted in `redirects`; see `_follow`). For https the days until the
 leaf certificate and the earliest one of the chain expire, and the TLS version, are
 read from the very connection the request used.
 """
@@ -13,13 +13,14 @@ from __future__ import annotations
 
 from io import BytesIO
 from typing import Any, Mapping
+from urllib.parse import quote, urljoin, urlsplit
 
 from OpenSSL import SSL
 from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 from twisted.internet.ssl import CertificateOptions, optionsForClientTLS
-from twisted.web.client import Agent, FileBodyProducer, HTTPConnectionPool, RedirectAgent, ResponseFailed
-from twisted.web.error import InfiniteRedirection, RedirectWithNoLocation
+from twisted.internet.defer import CancelledError
+from twisted.web.client import Agent, FileBodyProducer, HTTPConnectionPool
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
@@ -143,35 +144,17 @@ class HttpCollector(Collector):
                                          self.reactor, policy, cfg.timeout, cfg.ip_version, proxy_url)
         if self._pool is None:  # one pool for every run; not persistent: a connection per check
             self._pool = HTTPConnectionPool(self.reactor, persistent=False)
-        agent = Agent.usingEndpointFactory(self.reactor, factory, pool=self._pool)
-        return RedirectAgent(agent, redirectLimit=cfg.max_redirects) if cfg.follow_redirects else agent
+        return Agent.usingEndpointFactory(self.reactor, factory, pool=self._pool)
 
     async def _request(self, cfg: HttpConfig, task: TaskInfo) -> list[Sample]:
-        policy = _TlsPolicy(cfg.insecure, cfg.server_name)
-        agent = self._agent(cfg, policy)
         headers = Headers({b"User-Agent": [f"taskd/{taskd.__version__}".encode()]})
         for key, value in cfg.headers.items():
             headers.setRawHeaders(key, [value])
         if cfg.authorization():
             headers.setRawHeaders(b"Authorization", [cfg.authorization().encode("utf-8")])
-        body = FileBodyProducer(BytesIO(cfg.body.encode("utf-8"))) if cfg.body else None
         start = self.reactor.seconds()
-        try:
-            response = await agent.request(cfg.method.encode("ascii"), cfg.url.encode("ascii"), headers, body)
-        except (ResponseFailed, InfiniteRedirection, RedirectWithNoLocation) as exc:
-            reasons = [f.value for f in getattr(exc, "reasons", ())] or [exc]
-            if any(isinstance(r, InfiniteRedirection) for r in reasons):
-                why = f"more than {cfg.max_redirects} redirects (max_redirects)"
-            elif any(isinstance(r, RedirectWithNoLocation) for r in reasons):
-                why = "a redirect without a Location header"
-            else:
-                raise
-            raise CollectError(f"{cfg.method} {cfg.url}: {why}", [self._sample(task, "success", 0)]) from None
+        response, policy, redirects = await self._follow(cfg, task, headers)
         ttfb = self.reactor.seconds() - start
-        redirects, previous = 0, getattr(response, "previousResponse", None)
-        while previous is not None:
-            redirects += 1
-            previous = getattr(previous, "previousResponse", None)
         expiry = policy.expiry(self.reactor.seconds())
         tls_version = policy.version()
         size, content = await read_body(response, self.body_cap, keep=cfg.reads_body)
@@ -189,6 +172,61 @@ class HttpCollector(Collector):
         if failed:
             raise CollectError(f"{cfg.method} {cfg.url}: {failed}", [*samples, self._sample(task, "success", 0)])
         return [*samples, self._sample(task, "success", 1)]
+
+    async def _follow(self, cfg: HttpConfig, task: TaskInfo, headers: Headers) -> tuple[Any, _TlsPolicy, int]:
+        """The final response, the TLS policy of the connection it came on, and the
+        redirects followed. Redirects are followed here rather than by twisted's
+        RedirectAgent: each hop's body is read and dropped (its socket closes instead of
+        lingering), the TLS figures are the final hop's (as blackbox_exporter reports
+        them), and a POST answered 301/302/303 goes on as a GET without a body, as
+        browsers and Go's client do (307/308 keep the method and body)."""
+        method, url, body, redirects = cfg.method, cfg.url, cfg.body, 0
+        while True:
+            policy = _TlsPolicy(cfg.insecure, cfg.server_name)
+            producer = FileBodyProducer(BytesIO(body.encode("utf-8"))) if body else None
+            response = await self._agent(cfg, policy).request(method.encode("ascii"), _ascii(url), headers, producer)
+            if not cfg.follow_redirects or response.code not in REDIRECT_CODES:
+                return response, policy, redirects
+            location = response.headers.getRawHeaders(b"location")
+            try:
+                await read_body(response, REDIRECT_BODY_CAP, keep=False)
+            except CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - a broken redirect body does not stop the hop
+                pass
+            if not location:
+                raise CollectError(f"{cfg.method} {cfg.url}: a {response.code} redirect without a Location header",
+                                   [self._sample(task, "success", 0)])
+            if redirects >= cfg.max_redirects:
+                raise CollectError(f"{cfg.method} {cfg.url}: more than {cfg.max_redirects} redirects (max_redirects)",
+                                   [self._sample(task, "success", 0)])
+            redirects += 1
+            target = urljoin(url, location[0].decode("latin-1"))
+            if _origin(target) != _origin(url):  # credentials stay with the origin they were given for
+                for name in SENSITIVE_HEADERS:
+                    headers.removeHeader(name)
+            if response.code in (301, 302, 303) and method not in ("GET", "HEAD"):
+                method, body = "GET", ""
+            url = target
+
+
+REDIRECT_CODES = frozenset((301, 302, 303, 307, 308))
+REDIRECT_BODY_CAP = 64 * 1024  # a redirect's body is read (and dropped) up to this, then its socket closed
+SENSITIVE_HEADERS = (b"authorization", b"cookie", b"cookie2", b"proxy-authorization", b"www-authenticate")
+
+
+def _origin(url: str) -> tuple[str, str, int | None]:
+    parts = urlsplit(url)
+    return parts.scheme.lower(), (parts.hostname or "").lower(), parts.port
+
+
+def _ascii(url: str) -> bytes:
+    """The URL as twisted's Agent takes it: bytes, non-ASCII (a redirect's Location may
+    hold UTF-8) percent-encoded."""
+    try:
+        return url.encode("ascii")
+    except UnicodeEncodeError:
+        return quote(url, safe=":/?#[]@!$&'()*+,;=%~").encode("ascii")
 
 
 def _assertion(cfg: HttpConfig, response: Any, content: bytes) -> str | None:
