@@ -22,7 +22,7 @@ from twisted.web.client import ResponseDone
 from twisted.web.http import PotentialDataLoss
 from twisted.web.iweb import IResponse
 
-from taskd.agent.builtin.collector import CollectError, ConfigError, TaskInfo
+from taskd.agent.builtin.collector import CollectError, ConfigError, Sample, TaskInfo
 from taskd.agent.builtin.netpolicy import BlockedAddress
 
 T = TypeVar("T")
@@ -267,8 +267,12 @@ def describe(exc: BaseException, timeout: float) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-async def run(reactor: Any, timeout: float, what: str, work: Coroutine[Any, Any, T]) -> T:
+async def run(reactor: Any, timeout: float, what: str, work: Coroutine[Any, Any, T],
+              success: str | None = None) -> T:
     """Await ``work`` for at most ``timeout`` s of ``reactor``; failures become CollectError.
+
+    ``success``: the run's ``success`` series; a failure that carries no samples of its
+    own (no answer at all) gets that series at 0, so every run publishes a ``success``.
 
     At the deadline ``work`` is cancelled (which drops its connection) and the message is
     ``"<what>: timeout after <n>s"`` whatever the cancelled operation raised (twisted.web
@@ -287,11 +291,19 @@ async def run(reactor: Any, timeout: float, what: str, work: Coroutine[Any, Any,
     try:
         return await d
     except Exception as exc:  # noqa: BLE001 - every failure is reported as the run's error
-        if expired:
-            raise CollectError(f"{what}: timeout after {seconds_text(timeout)}") from None
-        if isinstance(exc, (CollectError, defer.CancelledError)):
+        if isinstance(exc, defer.CancelledError) and not expired:
             raise
-        raise CollectError(f"{what}: {describe(exc, timeout)}") from None
+        if expired:
+            failure = CollectError(f"{what}: timeout after {seconds_text(timeout)}")
+        elif isinstance(exc, CollectError):
+            failure = exc
+        else:
+            failure = CollectError(f"{what}: {describe(exc, timeout)}")
+        if success is not None and not failure.samples:
+            failure.samples = [Sample(success, 0.0)]
+        if failure is exc:
+            raise
+        raise failure from None
     finally:
         if timer.active():
             timer.cancel()

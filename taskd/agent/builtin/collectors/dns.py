@@ -159,12 +159,8 @@ class DnsCollector(Collector):
         host, port = config.server
         where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         what = f"{config.type} {config.name} @{where}/{config.protocol}"
-        try:
-            return await run(self.reactor, config.timeout, what, self._query(config, task, what))
-        except CollectError as exc:
-            if not exc.samples:
-                exc.samples = [Sample(series(self.name, task, "success"), 0.0)]
-            raise
+        return await run(self.reactor, config.timeout, what, self._query(config, task, what),
+                         success=series(self.name, task, "success"))
 
     async def _query(self, cfg: DnsConfig, task: TaskInfo, what: str) -> list[Sample]:
         host, port = cfg.server

@@ -122,13 +122,8 @@ class HttpCollector(Collector):
         return HttpConfig(**values)
 
     async def collect(self, config: HttpConfig, task: TaskInfo) -> list[Sample]:
-        try:
-            return await run(self.reactor, config.timeout, f"{config.method} {config.url}",
-                             self._request(config, task))
-        except CollectError as exc:
-            if not exc.samples:  # no response at all: still a run, and it failed
-                exc.samples = [self._sample(task, "success", 0)]
-            raise
+        return await run(self.reactor, config.timeout, f"{config.method} {config.url}", self._request(config, task),
+                         success=series(self.name, task, "success"))
 
     def _sample(self, task: TaskInfo, metric: str, value: float, unit: str = "") -> Sample:
         return Sample(series(self.name, task, metric), float(value), unit)

@@ -140,13 +140,8 @@ class TcpCollector(Collector):
 
     async def collect(self, config: TcpConfig, task: TaskInfo) -> list[Sample]:
         where = f"[{config.host}]" if ":" in config.host else config.host
-        try:
-            return await run(self.reactor, config.timeout, f"connect to {where}:{config.port}",
-                             self._connect(config, task))
-        except CollectError as exc:
-            if not exc.samples:
-                exc.samples = [Sample(series(self.name, task, "success"), 0.0)]
-            raise
+        return await run(self.reactor, config.timeout, f"connect to {where}:{config.port}", self._connect(config, task),
+                         success=series(self.name, task, "success"))
 
     def _endpoint(self, cfg: TcpConfig) -> Any:
         net = self.netpolicy
