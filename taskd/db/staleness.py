@@ -23,7 +23,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from taskd.db import models as m
-from taskd.db.taskstatus import TaskStatusRow
+from taskd.db.taskstatus import TaskStatusRow, _chunks
 from taskd.db.tasks import Task
 from taskd.outcomes import STATUS_ERROR, STATUS_STALE
 
@@ -55,10 +55,13 @@ class Staleness:
 def _agents(conn: Connection, agent_ids: Sequence[int]) -> dict[int, datetime | None]:
     """Online agents that report statuses -> when they came online."""
     a, s = m.agent.c, m.task_status.c
-    reporting = sa.select(s.agent_id).where(s.agent_id.in_(list(agent_ids))).distinct()
-    rows = conn.execute(sa.select(a.id, a.online_change).where(
-        a.id.in_(list(agent_ids)), a.online.is_(True), a.id.in_(reporting)))
-    return {r.id: r.online_change for r in rows}
+    out: dict[int, datetime | None] = {}
+    for chunk in _chunks(sorted(set(agent_ids))):  # (bounded IN lists: sqlite's variable limit)
+        reporting = sa.select(s.agent_id).where(s.agent_id.in_(chunk)).distinct()
+        rows = conn.execute(sa.select(a.id, a.online_change).where(
+            a.id.in_(chunk), a.online.is_(True), a.id.in_(reporting)))
+        out.update((r.id, r.online_change) for r in rows)
+    return out
 
 
 def _last_runs(conn: Connection, agent_ids: Sequence[int]) -> dict[tuple[int, int], datetime | None]:
@@ -102,8 +105,10 @@ def stale_for_task(conn: Connection, task: Task, routed: Sequence[int], now: dat
         return {}
     online = _agents(conn, routed)
     s = m.task_status.c
-    runs = {r.agent_id: r.last_run for r in conn.execute(
-        sa.select(s.agent_id, s.last_run).where(s.task_id == task.id, s.agent_id.in_(list(online))))} if online else {}
+    runs = {}
+    for chunk in _chunks(sorted(online)):
+        runs.update((r.agent_id, r.last_run) for r in conn.execute(
+            sa.select(s.agent_id, s.last_run).where(s.task_id == task.id, s.agent_id.in_(chunk))))
     out = {}
     for agent_id, came_online in online.items():
         verdict = judge(task, agent_id, came_online, runs.get(agent_id), now, floor)
@@ -124,7 +129,9 @@ def with_staleness(conn: Connection, task: Task, routed: Sequence[int], statuses
     reported = {row.agent_id for row in statuses}
     missing = [agent_id for agent_id in stale if agent_id not in reported]
     if missing:
-        names = dict(conn.execute(sa.select(m.agent.c.id, m.agent.c.name).where(m.agent.c.id.in_(missing))).all())
+        names = {}
+        for chunk in _chunks(missing):
+            names.update(conn.execute(sa.select(m.agent.c.id, m.agent.c.name).where(m.agent.c.id.in_(chunk))).all())
         out += [TaskStatusRow(task_id=task.id, agent_id=agent_id, executor="", outcome=STATUS_STALE,
                               error=stale[agent_id].error, agent_name=names.get(agent_id, ""))
                 for agent_id in missing]
@@ -135,7 +142,16 @@ def with_staleness(conn: Connection, task: Task, routed: Sequence[int], statuses
 def counts(conn: Connection, agent_ids: Sequence[int], now: datetime,
            floor: float = MIN_WINDOW) -> dict[int, tuple[int, int]]:
     """agent id -> (failing, stale): tasks whose last report there is an error, and tasks
-    stale there that are not already counted as failing."""
+    stale there that are not already counted as failing. Read CHUNK agents at a time: the
+    stale gauge asks for every agent a server holds (tens of thousands), and one IN list
+    that long passes sqlite's variable limit and MariaDB's packet size."""
+    out: dict[int, tuple[int, int]] = {}
+    for chunk in _chunks(sorted(set(agent_ids))):
+        out.update(_counts(conn, chunk, now, floor))
+    return out
+
+
+def _counts(conn: Connection, agent_ids: Sequence[int], now: datetime, floor: float) -> dict[int, tuple[int, int]]:
     from taskd.db.taskstatus import failing_counts
 
     failing = failing_counts(conn, agent_ids)

@@ -98,3 +98,43 @@ async def test_an_agent_that_never_reports_statuses_is_not_judged(api):
     assert await task_status(api, task_id) == []
     assert await agent_counts(api, agent["id"]) == (0, 0)
     await client.disconnect()
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_counts_for_tens_of_thousands_of_held_agents_are_read_in_bounded_statements(api):
+    """The stale gauge asks for every agent a server holds: one IN list of every id
+    passes sqlite's variable limit (32,766 by default) and MariaDB's packet size at some
+    fleet size; chunks of CHUNK ids never do."""
+    import threading
+
+    from taskd.db.staleness import counts
+    from taskd.db.taskstatus import CHUNK
+
+    client, agent_id = await online(api, "among-many")
+    task_id = await task_for(api, client, agent_id, "t1")
+    client.send(framing.TASK_STATUS, [status(task_id, lastRun=time.time())])
+    await until_api(lambda: task_status(api, task_id), lambda s: s and s[0]["outcome"] == "ok", "the first status")
+    age(api, agent_id, [task_id], 200)
+    many = list(range(10**6, 10**6 + 20_000)) + [agent_id]  # (ids of no agent, and the real one)
+    sizes: list[int] = []
+    mine: list[int] = []
+
+    def record(conn, cursor, statement, parameters, context, executemany):
+        if threading.get_ident() in mine:  # (the server's own loops share the engine)
+            sizes.append(len(parameters) if isinstance(parameters, (tuple, list, dict)) else 0)
+
+    def counted(conn, ids, now):
+        mine.append(threading.get_ident())
+        try:
+            return counts(conn, ids, now)
+        finally:
+            mine.clear()
+
+    sa.event.listen(api.server.engine, "before_cursor_execute", record)
+    try:
+        got = await api.server.pool.do(counted, many, utcnow())
+    finally:
+        sa.event.remove(api.server.engine, "before_cursor_execute", record)
+    assert len(got) == len(many) and got[agent_id] == (1, 1) and got[10**6] == (0, 0)
+    assert sizes and max(sizes) <= 2 * CHUNK + 2, max(sizes)
+    await client.disconnect()
