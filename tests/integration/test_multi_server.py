@@ -174,3 +174,41 @@ async def test_the_newest_session_wins_across_servers(tmp_path, mysql_dbs, excha
         for server in (a, b):
             await server.stop()
     assert "Traceback" not in a.log() + b.log(), a.log() + b.log()
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_ad_hoc_run_asked_of_one_server_is_answered_by_the_agent_on_the_other(tmp_path, mysql_dbs, exchange):
+    """POST /tasks/<id>/run on A for an agent held by B: the request crosses RabbitMQ to
+    B, B sends runTask to its agent, the agent's runResult crosses back, A answers it."""
+    dsn = mysql_dbs.dsn(mysql_dbs.create("adhoc"))
+    common = {"db-type": "mysql", "db-connect-str": dsn, "admin-key": ADMIN_KEY, "exchange": exchange,
+              "rabbitmq-queue-expiry": "20s", "rabbitmq-url": "amqp://guest:guest@127.0.0.1:5672/"}
+    a = ServerProcess(tmp_path, "A", **common)
+    b = ServerProcess(tmp_path, "B", **common)
+    await a.start()
+    await b.start()
+    agent = None
+    try:
+        agent = connect_agent(b.base, "on-b", ADMIN_KEY, features="runTask")
+        await agent.opened
+        await agent.next("taskList")
+        [listed] = await call(a, "GET", "/api/v1/agents")
+        task = await call(a, "POST", "/api/v1/tasks", {"name": "now", "metrics": {}, "interval": 3600, "enabled": True,
+                                                       "route": {"type": "byIds", "config": {"ids": [listed["id"]]}}})
+        asked = treq.post(a.base + f"/api/v1/tasks/{task['id']}/run", headers=HEADERS, params={"timeout": "20"})
+        request = await agent.next("runTask", timeout=20)
+        assert request["task"]["id"] == task["id"]
+        agent.send("runResult", {"requestId": request["requestId"], "taskId": task["id"], "outcome": "ok",
+                                 "duration": 0.25, "metrics": [{"name": "x.up", "value": 1, "unit": ""}]})
+        resp = await asked
+        body = await resp.json()
+        assert resp.code == 200, body
+        [result] = body["body"]["results"]
+        assert (result["agentId"], result["outcome"], result["duration"]) == (listed["id"], "ok", 0.25)
+        assert [(m["name"], m["value"]) for m in result["metrics"]] == [("x.up", 1)]
+        assert a.log().count("Traceback") == b.log().count("Traceback") == 0
+    finally:
+        if agent is not None:
+            await agent.disconnect()
+        await a.stop()
+        await b.stop()
