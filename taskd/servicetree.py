@@ -14,7 +14,7 @@ from twisted.logger import Logger
 
 
 class OrderedMultiService(MultiService):
-    log = Logger(namespace="taskd.servicetree")
+    log = Logger()
 
     @inlineCallbacks
     def stopService(self) -> Deferred:

@@ -169,7 +169,7 @@ class StatsClient(Service):
 
     name = "stats"
     enabled = True
-    log = Logger(namespace="taskd.stats")
+    log = Logger()
 
     def __init__(self, addr: str, *, flavour: str = "standard", prefix: str = "",
                  reactor: Any = None, clock: Any = None, flush_interval: float = 0.25,
@@ -346,7 +346,7 @@ class GaugeReporter(Service):
     ``running 1`` each time and ``running 0`` when stopped."""
 
     name = "stats-gauges"
-    log = Logger(namespace="taskd.stats")
+    log = Logger()
 
     def __init__(self, stats: Any, clock: Any, collect: Callable[[], Any],
                  interval: float = 10.0) -> None:

@@ -105,7 +105,7 @@ def backoff(attempt: int, cap: float, rng: random.Random) -> float:
 
 
 class ServerConnection(Service):
-    log = Logger(namespace="taskd.agent.connection")
+    log = Logger()
     name = "connection"
 
     def __init__(self, *, url: str, api_key: str, reactor: Any, on_frame: Callable[[Frame], None],

@@ -29,7 +29,7 @@ Send = Callable[[str, Any], bool]
 
 
 class StatusReporter(Service):
-    log = Logger(namespace="taskd.agent.statusreporter")
+    log = Logger()
 
     def __init__(self, *, send: Send, clock: IReactorTime, interval: float = 10.0,
                  max_batch: int = 1000, urgent_delay: float = 1.0, stats: Any = NULL_STATS) -> None:

@@ -28,7 +28,7 @@ def _task(value: Any) -> dict:
 
 
 class TaskCache:
-    log = Logger(namespace="taskd.agent.tasks")
+    log = Logger()
 
     def __init__(self, apply: Callable[[Mapping[int, dict]], None], *, stats: Any = NULL_STATS,
                  state: Any = None, run_once: Callable[[str, dict], None] | None = None) -> None:

@@ -72,7 +72,7 @@ class AgentView:
     """One per server: read numbering, the shared task dicts, and `apply`."""
 
     # The push log lines have always been the dispatcher's.
-    log = Logger(namespace="taskd.server.dispatch")
+    log = Logger()
 
     def __init__(self) -> None:
         self._payloads: dict[int, dict] = {}  # task id -> the task JSON sessions share (see share)

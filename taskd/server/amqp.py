@@ -106,7 +106,7 @@ class _Protocol(TwistedProtocolConnection):
 class AmqpTransport(Service):
     """Publishes events to, and consumes them from, the RabbitMQ exchange `exchange`."""
 
-    log = Logger(namespace="taskd.server.amqp")
+    log = Logger()
     name = "amqp"
 
     def __init__(self, *, url: str, exchange: str, instance_id: str,

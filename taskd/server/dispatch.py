@@ -46,7 +46,7 @@ REMOTE_JITTER = 2.1  # the original's extra random delay for offline events from
 
 
 class Dispatcher(Service):
-    log = Logger(namespace="taskd.server.dispatch")
+    log = Logger()
     name = "dispatch"
 
     def __init__(self, *, sessions: dict[int, AgentSession], db: Database, events: EventBus, clock: Any,

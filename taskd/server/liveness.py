@@ -54,7 +54,7 @@ REAPED_REASON = "server lost its registration in the database; reconnect"
 class Liveness(Service):
     """Registers this run, beats, reaps; `instance` is this run's row once registered."""
 
-    log = Logger(namespace="taskd.server.liveness")
+    log = Logger()
     name = "liveness"
 
     def __init__(self, *, db: Database, events: EventBus, sessions: SessionManager, name: str, addr: str,

@@ -44,7 +44,7 @@ SLICE = 1000  # sessions handled per reactor turn (heartbeats) or per read (task
 
 
 class SessionManager(Service):
-    log = Logger(namespace="taskd.server.sessions")
+    log = Logger()
     name = "sessions"
 
     def __init__(self, *, db: Database, events: EventBus, listener: SessionListener,

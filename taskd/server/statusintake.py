@@ -140,7 +140,7 @@ class StatusService(Service):
     """Buffers the latest status per (task, agent) and writes the buffer every
     `flush_interval` seconds (and once more when stopped)."""
 
-    log = Logger(namespace="taskd.server.statusintake")
+    log = Logger()
     name = "task-status"
 
     def __init__(self, store: StatusStore, *, clock: Any, flush_interval: float = 2.0,

@@ -139,7 +139,7 @@ class BuiltinExecutor(Service):
     """
 
     name = "builtin"
-    log = Logger(namespace="taskd.agent.builtin")
+    log = Logger()
 
     def __init__(self, *, collectors: Mapping[str, Collector], publisher: Publisher, clock: IReactorTime,
                  send_catalog: SendCatalog, report_status: ReportStatus, stats: Any = NULL_STATS,

@@ -135,7 +135,7 @@ class Scheduler:
     lateness in seconds of the most recent fires.
     """
 
-    log = Logger(namespace="taskd.agent.scheduler")
+    log = Logger()
 
     def __init__(self, clock: IReactorTime, *, on_skip: OnSkip | None = None,
                  on_lateness: OnLateness | None = None, keep_lateness: int = 1024,

@@ -66,7 +66,7 @@ class SnapDriver(Service):
     """
 
     name = "snap"
-    log = Logger(namespace="taskd.agent.snap")
+    log = Logger()
 
     def __init__(self, *, snap_url: str, agent_name: str, tsdb_url: str, api_key: str,
                  clock: IReactorTime, send_catalog: Callable[[list[dict]], None],

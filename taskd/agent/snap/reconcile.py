@@ -55,7 +55,7 @@ class SnapReconciler:
     ``on_unrunnable(task_id, why)`` a desired task Snap cannot run.
     """
 
-    log = Logger(namespace="taskd.agent.snap")
+    log = Logger()
 
     def __init__(self, *, client: SnapClient, problem: Callable[[Any, str], None],
                  solved: Callable[[Any], None], on_listing: Callable[[list], None],
