@@ -169,7 +169,7 @@ def collapse_markdown(why: str, b: dict, s: Sizes, machine: dict) -> str:
             f"Python {machine['python']}.\n\n"
             f"**taskd did not keep up with {s.tasks:,} http tasks every {s.interval} s "
             f"({s.tasks / s.interval:,.0f} checks/s) on one core**: {why}. Targets (lateness p99 <= 1 s, 0 skipped, "
-            f"CPU per check <= 1.5x blackbox_exporter's) **missed**; see agent-vs-blackbox-300.md for a rate it holds.\n\n"
+            f"CPU per check <= 1.5x blackbox_exporter's) **missed** (a smaller `--tasks` shows the rate it holds).\n\n"
             f"| blackbox_exporter at the same rate | measured |\n|---|---|\n"
             f"| probes per s (asked) | {num(b['probes_per_s'])} ({num(b['rate'])}) |\n"
             f"| probe failures / errors | {b['failed']} / {b['errors']} |\n"
