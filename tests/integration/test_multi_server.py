@@ -21,6 +21,29 @@ async def call(server: ServerProcess, method: str, path: str, body=None):
     return data["body"]
 
 
+async def two_servers(tmp_path, mysql_dbs, exchange, db: str, **extra: str) -> tuple[ServerProcess, ServerProcess]:
+    """A and B started on one new MariaDB database and the local RabbitMQ (the test's own exchange)."""
+    common = {"db-type": "mysql", "db-connect-str": mysql_dbs.dsn(mysql_dbs.create(db)), "admin-key": ADMIN_KEY,
+              "exchange": exchange, "rabbitmq-queue-expiry": "20s",
+              "rabbitmq-url": "amqp://guest:guest@127.0.0.1:5672/", **extra}
+    a = ServerProcess(tmp_path, "A", **common)
+    b = ServerProcess(tmp_path, "B", **common)
+    await a.start()
+    await b.start()
+    return a, b
+
+
+async def stop_all(servers, clients) -> None:
+    """Drop the light agents' sockets, stop the servers; neither left a traceback."""
+    for client in clients:
+        if not client.closed.called and client.protocol is not None:
+            client.protocol.dropConnection(abort=True)
+    for server in servers:
+        await server.stop()
+    logs = "".join(server.log() for server in servers)
+    assert "Traceback" not in logs, logs
+
+
 def close_amqp_connection_of(instance: str) -> None:
     """Cut one server's broker connection from the broker side."""
     out = subprocess.run(["rabbitmqctl", "-q", "list_connections", "pid", "client_properties"],
@@ -35,13 +58,7 @@ def close_amqp_connection_of(instance: str) -> None:
 
 @pytest_twisted.ensureDeferred
 async def test_two_servers_behave_as_one(tmp_path, mysql_dbs, exchange):
-    dsn = mysql_dbs.dsn(mysql_dbs.create("multi"))
-    common = {"db-type": "mysql", "db-connect-str": dsn, "admin-key": ADMIN_KEY, "exchange": exchange, "rabbitmq-queue-expiry": "20s",
-              "rabbitmq-url": "amqp://guest:guest@127.0.0.1:5672/", "relocate-delay": "0.2s"}
-    a = ServerProcess(tmp_path, "A", **common)
-    b = ServerProcess(tmp_path, "B", **common)
-    await a.start()
-    await b.start()
+    a, b = await two_servers(tmp_path, mysql_dbs, exchange, "multi", **{"relocate-delay": "0.2s"})
     agents = []
     try:
         # An agent on B gets the taskAdd for a task created through A.
@@ -81,12 +98,7 @@ async def test_two_servers_behave_as_one(tmp_path, mysql_dbs, exchange):
         got = await call(a, "GET", f"/api/v1/tasks/{any_task['id']}")
         assert got["agents"] == [(await call(a, "GET", "/api/v1/agents?name=a1"))[0]["id"]]
     finally:
-        for client in agents:
-            if not client.closed.called and client.protocol is not None:
-                client.protocol.dropConnection(abort=True)
-        for server in (a, b):
-            await server.stop()
-    assert "Traceback" not in a.log() + b.log(), a.log() + b.log()
+        await stop_all((a, b), agents)
 
 
 async def eventually(read, check, timeout: float = 5.0):
@@ -99,13 +111,7 @@ async def eventually(read, check, timeout: float = 5.0):
 async def test_agent_reads_on_one_server_follow_changes_made_through_another(tmp_path, mysql_dbs, exchange):
     """A caches agents it was asked about; what B changes (the API, the agent's
     connection, deletion) reaches A's GET through B's agent.* events."""
-    dsn = mysql_dbs.dsn(mysql_dbs.create("cache"))
-    common = {"db-type": "mysql", "db-connect-str": dsn, "admin-key": ADMIN_KEY, "exchange": exchange, "rabbitmq-queue-expiry": "20s",
-              "rabbitmq-url": "amqp://guest:guest@127.0.0.1:5672/"}
-    a = ServerProcess(tmp_path, "A", **common)
-    b = ServerProcess(tmp_path, "B", **common)
-    await a.start()
-    await b.start()
+    a, b = await two_servers(tmp_path, mysql_dbs, exchange, "cache")
     client = None
     try:
         agent = await call(b, "POST", "/api/v1/agents", {"name": "roamer", "tags": ["one"]})
@@ -133,24 +139,14 @@ async def test_agent_reads_on_one_server_follow_changes_made_through_another(tmp
         await call(b, "DELETE", path)
         await eventually(on_a, lambda v: v == 404)
     finally:
-        if client is not None and not client.closed.called and client.protocol is not None:
-            client.protocol.dropConnection(abort=True)
-        for server in (a, b):
-            await server.stop()
-    assert "Traceback" not in a.log() + b.log(), a.log() + b.log()
+        await stop_all((a, b), [client] if client is not None else [])
 
 
 @pytest_twisted.ensureDeferred
 async def test_the_newest_session_wins_across_servers(tmp_path, mysql_dbs, exchange):
     """An agent whose socket to A died unseen connects to B: A closes its stale socket,
     saying why, and no longer writes for it; the agent stays online through B."""
-    dsn = mysql_dbs.dsn(mysql_dbs.create("newest"))
-    common = {"db-type": "mysql", "db-connect-str": dsn, "admin-key": ADMIN_KEY, "exchange": exchange,
-              "rabbitmq-queue-expiry": "20s", "rabbitmq-url": "amqp://guest:guest@127.0.0.1:5672/"}
-    a = ServerProcess(tmp_path, "A", **common)
-    b = ServerProcess(tmp_path, "B", **common)
-    await a.start()
-    await b.start()
+    a, b = await two_servers(tmp_path, mysql_dbs, exchange, "newest")
     clients = []
     try:
         on_a = connect_agent(a.base, "roamer", ADMIN_KEY)
@@ -168,25 +164,14 @@ async def test_the_newest_session_wins_across_servers(tmp_path, mysql_dbs, excha
         assert roamer["online"] is True
         assert not on_b.closed.called
     finally:
-        for client in clients:
-            if not client.closed.called and client.protocol is not None:
-                client.protocol.dropConnection(abort=True)
-        for server in (a, b):
-            await server.stop()
-    assert "Traceback" not in a.log() + b.log(), a.log() + b.log()
+        await stop_all((a, b), clients)
 
 
 @pytest_twisted.ensureDeferred
 async def test_an_ad_hoc_run_asked_of_one_server_is_answered_by_the_agent_on_the_other(tmp_path, mysql_dbs, exchange):
     """POST /tasks/<id>/run on A for an agent held by B: the request crosses RabbitMQ to
     B, B sends runTask to its agent, the agent's runResult crosses back, A answers it."""
-    dsn = mysql_dbs.dsn(mysql_dbs.create("adhoc"))
-    common = {"db-type": "mysql", "db-connect-str": dsn, "admin-key": ADMIN_KEY, "exchange": exchange,
-              "rabbitmq-queue-expiry": "20s", "rabbitmq-url": "amqp://guest:guest@127.0.0.1:5672/"}
-    a = ServerProcess(tmp_path, "A", **common)
-    b = ServerProcess(tmp_path, "B", **common)
-    await a.start()
-    await b.start()
+    a, b = await two_servers(tmp_path, mysql_dbs, exchange, "adhoc")
     agent = None
     try:
         agent = connect_agent(b.base, "on-b", ADMIN_KEY, features="runTask")
@@ -206,9 +191,5 @@ async def test_an_ad_hoc_run_asked_of_one_server_is_answered_by_the_agent_on_the
         [result] = body["body"]["results"]
         assert (result["agentId"], result["outcome"], result["duration"]) == (listed["id"], "ok", 0.25)
         assert [(m["name"], m["value"]) for m in result["metrics"]] == [("x.up", 1)]
-        assert a.log().count("Traceback") == b.log().count("Traceback") == 0
     finally:
-        if agent is not None:
-            await agent.disconnect()
-        await a.stop()
-        await b.stop()
+        await stop_all((a, b), [agent] if agent is not None else [])
