@@ -42,8 +42,11 @@ class Availability:
         self.reason = ""
         self.outages = 0  # outages started since start-up
 
-    def failed(self, reason: str) -> None:
-        if not self.available:
+    def failed(self, reason: str, started: float | None = None) -> None:
+        """An operation (begun at clock time `started`) found the database unavailable.
+        One begun before the database last came back says nothing new (it was waiting
+        through the outage that just ended): no second outage for it."""
+        if not self.available or (started is not None and started < self.since):
             return
         self.available = False
         self.since = self.clock.seconds()

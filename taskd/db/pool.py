@@ -4,18 +4,22 @@ Modelled on Buildbot's ``pool.do(fn)``: callers hand over a plain synchronous fu
 that receives a SQLAlchemy connection inside a transaction; it commits when the function
 returns and rolls back when it raises, so writes that belong together are one
 transaction. Transient failures (the server went away, a deadlock, sqlite busy) roll back
-and the whole function is run again a few times, so it must only touch the database.
+and the whole function is run again a few times, so it must only touch the database
+(but not a lost connection while an outage is already known: that fails at once).
 
 Every operation has a deadline (`db-timeout`, queue wait included): a stalled or
 unreachable database must not hang the API or the agents' sessions, so past it the
 caller gets `DatabaseUnavailable` at once. The thread still running the work is not
 interrupted (it cannot be), but it is told: it stops retrying, and if the work finishes
 it rolls back instead of committing, so a write its caller was told failed does not
-appear later. (Only a deadline striking while COMMIT itself is on the wire leaves the
-outcome unknown, as with any client of a networked database.)
+appear later. Work whose COMMIT is already on the wire when the deadline strikes is
+given `COMMIT_GRACE` more seconds to report how it ended (right after a stall, many
+deadlines fall in the moment everything commits at once); only a COMMIT that takes
+longer still leaves the outcome unknown, as with any client of a networked database.
 """
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from typing import Any, Callable, TypeVar
@@ -35,6 +39,10 @@ T = TypeVar("T")
 
 DEFAULT_TIMEOUT = 5.0
 """Seconds an operation may take, queue wait included (`db-timeout`)."""
+
+COMMIT_GRACE = 0.5
+"""Seconds past its deadline an operation whose COMMIT is on the wire may take to tell
+whether it committed, before its caller is answered `DatabaseUnavailable` anyway."""
 
 # MySQL client codes meaning the server cannot be reached or dropped the connection:
 # can't connect, gone away, lost connection (also a read/write timeout), connection
@@ -64,12 +72,76 @@ def is_connection_error(exc: BaseException) -> bool:
     return isinstance(exc, DBAPIError) and (exc.connection_invalidated or _mysql_code(exc) in _CONNECTION_MYSQL)
 
 
+def _lost_connection(exc: BaseException | None) -> bool:
+    """A driver error (raw or wrapped) or socket error saying the connection is gone."""
+    orig = getattr(exc, "orig", exc)
+    args = getattr(orig, "args", ())
+    return isinstance(orig, OSError) or bool(args and isinstance(args[0], int) and args[0] in _CONNECTION_MYSQL)
+
+
+class _QuietResetFailures(logging.Filter):
+    """SQLAlchemy logs, at error level and with a traceback, a connection it could not
+    reset (roll back) when it went back to the pool. When the reason is that the
+    database dropped the connection, that is the outage the pool reports once
+    (taskd.db.availability), not an error: the record is dropped (one debug line
+    instead) and the connection is discarded as usual."""
+
+    log = Logger()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.getMessage().startswith("Exception during reset") and record.exc_info \
+                and _lost_connection(record.exc_info[1]):
+            self.log.debug("database: a connection dropped by the database could not be reset; discarded ({error})",
+                           error=str(record.exc_info[1])[:200])
+            return False
+        return True
+
+
+def _quiet_reset_failures(engine: Engine) -> None:
+    pool_logger = logging.getLogger(f"{type(engine.pool).__module__}.{type(engine.pool).__name__}")
+    if not any(isinstance(f, _QuietResetFailures) for f in pool_logger.filters):
+        pool_logger.addFilter(_QuietResetFailures())
+
+
 def _first_line(exc: DBAPIError) -> str:
     return (str(exc.orig).splitlines() or [type(exc.orig).__name__])[0][:200]
 
 
 class _Abandoned(Exception):
     """The caller was already answered `DatabaseUnavailable`: roll back, do not retry."""
+
+
+class _Deadline:
+    """Decides, once and under a lock, who answers the caller of one `do`: the deadline
+    (in the reactor) or the work (in its thread). Work that has begun to COMMIT before
+    the deadline struck answers itself, so that a write is never both committed and
+    reported failed just because the two crossed."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.expired = False
+        self._committing = False
+
+    def expire(self) -> bool:
+        """The deadline struck: True when the caller is to be answered now, False when
+        the work is committing (and will answer, or the grace timer will)."""
+        with self._lock:
+            self.expired = True
+            return not self._committing
+
+    def begin_commit(self) -> bool:
+        """The work is done and about to commit: False if the deadline struck first."""
+        with self._lock:
+            if self.expired:
+                return False
+            self._committing = True
+            return True
+
+    def commit_failed(self) -> bool:
+        """The COMMIT raised: True if the deadline has struck meanwhile (give up)."""
+        with self._lock:
+            self._committing = False
+            return self.expired
 
 
 class DBPool:
@@ -96,6 +168,8 @@ class DBPool:
             reactor = _reactor
         self.engine = engine
         self.reactor = reactor
+        if engine.dialect.name == "mysql":
+            _quiet_reset_failures(engine)
         if max_threads is None:
             # sqlite has one writer; one thread avoids lock upgrades failing as "busy".
             max_threads = 1 if engine.dialect.name == "sqlite" else engine.pool.size()
@@ -123,41 +197,54 @@ class DBPool:
     def do(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> "Deferred[T]":
         """fn's result, or `DatabaseUnavailable` once `timeout` has passed or when the
         database cannot be reached even after the retries."""
-        answered = threading.Event()  # set: the caller has its answer; the thread must not commit
+        return self.do_within(self.timeout, fn, *args, **kwargs)
+
+    def do_within(self, timeout: float | None, fn: Callable[..., T], *args: Any, **kwargs: Any) -> "Deferred[T]":
+        """`do` with a deadline of its own (what is left of the caller's, for work that
+        has already waited elsewhere; at most 0: answered `DatabaseUnavailable` at once,
+        and the work is never run)."""
+        deadline = _Deadline()
         outer: Deferred = Deferred()
-        timer = None
+        timers: list[Any] = []
         started = self.reactor.seconds()
 
+        def unavailable() -> None:
+            if not outer.called:
+                reason = f"no answer within {self.timeout or timeout or 0:g}s (db-timeout)"
+                self.availability.failed(reason, started)
+                outer.errback(DatabaseUnavailable(reason, self.retry_after))
+
         def expired() -> None:
-            answered.set()
-            reason = f"no answer within {self.timeout:g}s (db-timeout)"
-            self.availability.failed(reason)
-            outer.errback(DatabaseUnavailable(reason, self.retry_after))
+            if deadline.expire():
+                unavailable()
+            else:  # its COMMIT is on the wire: a moment more to learn how it ended
+                timers.append(self.reactor.callLater(COMMIT_GRACE, unavailable))
 
         def finished(result: Any) -> None:
-            if timer is not None and timer.active():
-                timer.cancel()
+            for timer in timers:
+                if timer.active():
+                    timer.cancel()
             self.stats.timing("db.duration", (self.reactor.seconds() - started) * 1000.0)
             if isinstance(result, Failure):
                 if result.check(_Abandoned):
-                    return None  # rolled back; the caller was answered when the deadline passed
+                    unavailable()  # rolled back; the caller was told (or is told now)
+                    return None
                 if result.check(DatabaseUnavailable):
-                    self.availability.failed(result.value.reason)
+                    self.availability.failed(result.value.reason, started)
                 elif not is_transient(result.value):  # (a deadlock retried to the end says nothing)
                     self.availability.succeeded()  # the database answered, with a refusal
             else:
                 self.availability.succeeded()
             if not outer.called:
-                answered.set()
                 if isinstance(result, Failure):
                     outer.errback(result)
                 else:
                     outer.callback(result)
             return None
 
-        if self.timeout is not None:
-            timer = self.reactor.callLater(self.timeout, expired)
-        deferToThreadPool(self.reactor, self.threadpool, self._run, fn, args, kwargs, answered).addBoth(finished)
+        if timeout is not None:
+            timers.append(self.reactor.callLater(max(0.0, timeout), expired))
+        deferToThreadPool(self.reactor, self.threadpool, self._run, fn, args, kwargs, deadline).addBoth(finished)
         return outer
 
     @property
@@ -181,22 +268,27 @@ class DBPool:
             return probe
         return self._probe if self._probe is not None else succeed(None)
 
-    def _run(self, fn: Callable[..., T], args: tuple, kwargs: dict, answered: threading.Event | None = None) -> T:
+    def _run(self, fn: Callable[..., T], args: tuple, kwargs: dict, deadline: _Deadline | None = None) -> T:
         """In a pool thread (or the caller's, for `run_sync`)."""
         attempt = 0
         while True:
-            if answered is not None and answered.is_set():
+            if deadline is not None and deadline.expired:
                 raise _Abandoned()  # waited in the queue past the deadline: do not start
+            committing = False
             try:
                 with self.engine.begin() as conn:
                     result = fn(conn, *args, **kwargs)
-                    if answered is not None and answered.is_set():
+                    if deadline is not None and not deadline.begin_commit():
                         raise _Abandoned()  # rolls back: the caller was told it failed
-                    return result
+                    committing = True
+                return result  # committed on leaving the block
             except DBAPIError as exc:
-                if answered is not None and answered.is_set():
+                if deadline is not None and ((deadline.commit_failed() if committing else False) or deadline.expired):
                     raise _Abandoned() from None
-                if attempt >= self.retries or not is_transient(exc):
+                # While an outage is known, an unreachable database is answered at once:
+                # retrying would only hold a thread (and the work queued behind it).
+                known_outage = is_connection_error(exc) and not self.availability.available
+                if attempt >= self.retries or not is_transient(exc) or known_outage:
                     if is_connection_error(exc):
                         raise DatabaseUnavailable(_first_line(exc), self.retry_after) from None
                     raise

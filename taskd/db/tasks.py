@@ -11,6 +11,7 @@ from sqlalchemy.exc import IntegrityError
 from twisted.internet.defer import Deferred, DeferredList
 
 from taskd.db import models as m
+from taskd.db.availability import DatabaseUnavailable
 from taskd.errors import Conflict, Invalid, NotFound, StoreError
 from taskd.db.listing import Page, match, paginate
 from taskd.db.pool import DBPool
@@ -211,7 +212,8 @@ class TaskStore:
     def __init__(self, pool: DBPool, now: Callable[[], datetime] = utcnow) -> None:
         self.pool = pool
         self.now = now
-        self._creates: list[tuple[int, TaskSpec, datetime, Deferred]] = []  # waiting for a transaction
+        # waiting for a transaction: (org, spec, now, waiter, when it arrived on the pool's clock)
+        self._creates: list[tuple[int, TaskSpec, datetime, Deferred, float]] = []
         self._creating = False
         self.create_transactions = 0
 
@@ -222,12 +224,20 @@ class TaskStore:
         POST). Each request still gets its own answer: a taken name or a bad route id
         fails before its task writes anything, and the batch goes on; anything else
         fails the batch's transaction, and its creates are then retried one per
-        transaction, so only the one at fault fails."""
+        transaction, so only the one at fault fails. The pool's deadline (db-timeout)
+        counts from each create's arrival, its wait for the batch before included; a
+        batch the database does not answer fails all its creates at once."""
         waiter: Deferred = Deferred()
-        self._creates.append((org_id, spec, self.now(), waiter))
+        self._creates.append((org_id, spec, self.now(), waiter, self.pool.reactor.seconds()))
         if not self._creating:
             self._write_creates()
         return waiter
+
+    def _time_left(self, batch: list[tuple[Any, ...]]) -> float | None:
+        """What is left of the deadline of the longest-waiting create of `batch`."""
+        if self.pool.timeout is None:
+            return None
+        return min(item[4] for item in batch) + self.pool.timeout - self.pool.reactor.seconds()
 
     def _write_creates(self) -> None:
         batch, self._creates = self._creates[:CREATE_BATCH], self._creates[CREATE_BATCH:]
@@ -236,10 +246,10 @@ class TaskStore:
 
         def thd(conn: Connection) -> list[tuple[bool, Any]]:
             if len(batch) == 1:  # any failure rolls the whole (one-task) transaction back
-                org_id, spec, now, _ = batch[0]
+                org_id, spec, now, _, _ = batch[0]
                 return [(True, _create(conn, org_id, spec, now))]
             out: list[tuple[bool, Any]] = []
-            for org_id, spec, now, _ in batch:
+            for org_id, spec, now, _, _ in batch:
                 try:
                     out.append((True, _create(conn, org_id, spec, now)))
                 except StoreError as exc:  # raised before this task wrote anything
@@ -247,20 +257,23 @@ class TaskStore:
             return out
 
         def written(results: list[tuple[bool, Any]]) -> None:
-            for (ok, value), (_, _, _, waiter) in zip(results, batch):
+            for (ok, value), (_, _, _, waiter, _) in zip(results, batch):
                 if ok:
                     waiter.callback(value)
                 else:
                     waiter.errback(value)
 
         def failed(failure: Any) -> Any:
-            if len(batch) == 1:
-                batch[0][3].errback(failure)
+            if len(batch) == 1 or failure.check(DatabaseUnavailable):
+                # (unanswered, the database would not answer each alone either, in time)
+                for item in batch:
+                    item[3].errback(failure)
                 return None
             # One create broke the shared transaction: each on its own now.
             return DeferredList([
-                self.pool.do(_create, org_id, spec, now).addCallbacks(waiter.callback, waiter.errback)
-                for org_id, spec, now, waiter in batch
+                self.pool.do_within(self._time_left([item]), _create, *item[:3]).addCallbacks(item[3].callback,
+                                                                                          item[3].errback)
+                for item in batch
             ], consumeErrors=True)
 
         def next_batch(_: Any) -> None:
@@ -268,7 +281,7 @@ class TaskStore:
             if self._creates:
                 self._write_creates()
 
-        self.pool.do(thd).addCallbacks(written, failed).addBoth(next_batch)
+        self.pool.do_within(self._time_left(batch), thd).addCallbacks(written, failed).addBoth(next_batch)
 
     def update(self, org_id: int, task_id: int, spec: TaskSpec) -> "Deferred[tuple[Task, Task]]":
         now = self.now()

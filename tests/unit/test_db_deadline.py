@@ -181,3 +181,137 @@ def test_the_probe_follows_the_database_with_one_check_at_a_time(rig):
     rig.pool.probe()
     rig.threads.run_next()
     assert rig.pool.availability.available
+
+
+def test_a_commit_on_the_wire_when_the_deadline_strikes_is_waited_for_briefly(rig):
+    """Right after a stall every deadline falls while everything commits: a write whose
+    COMMIT was sent before its deadline is answered as it ended (here: committed), not
+    told it failed while it lands."""
+    from taskd.db.pool import COMMIT_GRACE
+
+    def insert_then_commit_slowly(conn: sa.Connection) -> str:
+        conn.exec_driver_sql("INSERT INTO t VALUES (1)")
+        # the COMMIT, sent on leaving `fn`, crosses the deadline
+        conn.info["on_commit"] = lambda: (rig.clock.advance(TIMEOUT), rig.clock.advance(COMMIT_GRACE / 2))
+        return "inserted"
+
+    sa.event.listen(rig.engine, "commit", lambda conn: conn.info.pop("on_commit", lambda: None)())
+    got = outcome(rig.pool.do(insert_then_commit_slowly))
+    rig.threads.run_next()
+    assert got == ["inserted"] and rig.rows() == 1
+    assert rig.clock.getDelayedCalls() == []
+
+
+def test_a_commit_that_outlasts_the_grace_is_answered_unavailable(rig):
+    from taskd.db.pool import COMMIT_GRACE
+
+    committing: list = []
+
+    def insert(conn: sa.Connection) -> str:
+        conn.exec_driver_sql("INSERT INTO t VALUES (1)")
+        conn.info["on_commit"] = lambda: committing.append((rig.clock.advance(TIMEOUT), rig.clock.advance(COMMIT_GRACE)))
+        return "inserted"
+
+    sa.event.listen(rig.engine, "commit", lambda conn: conn.info.pop("on_commit", lambda: None)())
+    got = outcome(rig.pool.do(insert))
+    rig.threads.run_next()
+    # told unavailable once the grace passed (the outcome is unknown to it: here it did commit)
+    assert committing and len(got) == 1 and got[0].check(DatabaseUnavailable)
+
+
+def test_a_failure_begun_before_the_database_came_back_opens_no_second_outage(rig, warnings):
+    stalled = outcome(rig.pool.do(rig.insert))  # begun during the stall, answered at its deadline
+    rig.clock.advance(TIMEOUT - 0.5)
+    late = outcome(rig.pool.do(rig.insert))  # begun during the stall too, deadline 0.5 s later
+    rig.clock.advance(0.5)
+    assert stalled[0].check(DatabaseUnavailable) and len(warnings) == 1
+    fresh = outcome(rig.pool.do(rig.insert))
+    rig.threads.queue.insert(0, rig.threads.queue.pop())  # the database is back: the fresh one answers first
+    rig.threads.run_next()
+    assert fresh == ["inserted"] and warnings[1].startswith("database available again")
+    rig.clock.advance(TIMEOUT - 0.5)  # the late one's deadline passes after the recovery
+    assert late[0].check(DatabaseUnavailable)
+    assert len(warnings) == 2 and rig.pool.availability.available
+    rig.threads.run_next()
+    rig.threads.run_next()
+    assert rig.rows() == 1
+
+
+def test_a_create_queued_behind_a_stalled_one_is_answered_within_its_own_deadline(tmp_path):
+    """Group commit (TaskStore.create): creates that arrive while a batch is in flight wait
+    for it. The deadline counts from each create's arrival, and a batch the database does
+    not answer fails all its creates at once (no second deadline per create)."""
+    from taskd.db import models
+    from taskd.db.tasks import Route, TaskSpec, TaskStore
+
+    rig = Rig(tmp_path)
+    models.metadata.create_all(rig.engine)
+    store = TaskStore(rig.pool)
+    spec = lambda name: TaskSpec(name, "", {}, 60, Route("byTags", {"tags": ["x"]}), {}, True)  # noqa: E731
+    first = outcome(store.create(1, spec("first")))
+    rig.clock.advance(1.5)
+    queued = [outcome(store.create(1, spec(f"queued{i}"))) for i in range(3)]  # wait behind `first`
+    rig.clock.advance(TIMEOUT - 1.5)
+    assert first[0].check(DatabaseUnavailable) and all(q == [] for q in queued)
+    rig.clock.advance(1.5)  # the queued ones' own deadline (they arrived 1.5 s after `first`)
+    assert all(len(q) == 1 and q[0].check(DatabaseUnavailable) for q in queued)
+    while rig.threads.queue:  # the stalled database answers at last: nothing of it is written
+        rig.threads.run_next()
+    assert rig.clock.getDelayedCalls() == []
+    with rig.engine.connect() as conn:
+        assert conn.exec_driver_sql("SELECT COUNT(*) FROM task").scalar() == 0
+    later = outcome(store.create(1, spec("later")))  # and the store goes on
+    rig.threads.run_next()
+    assert later[0].name == "later"
+    rig.engine.dispose()
+
+
+def test_while_an_outage_is_known_an_unreachable_database_fails_at_once(rig):
+    """The first work to find the database unreachable retries (a restart may be over by
+    then); once the outage is known, retrying would only hold a pool thread, and the work
+    queued behind it past its deadline."""
+    tries: list = []
+
+    def counted(conn: sa.Connection) -> None:
+        tries.append(1)
+        lost_connection(conn)
+
+    first = outcome(rig.pool.do(counted))
+    rig.threads.run_next()
+    assert first[0].check(DatabaseUnavailable) and len(tries) == 1 + rig.pool.retries
+    tries.clear()
+    again = outcome(rig.pool.do(counted))
+    rig.threads.run_next()
+    assert again[0].check(DatabaseUnavailable) and len(tries) == 1
+    back = outcome(rig.pool.do(rig.insert))
+    rig.threads.run_next()
+    assert back == ["inserted"] and rig.pool.availability.available
+
+
+def test_a_connection_the_database_dropped_is_not_logged_as_an_error_when_returned_to_the_pool():
+    """SQLAlchemy logs a failed reset (rollback on return to the pool) at error level with a
+    traceback; for a connection the database dropped (it was killed) that is the outage,
+    already one warning: the record is dropped. Any other failure is kept."""
+    import logging
+
+    from taskd.db.engine import create_engine as make_engine
+
+    engine = make_engine("mysql", "root:@tcp(127.0.0.1:1)/none")  # never connected
+    DBPool(engine, ThreadClock(), threadpool=ManualThreadPool())
+    logger = logging.getLogger(f"{type(engine.pool).__module__}.{type(engine.pool).__name__}")
+
+    def record(exc: BaseException) -> logging.LogRecord:
+        try:
+            raise exc
+        except BaseException:
+            import sys
+
+            return logger.makeRecord(logger.name, logging.ERROR, __file__, 1, "Exception during reset or similar",
+                                     (), sys.exc_info())
+
+    lost = pymysql.err.OperationalError(2013, "Lost connection to MySQL server during query")
+    assert not logger.filter(record(lost))
+    assert not logger.filter(record(ConnectionResetError(104, "Connection reset by peer")))
+    assert logger.filter(record(pymysql.err.ProgrammingError(1064, "syntax error")))
+    assert logger.filter(logger.makeRecord(logger.name, logging.ERROR, __file__, 1, "something else", (), None))
+    engine.dispose()
