@@ -11,8 +11,15 @@ RabbitMQ are never touched.
 
 The end state a scenario must reach is `Cluster.problems()`: empty when every agent's
 `online` (as each live server's API shows it) matches whether it holds a socket, every
-enabled `any` task is assigned to exactly one online agent that holds one, and no
-server has left a traceback in its log; `fivexx()` lists the 5xx answers seen.
+enabled `any` task is assigned to exactly one online agent that holds one, and what
+every agent holding a socket runs (its last `taskList` and the events since:
+tests/chaos/frames.py) is exactly the enabled tasks the database routes to it, as
+stored; `fivexx()` lists the 5xx answers seen (but the documented database-outage 503
+when asked to), `tracebacks()` the servers that logged one.
+
+The same class builds the variants: a private database (`db_port`: a mariadbd of the
+scenario's own, tests/chaos/mariadb.py), a lone sqlite server (`database` a Path,
+`n_servers=1`, `nginx=False`: the agents then connect to it directly), no exchange.
 """
 from __future__ import annotations
 
@@ -20,8 +27,10 @@ import json
 import random
 import re
 import signal
+import sqlite3
 import subprocess
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +40,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.web.client import HTTPConnectionPool
 
+from tests.chaos.frames import same_task, view_of
 from tests.conftest import MYSQL_HOST, MYSQL_PASSWORD, MYSQL_PORT, MYSQL_USER
 from tests.integration.agent_client import AgentClient, connect_agent
 from tests.integration.daemons import ServerProcess
@@ -107,34 +117,66 @@ class Fleet:
                 client.protocol.dropConnection(abort=True)
 
 
+@dataclass(frozen=True)
+class Answer:
+    """One API call the scenario made: where to, what, when (reactor seconds), how long
+    the answer took, its status, and for an error its message and Retry-After."""
+
+    where: str
+    what: str
+    at: float
+    took: float
+    code: int
+    message: str = ""
+    retry_after: str | None = None
+
+    @property
+    def documented_503(self) -> bool:
+        """The database-outage answer of docs/operations.md (failure modes)."""
+        return self.code == 503 and "database unavailable" in self.message and bool(self.retry_after)
+
+
 class Cluster:
-    def __init__(self, workdir: Path, database: str, exchange: str, n_servers: int = 3,
-                 n_agents: int = 150, **keys: str) -> None:
-        require_nginx()
+    def __init__(self, workdir: Path, database: str | Path, exchange: str | None, n_servers: int = 3,
+                 n_agents: int = 150, *, db_port: int = MYSQL_PORT, nginx: bool = True, **keys: str) -> None:
+        """`database`: a database's name on the MariaDB at `db_port` (the shared one by
+        default), or the Path of an sqlite file. `exchange` None: no RabbitMQ."""
         self.workdir = workdir
-        self.database = database
-        dsn = f"{MYSQL_USER}:{MYSQL_PASSWORD}@tcp({MYSQL_HOST}:{MYSQL_PORT})/{database}?charset=utf8"
-        common = {"db-type": "mysql", "db-connect-str": dsn, "admin-key": ADMIN_KEY, "exchange": exchange,
-                  "rabbitmq-url": RABBITMQ_URL, "rabbitmq-queue-expiry": "60s", **FAST, **keys}
+        self.database, self.db_port = database, db_port
+        if isinstance(database, Path):
+            common = {"db-type": "sqlite3", "db-connect-str": str(database)}
+        else:
+            common = {"db-type": "mysql",
+                      "db-connect-str": f"{MYSQL_USER}:{MYSQL_PASSWORD}@tcp({MYSQL_HOST}:{db_port})/{database}?charset=utf8"}
+        if exchange:
+            common.update({"exchange": exchange, "rabbitmq-url": RABBITMQ_URL, "rabbitmq-queue-expiry": "60s"})
+        common.update({"admin-key": ADMIN_KEY, **FAST, **keys})
         self.servers = [ServerProcess(workdir, f"S{i}", **common) for i in range(1, n_servers + 1)]
-        (workdir / "nginx").mkdir()
-        self.nginx = Nginx(workdir / "nginx", [s.port for s in self.servers], worker_connections=4 * n_agents + 256)
-        self.fleet = Fleet(self.nginx.base, [f"agent{i:03d}" for i in range(n_agents)])
-        self.answers: list[tuple[str, str, int]] = []  # (where, method path, status) of every API call
+        self.nginx: Nginx | None = None
+        if nginx:
+            require_nginx()
+            (workdir / "nginx").mkdir()
+            self.nginx = Nginx(workdir / "nginx", [s.port for s in self.servers], worker_connections=4 * n_agents + 256)
+        self.base = self.nginx.base if self.nginx else self.servers[0].base
+        self.fleet = Fleet(self.base, [f"agent{i:03d}" for i in range(n_agents)])
+        self.answers: list[Answer] = []  # every API call made through `call`
         self.pool = HTTPConnectionPool(reactor, persistent=False)
         self.agent_ids: dict[str, int] = {}
         self.any_tasks: list[int] = []
+        self.tasks: list[int] = []  # every task made through `create_task`, `any` ones included
 
     def live(self) -> list[ServerProcess]:
         return [s for s in self.servers if s.proc is not None and s.proc.poll() is None]
 
     async def start(self) -> None:
         await gatherResults([Deferred.fromCoroutine(s.start(timeout=60)) for s in self.servers])
-        await self.nginx.start()
+        if self.nginx:
+            await self.nginx.start()
 
     async def stop(self) -> None:
         await self.fleet.close_all()
-        self.nginx.stop()
+        if self.nginx:
+            self.nginx.stop()
         for server in self.servers:
             if server.proc is not None and server.proc.poll() is None:
                 try:
@@ -144,43 +186,64 @@ class Cluster:
             await server.stop()
 
     async def call(self, method: str, path: str, body: Any = None, base: str | None = None) -> tuple[int, Any]:
-        base = base or self.nginx.base
+        base = base or self.base
+        at = reactor.seconds()
         resp = await treq.request(method, base + path, json=body, headers=HEADERS, timeout=20, pool=self.pool)
         raw = await resp.content()
-        self.answers.append((base, f"{method} {path}", resp.code))
         try:
-            return resp.code, json.loads(raw)["body"]
+            envelope = json.loads(raw)
+            got, message = envelope["body"], str(envelope["meta"]["message"])
         except (ValueError, KeyError, TypeError):
-            return resp.code, raw
+            got, message = raw, raw[:200].decode(errors="replace")
+        retry = resp.headers.getRawHeaders(b"retry-after")
+        self.answers.append(Answer(base, f"{method} {path}", at, reactor.seconds() - at, resp.code,
+                                   message if resp.code >= 400 else "", retry[0].decode() if retry else None))
+        return resp.code, got
 
     async def ok(self, method: str, path: str, body: Any = None, base: str | None = None) -> Any:
         code, got = await self.call(method, path, body, base)
         assert code == 200, (method, path, code, got)
         return got
 
-    async def populate(self, n_any: int = 30, n_tags: int = 6) -> None:
-        """Agents (tagged in groups), `any` tasks and `byTags` tasks, all through nginx."""
+    async def create_task(self, body: dict, base: str | None = None) -> dict:
+        task = await self.ok("POST", "/api/v1/tasks", body, base)
+        self.tasks.append(task["id"])
+        return task
+
+    async def populate(self, n_any: int = 30, n_tags: int = 6, n_ids: int = 6) -> None:
+        """Agents (tagged in groups), then `byTags`, `byIds` (each to two agents) and
+        `any` tasks, all through `base` (nginx)."""
         for i, name in enumerate(self.fleet.names):
             agent = await self.ok("POST", "/api/v1/agents", {"name": name, "tags": [f"group{i % n_tags}"]})
             self.agent_ids[name] = agent["id"]
+        ids = list(self.agent_ids.values())
         for i in range(n_tags):
-            await self.ok("POST", "/api/v1/tasks", {**TASK, "name": f"tagged{i}", "route": {
+            await self.create_task({**TASK, "name": f"tagged{i}", "route": {
                 "type": "byTags", "config": {"tags": [f"group{i}"]}}})
+        for i in range(n_ids):
+            pair = sorted({ids[(7 * i) % len(ids)], ids[(7 * i + 3) % len(ids)]})
+            await self.create_task({**TASK, "name": f"ids{i:02d}", "route": {"type": "byIds", "config": {"ids": pair}}})
         for i in range(n_any):
-            task = await self.ok("POST", "/api/v1/tasks", {**TASK, "name": f"any{i:02d}", "route": {"type": "any"}})
+            task = await self.create_task({**TASK, "name": f"any{i:02d}", "route": {"type": "any"}})
             self.any_tasks.append(task["id"])
 
     def sessions(self) -> dict[str, set[str]]:
         """instance id -> names of the agents it holds a session for (read from the database
         directly: the API does not say which server holds which agent)."""
-        conn = pymysql.connect(host=MYSQL_HOST, port=MYSQL_PORT, user=MYSQL_USER, password=MYSQL_PASSWORD,
-                               database=self.database)
-        try:
-            with conn.cursor() as cur:
-                cur.execute("SELECT s.server, a.name FROM agent_session s JOIN agent a ON a.id = s.agent_id")
-                rows = cur.fetchall()
-        finally:
+        query = "SELECT s.server, a.name FROM agent_session s JOIN agent a ON a.id = s.agent_id"
+        if isinstance(self.database, Path):
+            with sqlite3.connect(self.database, timeout=10) as conn:
+                rows = conn.execute(query).fetchall()
             conn.close()
+        else:
+            conn = pymysql.connect(host=MYSQL_HOST, port=self.db_port, user=MYSQL_USER, password=MYSQL_PASSWORD,
+                                   database=self.database)
+            try:
+                with conn.cursor() as cur:
+                    cur.execute(query)
+                    rows = cur.fetchall()
+            finally:
+                conn.close()
         held: dict[str, set[str]] = {}
         for server, name in rows:
             held.setdefault(server.split("#")[0], set()).add(name)
@@ -192,9 +255,12 @@ class Cluster:
 
     async def task_agents(self, task_ids: list[int], base: str | None = None) -> list[list[int]]:
         """The agents of each task, asked all at once (a poll round stays short)."""
-        shown = await gatherResults([Deferred.fromCoroutine(self.ok("GET", f"/api/v1/tasks/{tid}", base=base))
-                                     for tid in task_ids])
-        return [task["agents"] for task in shown]
+        return [task["agents"] for task in await self.task_details(task_ids, base)]
+
+    async def task_details(self, task_ids: list[int], base: str | None = None) -> list[dict]:
+        """GET /api/v1/tasks/<id> of each (the task, and the agents it is routed to)."""
+        return await gatherResults([Deferred.fromCoroutine(self.ok("GET", f"/api/v1/tasks/{tid}", base=base))
+                                    for tid in task_ids])
 
     async def online(self, base: str) -> dict[str, bool]:
         listed = await self.ok("GET", "/api/v1/agents?limit=1000", base=base)
@@ -208,7 +274,7 @@ class Cluster:
         """What is wrong with the end state now (empty: the cluster has converged)."""
         found: list[str] = []
         by_id = {v: k for k, v in self.agent_ids.items()}
-        for server in self.live():
+        for n, server in enumerate(self.live()):
             online, assigned = await gatherResults([Deferred.fromCoroutine(self.online(server.base)),
                                                     Deferred.fromCoroutine(self.assignments(server.base))])
             for name in self.fleet.names:
@@ -223,15 +289,39 @@ class Cluster:
                 if not (online.get(name) and self.fleet.holds_socket(name)):
                     found.append(f"{server.name}: any task {tid} on {name}, online={online.get(name)}, "
                                  f"socket={self.fleet.holds_socket(name)}")
+            if n == 0 and not found:  # the routing as the first live server shows it
+                found += self.views_wrong(dict(zip(self.tasks, await self.task_details(self.tasks, server.base))))
         return found[:20] + ([f"... and {len(found) - 20} more"] if len(found) > 20 else [])
 
-    def fivexx(self) -> list[str]:
-        """Every 5xx answer: to the test's own calls, and in nginx's access log."""
-        bad = [f"{where} {what} -> {code}" for where, what, code in self.answers if code >= 500]
-        access = self.nginx.dir / "access.log"
-        if access.exists():
+    def views_wrong(self, shown: dict[int, dict]) -> list[str]:
+        """Each agent holding a socket runs exactly the enabled tasks `shown` (task id ->
+        GET /api/v1/tasks/<id>) routes to it, each as stored."""
+        found = []
+        for name in self.fleet.names:
+            if not self.fleet.holds_socket(name):
+                continue
+            agent_id = self.agent_ids[name]
+            want = {tid: t for tid, t in shown.items() if t["enabled"] and agent_id in t["agents"]}
+            view = view_of(self.fleet.clients[name].frames)
+            if view is None:
+                found.append(f"{name}: no taskList yet")
+            elif set(view) != set(want):
+                found.append(f"{name} runs {sorted(set(view) - set(want))} not routed to it, "
+                             f"lacks {sorted(set(want) - set(view))} routed to it")
+            elif stale := [tid for tid in want if not same_task(view[tid], want[tid])]:
+                found.append(f"{name} runs tasks {stale} not as stored")
+        return found
+
+    def fivexx(self, documented_503: bool = False) -> list[str]:
+        """Every 5xx answer: to the test's own calls, and in nginx's access log. With
+        `documented_503`, the database-outage 503 envelope (with Retry-After) is not one
+        (nor a 503 in nginx's log: nginx itself answers 502/504 for a failed upstream)."""
+        bad = [f"{a.where} {a.what} -> {a.code} {a.message}" for a in self.answers
+               if a.code >= 500 and not (documented_503 and a.documented_503)]
+        access = self.nginx.dir / "access.log" if self.nginx else None
+        if access is not None and access.exists():
             bad += [line for line in access.read_text(errors="replace").splitlines()
-                    if re.search(r'" 5\d\d ', line)]
+                    if re.search(r'" 5\d\d ', line) and not (documented_503 and '" 503 ' in line)]
         return bad
 
     def tracebacks(self) -> list[str]:
@@ -246,15 +336,7 @@ async def start_and_choose_victim(cluster: Cluster) -> tuple[ServerProcess, set[
     (the server whose agents hold the most `any` tasks) and the agents of it that will stay
     away (every one holding an `any` task, and every third of the rest). Returns (victim,
     its agents, those staying away)."""
-    await cluster.start()
-    await cluster.populate()
-    await cluster.fleet.open_all()
-
-    async def all_assigned() -> dict[int, list[int]]:
-        return await cluster.assignments()
-
-    assigned = await until(lambda: _all_one(all_assigned()), 30, what="every any task assigned", interval=0.2)
-    held = await until(lambda: _sessions_complete(cluster), 30, what="one session per agent", interval=0.2)
+    assigned, held = await start_settled(cluster)
     by_id = {v: k for k, v in cluster.agent_ids.items()}
     holders = {by_id[agents[0]] for agents in assigned.values()}
     victim = max(cluster.servers, key=lambda s: len(holders & held.get(s.name, set())))
@@ -262,6 +344,17 @@ async def start_and_choose_victim(cluster: Cluster) -> tuple[ServerProcess, set[
     rest = sorted(mine - holders)
     away = (mine & holders) | set(rest[::3])
     return victim, mine, away
+
+
+async def start_settled(cluster: Cluster, **populate: int) -> tuple[dict[int, list[int]], dict[str, set[str]]]:
+    """Start, populate, connect the fleet; wait until every `any` task is assigned and
+    every agent has its session. Returns (any task id -> its agents, sessions())."""
+    await cluster.start()
+    await cluster.populate(**populate)
+    await cluster.fleet.open_all()
+    assigned = await until(lambda: _all_one(cluster.assignments()), 30, what="every any task assigned", interval=0.2)
+    held = await until(lambda: _sessions_complete(cluster), 30, what="one session per agent", interval=0.2)
+    return assigned, held
 
 
 async def _all_one(pending: Any) -> Any:

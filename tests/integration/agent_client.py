@@ -156,5 +156,16 @@ def connect_agent(base_url: str, name: str, key: str, version: int = 1, features
     headers = {"Authorization": f"Bearer {key}", **({framing.FEATURES_HEADER: features} if features else {})}
     factory = WebSocketClientFactory(url, headers=headers)
     factory.protocol = Proto
+
+    def connection_failed(_connector: Any, reason: Any) -> None:
+        """No TCP connection (nothing listening): as a refused upgrade, `opened` fails
+        and `closed` fires, so a caller that reconnects on `closed` tries again."""
+        client.close_reason = f"connection failed: {reason.getErrorMessage()}"
+        if not client.opened.called:
+            client.opened.errback(ConnectionError(client.close_reason))
+        if not client.closed.called:
+            client.closed.callback(client)
+
+    factory.clientConnectionFailed = connection_failed
     connectWS(factory)
     return client

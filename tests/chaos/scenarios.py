@@ -1,0 +1,470 @@
+"""The chaos scenarios of issue 11 (item 7) that fault the database, the broker or a lone
+server, each run start to end on a cluster of its own. Each returns what happened (a
+`Run`); the tests in tests/chaos/ assert on it, bench/chaos.py reports it as figures, so
+the test and the figure are the same experiment.
+
+- `database_stall`: SIGSTOP of a private mariadbd for `STALL` s, with API calls to
+  every server (and through nginx) at a steady pace, each timed.
+- `database_restart`: SIGKILL of it, then mariadbd started again on the same port and
+  data directory; the servers are not restarted.
+- `broker_restart`: every server's RabbitMQ connection cut (a FaultProxy in front of the
+  machine's RabbitMQ refuses and cuts connections) while two servers publish task events
+  at a steady rate; tasks are routed byIds to agents on all three servers.
+- `lone_restart`: SIGKILL of a lone sqlite server and a start again, while the agent
+  holding its `any` tasks stays away.
+"""
+from __future__ import annotations
+
+import re
+import signal
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import treq
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.task import LoopingCall
+
+from tests.chaos.cluster import TASK, Answer, Cluster, delete_exchange, new_exchange, start_settled
+from tests.chaos.frames import duplicate_pushes, same_task, view_of
+from tests.chaos.mariadb import PrivateMariaDB
+from tests.faultproxy import FaultProxy
+from tests.waiting import until, value_of
+
+DB_TIMEOUT = 2.0  # db-timeout of the database scenarios: the 503 bound is this + 1 s
+STALL = 10.0  # seconds mariadbd stays SIGSTOPped (issue 11)
+CONVERGE = 60.0  # seconds a cluster may take to converge after a fault before it counts as stuck
+PROBE_EVERY = 0.5  # seconds between the probes' calls to each target
+DB_AGENTS = 60  # agents of the database scenarios (the API is what they measure; the machine has 2 cores)
+EVENTS, RATE = 300, 50.0  # task events the two publishers make across the broker outage, per s
+CUT_AT, RESTORE_AT = 60, 240  # the broker is away from the 60th event to the 240th (3.6 s)
+
+EVENT_LINE = re.compile(r"\[taskd\.server\.events\.EventBus#debug\] event (task\.\w+)(?: from (\S+))?$", re.M)
+REPEAT_LINE = re.compile(r"\[taskd\.server\.events\.EventBus#debug\] event task\.\w+ \w+ from \S+ seen before", re.M)
+UNCONFIRMED = re.compile(r"amqp: connection lost .*; reconnecting, (\d+) events unconfirmed")
+
+
+@dataclass
+class Run:
+    scenario: str
+    facts: dict[str, Any] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)  # the end state (empty: converged)
+    converged_after: float | None = None  # seconds from the end of the fault
+    fivexx: list[str] = field(default_factory=list)  # beside the documented 503
+    tracebacks: list[str] = field(default_factory=list)
+    logs: str = ""
+
+
+async def converge(cluster: Cluster, since: float, run: Run, timeout: float = CONVERGE) -> None:
+    """Poll the end state until it holds (or `timeout`); record it and when it held."""
+    try:
+        await value_of(cluster.problems, lambda found: not found, timeout, interval=0.5, what="converging")
+        run.converged_after = reactor.seconds() - since
+        run.problems = []
+    except AssertionError:
+        run.problems = await cluster.problems()
+
+
+def finish(cluster: Cluster, run: Run) -> Run:
+    run.fivexx = cluster.fivexx(documented_503=True)
+    run.tracebacks = cluster.tracebacks()
+    run.logs = cluster.logs()
+    return run
+
+
+def log_count(cluster: Cluster, text: str) -> dict[str, int]:
+    return {s.name: s.log().count(text) for s in cluster.servers}
+
+
+class Prober:
+    """API calls at a steady pace to each target (every server directly, and nginx),
+    each recorded with its start and duration in `cluster.answers`; plus `GET /` of each
+    server (`status`). A call that never answers is recorded with code 0."""
+
+    def __init__(self, cluster: Cluster) -> None:
+        self.cluster = cluster
+        self.targets = [s.base for s in cluster.servers] + ([cluster.nginx.base] if cluster.nginx else [])
+        self.status: list[tuple[str, float, float, int, dict]] = []  # (server, at, took, code, body)
+        self.posted: dict[str, tuple[int, float, float]] = {}  # probe task name -> (code, sent, answered)
+        self._n = 0
+        self._pending: set[Deferred] = set()
+        self._loop = LoopingCall(self._fire)
+        self._last = 0.0
+        self.late = 0.0  # the most this (the measuring) process's own ticks came late, in s
+
+    def start(self) -> None:
+        self._loop.start(PROBE_EVERY, now=True)
+
+    async def stop(self) -> None:
+        self._loop.stop()
+        await DeferredList(list(self._pending))
+
+    def ok_posts(self) -> set[str]:
+        return {name for name, (code, *_) in self.posted.items() if code == 200}
+
+    def _track(self, coro: Any) -> None:
+        d = Deferred.fromCoroutine(coro)
+        self._pending.add(d)
+        d.addBoth(lambda _: self._pending.discard(d))
+
+    def _fire(self) -> None:
+        now = reactor.seconds()
+        if self._last:
+            self.late = max(self.late, now - self._last - PROBE_EVERY)
+        self._last = now
+        self._n += 1
+        task_id = self.cluster.tasks[self._n % len(self.cluster.tasks)]
+        for i, base in enumerate(self.targets):
+            kind = (self._n + i) % 3
+            if kind == 0:
+                self._track(self._call(base, "GET", "/api/v1/agents?limit=5"))
+            elif kind == 1:
+                self._track(self._call(base, "GET", f"/api/v1/tasks/{task_id}"))
+            else:
+                name = f"probe{self._n:04d}x{i}"  # routed to nobody: a write, nothing to push
+                self._track(self._post(base, name))
+        for server in self.cluster.servers:
+            self._track(self._status(server.base))
+
+    async def _call(self, base: str, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+        at = reactor.seconds()
+        try:
+            return await self.cluster.call(method, path, body, base)
+        except Exception as exc:  # no answer at all (the client's timeout): the worst case
+            self.cluster.answers.append(Answer(base, f"{method} {path}", at, reactor.seconds() - at, 0,
+                                               f"{type(exc).__name__}: {exc}"))
+            return 0, None
+
+    async def _post(self, base: str, name: str) -> None:
+        at = reactor.seconds()
+        code, got = await self._call(base, "POST", "/api/v1/tasks", {
+            **TASK, "name": name, "route": {"type": "byTags", "config": {"tags": ["nobody"]}}})
+        self.posted[name] = (code, at, reactor.seconds())
+        if code == 200:
+            self.cluster.tasks.append(got["id"])
+
+    async def _status(self, base: str) -> None:
+        at = reactor.seconds()
+        try:
+            resp = await treq.get(base + "/", timeout=20, pool=self.cluster.pool)
+            body = (await resp.json())["body"]
+            self.status.append((base, at, reactor.seconds() - at, resp.code, body))
+        except Exception as exc:
+            self.status.append((base, at, reactor.seconds() - at, 0, {"error": repr(exc)}))
+
+
+def answers_between(cluster: Cluster, start: float, end: float, direct_only: bool = False) -> list[Answer]:
+    bases = {s.base for s in cluster.servers}
+    return [a for a in cluster.answers if start <= a.at < end and (a.where in bases or not direct_only)]
+
+
+async def answering_again(cluster: Cluster, since: float) -> dict[str, float]:
+    """Wait (the probes running) until every server has answered 200 to a call made after
+    `since`; returns, per server, seconds from `since` to the end of its first such answer."""
+    recovered: dict[str, float] = {}
+
+    def answering() -> bool:
+        for s in cluster.servers:
+            ok = [a for a in answers_between(cluster, since, float("inf")) if a.where == s.base and a.code == 200]
+            if ok and s.name not in recovered:
+                recovered[s.name] = min(a.at + a.took for a in ok) - since
+        return len(recovered) == len(cluster.servers)
+
+    await until(answering, CONVERGE, interval=0.1, what="every server answering again")
+    return recovered
+
+
+async def stored_probes(cluster: Cluster) -> set[str]:
+    listed = await cluster.ok("GET", "/api/v1/tasks?limit=1000")
+    return {t["name"] for t in listed if t["name"].startswith("probe")}
+
+
+async def _private_cluster(workdir: Path, n_agents: int) -> tuple[PrivateMariaDB, Cluster, str]:
+    db = await PrivateMariaDB(workdir / "mariadb").start()
+    exchange = new_exchange()
+    cluster = Cluster(workdir, db.create_database("chaos"), exchange, n_agents=n_agents, db_port=db.port,
+                      **{"db-timeout": f"{DB_TIMEOUT:g}s", "log-level": "2"})
+    return db, cluster, exchange
+
+
+async def database_stall(workdir: Path, n_agents: int = DB_AGENTS) -> Run:
+    run = Run("database stall")
+    db, cluster, exchange = await _private_cluster(workdir, n_agents)
+    prober = Prober(cluster)
+    try:
+        await start_settled(cluster)
+        sockets = {n: cluster.fleet.clients[n] for n in cluster.fleet.names}
+        beats = {n: len(c.events("heartbeat")) for n, c in sockets.items()}
+        prober.start()
+        db.freeze()
+        frozen = run.facts["frozen"] = reactor.seconds()
+        try:
+            # The stall's length is the fault under test (issue 11: "SIGSTOP mariadbd for
+            # 10 s"); the probes keep calling meanwhile.
+            await until(lambda: reactor.seconds() - frozen >= STALL, STALL + 30, interval=0.1, what="the stall")
+            kept = [n for n, c in sockets.items() if cluster.fleet.clients[n] is c and cluster.fleet.holds_socket(n)]
+            beaten = [n for n, c in sockets.items() if len(c.events("heartbeat")) > beats[n]]
+        finally:
+            db.thaw()
+        thawed = reactor.seconds()
+        recovered = await answering_again(cluster, thawed)
+        await prober.stop()
+        during = answers_between(cluster, frozen, thawed)
+        run.facts.update(
+            nginx=cluster.base, bound=DB_TIMEOUT + 1, stall=thawed - frozen, answers=[(a.where, a.what, a.took, a.code, a.documented_503)
+                                                                  for a in during],
+            late=[f"{a.what} at {a.where}: {a.took:.2f} s ({a.code})" for a in during if a.took > DB_TIMEOUT + 1],
+            not_503=[f"{a.what} at {a.where}: {a.code} {a.message}" for a in during
+                     if a.at + a.took < thawed and not a.documented_503],
+            status=[(b, t, c, body.get("database")) for b, at, t, c, body in prober.status if frozen <= at < thawed],
+            recovered=recovered,
+            agents=len(sockets), sockets_kept=len(kept), heartbeats_during=len(beaten), probe_late=prober.late)
+        await converge(cluster, thawed, run)
+        stored = await stored_probes(cluster)
+        run.facts.update(
+            half_written=[(n, prober.posted.get(n)) for n in sorted(stored - prober.ok_posts())],
+            lost_writes=sorted(prober.ok_posts() - stored),
+            outage_warnings=log_count(cluster, "Availability#warn] database unavailable ("),
+            recovery_warnings=log_count(cluster, "Availability#warn] database available again after"),
+            declared_dead=log_count(cluster, "was declared dead by another server"))
+    finally:
+        await cluster.stop()
+        await db.stop()
+        delete_exchange(exchange)
+        db.remove()
+    return finish(cluster, run)
+
+
+async def database_restart(workdir: Path, n_agents: int = DB_AGENTS) -> Run:
+    run = Run("database restart")
+    db, cluster, exchange = await _private_cluster(workdir, n_agents)
+    prober = Prober(cluster)
+    try:
+        await start_settled(cluster)
+        pids = [s.proc.pid for s in cluster.servers]
+        prober.start()
+        await db.kill()
+        killed = reactor.seconds()
+
+        def noticed() -> bool:  # every server has answered the 503 envelope since the kill
+            return all(any(a.where == s.base and a.documented_503 for a in answers_between(cluster, killed, float("inf")))
+                       for s in cluster.servers)
+
+        await until(noticed, 30, interval=0.1, what="every server answering 503 with mariadbd down")
+        restarting = reactor.seconds()
+        await db.start()  # same port and data directory; InnoDB recovers from the crash
+        back = reactor.seconds()
+        recovered = await answering_again(cluster, back)
+        await prober.stop()
+        during = answers_between(cluster, killed, back)
+        run.facts.update(
+            nginx=cluster.base, bound=DB_TIMEOUT + 1, down=restarting - killed, mariadbd_start=back - restarting, recovered=recovered,
+            marks=(killed, restarting, back), probe_late=prober.late,
+            status=[(b, t, c, body.get("database")) for b, at, t, c, body in prober.status if killed <= at < back],
+            answers=[(a.where, a.what, a.took, a.code, a.documented_503) for a in during],
+            late=[f"{a.what} at {a.where}: {a.took:.2f} s ({a.code})" for a in during if a.took > DB_TIMEOUT + 1],
+            not_503=[f"{a.what} at {a.where}: {a.code} {a.message}" for a in during
+                     if a.at + a.took < restarting and not a.documented_503])
+        await converge(cluster, back, run)
+        stored = await stored_probes(cluster)
+        run.facts.update(
+            restarted=[s.name for s, pid in zip(cluster.servers, pids) if s.proc.pid != pid or s.proc.poll() is not None],
+            servers=sorted(s["name"] for s in await cluster.ok("GET", "/api/v1/servers")),
+            half_written=[(n, prober.posted.get(n)) for n in sorted(stored - prober.ok_posts())],
+            lost_writes=sorted(prober.ok_posts() - stored),
+            outage_warnings=log_count(cluster, "Availability#warn] database unavailable ("),
+            recovery_warnings=log_count(cluster, "Availability#warn] database available again after"))
+    finally:
+        await cluster.stop()
+        await db.stop()
+        delete_exchange(exchange)
+        db.remove()
+    return finish(cluster, run)
+
+
+async def broker_gauges(base: str) -> dict[str, float]:
+    """broker.connected / buffered / dropped from the server's GET /metrics."""
+    resp = await treq.get(base + "/metrics", timeout=10)
+    text = (await resp.content()).decode()
+    found = re.findall(r"^taskd_server_broker_(connected|buffered|dropped)(?:_total)? (\S+)$", text, re.M)
+    return {name: float(value) for name, value in found}
+
+
+async def all_gauges(cluster: Cluster) -> dict[str, dict[str, float]]:
+    return {s.name: await broker_gauges(s.base) for s in cluster.servers}
+
+
+class EventStream:
+    """`total` task events at `rate` per s, alternating between `publishers` (each through
+    its own API): two creates (a task byIds to `targets`) then an update (a new config) of
+    one of that server's earlier tasks. `at[n]` is called when the n-th event is sent."""
+
+    def __init__(self, cluster: Cluster, publishers: list[Any], targets: list[int], total: int, rate: float,
+                 at: dict[int, Callable[[], Any]]) -> None:
+        self.cluster, self.publishers, self.targets, self.total = cluster, publishers, targets, total
+        self.at, self.interval = at, 1 / rate
+        self.sent = self.answered = 0
+        self.failed: list[str] = []
+        self.made: dict[str, list[dict]] = {p.name: [] for p in publishers}  # created bodies, with ids
+        self.done: Deferred = Deferred()
+        self._loop = LoopingCall(self._fire)
+
+    def start(self) -> None:
+        self._loop.start(self.interval, now=True)
+
+    def _fire(self) -> None:
+        if self.sent >= self.total:
+            self._loop.stop()
+            return
+        k = self.sent
+        self.sent += 1
+        if k in self.at:
+            self.at[k]()
+        server = self.publishers[k % len(self.publishers)]
+        made = self.made[server.name]
+        config = {"/chaos": {"v": str(k)}}
+        if k % 3 == 2 and made:
+            body = {**made[(k // 3) % len(made)], "config": config}
+            d = Deferred.fromCoroutine(self.cluster.call("PUT", "/api/v1/tasks", body, server.base))
+        else:
+            body = {**TASK, "name": f"ev{k:04d}", "config": config,
+                    "route": {"type": "byIds", "config": {"ids": self.targets}}}
+            d = Deferred.fromCoroutine(self.cluster.call("POST", "/api/v1/tasks", body, server.base))
+            d.addCallback(self._created, server.name, body)
+        d.addCallbacks(self._answered, lambda f: self._answered((0, f.getErrorMessage())), callbackArgs=(k,))
+
+    def _created(self, answer: tuple[int, Any], publisher: str, body: dict) -> tuple[int, Any]:
+        code, got = answer
+        if code == 200:
+            self.made[publisher].append({**body, "id": got["id"]})
+            self.cluster.tasks.append(got["id"])
+        return answer
+
+    def _answered(self, answer: tuple[int, Any], k: int = -1) -> None:
+        if answer[0] != 200:
+            self.failed.append(f"event {k}: {answer}")
+        self.answered += 1
+        if self.answered == self.total and not self.done.called:
+            self.done.callback(None)
+
+
+def bus_counts(cluster: Cluster) -> dict[str, Any]:
+    """From the servers' debug logs: task events each published, and each received from
+    each other server (repeats already dropped), the repeats dropped, and the events
+    unconfirmed when a broker connection was lost (resent afterwards)."""
+    published, received, repeats, unconfirmed = {}, {}, {}, {}
+    for s in cluster.servers:
+        log = s.log()
+        lines = EVENT_LINE.findall(log)
+        published[s.name] = sum(1 for _, source in lines if not source)
+        received[s.name] = Counter(source for _, source in lines if source)
+        repeats[s.name] = len(REPEAT_LINE.findall(log))
+        unconfirmed[s.name] = [int(n) for n in UNCONFIRMED.findall(log)]
+    lost = {f"{src}->{dst}": published[src] - received[dst][src]
+            for src in published for dst in published if src != dst}
+    return {"published": published, "lost": lost, "repeats": repeats, "unconfirmed": unconfirmed}
+
+
+async def broker_restart(workdir: Path, dbs: Any, n_agents: int = 150) -> Run:
+    """`dbs`: tests.conftest.MySQLDatabases (the shared MariaDB; only the broker is faulted)."""
+    run = Run("broker restart")
+    proxy = FaultProxy("127.0.0.1", 5672)
+    exchange = new_exchange()
+    # A long task-list-interval: no periodic taskList repairs what a lost event missed.
+    cluster = Cluster(workdir, dbs.create("chaos"), exchange, n_agents=n_agents,
+                      **{"rabbitmq-url": f"amqp://guest:guest@127.0.0.1:{proxy.port}/", "task-list-interval": "600s"})
+    marks: dict[str, float] = {}
+    try:
+        _, held = await start_settled(cluster)
+        await value_of(lambda: all_gauges(cluster), lambda g: all(v.get("connected") == 1 for v in g.values()), 30,
+                       interval=0.2, what="every server connected to the broker")
+        sockets = dict(cluster.fleet.clients)
+        targets = [cluster.agent_ids[name] for s in cluster.servers for name in sorted(held[s.name])[:2]]
+        buffered: dict[str, float] = {}
+
+        def cut() -> None:
+            proxy.refuse()
+            marks["cut"] = reactor.seconds()
+
+        def restore() -> None:
+            async def go() -> None:
+                buffered.update({n: g.get("buffered", 0) for n, g in (await all_gauges(cluster)).items()})
+                proxy.resume()
+                marks["restored"] = reactor.seconds()
+            Deferred.fromCoroutine(go())
+
+        stream = EventStream(cluster, cluster.servers[:2], targets, EVENTS, RATE, {CUT_AT: cut, RESTORE_AT: restore})
+        marks["stream"] = reactor.seconds()
+        stream.start()
+        await stream.done
+        marks["streamed"] = reactor.seconds()
+        gauges = await value_of(lambda: all_gauges(cluster), lambda g: all(
+            v.get("connected") == 1 and v.get("buffered") == 0 for v in g.values()), CONVERGE, interval=0.2,
+            what="every server reconnected with nothing left to send")
+        marks["reconnected"] = reactor.seconds()
+        stream_ids = [t["id"] for made in stream.made.values() for t in made]
+        by_id = {v: k for k, v in cluster.agent_ids.items()}
+
+        async def undelivered() -> list[str]:
+            shown = await cluster.task_details(stream_ids, cluster.servers[2].base)
+            views = {a: view_of(cluster.fleet.clients[by_id[a]].frames) or {} for a in targets}
+            return [f"task {t['id']} on {by_id[a]}" for t in shown for a in targets
+                    if a not in views or t["id"] not in views[a] or not same_task(views[a][t["id"]], t)]
+
+        try:
+            await value_of(undelivered, lambda missing: not missing, CONVERGE, interval=0.5, what="every event delivered")
+            marks["delivered"] = reactor.seconds()
+            missing: list[str] = []
+        except AssertionError:
+            missing = await undelivered()
+        await converge(cluster, marks["reconnected"], run)
+        run.facts.update(
+            events=stream.total, failed_calls=stream.failed, rate=stream.total / (marks["streamed"] - marks["stream"]),
+            outage=marks["restored"] - marks["cut"], buffered_at_restore=buffered,
+            reconnect=marks["reconnected"] - marks["restored"],
+            delivered=marks.get("delivered", float("nan")) - marks["restored"],
+            undelivered=missing, dropped={n: g.get("dropped", 0) for n, g in gauges.items()},
+            duplicates=[f"{name}: {d}" for name, c in cluster.fleet.clients.items() for d in duplicate_pushes(c.frames)],
+            reconnected_agents=sorted(n for n, c in sockets.items() if cluster.fleet.clients[n] is not c),
+            targets=len(targets), tasks=len(stream_ids), **bus_counts(cluster))
+    finally:
+        await cluster.stop()
+        proxy.close()
+        delete_exchange(exchange)
+    return finish(cluster, run)
+
+
+async def lone_restart(workdir: Path, n_agents: int = 12) -> Run:
+    run = Run("lone sqlite server restart")
+    cluster = Cluster(workdir, workdir / "task-server.db", None, n_servers=1, n_agents=n_agents, nginx=False)
+    [server] = cluster.servers
+    try:
+        assigned, _ = await start_settled(cluster, n_any=8, n_tags=3, n_ids=3)
+        by_id = {v: k for k, v in cluster.agent_ids.items()}
+        holders = Counter(by_id[agents[0]] for agents in assigned.values())
+        away = holders.most_common(1)[0][0]
+        moving = [tid for tid, agents in assigned.items() if by_id[agents[0]] == away]
+        before = dict(cluster.fleet.clients)
+        cluster.fleet.away.add(away)
+        server.proc.send_signal(signal.SIGKILL)
+        server.proc.wait()
+        killed = reactor.seconds()
+        await until(lambda: not any(cluster.fleet.holds_socket(n) for n in cluster.fleet.names), 30, interval=0.05,
+                    what="every agent's socket closed by the kill")
+        await server.start(timeout=60)
+        up = reactor.seconds()
+        await converge(cluster, up, run)
+        back = [n for n in cluster.fleet.names if n != away]
+        shown = await cluster.online(server.base)
+        after = await cluster.assignments(server.base)
+        run.facts.update(
+            away=away, moving=len(moving), down=up - killed, agents_back=len(back),
+            reconnected=sorted(n for n in back if cluster.fleet.holds_socket(n) and cluster.fleet.clients[n] is not before[n]),
+            away_online=shown.get(away), moved_to=sorted({by_id.get(a[0]) for t, a in after.items() if t in moving and a}),
+            duplicates=[f"{n}: {d}" for n in back for d in duplicate_pushes(cluster.fleet.clients[n].frames)],
+            duplicates_before=[f"{n}: {d}" for n, c in before.items() for d in duplicate_pushes(c.frames)])
+    finally:
+        await cluster.stop()
+    return finish(cluster, run)
