@@ -76,8 +76,10 @@ bench-agent: $(STAMP)
 BENCH_BLACKBOX_FLAGS ?=
 
 ## Chaos figures (issue 11): SIGKILL one of three servers behind nginx with 150 agents and
-## time the repair (agents offline, `any` tasks moved, agents reconnected); writes
-## bench/chaos.md; about a minute. Needs MariaDB, RabbitMQ and nginx, as `make test` does.
+## time the repair (agents offline, `any` tasks moved, agents reconnected), then SIGSTOP of
+## a server, of mariadbd, a MariaDB restart, a RabbitMQ outage, a lone server's restart;
+## writes bench/chaos.md; about four minutes. Needs MariaDB (and mariadb-install-db),
+## RabbitMQ and nginx, as `make test` does.
 CHAOS_FLAGS ?=
 .PHONY: chaos
 chaos: $(STAMP)

@@ -4,7 +4,7 @@ taskserver` on one MariaDB database and the local RabbitMQ, nginx in front, ligh
 through it). The suite asserts the end state; this script times the way there, since a
 test must not assert a duration. Writes bench/chaos.md.
 
-Scenario covered so far: SIGKILL of one server. From the SIGKILL:
+SIGKILL of one server (`--runs` times). From the SIGKILL:
 - offline: every agent of the victim that stays away shows `online: false` in every
   survivor's API (the survivors reaped the victim's rows);
 - re-assigned: every `any` task that was on those agents is on exactly one online agent
@@ -12,7 +12,14 @@ Scenario covered so far: SIGKILL of one server. From the SIGKILL:
 - reconnected: every agent of the victim that comes back holds a socket again through
   nginx (the client's own time of its reopened socket).
 
-Usage: python -m bench.chaos [--runs N] [--agents N] (or `make chaos`).
+Then, once each (`--other-runs`), the other scenarios of the suite, each the very run its
+test makes (tests/chaos/scenarios.py) with its outcome reported as figures: SIGSTOP of
+one server past `server-dead-after` then SIGCONT (timed here); SIGSTOP of mariadbd for
+10 s (every API answer's time against db-timeout + 1 s); a MariaDB crash and restart; a
+RabbitMQ outage while two servers publish 50 events/s (events lost, duplicate pushes);
+SIGKILL and restart of a lone sqlite server (duplicate tasks pushed).
+
+Usage: python -m bench.chaos [--runs N] [--other-runs N] [--agents N] [--only a,b] (or `make chaos`).
 """
 from __future__ import annotations
 
@@ -29,6 +36,7 @@ from typing import Any
 from twisted.internet import task
 from twisted.internet.defer import Deferred, gatherResults
 
+from bench import chaos_more
 from tests.chaos.cluster import FAST, Cluster, delete_exchange, start_and_choose_victim, new_exchange
 from tests.conftest import MySQLDatabases
 
@@ -112,21 +120,31 @@ def cluster_any(runs: list[dict[str, Any]]) -> list[int]:
     return runs[0]["any_tasks"]
 
 
-def report(runs: list[dict[str, Any]], agents: int) -> str:
+def report(runs: list[dict[str, Any]], agents: int, others: dict[str, list[Any]]) -> str:
     lines = [
         "# Chaos figures",
         "",
         f"Written by `make chaos` (`python -m bench.chaos`) on {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC,",
-        f"{platform.node()}, Python {platform.python_version()}, {len(runs)} run(s). Three `twistd taskserver` on one",
+        f"{platform.node()}, Python {platform.python_version()}. Three `twistd taskserver` on one",
         f"MariaDB database and the local RabbitMQ, the real nginx in front as one upstream, {agents} light",
-        "agents through it (tests/chaos/cluster.py, the same cluster as tests/chaos/). Settings: "
-        + ", ".join(f"`{k} = {v}`" for k, v in FAST.items()) + ".",
+        "agents through it (tests/chaos/cluster.py, the same cluster as tests/chaos/), unless a section says",
+        "otherwise. Settings: " + ", ".join(f"`{k} = {v}`" for k, v in FAST.items()) + ".",
+        "The machine has 2 cores, shared with whatever else runs there.",
+        "",
+    ]
+    lines += sigkill_section(runs, agents) if runs else ["## SIGKILL of one server", "", "Not run this time.", ""]
+    lines += chaos_more.sections(others)
+    return "\n".join(lines)
+
+
+def sigkill_section(runs: list[dict[str, Any]], agents: int) -> list[str]:
+    lines = [
+        f"## SIGKILL of one server ({len(runs)} run(s))",
+        "",
         "Timed from the SIGKILL, polling the survivors' APIs in rounds (every agent, every moved task, the",
         f"whole end state) {POLL:g} s apart; each figure is the time its answers were all in (an upper bound:",
         f"a round took {max(r['round'] for r in runs):.2f} s at most on this loaded 2-core machine, so a figure may be that late);",
         "'reconnected' is the agents' own clock of their reopened sockets.",
-        "",
-        "## SIGKILL of one server",
         "",
         "| figure | target | " + " | ".join(f"run {i + 1}" for i in range(len(runs))) + " | max | met |",
         "|---|---|" + "---|" * len(runs) + "---|---|",
@@ -165,40 +183,42 @@ def report(runs: list[dict[str, Any]], agents: int) -> str:
         "survivors' next beat finds it, then relocation waits `relocate-delay` plus up to 2.1 s of jitter for",
         "agents that were on another server.",
         "",
-        "## Not covered yet",
-        "",
-        "SIGSTOP of one server for longer than `server-dead-after`, then SIGCONT, has a test",
-        "(tests/chaos/test_server_freeze.py) but no figure here yet. These scenarios of issue 11 item 7/8",
-        "have no test and no figure yet: SIGSTOP of mariadbd for 10 s (API answers within",
-        "`db-timeout` + 1 s); a MariaDB restart; a RabbitMQ restart (events lost, duplicate pushes); SIGKILL",
-        "and restart of a lone sqlite server while one of its agents stays away (duplicate Snap tasks);",
-        "real `twistd taskagent` processes with the builtin executor (gaps in their points); `byIds`",
-        "tasks and the check that every agent's last `taskList` equals the database's routing;",
-        "`make bench --mysql` against bare Klein.",
-        "",
     ]
-    return "\n".join(lines)
+    return lines
 
 
 async def main(reactor: Any, argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--runs", type=int, default=3, help="SIGKILL runs")
+    parser.add_argument("--other-runs", type=int, default=1, help="runs of each other scenario")
     parser.add_argument("--agents", type=int, default=150)
+    parser.add_argument("--only", default="", help="comma-separated: sigkill," + ",".join(chaos_more.SCENARIOS))
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args(argv)
+    only = set(filter(None, args.only.split(",")))
     dbs = MySQLDatabases()
-    runs = []
+    runs: list[dict[str, Any]] = []
+    others: dict[str, list[Any]] = {}
     try:
-        for i in range(args.runs):
+        for i in range(args.runs if not only or "sigkill" in only else 0):
             with tempfile.TemporaryDirectory(prefix="taskd-chaos-") as workdir:
                 run = await sigkill_run(reactor, Path(workdir), dbs, args.agents)
             print(f"run {i + 1}: {run}", file=sys.stderr)
             runs.append(run)
+        for name in chaos_more.SCENARIOS:
+            if only and name not in only:
+                continue
+            for i in range(args.other_runs):
+                with tempfile.TemporaryDirectory(prefix="taskd-chaos-") as workdir:
+                    got = await chaos_more.run(name, reactor, Path(workdir), dbs, args.agents)
+                print(f"{name} run {i + 1}: {chaos_more.summary(got)}", file=sys.stderr)
+                others.setdefault(name, []).append(got)
     finally:
         dbs.drop_all()
-    args.out.write_text(report(runs, args.agents))
+    args.out.write_text(report(runs, args.agents, others))
     print(f"wrote {args.out}")
-    medians = {k: statistics.median(r["marks"][k] for r in runs) for k in LABELS if all(k in r["marks"] for r in runs)}
+    medians = {k: statistics.median(r["marks"][k] for r in runs) for k in LABELS
+               if runs and all(k in r["marks"] for r in runs)}
     print(medians)
 
 
