@@ -93,17 +93,10 @@ def _phase(task: Mapping[str, Any], task_id: int, spread: Callable[[int], float]
     return task_id
 
 
-SPREAD_STEPS = 10
-"""The instants per second tasks are spread over: enough that a thousand tasks created in
-one second start a hundred at a time, few enough that an agent with a light load wakes
-ten times a second rather than once per task (each wake-up costs CPU of its own: with
-every task at its own instant, 100 tcp checks a second cost 11 % of a core instead of 4)."""
-
-
 def _spread(task_id: int) -> float:
-    """A tenth of a second (0, 0.1, … 0.9) from the id: consecutive ids land far apart (the
+    """A fraction of a second in [0, 1) from the id: consecutive ids land far apart (the
     golden-ratio sequence), so tasks created together spread evenly over their second."""
-    return math.floor((task_id * 0.6180339887498949) % 1.0 * SPREAD_STEPS) / SPREAD_STEPS
+    return (task_id * 0.6180339887498949) % 1.0
 
 
 def _error_text(exc: BaseException) -> str:
