@@ -413,3 +413,25 @@ def test_an_agent_behind_skips_late_runs_with_one_warning_and_says_when_it_caugh
     assert [(r.status(i).runs, r.status(i).skipped) for i in (1, 2, 3)] == [(2, 1)] * 3
     assert "caught up: runs start on time again; 3 run(s) were skipped while behind" in r.lines()
     assert not any("previous run still going" in line or "passed while" in line for line in r.lines())
+
+
+def test_a_large_task_set_is_frozen_out_of_the_collectors_sight_once_per_growth_by_half(monkeypatch):
+    import gc
+
+    from taskd.agent.builtin.executor import FREEZE_MIN_TASKS
+
+    freezes = []
+    real_freeze = gc.freeze
+    monkeypatch.setattr(gc, "freeze", lambda: (freezes.append(1), real_freeze()))
+    r = rig()
+    try:
+        r.executor.set_tasks({i: task(i) for i in range(1, FREEZE_MIN_TASKS)})
+        assert freezes == []  # small: left alone
+        r.executor.set_tasks({i: task(i) for i in range(1, FREEZE_MIN_TASKS + 1)})
+        assert len(freezes) == 1 and gc.get_freeze_count() > 0
+        r.executor.set_tasks({i: task(i) for i in range(1, FREEZE_MIN_TASKS + 11)})  # grew by 1 %: not again
+        assert len(freezes) == 1
+        r.executor.set_tasks({i: task(i) for i in range(1, FREEZE_MIN_TASKS * 3 // 2 + 1)})  # by half: again
+        assert len(freezes) == 2
+    finally:
+        gc.unfreeze()

@@ -26,6 +26,7 @@ log; the stats counters still count each one.
 """
 from __future__ import annotations
 
+import gc
 import json
 import math
 from dataclasses import dataclass, field, replace
@@ -44,6 +45,8 @@ from taskd.agent.contract import ERROR, OK, PENDING, ReportStatus, SendCatalog, 
 from taskd.stats import NULL_STATS
 
 __all__ = ["BuiltinExecutor"]
+
+FREEZE_MIN_TASKS = 1000  # below this a full collection is cheap: the heap is left alone (_settle_heap)
 
 # The task fields whose change means the task must be looked at again (route, metrics and
 # enabled do not change what this agent runs; the server only sends enabled tasks).
@@ -166,6 +169,7 @@ class BuiltinExecutor(Service):
         self.scheduler = Scheduler(clock, on_skip=self._skipped, on_lateness=self._late,
                                    shed_lateness=max_run_lateness or None)
         self._shedding = 0  # runs shed since the agent fell behind (0: it is not behind)
+        self._frozen_at = 0  # tasks held when the heap was last frozen (_settle_heap)
         self._desired: dict[int, dict] = {}
         self._tasks: dict[int, _Task] = {}
         self._epoch = 0  # bumped when a stop stops waiting: runs from before are ignored
@@ -237,6 +241,20 @@ class BuiltinExecutor(Service):
             if state is None or state.task is not task or state.fingerprint is None:
                 self._put(task_id, task)  # else the very dict applied last time: unchanged (set_tasks)
         self.stats.gauge("builtin.tasks", len(self.scheduler))
+        self._settle_heap()
+
+    def _settle_heap(self) -> None:
+        """Once the task set has grown by half (from FREEZE_MIN_TASKS on): collect, then
+        move what is alive out of the garbage collector's sight (gc.freeze). The tasks
+        and their parsed configs live as long as the agent, yet every full collection
+        walked them all again: with 10,000 http tasks that was about 8 % of the CPU of
+        1,000 checks a second (bench/agent-vs-blackbox.md). Collecting first leaves no
+        garbage in the frozen set; the rare growth steps bound how often it is paid."""
+        n = len(self._tasks)
+        if n >= FREEZE_MIN_TASKS and n >= self._frozen_at * 3 // 2:
+            gc.collect()
+            gc.freeze()
+            self._frozen_at = n
 
     def _put(self, task_id: int, task: dict) -> None:
         state = self._tasks.get(task_id)
