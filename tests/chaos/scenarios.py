@@ -189,6 +189,37 @@ async def _private_cluster(workdir: Path, n_agents: int) -> tuple[PrivateMariaDB
     return db, cluster, exchange
 
 
+def _answer_facts(cluster: Cluster, prober: Prober, start: float, end: float, cut: float) -> dict[str, Any]:
+    """What the API answered between `start` and `end` (the outage), against the bound;
+    `cut`: calls that ended before it must all be the documented 503."""
+    during = answers_between(cluster, start, end)
+    return dict(
+        nginx=cluster.base, bound=DB_TIMEOUT + 1,
+        answers=[(a.where, a.what, a.took, a.code, a.documented_503) for a in during],
+        late=[f"{a.what} at {a.where}: {a.took:.2f} s ({a.code})" for a in during if a.took > DB_TIMEOUT + 1],
+        not_503=[f"{a.what} at {a.where}: {a.code} {a.message}" for a in during
+                 if a.at + a.took < cut and not a.documented_503],
+        status=[(b, t, c, body.get("database")) for b, at, t, c, body in prober.status if start <= at < end],
+        probe_late=prober.late)
+
+
+async def _write_facts(cluster: Cluster, prober: Prober) -> dict[str, Any]:
+    """Writes answered 503 but stored, answered 200 but missing; outage warnings per server."""
+    stored = await stored_probes(cluster)
+    return dict(
+        half_written=[(n, prober.posted.get(n)) for n in sorted(stored - prober.ok_posts())],
+        lost_writes=sorted(prober.ok_posts() - stored),
+        outage_warnings=log_count(cluster, "Availability#warn] database unavailable ("),
+        recovery_warnings=log_count(cluster, "Availability#warn] database available again after"))
+
+
+async def _teardown(cluster: Cluster, db: PrivateMariaDB, exchange: str) -> None:
+    await cluster.stop()
+    await db.stop()
+    delete_exchange(exchange)
+    db.remove()
+
+
 async def database_stall(workdir: Path, n_agents: int = DB_AGENTS) -> Run:
     run = Run("database stall")
     db, cluster, exchange = await _private_cluster(workdir, n_agents)
@@ -211,29 +242,14 @@ async def database_stall(workdir: Path, n_agents: int = DB_AGENTS) -> Run:
         thawed = reactor.seconds()
         recovered = await answering_again(cluster, thawed)
         await prober.stop()
-        during = answers_between(cluster, frozen, thawed)
-        run.facts.update(
-            nginx=cluster.base, bound=DB_TIMEOUT + 1, stall=thawed - frozen, answers=[(a.where, a.what, a.took, a.code, a.documented_503)
-                                                                  for a in during],
-            late=[f"{a.what} at {a.where}: {a.took:.2f} s ({a.code})" for a in during if a.took > DB_TIMEOUT + 1],
-            not_503=[f"{a.what} at {a.where}: {a.code} {a.message}" for a in during
-                     if a.at + a.took < thawed and not a.documented_503],
-            status=[(b, t, c, body.get("database")) for b, at, t, c, body in prober.status if frozen <= at < thawed],
-            recovered=recovered,
-            agents=len(sockets), sockets_kept=len(kept), heartbeats_during=len(beaten), probe_late=prober.late)
+        run.facts.update(_answer_facts(cluster, prober, frozen, thawed, cut=thawed), stall=thawed - frozen,
+                         recovered=recovered, agents=len(sockets), sockets_kept=len(kept),
+                         heartbeats_during=len(beaten))
         await converge(cluster, thawed, run)
-        stored = await stored_probes(cluster)
-        run.facts.update(
-            half_written=[(n, prober.posted.get(n)) for n in sorted(stored - prober.ok_posts())],
-            lost_writes=sorted(prober.ok_posts() - stored),
-            outage_warnings=log_count(cluster, "Availability#warn] database unavailable ("),
-            recovery_warnings=log_count(cluster, "Availability#warn] database available again after"),
-            declared_dead=log_count(cluster, "was declared dead by another server"))
+        run.facts.update(await _write_facts(cluster, prober),
+                         declared_dead=log_count(cluster, "was declared dead by another server"))
     finally:
-        await cluster.stop()
-        await db.stop()
-        delete_exchange(exchange)
-        db.remove()
+        await _teardown(cluster, db, exchange)
     return finish(cluster, run)
 
 
@@ -258,29 +274,15 @@ async def database_restart(workdir: Path, n_agents: int = DB_AGENTS) -> Run:
         back = reactor.seconds()
         recovered = await answering_again(cluster, back)
         await prober.stop()
-        during = answers_between(cluster, killed, back)
-        run.facts.update(
-            nginx=cluster.base, bound=DB_TIMEOUT + 1, down=restarting - killed, mariadbd_start=back - restarting, recovered=recovered,
-            marks=(killed, restarting, back), probe_late=prober.late,
-            status=[(b, t, c, body.get("database")) for b, at, t, c, body in prober.status if killed <= at < back],
-            answers=[(a.where, a.what, a.took, a.code, a.documented_503) for a in during],
-            late=[f"{a.what} at {a.where}: {a.took:.2f} s ({a.code})" for a in during if a.took > DB_TIMEOUT + 1],
-            not_503=[f"{a.what} at {a.where}: {a.code} {a.message}" for a in during
-                     if a.at + a.took < restarting and not a.documented_503])
+        run.facts.update(_answer_facts(cluster, prober, killed, back, cut=restarting), down=restarting - killed,
+                         mariadbd_start=back - restarting, recovered=recovered, marks=(killed, restarting, back))
         await converge(cluster, back, run)
-        stored = await stored_probes(cluster)
         run.facts.update(
+            await _write_facts(cluster, prober),
             restarted=[s.name for s, pid in zip(cluster.servers, pids) if s.proc.pid != pid or s.proc.poll() is not None],
-            servers=sorted(s["name"] for s in await cluster.ok("GET", "/api/v1/servers")),
-            half_written=[(n, prober.posted.get(n)) for n in sorted(stored - prober.ok_posts())],
-            lost_writes=sorted(prober.ok_posts() - stored),
-            outage_warnings=log_count(cluster, "Availability#warn] database unavailable ("),
-            recovery_warnings=log_count(cluster, "Availability#warn] database available again after"))
+            servers=sorted(s["name"] for s in await cluster.ok("GET", "/api/v1/servers")))
     finally:
-        await cluster.stop()
-        await db.stop()
-        delete_exchange(exchange)
-        db.remove()
+        await _teardown(cluster, db, exchange)
     return finish(cluster, run)
 
 
