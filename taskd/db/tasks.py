@@ -113,6 +113,9 @@ _VISIBLE_AGENT_ID = sa.select(m.agent.c.id).where(
     sa.or_(m.agent.c.org_id == sa.bindparam("org_id"), m.agent.c.public.is_(True)),
 )
 _INSERT_TASK = sa.insert(m.task)
+# Many tasks in one statement, their ids in the order of the rows given (insertmanyvalues;
+# CREATE_BATCH rows stay one statement, well under its page of 1,000).
+_INSERT_TASK_RETURNING = sa.insert(m.task).returning(m.task.c.id, sort_by_parameter_order=True)
 _INSERT_METRIC = sa.insert(m.task_metric)
 _INSERT_BY_ID = sa.insert(m.route_by_id_index)
 _INSERT_BY_TAG = sa.insert(m.route_by_tag_index)
@@ -125,11 +128,14 @@ def _check_route_ids(conn: Connection, org_id: int, ids: Sequence[int]) -> None:
         found = set(conn.execute(_VISIBLE_AGENT_ID, {"id": one, "org_id": org_id}).scalars())
     else:
         found = set(conn.execute(_VISIBLE_AGENT_IDS, {"ids": sorted(unique), "org_id": org_id}).scalars())
-    missing = sorted(unique - found)
+    _refuse_missing(unique - found)
+
+
+def _refuse_missing(missing: Iterable[int]) -> None:
     if missing:
         raise Invalid(
             "route.config.ids: no agent visible to this org has id "
-            + ", ".join(str(i) for i in missing)
+            + ", ".join(str(i) for i in sorted(missing))
         )
 
 def _write_children(conn: Connection, task_id: int, org_id: int, spec: TaskSpec, now: datetime,
@@ -139,19 +145,23 @@ def _write_children(conn: Connection, task_id: int, org_id: int, spec: TaskSpec,
     task was just inserted, so there is nothing to delete first."""
     if not fresh:
         _delete_children(conn, task_id, keep_any=spec.route.type == ANY)
-    if spec.metrics:
-        conn.execute(_INSERT_METRIC, [
-            {"task_id": task_id, "namespace": ns, "version": ver, "created": now}
-            for ns, ver in spec.metrics.items()
-        ])
-    if spec.route.type == BY_IDS:
-        conn.execute(_INSERT_BY_ID, [
-            {"task_id": task_id, "agent_id": i, "created": now} for i in sorted(set(spec.route.ids))
-        ])
-    elif spec.route.type == BY_TAGS:
-        conn.execute(_INSERT_BY_TAG, [
-            {"task_id": task_id, "org_id": org_id, "tag": t, "created": now} for t in sorted(set(spec.route.tags))
-        ])
+    _insert_children(conn, [(task_id, org_id, spec, now)])
+
+
+def _insert_children(conn: Connection, written: Sequence[tuple[int, int, TaskSpec, datetime]]) -> None:
+    """The child rows of tasks just written, one statement per table for them all."""
+    metrics, by_id, by_tag = [], [], []
+    for task_id, org_id, spec, now in written:
+        metrics += [{"task_id": task_id, "namespace": ns, "version": ver, "created": now}
+                    for ns, ver in spec.metrics.items()]
+        if spec.route.type == BY_IDS:
+            by_id += [{"task_id": task_id, "agent_id": i, "created": now} for i in sorted(set(spec.route.ids))]
+        elif spec.route.type == BY_TAGS:
+            by_tag += [{"task_id": task_id, "org_id": org_id, "tag": t, "created": now}
+                       for t in sorted(set(spec.route.tags))]
+    for statement, rows in ((_INSERT_METRIC, metrics), (_INSERT_BY_ID, by_id), (_INSERT_BY_TAG, by_tag)):
+        if rows:
+            conn.execute(statement, rows)
 
 def _delete_children(conn: Connection, task_id: int, *, keep_any: bool = False) -> None:
     tables = [m.task_metric, m.route_by_id_index, m.route_by_tag_index]
@@ -182,14 +192,21 @@ def _create(conn: Connection, org_id: int, spec: TaskSpec, now: datetime) -> Tas
     if spec.route.type == BY_IDS:
         _check_route_ids(conn, org_id, spec.route.ids)
     try:
-        task_id = conn.execute(_INSERT_TASK, {
-            "org_id": org_id, "name": spec.name, "task_type": spec.task_type, "config": spec.config,
-            "interval": spec.interval, "route": _route_json(spec.route), "enabled": spec.enabled,
-            "created": now, "updated": now,
-        }).inserted_primary_key[0]
+        task_id = conn.execute(_INSERT_TASK, _task_row(org_id, spec, now)).inserted_primary_key[0]
     except IntegrityError:  # the statement failed alone: the transaction goes on
         raise _conflict(spec.name) from None
     _write_children(conn, task_id, org_id, spec, now, fresh=True)
+    return _written(conn, task_id, org_id, spec, now)
+
+
+def _task_row(org_id: int, spec: TaskSpec, now: datetime) -> dict[str, Any]:
+    return {"org_id": org_id, "name": spec.name, "task_type": spec.task_type, "config": spec.config,
+            "interval": spec.interval, "route": _route_json(spec.route), "enabled": spec.enabled,
+            "created": now, "updated": now}
+
+
+def _written(conn: Connection, task_id: int, org_id: int, spec: TaskSpec, now: datetime) -> Task:
+    """The task as just inserted (not read back), given its `any` agent."""
     task = Task(
         id=task_id, org_id=org_id, name=spec.name, task_type=spec.task_type, config=spec.config,
         interval=spec.interval, route=Route(spec.route.type, spec.route.config),
@@ -197,6 +214,67 @@ def _create(conn: Connection, org_id: int, spec: TaskSpec, now: datetime) -> Tas
     )
     _assign_any(conn, task)
     return task
+
+
+def _create_batch(conn: Connection, batch: Sequence[tuple[int, TaskSpec, datetime]]) -> list[tuple[bool, Any]]:
+    """Write the creates of one group-commit transaction in one statement per table
+    (the route-id check, the tasks, each kind of child row) instead of three or four
+    per task: on MariaDB each statement is a round trip plus its driver's and
+    SQLAlchemy's CPU, which was most of a batch's time (bench/analysis.md, API POST).
+    A bad route id fails its own create before anything is written. A taken name
+    fails the one multi-row INSERT, which InnoDB undoes as a whole (it rolls back the
+    statement, not the transaction), and then the creates are written one by one, so
+    only that one fails. The multi-row INSERT needs RETURNING with the ids in the
+    rows' order, which MariaDB >= 10.5 has; SQLAlchemy runs it row by row on sqlite
+    (where a statement costs microseconds anyway), so there, as on MySQL, each task
+    is inserted alone."""
+    out: list[tuple[bool, Any] | None] = [None] * len(batch)
+    for i, exc in _route_id_failures(conn, batch).items():
+        out[i] = (False, exc)
+    todo = [i for i, done in enumerate(out) if done is None]
+    if len(todo) > 1 and _inserts_many_at_once(conn):
+        try:
+            ids = conn.execute(_INSERT_TASK_RETURNING, [_task_row(*batch[i]) for i in todo]).scalars().all()
+        except IntegrityError:  # InnoDB undid that one statement, every row of it
+            ids = None
+        if ids is not None:
+            _insert_children(conn, [(task_id, batch[i][0], batch[i][1], batch[i][2]) for task_id, i in zip(ids, todo)])
+            for task_id, i in zip(ids, todo):
+                out[i] = (True, _written(conn, task_id, *batch[i]))
+            todo = []
+    for i in todo:
+        try:
+            out[i] = (True, _create(conn, *batch[i]))
+        except StoreError as exc:  # raised before this task wrote anything
+            out[i] = (False, exc)
+    return out  # type: ignore[return-value]
+
+
+def _inserts_many_at_once(conn: Connection) -> bool:
+    d = conn.dialect
+    return d.name == "mysql" and bool(d.insert_executemany_returning_sort_by_parameter_order)
+
+
+def _route_id_failures(conn: Connection, batch: Sequence[tuple[int, TaskSpec, datetime]]) -> dict[int, Invalid]:
+    """The creates of `batch` whose byIds route names an agent their org cannot see, by
+    position, from one SELECT for every id the batch names."""
+    wanted = {i: set(spec.route.ids) for i, (_, spec, _) in enumerate(batch) if spec.route.type == BY_IDS}
+    if not wanted:
+        return {}
+    a = m.agent.c
+    ids = sorted(set().union(*wanted.values()))
+    owners = {row.id: (row.org_id, row.public) for row in conn.execute(
+        sa.select(a.id, a.org_id, a.public).where(a.id.in_(ids)))}
+    failures: dict[int, Invalid] = {}
+    for i, unique in wanted.items():
+        org_id = batch[i][0]
+        missing = [agent_id for agent_id in unique if agent_id not in owners
+                   or not (owners[agent_id][0] == org_id or owners[agent_id][1])]
+        try:
+            _refuse_missing(missing)
+        except Invalid as exc:
+            failures[i] = exc
+    return failures
 
 
 def _assign_any(conn: Connection, task: Task) -> None:
@@ -248,13 +326,7 @@ class TaskStore:
             if len(batch) == 1:  # any failure rolls the whole (one-task) transaction back
                 org_id, spec, now, _, _ = batch[0]
                 return [(True, _create(conn, org_id, spec, now))]
-            out: list[tuple[bool, Any]] = []
-            for org_id, spec, now, _, _ in batch:
-                try:
-                    out.append((True, _create(conn, org_id, spec, now)))
-                except StoreError as exc:  # raised before this task wrote anything
-                    out.append((False, exc))
-            return out
+            return _create_batch(conn, [item[:3] for item in batch])
 
         def written(results: list[tuple[bool, Any]]) -> None:
             for (ok, value), (_, _, _, waiter, _) in zip(results, batch):

@@ -32,7 +32,7 @@ async def test_concurrent_creates_share_transactions_and_fail_alone(api):
     assert statuses[7] == 400 and "987654" in replies[7].meta["message"]
     assert sorted([statuses[8], statuses[9]]) == [200, 409]
     ok = [r.body for r in replies if r.status == 200]
-    assert len(ok) == 9
+    assert len(ok) == 9, [(r.status, r.meta) for r in replies]
     assert store.create_transactions - before < len(bodies)  # some shared a transaction
     for created in ok:  # what each request was answered is what was stored
         got = await api.ok("GET", f"/api/v1/tasks/{created['id']}")
@@ -67,3 +67,39 @@ async def test_an_any_task_is_written_with_its_assignment_in_one_transaction(api
 
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_batch_inserts_its_tasks_in_one_statement_on_mariadb(api):
+    """On MariaDB (INSERT ... RETURNING) a group-commit batch writes all its tasks, and
+    each kind of child row, in one statement each; sqlite inserts its tasks one by one."""
+    agent = await api.ok("POST", "/api/v1/agents", json_body={"name": "one-statement", "enabled": True})
+    store = api.server.tasks.tasks
+    inserts: list[str] = []
+
+    def seen(conn, cursor, statement, params, context, executemany):
+        if statement.startswith(("INSERT INTO task ", "INSERT INTO task_metric", "INSERT INTO route_by_id_index")):
+            inserts.append(statement.split(" (")[0])
+
+    sa.event.listen(api.server.engine, "before_cursor_execute", seen)
+    try:
+        before = store.create_transactions
+        bodies = [{**TASK, "name": f"many{i:02d}", "route": {"type": "byIds", "config": {"ids": [agent["id"]]}}}
+                  for i in range(10)]
+        replies = await gatherResults([Deferred.fromCoroutine(api.request("POST", "/api/v1/tasks", json_body=b))
+                                       for b in bodies])
+    finally:
+        sa.event.remove(api.server.engine, "before_cursor_execute", seen)
+    assert [r.status for r in replies] == [200] * 10
+    transactions = store.create_transactions - before
+    assert transactions < len(bodies)  # some were batched
+    task_inserts = inserts.count("INSERT INTO task")
+    if api.server.engine.dialect.name == "mysql":
+        assert task_inserts == transactions
+        assert inserts.count("INSERT INTO task_metric") == transactions
+        assert inserts.count("INSERT INTO route_by_id_index") == transactions
+    else:
+        assert task_inserts == len(bodies)
+    for created, body in zip((r.body for r in replies), bodies):  # each answer names its own task
+        got = await api.ok("GET", f"/api/v1/tasks/{created['id']}")
+        assert got["name"] == body["name"] == created["name"] and got["route"] == body["route"]
