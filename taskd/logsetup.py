@@ -27,9 +27,10 @@ from twisted.logger import (
     LogLevel,
     LogLevelFilterPredicate,
     formatEvent,
-    textFileLogObserver,
 )
 from twisted.python.logfile import LogFile
+
+from taskd.logtext import text_file_observer
 
 _LEVELS = (LogLevel.debug, LogLevel.debug, LogLevel.info, LogLevel.warn,
            LogLevel.error, LogLevel.critical, LogLevel.critical)
@@ -141,7 +142,7 @@ def observer_factory(predicate: LogLevelFilterPredicate, logfile: str | None,
         if style is not None and style.format == "json":
             lines: ILogObserver = FileLogObserver(out, json_line)
         else:
-            lines = textFileLogObserver(out)
+            lines = text_file_observer(out)
         return FilteringLogObserver(lines, [predicate])
     return make_observer
 

@@ -21,7 +21,10 @@ class FakeRequest:
         raise AssertionError("the access line never reads headers")
 
 
-def test_one_debug_line_per_request():
+def test_one_debug_line_per_request(monkeypatch):
+    from taskd import logsetup
+
+    monkeypatch.setattr(logsetup, "_installed", None)  # not one an earlier test installed
     site = TaskdSite(Resource(), max_body_size=1024)
     seen: list[dict] = []
     globalLogPublisher.addObserver(seen.append)
