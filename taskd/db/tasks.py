@@ -17,7 +17,7 @@ from taskd.db.listing import Page, match, paginate
 from taskd.db.pool import DBPool
 from taskd.timeutil import utcnow
 
-from taskd.routing import ANY, BY_IDS, BY_TAGS  # noqa: F401 (re-exported)
+from taskd.routing import ANY, BY_IDS, BY_TAGS, visible  # noqa: F401 (re-exported)
 
 @dataclass(frozen=True)
 class Route:
@@ -263,13 +263,11 @@ def _route_id_failures(conn: Connection, batch: Sequence[tuple[int, TaskSpec, da
         return {}
     a = m.agent.c
     ids = sorted(set().union(*wanted.values()))
-    owners = {row.id: (row.org_id, row.public) for row in conn.execute(
-        sa.select(a.id, a.org_id, a.public).where(a.id.in_(ids)))}
+    agents = {row.id: row for row in conn.execute(sa.select(a.id, a.org_id, a.public).where(a.id.in_(ids)))}
     failures: dict[int, Invalid] = {}
     for i, unique in wanted.items():
-        org_id = batch[i][0]
-        missing = [agent_id for agent_id in unique if agent_id not in owners
-                   or not (owners[agent_id][0] == org_id or owners[agent_id][1])]
+        org_id = batch[i][0]  # the rule of taskd.routing, on the rows (they carry org_id and public)
+        missing = [agent_id for agent_id in unique if agent_id not in agents or not visible(agents[agent_id], org_id)]
         try:
             _refuse_missing(missing)
         except Invalid as exc:
