@@ -13,6 +13,7 @@ from typing import Any, Callable, Iterable
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
+from sqlalchemy.exc import IntegrityError
 from twisted.internet.defer import Deferred
 
 from taskd.db import models as m
@@ -46,7 +47,16 @@ ORDERABLE = {
 
 def refresh_org_catalog(conn: Connection, org_id: int, now: datetime | None = None,
                         policies: dict[tuple[str, int], Any] | None = None) -> None:
+    """Make the org's catalog rows exactly what its agents advertise.
+
+    Two servers may refresh one org at once (two of its agents connect on two servers,
+    both first to advertise a metric): both find the row missing, and the second insert
+    waits for the first transaction, then fails on the unique key. Under READ COMMITTED
+    the row is then visible, so the insert runs in a savepoint and, when it loses that
+    race, the catalog is read again and the rest brought in line — the refresh never
+    fails for it."""
     now = now or utcnow()
+    policies = policies or {}
     am, ag = m.agent_metric.c, m.agent.c
     wanted: dict[tuple[str, int], bool] = {}
     rows = conn.execute(
@@ -56,19 +66,26 @@ def refresh_org_catalog(conn: Connection, org_id: int, now: datetime | None = No
     )
     for ns, ver, public in rows:
         wanted[(ns, ver)] = wanted.get((ns, ver), False) or bool(public)
-    have = {
-        (r.namespace, r.version): r
-        for r in conn.execute(sa.select(m.metric).where(m.metric.c.org_id == org_id))
-    }
-    policies = policies or {}
-    gone = [have[key].id for key in have.keys() - wanted.keys()]
-    if gone:
-        conn.execute(sa.delete(m.metric).where(m.metric.c.id.in_(gone)))
-    new = [{"org_id": org_id, "namespace": key[0], "version": key[1], "public": public,
-            "policy": policies.get(key), "created": now}
-           for key, public in sorted(wanted.items()) if key not in have]
-    if new:  # one statement: PyMySQL sends an executemany INSERT as one multi-row INSERT
-        conn.execute(sa.insert(m.metric), new)
+    for attempt in range(_INSERT_RACES):
+        have = {
+            (r.namespace, r.version): r
+            for r in conn.execute(sa.select(m.metric).where(m.metric.c.org_id == org_id))
+        }
+        gone = [have[key].id for key in have.keys() - wanted.keys()]
+        if gone:
+            conn.execute(sa.delete(m.metric).where(m.metric.c.id.in_(gone)))
+        new = [{"org_id": org_id, "namespace": key[0], "version": key[1], "public": public,
+                "policy": policies.get(key), "created": now}
+               for key, public in sorted(wanted.items()) if key not in have]
+        if not new:
+            break
+        try:
+            with conn.begin_nested():  # one statement: PyMySQL sends it as one multi-row INSERT
+                conn.execute(sa.insert(m.metric), new)
+            break
+        except IntegrityError:
+            if attempt == _INSERT_RACES - 1:
+                raise
     for key, public in wanted.items():
         row = have.get(key)
         if row is None:
@@ -77,6 +94,9 @@ def refresh_org_catalog(conn: Connection, org_id: int, now: datetime | None = No
             conn.execute(sa.update(m.metric).where(m.metric.c.id == row.id).values(
                 public=public, policy=policies.get(key, row.policy),
             ))
+
+
+_INSERT_RACES = 3  # concurrent refreshes of one org a refresh gives way to before it fails
 
 
 class CatalogStore:
