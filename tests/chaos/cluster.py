@@ -3,7 +3,9 @@ figures (bench/chaos.py).
 
 Three `twistd taskserver` on one MariaDB database and the machine's RabbitMQ (an exchange
 of their own), the real nginx in front of them as one upstream, and a fleet of light
-agents (tests.integration.agent_client) connected through nginx. The fleet behaves as
+agents (tests.integration.agent_client) connected through nginx, and with `n_builtin` a
+few real `twistd taskagent` with the built-in executor running checks
+(tests/chaos/builtin_agents.py). The fleet behaves as
 agents do: a socket that closes is reopened through nginx after a short pause, except for
 the agents told to stay away (as a host that died with its server would). Faults are
 injected only into what this module starts (the servers); the shared MariaDB and
@@ -11,7 +13,8 @@ RabbitMQ are never touched.
 
 The end state a scenario must reach is `Cluster.problems()`: empty when every agent's
 `online` (as each live server's API shows it) matches whether it holds a socket, every
-enabled `any` task is assigned to exactly one online agent that holds one, and what
+enabled `any` task is assigned to exactly one online agent that holds one, no builtin
+agent's check has missed two runs in a row (its points, read by its tsdb-gw emulator), and what
 every agent holding a socket runs (its last `taskList` and the events since:
 tests/chaos/frames.py) is exactly the enabled tasks the database routes to it, as
 stored; `fivexx()` lists the 5xx answers seen (but the documented database-outage 503
@@ -32,7 +35,7 @@ import subprocess
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import pymysql
 import treq
@@ -40,6 +43,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.web.client import HTTPConnectionPool
 
+from tests.chaos.builtin_agents import BuiltinAgents
 from tests.chaos.frames import same_task, view_of
 from tests.conftest import MYSQL_HOST, MYSQL_PASSWORD, MYSQL_PORT, MYSQL_USER
 from tests.integration.agent_client import AgentClient, connect_agent
@@ -53,7 +57,12 @@ RABBITMQ_URL = "amqp://guest:guest@127.0.0.1:5672/"
 # Small intervals so a fault is detected and repaired within seconds.
 FAST = {"server-heartbeat-interval": "0.5s", "server-dead-after": "3s", "relocate-delay": "1s",
         "task-list-interval": "2s", "heartbeat-interval": "1s", "status-flush-interval": "1s"}
-TASK = {"metrics": {}, "config": {}, "interval": 60, "enabled": True}
+# A metric no catalog provides: agents without one (the light fleet) qualify, the builtin
+# agents (their catalog is their collectors') never do, so they run only their own checks.
+TASK = {"metrics": {"/chaos/*": 0}, "config": {}, "interval": 60, "enabled": True}
+# The SIGKILL and SIGSTOP scenarios' fleet (issue 11: "~300 agents (a light client is fine
+# for most; a few real `twistd taskagent` with the built-in executor)").
+CLUSTER_AGENTS, BUILTIN_AGENTS = 300, 3
 REOPEN_AFTER = 0.2  # seconds (plus up to as much jitter) before an agent reopens its socket
 
 
@@ -138,7 +147,8 @@ class Answer:
 
 class Cluster:
     def __init__(self, workdir: Path, database: str | Path, exchange: str | None, n_servers: int = 3,
-                 n_agents: int = 150, *, db_port: int = MYSQL_PORT, nginx: bool = True, **keys: str) -> None:
+                 n_agents: int = 150, *, n_builtin: int = 0, db_port: int = MYSQL_PORT, nginx: bool = True,
+                 **keys: str) -> None:
         """`database`: a database's name on the MariaDB at `db_port` (the shared one by
         default), or the Path of an sqlite file. `exchange` None: no RabbitMQ."""
         self.workdir = workdir
@@ -159,6 +169,8 @@ class Cluster:
             self.nginx = Nginx(workdir / "nginx", [s.port for s in self.servers], worker_connections=4 * n_agents + 256)
         self.base = self.nginx.base if self.nginx else self.servers[0].base
         self.fleet = Fleet(self.base, [f"agent{i:03d}" for i in range(n_agents)])
+        self.builtin = BuiltinAgents(workdir, [f"builtin{i}" for i in range(n_builtin)],
+                                     self.base.replace("http://", "ws://") + "/api/v1", ADMIN_KEY)
         self.answers: list[Answer] = []  # every API call made through `call`
         self.pool = HTTPConnectionPool(reactor, persistent=False)
         self.agent_ids: dict[str, int] = {}
@@ -175,6 +187,7 @@ class Cluster:
 
     async def stop(self) -> None:
         await self.fleet.close_all()
+        await self.builtin.stop()
         if self.nginx:
             self.nginx.stop()
         for server in self.servers:
@@ -212,11 +225,15 @@ class Cluster:
 
     async def populate(self, n_any: int = 30, n_tags: int = 6, n_ids: int = 6) -> None:
         """Agents (tagged in groups), then `byTags`, `byIds` (each to two agents) and
-        `any` tasks, all through `base` (nginx)."""
+        `any` tasks, all through `base` (nginx). The builtin agents start before the `any`
+        tasks exist: an agent qualifies for every task until its catalog is in."""
         for i, name in enumerate(self.fleet.names):
             agent = await self.ok("POST", "/api/v1/agents", {"name": name, "tags": [f"group{i % n_tags}"]})
             self.agent_ids[name] = agent["id"]
         ids = list(self.agent_ids.values())
+        for name in self.builtin.names:
+            self.agent_ids[name] = (await self.ok("POST", "/api/v1/agents", {"name": name}))["id"]
+        await self.builtin.start(self.ok, self.create_task, self.agent_ids)
         for i in range(n_tags):
             await self.create_task({**TASK, "name": f"tagged{i}", "route": {
                 "type": "byTags", "config": {"tags": [f"group{i}"]}}})
@@ -272,26 +289,35 @@ class Cluster:
 
     async def problems(self) -> list[str]:
         """What is wrong with the end state now (empty: the cluster has converged)."""
-        found: list[str] = []
+        found: list[str] = self.builtin.gap_problems()
         by_id = {v: k for k, v in self.agent_ids.items()}
         for n, server in enumerate(self.live()):
             online, assigned = await gatherResults([Deferred.fromCoroutine(self.online(server.base)),
                                                     Deferred.fromCoroutine(self.assignments(server.base))])
-            for name in self.fleet.names:
-                holds = self.fleet.holds_socket(name)
-                if online.get(name) != holds:
-                    found.append(f"{server.name}: {name} online={online.get(name)} but holds a socket={holds}")
+            holds = self.holds_socket()  # after this server's answers: the freshest
+            for name in self.fleet.names + self.builtin.names:
+                if online.get(name) != holds(name):
+                    found.append(f"{server.name}: {name} online={online.get(name)} but holds a socket={holds(name)}")
             for tid, agents in assigned.items():
                 if len(agents) != 1:
                     found.append(f"{server.name}: any task {tid} assigned to {agents}")
                     continue
                 name = by_id.get(agents[0])
-                if not (online.get(name) and self.fleet.holds_socket(name)):
+                if not (online.get(name) and holds(name)):
                     found.append(f"{server.name}: any task {tid} on {name}, online={online.get(name)}, "
-                                 f"socket={self.fleet.holds_socket(name)}")
+                                 f"socket={holds(name)}")
             if n == 0 and not found:  # the routing as the first live server shows it
                 found += self.views_wrong(dict(zip(self.tasks, await self.task_details(self.tasks, server.base))))
         return found[:20] + ([f"... and {len(found) - 20} more"] if len(found) > 20 else [])
+
+    def holds_socket(self) -> Callable[[str], bool]:
+        """name -> whether the agent holds a socket now: a light agent's own client says so;
+        a builtin agent's (another process) is read from the database (`sessions()`) once."""
+        if not self.builtin.names:
+            return self.fleet.holds_socket
+        sessions, live = self.sessions(), {s.name for s in self.live()}
+        return lambda name: self.fleet.holds_socket(name) or (
+            name in self.builtin.names and self.builtin.holds(name, sessions, live))
 
     def views_wrong(self, shown: dict[int, dict]) -> list[str]:
         """Each agent holding a socket runs exactly the enabled tasks `shown` (task id ->
@@ -325,22 +351,24 @@ class Cluster:
         return bad
 
     def tracebacks(self) -> list[str]:
-        return [s.name for s in self.servers if "Traceback" in s.log()]
+        return [s.name for s in self.servers if "Traceback" in s.log()] + self.builtin.tracebacks()
 
     def logs(self) -> str:
-        return "\n".join(f"==== {s.name}\n{s.log()[-6000:]}" for s in self.servers)
+        return "\n".join(f"==== {s.name}\n{s.log()[-6000:]}" for s in self.servers) + "\n" + self.builtin.logs()
 
 
 async def start_and_choose_victim(cluster: Cluster) -> tuple[ServerProcess, set[str], set[str]]:
     """Start, populate, connect, wait for every `any` task to be assigned; choose the victim
-    (the server whose agents hold the most `any` tasks) and the agents of it that will stay
-    away (every one holding an `any` task, and every third of the rest). Returns (victim,
-    its agents, those staying away)."""
+    (the server whose agents hold the most `any` tasks; of those, one holding a builtin
+    agent) and the light agents of it that will stay away (every one holding an `any`
+    task, and every third of the rest). Returns (victim, its light agents, those staying
+    away)."""
     assigned, held = await start_settled(cluster)
     by_id = {v: k for k, v in cluster.agent_ids.items()}
     holders = {by_id[agents[0]] for agents in assigned.values()}
-    victim = max(cluster.servers, key=lambda s: len(holders & held.get(s.name, set())))
-    mine = held.get(victim.name, set())
+    victim = max(cluster.servers, key=lambda s: (len(holders & held.get(s.name, set())),
+                                                 len(set(cluster.builtin.names) & held.get(s.name, set()))))
+    mine = held.get(victim.name, set()) & set(cluster.fleet.names)
     rest = sorted(mine - holders)
     away = (mine & holders) | set(rest[::3])
     return victim, mine, away
@@ -365,4 +393,4 @@ async def _all_one(pending: Any) -> Any:
 def _sessions_complete(cluster: Cluster) -> dict[str, set[str]] | None:
     held = cluster.sessions()
     count = sum(len(v) for v in held.values())
-    return held if count == len(cluster.fleet.names) else None
+    return held if count == len(cluster.fleet.names) + len(cluster.builtin.names) else None
