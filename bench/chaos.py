@@ -1,8 +1,9 @@
 """Chaos figures (issue 11, item 8): how long the cluster takes to repair a fault, measured
 on the same real cluster the chaos suite runs (tests/chaos/cluster.py: three `twistd
 taskserver` on one MariaDB database and the local RabbitMQ, nginx in front, light agents
-through it). The suite asserts the end state; this script times the way there, since a
-test must not assert a duration. Writes bench/chaos.md.
+and a few real builtin `twistd taskagent` through it). The suite asserts the end state;
+this script times the way there, since a test must not assert a duration. Writes
+bench/chaos.md.
 
 SIGKILL of one server (`--runs` times). From the SIGKILL:
 - offline: every agent of the victim that stays away shows `online: false` in every
@@ -10,7 +11,9 @@ SIGKILL of one server (`--runs` times). From the SIGKILL:
 - re-assigned: every `any` task that was on those agents is on exactly one online agent
   holding a socket, in every survivor's API;
 - reconnected: every agent of the victim that comes back holds a socket again through
-  nginx (the client's own time of its reopened socket).
+  nginx (the client's own time of its reopened socket);
+- the largest gap in the builtin agents' points (their checks every 1 s must not miss
+  two runs in a row: a gap of at most 2 s).
 
 Then, once each (`--other-runs`), the other scenarios of the suite, each the very run its
 test makes (tests/chaos/scenarios.py) with its outcome reported as figures: SIGSTOP of
@@ -19,7 +22,9 @@ one server past `server-dead-after` then SIGCONT (timed here); SIGSTOP of mariad
 RabbitMQ outage while two servers publish 50 events/s (events lost, duplicate pushes);
 SIGKILL and restart of a lone sqlite server (duplicate tasks pushed).
 
-Usage: python -m bench.chaos [--runs N] [--other-runs N] [--agents N] [--only a,b] (or `make chaos`).
+Usage: python -m bench.chaos [--runs N] [--other-runs N] [--agents N] [--builtin N] [--only a,b]
+(or `make chaos`). `--agents` and `--builtin` size the SIGKILL and SIGSTOP clusters; the
+other scenarios keep their tests' sizes.
 """
 from __future__ import annotations
 
@@ -37,7 +42,8 @@ from twisted.internet import task
 from twisted.internet.defer import Deferred, gatherResults
 
 from bench import chaos_more
-from tests.chaos.cluster import FAST, Cluster, delete_exchange, start_and_choose_victim, new_exchange
+from tests.chaos.cluster import (BUILTIN_AGENTS, CLUSTER_AGENTS, FAST, Cluster, delete_exchange, new_exchange,
+                                 start_and_choose_victim)
 from tests.conftest import MySQLDatabases
 
 OUT = Path(__file__).resolve().parent / "chaos.md"
@@ -55,11 +61,12 @@ LABELS = {
 }
 
 
-async def sigkill_run(reactor: Any, workdir: Path, dbs: MySQLDatabases, agents: int) -> dict[str, Any]:
+async def sigkill_run(reactor: Any, workdir: Path, dbs: MySQLDatabases, agents: int, builtin: int) -> dict[str, Any]:
     exchange = new_exchange()
-    cluster = Cluster(workdir, dbs.create("chaosbench"), exchange, n_agents=agents)
+    cluster = Cluster(workdir, dbs.create("chaosbench"), exchange, n_agents=agents, n_builtin=builtin)
     try:
         victim, mine, away = await start_and_choose_victim(cluster)
+        builtin_on_victim = sorted(set(cluster.builtin.names) & cluster.sessions().get(victim.name, set()))
         by_id = {v: k for k, v in cluster.agent_ids.items()}
         before = await cluster.assignments()
         moving = [tid for tid, ids in before.items() if by_id[ids[0]] in away]
@@ -107,7 +114,9 @@ async def sigkill_run(reactor: Any, workdir: Path, dbs: MySQLDatabases, agents: 
                     marks[key] = (max(cluster.fleet.reopened[n] for n in back) - t0) if key == "reconnected" else seen[key]
             await task.deferLater(reactor, POLL, lambda: None)
         return {"victim": victim.name, "agents": agents, "victim_agents": len(mine), "away": len(away),
-                "moving": len(moving), "holders": holders, "any_tasks": list(before), "marks": marks, "flaps": flaps, "round": (reactor.seconds() - t0) / max(rounds, 1), "fivexx": cluster.fivexx()}
+                "moving": len(moving), "holders": holders, "any_tasks": list(before), "marks": marks, "flaps": flaps,
+                "round": (reactor.seconds() - t0) / max(rounds, 1), "fivexx": cluster.fivexx(),
+                **chaos_more.builtin_facts(cluster, builtin_on_victim)}
     finally:
         await cluster.stop()
         delete_exchange(exchange)
@@ -120,15 +129,16 @@ def cluster_any(runs: list[dict[str, Any]]) -> list[int]:
     return runs[0]["any_tasks"]
 
 
-def report(runs: list[dict[str, Any]], agents: int, others: dict[str, list[Any]]) -> str:
+def report(runs: list[dict[str, Any]], agents: int, builtin: int, others: dict[str, list[Any]]) -> str:
     lines = [
         "# Chaos figures",
         "",
         f"Written by `make chaos` (`python -m bench.chaos`) on {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC,",
         f"{platform.node()}, Python {platform.python_version()}. Three `twistd taskserver` on one",
         f"MariaDB database and the local RabbitMQ, the real nginx in front as one upstream, {agents} light",
-        "agents through it (tests/chaos/cluster.py, the same cluster as tests/chaos/), unless a section says",
-        "otherwise. Settings: " + ", ".join(f"`{k} = {v}`" for k, v in FAST.items()) + ".",
+        f"agents and {builtin} real builtin `twistd taskagent` (an http and a tcp check every 1 s each, to a",
+        "tsdb-gw emulator of its own) through it (tests/chaos/cluster.py, the same cluster as tests/chaos/),",
+        "unless a section says otherwise. Settings: " + ", ".join(f"`{k} = {v}`" for k, v in FAST.items()) + ".",
         "The machine has 2 cores, shared with whatever else runs there.",
         "",
     ]
@@ -160,8 +170,8 @@ def sigkill_section(runs: list[dict[str, Any]], agents: int) -> list[str]:
     lines += [
         "",
         "Per run: " + "; ".join(f"victim {r['victim']} held {r['victim_agents']} agents, {r['away']} stayed away, "
-                                f"{r['moving']} `any` task(s) had to move, 5xx answers: {len(r['fivexx'])}"
-                                for r in runs) + ".",
+                                f"{r['moving']} `any` task(s) had to move, 5xx answers: {len(r['fivexx'])}, "
+                                + chaos_more.builtin_text(r) for r in runs) + ".",
         "",
         "A **no** by less than one poll round may be the measurement: the polling itself (about 120",
         "API calls a round) shares the 2 cores with the three servers and nginx. Relocation of tasks whose",
@@ -191,7 +201,8 @@ async def main(reactor: Any, argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=3, help="SIGKILL runs")
     parser.add_argument("--other-runs", type=int, default=1, help="runs of each other scenario")
-    parser.add_argument("--agents", type=int, default=150)
+    parser.add_argument("--agents", type=int, default=CLUSTER_AGENTS, help="light agents")
+    parser.add_argument("--builtin", type=int, default=BUILTIN_AGENTS, help="real builtin agents")
     parser.add_argument("--only", default="", help="comma-separated: sigkill," + ",".join(chaos_more.SCENARIOS))
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args(argv)
@@ -202,7 +213,7 @@ async def main(reactor: Any, argv: list[str]) -> None:
     try:
         for i in range(args.runs if not only or "sigkill" in only else 0):
             with tempfile.TemporaryDirectory(prefix="taskd-chaos-") as workdir:
-                run = await sigkill_run(reactor, Path(workdir), dbs, args.agents)
+                run = await sigkill_run(reactor, Path(workdir), dbs, args.agents, args.builtin)
             print(f"run {i + 1}: {run}", file=sys.stderr)
             runs.append(run)
         for name in chaos_more.SCENARIOS:
@@ -210,12 +221,12 @@ async def main(reactor: Any, argv: list[str]) -> None:
                 continue
             for i in range(args.other_runs):
                 with tempfile.TemporaryDirectory(prefix="taskd-chaos-") as workdir:
-                    got = await chaos_more.run(name, reactor, Path(workdir), dbs, args.agents)
+                    got = await chaos_more.run(name, reactor, Path(workdir), dbs, args.agents, args.builtin)
                 print(f"{name} run {i + 1}: {chaos_more.summary(got)}", file=sys.stderr)
                 others.setdefault(name, []).append(got)
     finally:
         dbs.drop_all()
-    args.out.write_text(report(runs, args.agents, others))
+    args.out.write_text(report(runs, args.agents, args.builtin, others))
     print(f"wrote {args.out}")
     medians = {k: statistics.median(r["marks"][k] for r in runs) for k in LABELS
                if runs and all(k in r["marks"] for r in runs)}
