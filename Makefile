@@ -75,7 +75,8 @@ bench-agent: $(STAMP)
 ## of both: bench/agent-vs-blackbox.md, about 4 minutes (apt-get install prometheus-blackbox-exporter).
 BENCH_BLACKBOX_FLAGS ?=
 
-## Chaos figures (issue 11): SIGKILL one of three servers behind nginx with 150 agents and
+## Chaos figures (issue 11): SIGKILL one of three servers behind nginx with 300 light agents
+## and 3 real builtin agents (their checks' largest gap in points is reported), and
 ## time the repair (agents offline, `any` tasks moved, agents reconnected), then SIGSTOP of
 ## a server, of mariadbd, a MariaDB restart, a RabbitMQ outage, a lone server's restart;
 ## writes bench/chaos.md; about four minutes. Needs MariaDB (and mariadb-install-db),
