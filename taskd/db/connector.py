@@ -23,23 +23,36 @@ from taskd.db.tasks import TaskStore
 
 
 class Database:
-    def __init__(self, pool: DBPool) -> None:
+    def __init__(self, pool: DBPool, heartbeat_pool: DBPool | None = None) -> None:
         # `pool` is for this package and for tests that inspect the database; the
-        # server's code calls the stores.
+        # server's code calls the stores. `heartbeat_pool`: the servers store's own
+        # thread and connection (see `open`).
         self.pool = pool
+        self.heartbeat_pool = heartbeat_pool
         self.tasks = TaskStore(pool)
         self.agents = AgentStore(pool)
         self.catalog = CatalogStore(pool)
         self.sessions = SessionStore(pool)
         self.status = StatusStore(pool)
         self.routes = RouteStore(pool)
-        self.servers = ServerStore(pool)
+        self.servers = ServerStore(heartbeat_pool or pool)
 
     @classmethod
     def open(cls, engine: Engine, reactor: Any, *, max_threads: int | None = None,
-             timeout: float | None = DEFAULT_TIMEOUT) -> "Database":
-        """A connector over a new pool (started by `start`); `timeout`: db-timeout."""
-        return cls(DBPool(engine, reactor, max_threads=max_threads, timeout=timeout))
+             timeout: float | None = DEFAULT_TIMEOUT, own_heartbeat_connection: bool = False) -> "Database":
+        """A connector over a new pool (started by `start`); `timeout`: db-timeout.
+
+        `own_heartbeat_connection`: the server liveness heartbeat (the `servers` store)
+        gets a thread and connection of its own, so that a busy server — hundreds of
+        API reads, or the event backlog after a broker reconnect, queued in the main
+        pool — still beats on time and is not reaped by its peers as dead while it
+        serves. The engine must then hold one connection more than `max_threads`."""
+        pool = DBPool(engine, reactor, max_threads=max_threads, timeout=timeout)
+        beats = None
+        if own_heartbeat_connection:
+            beats = DBPool(engine, reactor, max_threads=1, timeout=timeout)
+            beats.availability = pool.availability  # one outage, reported once
+        return cls(pool, beats)
 
     def health(self) -> dict[str, Any]:
         """The database's last-known state, at once, and a background probe to keep it
@@ -49,6 +62,10 @@ class Database:
 
     def start(self) -> None:
         self.pool.start()
+        if self.heartbeat_pool is not None:
+            self.heartbeat_pool.start()
 
     def stop(self) -> None:
+        if self.heartbeat_pool is not None:
+            self.heartbeat_pool.stop()
         self.pool.stop()

@@ -35,7 +35,8 @@ DB_OPTIONS: tuple[Option, ...] = (
            " for mysql a DSN USER:PASSWORD@tcp(HOST:3306)/DBNAME (required).",
            secret=True, redact=redact_userinfo),
     Option("db-pool-size", int_range(1, 100), "10",
-           "Most database connections held open at once (1..100)."),
+           "Most database connections held open at once for serving (1..100); with mysql"
+           " the server holds one more, its liveness heartbeat's own."),
     Option("db-timeout", db_timeout, "5s",
            "Longest wait for the database per operation (connect, read, write, and the"
            " wait for a free connection); past it API calls answer 503 'database"

@@ -164,7 +164,9 @@ def build_server(settings: Any, reactor: Any = None) -> Server:
             migrate.upgrade(schema_engine)
         finally:
             schema_engine.dispose()
-        engine = create_engine(settings.db_type, settings.db_connect_str, pool_size=settings.db_pool_size,
+        # One connection more than db-pool-size on MySQL: the liveness heartbeat's own.
+        engine = create_engine(settings.db_type, settings.db_connect_str,
+                               pool_size=settings.db_pool_size + (settings.db_type == "mysql"),
                                timeout=settings.db_timeout)
         sealing.attach(engine, sealer)
     except ValueError as exc:
@@ -180,8 +182,9 @@ def build_server(settings: Any, reactor: Any = None) -> Server:
         log.info("task config sealed at rest with key {kid} ({n} key(s) can unseal)", kid=sealer.current,
                  n=len(sealer.keys))
 
-    db = Database.open(engine, reactor, max_threads=None if engine.dialect.name == "sqlite" else settings.db_pool_size,
-                       timeout=settings.db_timeout)
+    mysql = engine.dialect.name == "mysql"  # (sqlite: one writer thread for everything)
+    db = Database.open(engine, reactor, max_threads=settings.db_pool_size if mysql else None,
+                       timeout=settings.db_timeout, own_heartbeat_connection=mysql)
     instance_id = instance_identity(settings)
     stats, prom = server_stats(settings, reactor)
     db.status.stale_floor = db.routes.stale_floor = settings.stale_min_window
@@ -198,7 +201,7 @@ def build_server(settings: Any, reactor: Any = None) -> Server:
     dispatcher = Dispatcher(
         sessions=held, db=db, events=events, clock=reactor, instance_id=instance_id,
         relocate_delay=settings.relocate_delay, sweep_interval=settings.task_list_interval,
-        task_list_interval=settings.task_list_interval, stats=stats,
+        task_list_interval=settings.task_list_interval, stats=stats, concurrent_reads=settings.db_pool_size,
     )
     sessions = SessionManager(
         db=db, events=events, listener=dispatcher, sessions=held, instance_id=instance_id,

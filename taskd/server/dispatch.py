@@ -27,7 +27,7 @@ import random
 from typing import Any, Iterable
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, inlineCallbacks, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, DeferredSemaphore, inlineCallbacks, maybeDeferred, succeed
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -52,9 +52,12 @@ class Dispatcher(Service):
     def __init__(self, *, sessions: dict[int, AgentSession], db: Database, events: EventBus, clock: Any,
                  instance_id: str, relocate_delay: float = 1.0, sweep_interval: float = 60.0,
                  task_list_interval: float = 60.0, rng: random.Random | None = None,
-                 stats: Any = NULL_STATS, view: AgentView | None = None) -> None:
+                 stats: Any = NULL_STATS, view: AgentView | None = None, concurrent_reads: int = 10) -> None:
         """`sessions`: the session manager's held sessions (agent id -> session), the
-        same dict it was built with."""
+        same dict it was built with. `concurrent_reads`: task reads an event burst may
+        have in the database pool at once (db-pool-size); the rest wait here, outside
+        db-timeout, so that the backlog of a broker reconnect (hundreds of events at
+        once) neither fails as a database outage nor crowds out the API's reads."""
         self.sessions = sessions
         self.view = view if view is not None else AgentView()
         self.task_list_interval = task_list_interval
@@ -71,6 +74,7 @@ class Dispatcher(Service):
         self._reloading: dict[int, int] = {}  # agent id -> reloads in flight (agent.updated)
         self._sweeper: LoopingCall | None = None
         self._startup_sweep: Any = None
+        self._reads = DeferredSemaphore(concurrent_reads)
         events.subscribe(self.on_event)
 
     def startService(self) -> None:
@@ -163,7 +167,7 @@ class Dispatcher(Service):
         if routed is not None:
             payload, enabled = self.view.share(created), bool(created["enabled"])
         else:
-            task, routed = yield self.db.routes.snapshot(task_id)
+            task, routed = yield self._reads.run(self.db.routes.snapshot, task_id)
             payload = self.view.share(task_payload(task)) if task is not None else None
             enabled = task is not None and task.enabled
         told: dict[str, list[AgentSession]] = {}

@@ -4,6 +4,7 @@ MariaDB database where one is SIGKILLed or frozen (SIGSTOP) past server-dead-aft
 from __future__ import annotations
 
 import signal
+import threading
 from datetime import timedelta
 
 import pytest
@@ -74,6 +75,28 @@ async def test_two_reapers_racing_for_the_same_silent_servers_each_is_reaped_onc
         assert conn.execute(sa.select(sa.func.count()).select_from(models.server_instance)).scalar() == 0
         assert conn.execute(sa.select(sa.func.count()).select_from(models.agent_session)).scalar() == 0
         assert not any(conn.execute(sa.select(models.agent.c.online)).scalars())
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_heartbeat_has_a_connection_of_its_own_and_beats_while_every_serving_one_is_busy(mysql_dbs):
+    """A server whose pool is full (hundreds of API reads, an event backlog) must still
+    beat, or its peers reap it as dead while it serves (the chaos rig saw it cascade)."""
+    engine = create_engine("mysql", mysql_dbs.dsn(mysql_dbs.create("beats")), pool_size=3)
+    migrate.upgrade(engine)
+    db = Database.open(engine, reactor, max_threads=2, timeout=None, own_heartbeat_connection=True)
+    db.start()
+    release = threading.Event()
+    busy = [db.pool.do(lambda conn: release.wait(60)) for _ in range(4)]  # both threads held, two queued
+    try:
+        now = utcnow()
+        me = ServerInstance("b" * 36, "busy", "host", "tcp:8082", "1", now, now)
+        await db.servers.register(me).addTimeout(30, reactor)
+        assert await db.servers.beat(me.id).addTimeout(30, reactor) is True
+        assert not any(d.called for d in busy)  # it beat while all of them waited
+    finally:
+        release.set()
+        await DeferredList(busy)
+        db.stop()
 
 
 # -- GET /api/v1/servers -----------------------------------------------------------------

@@ -48,7 +48,8 @@ def make_task(task_id: int = 1, *, interval: int = 60, enabled: bool = True, rou
 
 
 class Rig:
-    def __init__(self, agent_ids: tuple[int, ...] = (1, 2), relocate_delay: float = 1.0) -> None:
+    def __init__(self, agent_ids: tuple[int, ...] = (1, 2), relocate_delay: float = 1.0,
+                 concurrent_reads: int = 10) -> None:
         self.clock = Clock()
         self.db = FakeDatabase()
         self.events = EventBus(HERE)
@@ -60,6 +61,7 @@ class Rig:
         self.dispatcher = Dispatcher(
             sessions=self.sessions, view=self.view, db=self.db, events=self.events, clock=self.clock, instance_id=HERE,
             relocate_delay=relocate_delay, sweep_interval=60.0, rng=random.Random(SEED),
+            concurrent_reads=concurrent_reads,
         )
         self.published: list[tuple[str, Any]] = []
         self.events.subscribe(lambda e: self.published.append((e.type, e.payload)))
@@ -351,6 +353,24 @@ def test_pushes_for_different_tasks_do_not_wait_for_each_other(rig):
     assert sorted(reads.args()) == [(1,), (2,)]
     reads.release(reads.args().index((2,)))
     assert [e for e, _ in rig.transports[1].take()] == ["taskAdd"]
+
+
+def test_a_burst_of_task_events_has_at_most_concurrent_reads_in_the_database_at_once():
+    """The backlog of a broker reconnect: hundreds of events at once. Past the bound they
+    wait in the dispatcher (outside db-timeout), not in the pool's queue."""
+    rig = Rig(concurrent_reads=3)
+    reads = rig.db.hold(rig.db.routes.snapshot)
+    for task_id in range(1, 21):
+        rig.route(make_task(task_id), 1)
+        rig.remote("task.updated", {"new": {"id": task_id}})
+    assert len(reads.args()) == 3
+    done = 0
+    while reads.args():
+        assert len(reads.args()) <= 3
+        reads.release()
+        done += 1
+    assert done == 20
+    assert sorted(rig.session(1).view) == list(range(1, 21))  # every one pushed in the end
 
 
 def test_a_failed_push_does_not_block_the_next_one(rig):
