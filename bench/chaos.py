@@ -115,8 +115,8 @@ async def sigkill_run(reactor: Any, workdir: Path, dbs: MySQLDatabases, agents: 
             await task.deferLater(reactor, POLL, lambda: None)
         return {"victim": victim.name, "agents": agents, "victim_agents": len(mine), "away": len(away),
                 "moving": len(moving), "holders": holders, "any_tasks": list(before), "marks": marks, "flaps": flaps,
-                "round": (reactor.seconds() - t0) / max(rounds, 1), "fivexx": cluster.fivexx(),
-                **chaos_more.builtin_facts(cluster, builtin_on_victim)}
+                "round": (reactor.seconds() - t0) / max(rounds, 1),
+                **await chaos_more.builtin_facts(cluster, builtin_on_victim), "fivexx": cluster.fivexx()}
     finally:
         await cluster.stop()
         delete_exchange(exchange)

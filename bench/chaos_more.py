@@ -54,13 +54,18 @@ async def _mark(reactor: Any, marks: dict[str, float | None], key: str, since: f
         marks[key] = None
 
 
-def builtin_facts(cluster: Cluster, on_victim: list[str]) -> dict[str, Any]:
-    """The builtin agents' side of a run: the largest gap between consecutive points of any
-    of their checks (its emulator's, s; the bound is two intervals), and their reconnections."""
+async def builtin_facts(cluster: Cluster, on_victim: list[str]) -> dict[str, Any]:
+    """The builtin agents' side of a run, once their checks have run on a few seconds past
+    the end (as the tests wait): the largest gap between consecutive points of any of their
+    checks (its emulator's, s; the bound is two intervals), and their reconnections."""
+    try:
+        problems = await cluster.builtin.still_running()
+    except AssertionError as exc:
+        problems = [str(exc).splitlines()[0]]
     gaps = [g for g in cluster.builtin.largest_gaps(tail=False).values() if g is not None]
     return {"builtin": len(cluster.builtin.names), "builtin_on_victim": on_victim,
             "largest_gap": max(gaps, default=None), "builtin_reconnections": cluster.builtin.reconnections(),
-            "builtin_problems": cluster.builtin.gap_problems()}
+            "builtin_problems": problems}
 
 
 def builtin_text(r: dict[str, Any]) -> str:
@@ -116,7 +121,7 @@ async def freeze_run(reactor: Any, workdir: Path, dbs: Any, agents: int, builtin
             cluster.fleet.clients[n] is not c and cluster.fleet.holds_socket(n) for n, c in old.items()), bool)
         await _mark(reactor, marks, "converged", woken, cluster.problems, lambda found: not found)
         return {"victim": victim.name, "agents": len(mine), "moving": len(moving), "marks": marks,
-                "fivexx": cluster.fivexx(), "tracebacks": cluster.tracebacks(), **builtin_facts(cluster, on_victim)}
+                **await builtin_facts(cluster, on_victim), "fivexx": cluster.fivexx(), "tracebacks": cluster.tracebacks()}
     finally:
         await cluster.stop()
         delete_exchange(exchange)

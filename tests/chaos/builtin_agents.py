@@ -136,6 +136,22 @@ class BuiltinAgents:
                                               f"a gap of {gap:.1f} s in its points (> {2 * INTERVAL} s)")
                 for (name, check), gap in self.largest_gaps().items() if gap is None or gap > 2 * INTERVAL]
 
+    async def still_running(self, intervals: int = 3) -> list[str]:
+        """Wait until every check has a point stamped `intervals` intervals after now, then
+        return `gap_problems()`: the end state is often reached within seconds of the fault,
+        before a check that a reconnection disturbed has had the time to show a gap. A gap
+        seen meanwhile ends the wait at once."""
+        since = time.time() + intervals * INTERVAL
+
+        def ran_on() -> bool:
+            if any(g is not None and g > 2 * INTERVAL for g in self.largest_gaps(tail=False).values()):
+                raise AssertionError(f"a builtin check missed two runs: {self.gap_problems()}")
+            return all(max(self.stamps(n, c), default=0) >= since for n in self.names for c in CHECKS)
+
+        await until(ran_on, intervals * INTERVAL + 10, interval=0.2,
+                    what=lambda: f"every builtin check running on: {self.gap_problems()}\n{self.logs()}")
+        return self.gap_problems()
+
     def reconnections(self) -> dict[str, int]:
         """Sockets each agent lost (its log's warnings), whatever the reason."""
         return {name: proc.log().count("; reconnecting") for name, proc in self.procs.items()}

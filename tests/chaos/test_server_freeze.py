@@ -44,6 +44,7 @@ async def test_sigstop_past_dead_after_then_sigcont_converges(tmp_path, mysql_db
         problems = await value_of(cluster.problems, lambda found: not found, 60, interval=0.5,
                                   what=lambda: f"the cluster converging after {victim.name} woke\n{cluster.logs()}")
         assert problems == []
+        assert await cluster.builtin.still_running() == []  # their checks ran on through the fault and after
         assert "was declared dead by another server" in victim.log()
         # it closed every socket it held: each of its agents is on a new one
         assert all(cluster.fleet.clients[name] is not old for name, old in sockets_before.items())

@@ -31,6 +31,7 @@ async def test_sigkill_of_one_server_converges(tmp_path, mysql_dbs):
         problems = await value_of(cluster.problems, lambda found: not found, 60, interval=0.5,
                                   what=lambda: f"the cluster converging after SIGKILL of {victim.name}\n{cluster.logs()}")
         assert problems == []
+        assert await cluster.builtin.still_running() == []  # their checks ran on through the fault and after
         for name in away:
             assert not cluster.fleet.holds_socket(name)
         for name in mine - away:
