@@ -55,7 +55,7 @@ def test_each_fake_has_the_real_stores_methods_and_signatures(real, fake, left_o
 def test_the_fake_connector_holds_a_fake_of_every_store_of_the_real_one(tmp_path):
     engine = create_engine("sqlite3", str(tmp_path / "shape.db"), pool_size=1)
     real, fake = vars(Database.open(engine, reactor)), vars(FakeDatabase())
-    stores = {name: type(store) for name, store in real.items() if name != "pool"}
+    stores = {name: type(store) for name, store in real.items() if name not in ("pool", "heartbeat_pool")}
     assert sorted(stores) == ["agents", "catalog", "routes", "servers", "sessions", "status", "tasks"]
     fakes = {r: f for r, f, _ in PAIRS}
     assert {name: type(fake[name]) for name in stores} == {name: fakes[cls] for name, cls in stores.items()}
