@@ -194,8 +194,11 @@ class AgentStore:
 
         return self.pool.do(thd)
 
-    def get_many_by_name(self, keys: Sequence[tuple[int, str]]) -> "Deferred[dict[tuple[int, str], Agent]]":
-        """Agents by (org id, name), in one transaction; missing ones are left out."""
+    def get_many_by_name(self, keys: Sequence[tuple[int, str]], *,
+                         waited: float = 0.0) -> "Deferred[dict[tuple[int, str], Agent]]":
+        """Agents by (org id, name), in one transaction; missing ones are left out.
+        `waited`: seconds the longest-waiting caller has already waited for this read
+        (queued behind another), taken off its db-timeout."""
         def thd(conn: Connection) -> dict[tuple[int, str], Agent]:
             by_org: dict[int, set[str]] = {}
             for org_id, name in keys:
@@ -208,7 +211,9 @@ class AgentStore:
             return {(agent.org_id, agent.name): agent
                     for agent in _agents(conn, conn.execute(sa.select(m.agent).where(where)))}
 
-        return self.pool.do(thd)
+        if self.pool.timeout is None:
+            return self.pool.do(thd)
+        return self.pool.do_within(self.pool.timeout - waited, thd)
 
     def list(self, org_id: int, flt: AgentFilter, page: Page) -> "Deferred[list[Agent]]":
         a = m.agent.c

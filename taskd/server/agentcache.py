@@ -170,13 +170,17 @@ class BatchLoader:
     reactor turn, or while the previous read is running, are read together (at most
     `max_batch` per read). `load(keys)` returns a Deferred of {key: value}; a key it
     leaves out gets None. Used for the agent lookup of each websocket upgrade, which in
-    a reconnect storm arrive by the thousand."""
+    a reconnect storm arrive by the thousand. `load(keys, waited=s)` is told how long the
+    oldest of its keys has waited already (behind the read before), so that a caller's
+    db-timeout counts from its own arrival, not from its read's start: during a stall a
+    lookup is answered within one db-timeout, not two."""
 
     def __init__(self, clock: Any, load: Callable[[list], Any], *, max_batch: int = 500) -> None:
         self.clock = clock
         self.load = load
         self.max_batch = max_batch
         self._waiting: dict[Any, list] = {}
+        self._since: dict[Any, float] = {}  # key -> when its first waiter arrived
         self._call: Any = None
         self._busy = False
         self.reads = 0
@@ -184,6 +188,7 @@ class BatchLoader:
     def get(self, key: Any) -> Any:
         d: Deferred = Deferred()
         self._waiting.setdefault(key, []).append(d)
+        self._since.setdefault(key, self.clock.seconds())
         self._schedule()
         return d
 
@@ -195,6 +200,7 @@ class BatchLoader:
         self._call = None
         keys = list(self._waiting)[:self.max_batch]
         batch = {key: self._waiting.pop(key) for key in keys}
+        waited = self.clock.seconds() - min(self._since.pop(key) for key in keys)
         self._busy = True
         self.reads += 1
 
@@ -212,4 +218,4 @@ class BatchLoader:
             self._busy = False
             self._schedule()
 
-        maybeDeferred(self.load, keys).addCallbacks(loaded, failed).addBoth(done)
+        maybeDeferred(self.load, keys, waited=waited).addCallbacks(loaded, failed).addBoth(done)

@@ -322,7 +322,8 @@ class FakeAgentStore(_Fake):
         return succeed(next((a for a in self._state.agents.values() if (a.org_id, a.name) == (org_id, name)), None))
 
     @recorded
-    def get_many_by_name(self, keys: Sequence[tuple[int, str]]) -> "Deferred[dict[tuple[int, str], Agent]]":
+    def get_many_by_name(self, keys: Sequence[tuple[int, str]], *,
+                         waited: float = 0.0) -> "Deferred[dict[tuple[int, str], Agent]]":
         wanted = set(keys)
         return succeed({(a.org_id, a.name): a for a in self._state.agents.values() if (a.org_id, a.name) in wanted})
 

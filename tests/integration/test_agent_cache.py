@@ -92,7 +92,7 @@ async def test_a_connecting_agent_is_found_by_name_from_memory(api):
     store = api.server.agents.agents
     lookups: list[str] = []
     original = store.get_many_by_name
-    store.get_many_by_name = lambda keys: lookups.extend(keys) or original(keys)
+    store.get_many_by_name = lambda keys, **kw: lookups.extend(keys) or original(keys, **kw)
     try:
         again = connect_agent(api.base, "returning", ADMIN_KEY)
         await again.opened

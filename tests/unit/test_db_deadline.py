@@ -315,3 +315,18 @@ def test_a_connection_the_database_dropped_is_not_logged_as_an_error_when_return
     assert logger.filter(record(pymysql.err.ProgrammingError(1064, "syntax error")))
     assert logger.filter(logger.makeRecord(logger.name, logging.ERROR, __file__, 1, "something else", (), None))
     engine.dispose()
+
+
+def test_an_agent_lookup_that_waited_behind_another_read_has_only_the_rest_of_its_deadline(tmp_path):
+    """The websocket upgrade's batched lookup (BatchLoader): keys that arrived while the
+    read before was stalled have waited already; their own read gets what is left of
+    db-timeout, so the upgrade is answered within one db-timeout, not two."""
+    from taskd.db import models
+    from taskd.db.agents import AgentStore
+
+    rig = Rig(tmp_path)
+    models.metadata.create_all(rig.engine)
+    lookup = outcome(AgentStore(rig.pool).get_many_by_name([(1, "a")], waited=TIMEOUT - 0.5))
+    rig.clock.advance(0.5)
+    assert len(lookup) == 1 and lookup[0].check(DatabaseUnavailable)
+    rig.engine.dispose()

@@ -183,7 +183,7 @@ class FakeStore:
         found = [a for a in self.rows.values() if a.org_id == org_id and a.name == name]
         return succeed(found[0] if found else None)
 
-    def get_many_by_name(self, keys: list) -> Deferred:
+    def get_many_by_name(self, keys: list, *, waited: float = 0.0) -> Deferred:
         self.reads.append(("get_many_by_name", sorted(keys)))
         return succeed({(a.org_id, a.name): a for a in self.rows.values() if (a.org_id, a.name) in keys})
 
@@ -276,8 +276,11 @@ def test_batch_loader_reads_what_arrives_during_a_read_next(clock):
     reads: list[list] = []
     held: list[Deferred] = []
 
-    def load(keys):
+    waits: list[float] = []
+
+    def load(keys, *, waited):
         reads.append(keys)
+        waits.append(waited)
         held.append(Deferred())
         return held[-1]
 
@@ -287,9 +290,11 @@ def test_batch_loader_reads_what_arrives_during_a_read_next(clock):
     b, c, d = loader.get("b"), loader.get("c"), loader.get("d")
     clock.advance(0)
     assert reads == [["a"]]  # one read at a time
+    clock.advance(4)  # a slow read (a stall): b, c and d have waited 4 s already
     held[0].callback({"a": 1})
     clock.advance(0)
     assert result(a) == 1 and reads == [["a"], ["b", "c"]]
+    assert waits == [0, 4]  # the store takes it off their db-timeout
     held[1].errback(RuntimeError("db down"))
     with pytest.raises(RuntimeError):
         result(b)
