@@ -84,6 +84,13 @@ class PrivateRabbit:
         await self.ctl("start_app")
         await self.wait_ready()
 
+    async def stop_node(self) -> None:
+        """Stop the whole node (the Erlang VM exits) but keep its data dir, so `start()`
+        brings the same node back on the same port with its durable queues and messages
+        recovered from disk: a full broker restart, as a package upgrade or reboot does."""
+        await self.ctl("stop")
+        await until(lambda: self.proc.poll() is not None, timeout=30, what="private rabbitmq stopped")
+
     async def stop(self) -> None:
         if self.proc is None or self.proc.poll() is not None:
             shutil.rmtree(self.dir, ignore_errors=True)
