@@ -16,10 +16,12 @@ SIGKILL of one server (`--runs` times). From the SIGKILL:
   two runs in a row: a gap of at most 2 s).
 
 Then, once each (`--other-runs`), the other scenarios of the suite, each the very run its
-test makes (tests/chaos/scenarios.py) with its outcome reported as figures: SIGSTOP of
-one server past `server-dead-after` then SIGCONT (timed here); SIGSTOP of mariadbd for
-10 s (every API answer's time against db-timeout + 1 s); a MariaDB crash and restart; a
-RabbitMQ outage while two servers publish 50 events/s (events lost, duplicate pushes);
+test makes (tests/chaos/scenarios.py, tests/chaos/broker.py) with its outcome reported as
+figures: SIGSTOP of one server past `server-dead-after` then SIGCONT (timed here); SIGSTOP
+of mariadbd for 10 s (every API answer's time against db-timeout + 1 s); a MariaDB crash
+and restart; a real RabbitMQ restart (a private node of the run's own stopped and started
+again on the same port and data dir) while two servers publish 50 events/s (events lost,
+duplicate pushes, seconds to reconnect);
 SIGKILL and restart of a lone sqlite server (duplicate tasks pushed).
 
 Usage: python -m bench.chaos [--runs N] [--other-runs N] [--agents N] [--builtin N] [--only a,b]
