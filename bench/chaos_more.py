@@ -274,7 +274,7 @@ def broker_section(runs: list[scenarios.Run]) -> list[str]:
         _per_run(runs, "their rate [events/s]", lambda r: f"{r.facts['rate']:.0f}", "50"),
         _per_run(runs, "broker away (node stop → node started again)", lambda r: _s(r.facts["outage"])),
         _per_run(runs, "of which the node's start-up", lambda r: _s(r.facts["node_start"])),
-        _per_run(runs, "events buffered by S1 / S2 when it came back", lambda r: "{S1:.0f} / {S2:.0f}".format(
+        _per_run(runs, "events buffered by S1 / S2 when the node was started again", lambda r: "{S1:.0f} / {S2:.0f}".format(
             **r.facts["buffered_at_restore"])),
         _per_run(runs, "back → every server connected", lambda r: _s(r.facts["connected"])),
         _per_run(runs, "back → every server connected, nothing left to send", lambda r: _s(r.facts["reconnect"])),
@@ -291,6 +291,7 @@ def broker_section(runs: list[scenarios.Run]) -> list[str]:
                  lambda rs: "yes" if all(not sum(r.facts["dropped"].values()) for r in rs) else "**no**"),
         _per_run(runs, "unconfirmed at the cut, resent (per server)", lambda r: str(r.facts["unconfirmed"])),
         _per_run(runs, "repeats dropped by event id (per server)", lambda r: str(r.facts["repeats"])),
+        _per_run(runs, "events to send at each connect (per server)", lambda r: str(r.facts.get("to_send"))),
         _per_run(runs, "agents that lost their socket", lambda r: str(len(r.facts["reconnected_agents"])), "0",
                  lambda rs: "yes" if all(not r.facts["reconnected_agents"] for r in rs) else "**no**"),
     ]

@@ -45,6 +45,7 @@ EXCHANGE = "taskd-chaos"  # the node is the scenario's own: no name to keep apar
 EVENT_LINE = re.compile(r"\[taskd\.server\.events\.EventBus#debug\] event (task\.\w+)(?: from (\S+))?$", re.M)
 REPEAT_LINE = re.compile(r"\[taskd\.server\.events\.EventBus#debug\] event task\.\w+ \w+ from \S+ seen before", re.M)
 UNCONFIRMED = re.compile(r"amqp: connection lost .*; reconnecting, (\d+) events unconfirmed")
+TO_SEND = re.compile(r"amqp: connected to \S+, exchange '\S+', (\d+) events to send")
 
 
 def creates(total: int) -> int:
@@ -132,8 +133,9 @@ class EventStream:
 def bus_counts(cluster: Cluster) -> dict[str, Any]:
     """From the servers' debug logs: task events each published, and each received from
     each other server (repeats already dropped), the repeats dropped, and the events
-    unconfirmed when a broker connection was lost (resent afterwards)."""
-    published, received, repeats, unconfirmed = {}, {}, {}, {}
+    unconfirmed when a broker connection was lost (resent afterwards), and the events
+    waiting at each connect (the first is start-up's 0)."""
+    published, received, repeats, unconfirmed, to_send = {}, {}, {}, {}, {}
     for s in cluster.servers:
         log = s.log()
         lines = EVENT_LINE.findall(log)
@@ -141,14 +143,16 @@ def bus_counts(cluster: Cluster) -> dict[str, Any]:
         received[s.name] = Counter(source for _, source in lines if source)
         repeats[s.name] = len(REPEAT_LINE.findall(log))
         unconfirmed[s.name] = [int(n) for n in UNCONFIRMED.findall(log)]
+        to_send[s.name] = [int(n) for n in TO_SEND.findall(log)]
     lost = {f"{src}->{dst}": published[src] - received[dst][src]
             for src in published for dst in published if src != dst}
-    return {"published": published, "lost": lost, "repeats": repeats, "unconfirmed": unconfirmed}
+    return {"published": published, "lost": lost, "repeats": repeats, "unconfirmed": unconfirmed, "to_send": to_send}
 
 
 async def restart_node(rabbit: PrivateRabbit, cluster: Cluster, marks: dict[str, float],
                        buffered: dict[str, float]) -> None:
-    """Stop the node, note what each server has buffered while it is down, start it again
+    """Stop the node, wait until every server has noticed, note what each has buffered
+    just before the node is started again (it is down: nothing can be flushed), start it
     on the same port and data dir (durable queues recovered from disk)."""
     marks["cut"] = reactor.seconds()
     await rabbit.stop_node()

@@ -5,7 +5,9 @@ or restarts it. This starts Debian's own `rabbitmq-server` as a second node
 (`taskd-test-<random>@localhost`) with its data, logs and config in a temp dir, on free
 ports, with no plugins (so it claims no management port), and restarts it with
 `rabbitmqctl -n <node> stop_app / start_app` — a real broker restart: connections are
-cut, non-durable state is lost, durable queues and persistent messages survive.
+cut, non-durable state is lost, durable queues and persistent messages survive — or, for
+the chaos scenario (tests/chaos/broker.py), stops the whole node (`stop_node()`: the port
+closes too) and `start()`s it again on the same port and data dir.
 The server drops to the `rabbitmq` user, so its temp dir is one of its own under the
 system temp dir (pytest's are private to root), handed to that user, removed at stop.
 """
