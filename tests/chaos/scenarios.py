@@ -1,5 +1,5 @@
-"""The chaos scenarios of issue 11 (item 7) that fault the database, the broker or a lone
-server, each run start to end on a cluster of its own. Each returns what happened (a
+"""The chaos scenarios of issue 11 (item 7) that fault the database or a lone server
+(the broker's is tests/chaos/broker.py), each run start to end on a cluster of its own. Each returns what happened (a
 `Run`); the tests in tests/chaos/ assert on it, bench/chaos.py reports it as figures, so
 the test and the figure are the same experiment.
 
@@ -7,20 +7,16 @@ the test and the figure are the same experiment.
   every server (and through nginx) at a steady pace, each timed.
 - `database_restart`: SIGKILL of it, then mariadbd started again on the same port and
   data directory; the servers are not restarted.
-- `broker_restart`: every server's RabbitMQ connection cut (a FaultProxy in front of the
-  machine's RabbitMQ refuses and cuts connections) while two servers publish task events
-  at a steady rate; tasks are routed byIds to agents on all three servers.
 - `lone_restart`: SIGKILL of a lone sqlite server and a start again, while the agent
   holding its `any` tasks stays away.
 """
 from __future__ import annotations
 
-import re
 import signal
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import treq
 from twisted.internet import reactor
@@ -28,9 +24,8 @@ from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.task import LoopingCall
 
 from tests.chaos.cluster import TASK, Answer, Cluster, delete_exchange, new_exchange, start_settled
-from tests.chaos.frames import duplicate_pushes, same_task, view_of
+from tests.chaos.frames import duplicate_pushes
 from tests.chaos.mariadb import PrivateMariaDB
-from tests.faultproxy import FaultProxy
 from tests.waiting import until, value_of
 
 DB_TIMEOUT = 2.0  # db-timeout of the database scenarios: the 503 bound is this + 1 s
@@ -38,12 +33,6 @@ STALL = 10.0  # seconds mariadbd stays SIGSTOPped (issue 11)
 CONVERGE = 60.0  # seconds a cluster may take to converge after a fault before it counts as stuck
 PROBE_EVERY = 0.5  # seconds between the probes' calls to each target
 DB_AGENTS = 60  # agents of the database scenarios (the API is what they measure; the machine has 2 cores)
-EVENTS, RATE = 300, 50.0  # task events the two publishers make across the broker outage, per s
-CUT_AT, RESTORE_AT = 60, 240  # the broker is away from the 60th event to the 240th (3.6 s)
-
-EVENT_LINE = re.compile(r"\[taskd\.server\.events\.EventBus#debug\] event (task\.\w+)(?: from (\S+))?$", re.M)
-REPEAT_LINE = re.compile(r"\[taskd\.server\.events\.EventBus#debug\] event task\.\w+ \w+ from \S+ seen before", re.M)
-UNCONFIRMED = re.compile(r"amqp: connection lost .*; reconnecting, (\d+) events unconfirmed")
 
 
 @dataclass
@@ -283,158 +272,6 @@ async def database_restart(workdir: Path, n_agents: int = DB_AGENTS) -> Run:
             servers=sorted(s["name"] for s in await cluster.ok("GET", "/api/v1/servers")))
     finally:
         await _teardown(cluster, db, exchange)
-    return finish(cluster, run)
-
-
-async def broker_gauges(base: str) -> dict[str, float]:
-    """broker.connected / buffered / dropped from the server's GET /metrics."""
-    resp = await treq.get(base + "/metrics", timeout=10)
-    text = (await resp.content()).decode()
-    found = re.findall(r"^taskd_server_broker_(connected|buffered|dropped)(?:_total)? (\S+)$", text, re.M)
-    return {name: float(value) for name, value in found}
-
-
-async def all_gauges(cluster: Cluster) -> dict[str, dict[str, float]]:
-    return {s.name: await broker_gauges(s.base) for s in cluster.servers}
-
-
-class EventStream:
-    """`total` task events at `rate` per s, alternating between `publishers` (each through
-    its own API): two creates (a task byIds to `targets`) then an update (a new config) of
-    one of that server's earlier tasks. `at[n]` is called when the n-th event is sent."""
-
-    def __init__(self, cluster: Cluster, publishers: list[Any], targets: list[int], total: int, rate: float,
-                 at: dict[int, Callable[[], Any]]) -> None:
-        self.cluster, self.publishers, self.targets, self.total = cluster, publishers, targets, total
-        self.at, self.interval = at, 1 / rate
-        self.sent = self.answered = 0
-        self.failed: list[str] = []
-        self.made: dict[str, list[dict]] = {p.name: [] for p in publishers}  # created bodies, with ids
-        self.done: Deferred = Deferred()
-        self._loop = LoopingCall(self._fire)
-
-    def start(self) -> None:
-        self._loop.start(self.interval, now=True)
-
-    def _fire(self) -> None:
-        if self.sent >= self.total:
-            self._loop.stop()
-            return
-        k = self.sent
-        self.sent += 1
-        if k in self.at:
-            self.at[k]()
-        server = self.publishers[k % len(self.publishers)]
-        made = self.made[server.name]
-        config = {"/chaos": {"v": str(k)}}
-        if k % 3 == 2 and made:
-            body = {**made[(k // 3) % len(made)], "config": config}
-            d = Deferred.fromCoroutine(self.cluster.call("PUT", "/api/v1/tasks", body, server.base))
-        else:
-            body = {**TASK, "name": f"ev{k:04d}", "config": config,
-                    "route": {"type": "byIds", "config": {"ids": self.targets}}}
-            d = Deferred.fromCoroutine(self.cluster.call("POST", "/api/v1/tasks", body, server.base))
-            d.addCallback(self._created, server.name, body)
-        d.addCallbacks(self._answered, lambda f: self._answered((0, f.getErrorMessage())), callbackArgs=(k,))
-
-    def _created(self, answer: tuple[int, Any], publisher: str, body: dict) -> tuple[int, Any]:
-        code, got = answer
-        if code == 200:
-            self.made[publisher].append({**body, "id": got["id"]})
-            self.cluster.tasks.append(got["id"])
-        return answer
-
-    def _answered(self, answer: tuple[int, Any], k: int = -1) -> None:
-        if answer[0] != 200:
-            self.failed.append(f"event {k}: {answer}")
-        self.answered += 1
-        if self.answered == self.total and not self.done.called:
-            self.done.callback(None)
-
-
-def bus_counts(cluster: Cluster) -> dict[str, Any]:
-    """From the servers' debug logs: task events each published, and each received from
-    each other server (repeats already dropped), the repeats dropped, and the events
-    unconfirmed when a broker connection was lost (resent afterwards)."""
-    published, received, repeats, unconfirmed = {}, {}, {}, {}
-    for s in cluster.servers:
-        log = s.log()
-        lines = EVENT_LINE.findall(log)
-        published[s.name] = sum(1 for _, source in lines if not source)
-        received[s.name] = Counter(source for _, source in lines if source)
-        repeats[s.name] = len(REPEAT_LINE.findall(log))
-        unconfirmed[s.name] = [int(n) for n in UNCONFIRMED.findall(log)]
-    lost = {f"{src}->{dst}": published[src] - received[dst][src]
-            for src in published for dst in published if src != dst}
-    return {"published": published, "lost": lost, "repeats": repeats, "unconfirmed": unconfirmed}
-
-
-async def broker_restart(workdir: Path, dbs: Any, n_agents: int = 150) -> Run:
-    """`dbs`: tests.conftest.MySQLDatabases (the shared MariaDB; only the broker is faulted)."""
-    run = Run("broker restart")
-    proxy = FaultProxy("127.0.0.1", 5672)
-    exchange = new_exchange()
-    # A long task-list-interval: no periodic taskList repairs what a lost event missed.
-    cluster = Cluster(workdir, dbs.create("chaos"), exchange, n_agents=n_agents,
-                      **{"rabbitmq-url": f"amqp://guest:guest@127.0.0.1:{proxy.port}/", "task-list-interval": "600s"})
-    marks: dict[str, float] = {}
-    try:
-        _, held = await start_settled(cluster)
-        await value_of(lambda: all_gauges(cluster), lambda g: all(v.get("connected") == 1 for v in g.values()), 30,
-                       interval=0.2, what="every server connected to the broker")
-        sockets = dict(cluster.fleet.clients)
-        targets = [cluster.agent_ids[name] for s in cluster.servers for name in sorted(held[s.name])[:2]]
-        buffered: dict[str, float] = {}
-
-        def cut() -> None:
-            proxy.refuse()
-            marks["cut"] = reactor.seconds()
-
-        def restore() -> None:
-            async def go() -> None:
-                buffered.update({n: g.get("buffered", 0) for n, g in (await all_gauges(cluster)).items()})
-                proxy.resume()
-                marks["restored"] = reactor.seconds()
-            Deferred.fromCoroutine(go())
-
-        stream = EventStream(cluster, cluster.servers[:2], targets, EVENTS, RATE, {CUT_AT: cut, RESTORE_AT: restore})
-        marks["stream"] = reactor.seconds()
-        stream.start()
-        await stream.done
-        marks["streamed"] = reactor.seconds()
-        gauges = await value_of(lambda: all_gauges(cluster), lambda g: all(
-            v.get("connected") == 1 and v.get("buffered") == 0 for v in g.values()), CONVERGE, interval=0.2,
-            what="every server reconnected with nothing left to send")
-        marks["reconnected"] = reactor.seconds()
-        stream_ids = [t["id"] for made in stream.made.values() for t in made]
-        by_id = {v: k for k, v in cluster.agent_ids.items()}
-
-        async def undelivered() -> list[str]:
-            shown = await cluster.task_details(stream_ids, cluster.servers[2].base)
-            views = {a: view_of(cluster.fleet.clients[by_id[a]].frames) or {} for a in targets}
-            return [f"task {t['id']} on {by_id[a]}" for t in shown for a in targets
-                    if a not in views or t["id"] not in views[a] or not same_task(views[a][t["id"]], t)]
-
-        try:
-            await value_of(undelivered, lambda missing: not missing, CONVERGE, interval=0.5, what="every event delivered")
-            marks["delivered"] = reactor.seconds()
-            missing: list[str] = []
-        except AssertionError:
-            missing = await undelivered()
-        await converge(cluster, marks["reconnected"], run)
-        run.facts.update(
-            events=stream.total, failed_calls=stream.failed, rate=stream.total / (marks["streamed"] - marks["stream"]),
-            outage=marks["restored"] - marks["cut"], buffered_at_restore=buffered,
-            reconnect=marks["reconnected"] - marks["restored"],
-            delivered=marks.get("delivered", float("nan")) - marks["restored"],
-            undelivered=missing, dropped={n: g.get("dropped", 0) for n, g in gauges.items()},
-            duplicates=[f"{name}: {d}" for name, c in cluster.fleet.clients.items() for d in duplicate_pushes(c.frames)],
-            reconnected_agents=sorted(n for n, c in sockets.items() if cluster.fleet.clients[n] is not c),
-            targets=len(targets), tasks=len(stream_ids), **bus_counts(cluster))
-    finally:
-        await cluster.stop()
-        proxy.close()
-        delete_exchange(exchange)
     return finish(cluster, run)
 
 
