@@ -26,7 +26,8 @@ SIGKILL and restart of a lone sqlite server (duplicate tasks pushed).
 
 Usage: python -m bench.chaos [--runs N] [--other-runs N] [--agents N] [--builtin N] [--only a,b]
 (or `make chaos`). `--agents` and `--builtin` size the SIGKILL and SIGSTOP clusters; the
-other scenarios keep their tests' sizes.
+other scenarios keep their tests' sizes (each with BUILTIN_AGENTS builtin agents too, whose
+largest point gap is reported with them).
 """
 from __future__ import annotations
 

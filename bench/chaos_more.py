@@ -55,23 +55,16 @@ async def _mark(reactor: Any, marks: dict[str, float | None], key: str, since: f
 
 
 async def builtin_facts(cluster: Cluster, on_victim: list[str]) -> dict[str, Any]:
-    """The builtin agents' side of a run, once their checks have run on a few seconds past
-    the end (as the tests wait): the largest gap between consecutive points of any of their
-    checks (its emulator's, s; the bound is two intervals), and their reconnections."""
-    try:
-        problems = await cluster.builtin.still_running()
-    except AssertionError as exc:
-        problems = [str(exc).splitlines()[0]]
-    gaps = [g for g in cluster.builtin.largest_gaps(tail=False).values() if g is not None]
-    return {"builtin": len(cluster.builtin.names), "builtin_on_victim": on_victim,
-            "largest_gap": max(gaps, default=None), "builtin_reconnections": cluster.builtin.reconnections(),
-            "builtin_problems": problems}
+    """The builtin agents' side of a run (tests/chaos/builtin_agents.py `end_facts`), and
+    which of them the victim held."""
+    return {**await cluster.builtin.end_facts(), "builtin_on_victim": on_victim}
 
 
 def builtin_text(r: dict[str, Any]) -> str:
     if not r.get("builtin"):
         return "no builtin agents"
-    return (f"{r['builtin']} builtin agents ({', '.join(r['builtin_on_victim']) or 'none'} on the victim), the largest "
+    victim = (f" ({', '.join(r['builtin_on_victim']) or 'none'} on the victim)" if "builtin_on_victim" in r else "")
+    return (f"{r['builtin']} builtin agents{victim}, the largest "
             f"gap in their points {r['largest_gap']} s (bound 2 s), their reconnections "
             f"{sum(r['builtin_reconnections'].values())}" + (f", **{'; '.join(r['builtin_problems'])}**"
                                                                if r['builtin_problems'] else ""))
@@ -241,6 +234,7 @@ def stall_section(runs: list[scenarios.Run]) -> list[str]:
             f" stall: {f['heartbeats_during']}/{f['agents']}",
             "- API answering again after SIGCONT: " + ", ".join(f"{k} {v:.2f} s" for k, v in f["recovered"].items()),
             f"- servers declared dead by another: {f['declared_dead']} (target: none)",
+            f"- {builtin_text(f)}",
             *_common(r),
             "",
         ]
@@ -262,6 +256,7 @@ def restart_section(runs: list[scenarios.Run]) -> list[str]:
             "- API answering again after mariadbd was ready: " + ", ".join(
                 f"{k} {v:.2f} s" for k, v in f["recovered"].items()),
             f"- servers restarted: {f['restarted'] or 'none'}; registered afterwards: {', '.join(f['servers'])}",
+            f"- {builtin_text(f)}",
             *_common(r),
             "",
         ]
@@ -313,7 +308,8 @@ def broker_section(runs: list[scenarios.Run]) -> list[str]:
         *_table(["figure", "target", *[f"run {i + 1}" for i in range(len(runs))], "met"], rows),
         "",
         "Per run: " + "; ".join(f"converged {_s(r.converged_after)} after every server reconnected, problems: "
-                                f"{len(r.problems)}, 5xx: {len(r.fivexx)}, tracebacks: {r.tracebacks or 'none'}"
+                                f"{len(r.problems)}, 5xx: {len(r.fivexx)}, tracebacks: {r.tracebacks or 'none'}, "
+                                + builtin_text(r.facts)
                                 for r in runs) + ".",
         "",
     ]
@@ -335,6 +331,7 @@ def lone_section(runs: list[scenarios.Run]) -> list[str]:
             f"- agents back on a new socket: {len(f['reconnected'])}/{f['agents_back']}",
             f"- duplicate tasks pushed to the returning agents: {len(f['duplicates'])} (target 0; before the kill:"
             f" {len(f['duplicates_before'])})",
+            f"- {builtin_text(f)} (each reconnects once: its server was killed; its checks must not stop meanwhile)",
             f"- 5xx answers: {len(r.fivexx)}; tracebacks in the log (both runs of the server): {r.tracebacks or 'none'}",
             "",
         ]
@@ -344,8 +341,6 @@ def lone_section(runs: list[scenarios.Run]) -> list[str]:
 NOT_COVERED = [
     "## Not covered yet",
     "",
-    "- Real `twistd taskagent` processes with the builtin executor in the database, broker and lone-server",
-    "  scenarios: only the SIGKILL and SIGSTOP clusters have them (their points' gaps are above).",
     "- ~300 agents beyond SIGKILL and SIGSTOP: the broker scenario has 150, the database scenarios 60, the",
     "  lone server 12, to keep the suite within a few minutes on 2 cores.",
     "- POST /tasks on MariaDB against bare Klein is not a chaos figure: `make bench --mysql` measures it",

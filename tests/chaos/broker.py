@@ -29,7 +29,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.task import LoopingCall
 
-from tests.chaos.cluster import TASK, Cluster, start_settled
+from tests.chaos.cluster import BUILTIN_AGENTS, TASK, Cluster, start_settled
 from tests.chaos.frames import duplicate_pushes, same_task, view_of
 from tests.chaos.scenarios import CONVERGE, Run, converge, finish
 from tests.integration.private_rabbit import PrivateRabbit
@@ -164,13 +164,13 @@ async def restart_node(rabbit: PrivateRabbit, cluster: Cluster, marks: dict[str,
     marks["restored"] = reactor.seconds()
 
 
-async def broker_restart(workdir: Path, dbs: Any, n_agents: int = AGENTS) -> Run:
+async def broker_restart(workdir: Path, dbs: Any, n_agents: int = AGENTS, n_builtin: int = BUILTIN_AGENTS) -> Run:
     """`dbs`: tests.conftest.MySQLDatabases (the shared MariaDB; only the private broker
     is faulted)."""
     run = Run("broker restart")
     rabbit = await PrivateRabbit().start()
     # A long task-list-interval: no periodic taskList repairs what a lost event missed.
-    cluster = Cluster(workdir, dbs.create("chaos"), EXCHANGE, n_agents=n_agents,
+    cluster = Cluster(workdir, dbs.create("chaos"), EXCHANGE, n_agents=n_agents, n_builtin=n_builtin,
                       **{"rabbitmq-url": rabbit.url, "task-list-interval": "600s"})
     marks: dict[str, float] = {}
     try:
@@ -178,7 +178,7 @@ async def broker_restart(workdir: Path, dbs: Any, n_agents: int = AGENTS) -> Run
         await value_of(lambda: all_gauges(cluster), all_connected, 30, interval=0.2,
                        what="every server connected to the broker")
         sockets = dict(cluster.fleet.clients)
-        targets = [cluster.agent_ids[name] for s in cluster.servers for name in sorted(held[s.name])[:2]]
+        targets = [cluster.agent_ids[name] for s in cluster.servers for name in sorted(held[s.name] & set(cluster.fleet.names))[:2]]
         buffered: dict[str, float] = {}
         stream = EventStream(cluster, cluster.servers[:2], targets, RATE)
         marks["stream"] = reactor.seconds()
@@ -220,7 +220,7 @@ async def broker_restart(workdir: Path, dbs: Any, n_agents: int = AGENTS) -> Run
             undelivered=missing, dropped={n: g.get("dropped", 0) for n, g in gauges.items()},
             duplicates=[f"{name}: {d}" for name, c in cluster.fleet.clients.items() for d in duplicate_pushes(c.frames)],
             reconnected_agents=sorted(n for n, c in sockets.items() if cluster.fleet.clients[n] is not c),
-            targets=len(targets), tasks=len(stream_ids), **bus_counts(cluster))
+            targets=len(targets), tasks=len(stream_ids), **bus_counts(cluster), **await cluster.builtin.end_facts())
     finally:
         try:
             await cluster.stop()

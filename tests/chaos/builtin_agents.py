@@ -152,6 +152,19 @@ class BuiltinAgents:
                     what=lambda: f"every builtin check running on: {self.gap_problems()}\n{self.logs()}")
         return self.gap_problems()
 
+    async def end_facts(self) -> dict[str, Any]:
+        """The agents' side of a scenario, once their checks have run on a few intervals
+        past its end (`still_running`): how many there were, the largest gap between
+        consecutive points of any of their checks (s; the bound is two intervals), their
+        reconnections, and what `still_running` found wrong (empty: they ran on)."""
+        try:
+            problems = await self.still_running()
+        except AssertionError as exc:
+            problems = [str(exc).splitlines()[0]]
+        gaps = [g for g in self.largest_gaps(tail=False).values() if g is not None]
+        return {"builtin": len(self.names), "largest_gap": max(gaps, default=None),
+                "builtin_reconnections": self.reconnections(), "builtin_problems": problems}
+
     def reconnections(self) -> dict[str, int]:
         """Sockets each agent lost (its log's warnings), whatever the reason."""
         return {name: proc.log().count("; reconnecting") for name, proc in self.procs.items()}

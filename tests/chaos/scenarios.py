@@ -23,7 +23,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.task import LoopingCall
 
-from tests.chaos.cluster import TASK, Answer, Cluster, delete_exchange, new_exchange, start_settled
+from tests.chaos.cluster import BUILTIN_AGENTS, TASK, Answer, Cluster, delete_exchange, new_exchange, start_settled
 from tests.chaos.frames import duplicate_pushes
 from tests.chaos.mariadb import PrivateMariaDB
 from tests.waiting import until, value_of
@@ -170,10 +170,11 @@ async def stored_probes(cluster: Cluster) -> set[str]:
     return {t["name"] for t in listed if t["name"].startswith("probe")}
 
 
-async def _private_cluster(workdir: Path, n_agents: int) -> tuple[PrivateMariaDB, Cluster, str]:
+async def _private_cluster(workdir: Path, n_agents: int, n_builtin: int) -> tuple[PrivateMariaDB, Cluster, str]:
     db = await PrivateMariaDB(workdir / "mariadb").start()
     exchange = new_exchange()
-    cluster = Cluster(workdir, db.create_database("chaos"), exchange, n_agents=n_agents, db_port=db.port,
+    cluster = Cluster(workdir, db.create_database("chaos"), exchange, n_agents=n_agents, n_builtin=n_builtin,
+                      db_port=db.port,
                       **{"db-timeout": f"{DB_TIMEOUT:g}s", "log-level": "2"})
     return db, cluster, exchange
 
@@ -209,9 +210,9 @@ async def _teardown(cluster: Cluster, db: PrivateMariaDB, exchange: str) -> None
     db.remove()
 
 
-async def database_stall(workdir: Path, n_agents: int = DB_AGENTS) -> Run:
+async def database_stall(workdir: Path, n_agents: int = DB_AGENTS, n_builtin: int = BUILTIN_AGENTS) -> Run:
     run = Run("database stall")
-    db, cluster, exchange = await _private_cluster(workdir, n_agents)
+    db, cluster, exchange = await _private_cluster(workdir, n_agents, n_builtin)
     prober = Prober(cluster)
     try:
         await start_settled(cluster)
@@ -235,16 +236,16 @@ async def database_stall(workdir: Path, n_agents: int = DB_AGENTS) -> Run:
                          recovered=recovered, agents=len(sockets), sockets_kept=len(kept),
                          heartbeats_during=len(beaten))
         await converge(cluster, thawed, run)
-        run.facts.update(await _write_facts(cluster, prober),
+        run.facts.update(await _write_facts(cluster, prober), **await cluster.builtin.end_facts(),
                          declared_dead=log_count(cluster, "was declared dead by another server"))
     finally:
         await _teardown(cluster, db, exchange)
     return finish(cluster, run)
 
 
-async def database_restart(workdir: Path, n_agents: int = DB_AGENTS) -> Run:
+async def database_restart(workdir: Path, n_agents: int = DB_AGENTS, n_builtin: int = BUILTIN_AGENTS) -> Run:
     run = Run("database restart")
-    db, cluster, exchange = await _private_cluster(workdir, n_agents)
+    db, cluster, exchange = await _private_cluster(workdir, n_agents, n_builtin)
     prober = Prober(cluster)
     try:
         await start_settled(cluster)
@@ -267,7 +268,7 @@ async def database_restart(workdir: Path, n_agents: int = DB_AGENTS) -> Run:
                          mariadbd_start=back - restarting, recovered=recovered, marks=(killed, restarting, back))
         await converge(cluster, back, run)
         run.facts.update(
-            await _write_facts(cluster, prober),
+            await _write_facts(cluster, prober), **await cluster.builtin.end_facts(),
             restarted=[s.name for s, pid in zip(cluster.servers, pids) if s.proc.pid != pid or s.proc.poll() is not None],
             servers=sorted(s["name"] for s in await cluster.ok("GET", "/api/v1/servers")))
     finally:
@@ -275,9 +276,10 @@ async def database_restart(workdir: Path, n_agents: int = DB_AGENTS) -> Run:
     return finish(cluster, run)
 
 
-async def lone_restart(workdir: Path, n_agents: int = 12) -> Run:
+async def lone_restart(workdir: Path, n_agents: int = 12, n_builtin: int = BUILTIN_AGENTS) -> Run:
     run = Run("lone sqlite server restart")
-    cluster = Cluster(workdir, workdir / "task-server.db", None, n_servers=1, n_agents=n_agents, nginx=False)
+    cluster = Cluster(workdir, workdir / "task-server.db", None, n_servers=1, n_agents=n_agents, n_builtin=n_builtin,
+                      nginx=False)
     [server] = cluster.servers
     try:
         assigned, _ = await start_settled(cluster, n_any=8, n_tags=3, n_ids=3)
@@ -303,7 +305,8 @@ async def lone_restart(workdir: Path, n_agents: int = 12) -> Run:
             reconnected=sorted(n for n in back if cluster.fleet.holds_socket(n) and cluster.fleet.clients[n] is not before[n]),
             away_online=shown.get(away), moved_to=sorted({by_id.get(a[0]) for t, a in after.items() if t in moving and a}),
             duplicates=[f"{n}: {d}" for n in back for d in duplicate_pushes(cluster.fleet.clients[n].frames)],
-            duplicates_before=[f"{n}: {d}" for n, c in before.items() for d in duplicate_pushes(c.frames)])
+            duplicates_before=[f"{n}: {d}" for n, c in before.items() for d in duplicate_pushes(c.frames)],
+            **await cluster.builtin.end_facts())
     finally:
         await cluster.stop()
     return finish(cluster, run)

@@ -15,7 +15,8 @@ every task event reached every other server once (none lost: the servers' debug 
 count each server's task events published and received from each other one, repeats
 dropped by id); every routed agent runs every task as stored (none lost, none stale),
 and no agent was pushed the same task twice; no agent socket was lost on the way; the
-API never failed (the broker is not needed to answer it); no traceback."""
+API never failed (the broker is not needed to answer it); no traceback; the three real
+builtin agents ran their checks throughout, on the same socket."""
 from __future__ import annotations
 
 import pytest_twisted
@@ -37,5 +38,7 @@ async def test_a_broker_restart_while_two_servers_publish_loses_no_event_and_pus
     assert facts["reconnected_agents"] == []
     assert facts["tasks"] == creates(facts["events"])
     assert run.problems == [], run.logs
+    assert facts["builtin"] > 0 and facts["builtin_problems"] == [], run.logs  # their checks never stopped
+    assert set(facts["builtin_reconnections"].values()) == {0}, run.logs  # nor lost their socket
     assert run.fivexx == []
     assert run.tracebacks == [], run.logs

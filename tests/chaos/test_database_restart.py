@@ -7,7 +7,7 @@ db-timeout + 1 s, never a 500 or a traceback (what issue 11 measured before: a `
 line and a 500). Once it is back the same server processes (none restarted) answer again,
 nothing answered 503 was written, the three servers are still registered, the cluster
 converges (`Cluster.problems()`), and each server logged one warning for each end of
-the outage."""
+the outage. The three real builtin agents ran their checks throughout, on the same socket."""
 from __future__ import annotations
 
 import pytest_twisted
@@ -26,6 +26,8 @@ async def test_a_mariadb_crash_and_restart_is_503_meanwhile_and_recovers_without
     assert facts["servers"] == ["S1", "S2", "S3"]
     assert facts["half_written"] == [] and facts["lost_writes"] == []
     assert run.problems == [], run.logs
+    assert facts["builtin"] > 0 and facts["builtin_problems"] == [], run.logs  # their checks never stopped
+    assert set(facts["builtin_reconnections"].values()) == {0}, run.logs  # nor lost their socket
     assert set(facts["outage_warnings"].values()) == {1}, facts["outage_warnings"]
     assert set(facts["recovery_warnings"].values()) == {1}, facts["recovery_warnings"]
     assert run.fivexx == []

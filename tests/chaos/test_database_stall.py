@@ -8,7 +8,9 @@ db-timeout + 1 s — the bound docs/operations.md promises — with the 503 enve
 is unavailable; every agent keeps its socket and its heartbeats. After SIGCONT the API
 answers again without a restart, nothing answered 503 was written, the cluster converges
 (tests/chaos/cluster.py `problems()`), each server logged one warning for the start of the
-outage and one for its end, no server was reaped, no traceback, no other 5xx."""
+outage and one for its end, no server was reaped, no traceback, no other 5xx; and the three
+real builtin agents among the light ones ran their checks throughout (no gap of two
+intervals in their points) without losing their socket."""
 from __future__ import annotations
 
 from collections import Counter
@@ -34,6 +36,8 @@ async def test_a_10s_database_stall_answers_503_in_time_keeps_agents_and_converg
     assert facts["heartbeats_during"] == facts["agents"]
     assert facts["half_written"] == [] and facts["lost_writes"] == []
     assert run.problems == [], run.logs
+    assert facts["builtin"] > 0 and facts["builtin_problems"] == [], run.logs  # their checks never stopped
+    assert set(facts["builtin_reconnections"].values()) == {0}, run.logs  # nor lost their socket
     assert set(facts["outage_warnings"].values()) == {1}, facts["outage_warnings"]
     assert set(facts["recovery_warnings"].values()) == {1}, facts["recovery_warnings"]
     assert set(facts["declared_dead"].values()) == {0}, run.logs

@@ -7,7 +7,8 @@ The agents that come back (straight to the server: no nginx) are online and hold
 socket; the one that stayed away is offline and every `any` task it held moves to an
 online agent; each returning agent runs exactly its routing (`Cluster.problems()`), and
 no task was pushed to it twice (for a Snap agent: no duplicate Snap task). No 5xx, no
-traceback in the log of either run."""
+traceback in the log of either run. Three real builtin agents (straight to the server
+too) keep running their checks while it is down (issue 11, item 6) and reconnect."""
 from __future__ import annotations
 
 import pytest_twisted
@@ -21,6 +22,9 @@ async def test_a_lone_sqlite_server_killed_and_restarted_moves_the_absent_agents
     facts = run.facts
     assert facts["moving"] > 0  # the agent that stays away held `any` tasks
     assert run.problems == [], run.logs
+    # the builtin agents ran their tasks on while no server answered, and came back to it
+    assert facts["builtin"] > 0 and facts["builtin_problems"] == [], run.logs
+    assert all(n >= 1 for n in facts["builtin_reconnections"].values()), facts["builtin_reconnections"]
     assert facts["away_online"] is False
     assert facts["away"] not in facts["moved_to"] and facts["moved_to"]
     assert len(facts["reconnected"]) == facts["agents_back"]  # each on a new socket, online
