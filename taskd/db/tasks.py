@@ -184,6 +184,9 @@ def _route_json(route: Route) -> dict:
     return {"type": route.type, "config": route.config}
 
 CREATE_BATCH = 100  # creates written per transaction at most
+GATHER_WAIT = 0.001
+"""Seconds a create may wait for the rest of a burst to join its transaction (see
+`TaskStore.create`)."""
 
 
 def _create(conn: Connection, org_id: int, spec: TaskSpec, now: datetime) -> Task:
@@ -291,6 +294,8 @@ class TaskStore:
         # waiting for a transaction: (org, spec, now, waiter, when it arrived on the pool's clock)
         self._creates: list[tuple[int, TaskSpec, datetime, Deferred, float]] = []
         self._creating = False
+        self._gathering: Any = None  # the DelayedCall ending a wait for a burst to join
+        self._last_batch = 1  # creates in the latest transaction
         self.create_transactions = 0
 
     def create(self, org_id: int, spec: TaskSpec) -> "Deferred[Task]":
@@ -302,12 +307,37 @@ class TaskStore:
         fails the batch's transaction, and its creates are then retried one per
         transaction, so only the one at fault fails. The pool's deadline (db-timeout)
         counts from each create's arrival, its wait for the batch before included; a
-        batch the database does not answer fails all its creates at once."""
+        batch the database does not answer fails all its creates at once.
+
+        Under a steady load of N concurrent clients, the creates of a batch are
+        answered together, and their clients' next creates arrive one by one: the
+        first would start a transaction of its own and the others wait for it, so
+        batches alternated between 1 and N-1 (on MariaDB each transaction is a few
+        round trips whatever its size). So when the latest batch held more creates than
+        are waiting, the next waits up to GATHER_WAIT for as many to arrive; a lone
+        client's creates (batches of one) never wait."""
         waiter: Deferred = Deferred()
         self._creates.append((org_id, spec, self.now(), waiter, self.pool.reactor.seconds()))
-        if not self._creating:
+        if self._gathering is not None and len(self._creates) >= self._last_batch:
+            self._gathering.cancel()
+            self._gathering = None
             self._write_creates()
+        else:
+            self._next_batch()
         return waiter
+
+    def _next_batch(self) -> None:
+        """Start the next transaction now, or once the burst has gathered (see `create`)."""
+        if self._creating or self._gathering is not None or not self._creates:
+            return
+        if len(self._creates) >= self._last_batch:
+            self._write_creates()
+        else:
+            self._gathering = self.pool.reactor.callLater(GATHER_WAIT, self._gathered)
+
+    def _gathered(self) -> None:
+        self._gathering = None
+        self._write_creates()
 
     def _time_left(self, batch: list[tuple[Any, ...]]) -> float | None:
         """What is left of the deadline of the longest-waiting create of `batch`."""
@@ -318,6 +348,7 @@ class TaskStore:
     def _write_creates(self) -> None:
         batch, self._creates = self._creates[:CREATE_BATCH], self._creates[CREATE_BATCH:]
         self._creating = True
+        self._last_batch = len(batch)
         self.create_transactions += 1
 
         def thd(conn: Connection) -> list[tuple[bool, Any]]:
@@ -348,8 +379,7 @@ class TaskStore:
 
         def next_batch(_: Any) -> None:
             self._creating = False
-            if self._creates:
-                self._write_creates()
+            self._next_batch()
 
         self.pool.do_within(self._time_left(batch), thd).addCallbacks(written, failed).addBoth(next_batch)
 

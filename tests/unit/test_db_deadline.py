@@ -242,7 +242,7 @@ def test_a_create_queued_behind_a_stalled_one_is_answered_within_its_own_deadlin
     for it. The deadline counts from each create's arrival, and a batch the database does
     not answer fails all its creates at once (no second deadline per create)."""
     from taskd.db import models
-    from taskd.db.tasks import Route, TaskSpec, TaskStore
+    from taskd.db.tasks import GATHER_WAIT, Route, TaskSpec, TaskStore
 
     rig = Rig(tmp_path)
     models.metadata.create_all(rig.engine)
@@ -261,6 +261,7 @@ def test_a_create_queued_behind_a_stalled_one_is_answered_within_its_own_deadlin
     with rig.engine.connect() as conn:
         assert conn.exec_driver_sql("SELECT COUNT(*) FROM task").scalar() == 0
     later = outcome(store.create(1, spec("later")))  # and the store goes on
+    rig.clock.advance(GATHER_WAIT)  # (after a batch of three, a lone create waits that long for others)
     rig.threads.run_next()
     assert later[0].name == "later"
     rig.engine.dispose()
@@ -329,4 +330,49 @@ def test_an_agent_lookup_that_waited_behind_another_read_has_only_the_rest_of_it
     lookup = outcome(AgentStore(rig.pool).get_many_by_name([(1, "a")], waited=TIMEOUT - 0.5))
     rig.clock.advance(0.5)
     assert len(lookup) == 1 and lookup[0].check(DatabaseUnavailable)
+    rig.engine.dispose()
+
+
+def test_group_commit_lets_a_burst_gather_and_never_holds_a_lone_create(tmp_path):
+    """TaskStore.create: after a batch of N, the next transaction waits (up to
+    GATHER_WAIT) until N creates are waiting, so a steady load of N clients does not
+    split into a batch of one and one of N-1; a create that follows batches of one
+    starts at once, and a wait that gathers too few ends at GATHER_WAIT."""
+    from taskd.db import models
+    from taskd.db.tasks import GATHER_WAIT, Route, TaskSpec, TaskStore
+
+    rig = Rig(tmp_path)
+    models.metadata.create_all(rig.engine)
+    store = TaskStore(rig.pool)
+    spec = lambda name: TaskSpec(name, "", {}, 60, Route("byTags", {"tags": ["x"]}), {}, True)  # noqa: E731
+
+    def written(*names: str) -> list[list]:
+        return [outcome(store.create(1, spec(n))) for n in names]
+
+    lone = written("lone")
+    assert len(rig.threads.queue) == 1  # the first create of all starts at once
+    burst = written("b1", "b2", "b3")  # arrive while it runs
+    rig.threads.run_next()
+    assert [o[0].name for o in lone] == ["lone"] and len(rig.threads.queue) == 1  # b1-b3 together, at once
+    rig.threads.run_next()
+    assert [o[0].name for o in burst] == ["b1", "b2", "b3"]
+
+    before = store.create_transactions
+    again = written("c1", "c2")
+    assert rig.threads.queue == []  # gathering: fewer than the last batch's three
+    again += written("c3")
+    assert len(rig.threads.queue) == 1  # three: it starts without waiting out GATHER_WAIT
+    rig.threads.run_next()
+    assert [o[0].name for o in again] == ["c1", "c2", "c3"] and store.create_transactions == before + 1
+
+    late = written("d1")  # only one comes: it waits GATHER_WAIT, no more
+    assert rig.threads.queue == []
+    rig.clock.advance(GATHER_WAIT)
+    assert len(rig.threads.queue) == 1
+    rig.threads.run_next()
+    assert late[0][0].name == "d1"
+    alone = written("e1")  # after a batch of one, a create never waits
+    assert len(rig.threads.queue) == 1
+    rig.threads.run_next()
+    assert alone[0][0].name == "e1"
     rig.engine.dispose()
