@@ -80,7 +80,9 @@ def spread(values: list[Any], unit: str) -> str:
     return cell + (f" ({fails} not done)" if fails else "")
 
 
-def table(results: Any, sizes: Any, *, smoke: bool, db: str) -> tuple[str, dict[str, str]]:
+def table(results: Any, sizes: Any, *, smoke: bool, db: str, partial: bool = False) -> tuple[str, dict[str, str]]:
+    """The results table and each row's verdict. `partial`: a run of some steps only
+    (`--only`), whose rows without a value are "not run" rather than failed."""
     reps = "1 run" if sizes.reps == 1 else f"min / median / max of {sizes.reps} reps"
     head = (f"| scenario | metric | taskd ({reps}) | bare baseline (same reps) | ratio (median) | target | result |\n"
             "|---|---|---|---|---|---|---|\n")
@@ -105,7 +107,7 @@ def table(results: Any, sizes: Any, *, smoke: bool, db: str) -> tuple[str, dict[
         else:
             ratio = None
         if not vals:
-            verdict = "failed"
+            verdict = "not run" if partial else "failed"
         elif row.kind == "info":
             verdict = "reported"
         elif row.kind == "max":

@@ -661,7 +661,8 @@ def main(argv: list[str] | None = None) -> int:
     results.notes[:0] = notes
     machine["load_end"] = report.loadavg()
     machine["duration"] = time.monotonic() - START
-    table, verdicts = report.table(results, sizes, smoke=a.smoke, db="MariaDB" if a.mysql else "sqlite")
+    table, verdicts = report.table(results, sizes, smoke=a.smoke, db="MariaDB" if a.mysql else "sqlite",
+                                   partial=bool(a.only))
     print(table)
     for n in results.notes:
         print(f"note: {n}")
@@ -694,7 +695,8 @@ def render(saved_path: Path, out: Path) -> int:
                       notes=r["notes"], context=r["context"])
     sizes = Sizes(**saved["sizes"])
     db = "MariaDB" if saved["mysql"] else "sqlite"
-    table, _ = report.table(results, sizes, smoke=saved["smoke"], db=db)
+    table, _ = report.table(results, sizes, smoke=saved["smoke"], db=db,
+                            partial=any(arg.startswith("--only") for arg in saved["argv"]))
     out.write_text(report.markdown(table, results, sizes, saved["machine"], saved["cores"], saved["argv"],
                                    mysql=saved["mysql"], workdir=Path(saved["workdir"])))
     print(table)
