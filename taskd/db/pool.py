@@ -34,6 +34,7 @@ from twisted.python.threadpool import ThreadPool
 
 from taskd.stats import NULL_STATS
 from taskd.db.availability import Availability, DatabaseUnavailable
+from taskd.db.engine import COMMITTED
 
 T = TypeVar("T")
 
@@ -276,12 +277,16 @@ class DBPool:
                 raise _Abandoned()  # waited in the queue past the deadline: do not start
             committing = False
             try:
-                with self.engine.begin() as conn:
-                    result = fn(conn, *args, **kwargs)
-                    if deadline is not None and not deadline.begin_commit():
-                        raise _Abandoned()  # rolls back: the caller was told it failed
-                    committing = True
-                return result  # committed on leaving the block
+                with self.engine.connect() as conn:
+                    with conn.begin():
+                        result = fn(conn, *args, **kwargs)
+                        if deadline is not None and not deadline.begin_commit():
+                            raise _Abandoned()  # rolls back: the caller was told it failed
+                        committing = True
+                    # Committed: the connection goes back to the pool without the
+                    # ROLLBACK that would reset it (taskd.db.engine, MySQL).
+                    conn.info[COMMITTED] = True
+                return result
             except DBAPIError as exc:
                 if deadline is not None and ((deadline.commit_failed() if committing else False) or deadline.expired):
                     raise _Abandoned() from None

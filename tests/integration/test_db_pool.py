@@ -104,3 +104,72 @@ async def test_non_transient_errors_are_not_retried(mysql_pool):
     with pytest.raises(sa.exc.ProgrammingError):
         await mysql_pool.do(work)
     assert len(attempts) == 1
+
+
+@pytest.fixture
+def one_connection(mysql_dbs, monkeypatch):
+    """A pool over one MariaDB connection that is never retried: what a `do` gets is
+    what the engine handed it."""
+    engine = create_engine("mysql", mysql_dbs.dsn(mysql_dbs.create("onecon")), pool_size=1)
+    migrate.upgrade(engine)
+    p = DBPool(engine, reactor, max_threads=1, retries=0)
+    p.start()
+    yield p
+    p.stop()
+
+
+def _rollbacks(conn: sa.Connection) -> int:
+    return int(conn.exec_driver_sql("SHOW SESSION STATUS LIKE 'Com_rollback'").one()[1])
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_committed_connection_goes_back_to_the_pool_without_a_rollback(one_connection):
+    """taskd.db.engine: no reset ROLLBACK after the pool's own COMMIT (a round trip of
+    every transaction on MariaDB)."""
+    before = await one_connection.do(_rollbacks)
+    for i in range(3):
+        await one_connection.do(_insert_agent, f"c{i}")
+    assert await one_connection.do(_rollbacks) == before
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_connection_returned_inside_a_transaction_is_rolled_back_and_holds_no_lock(one_connection):
+    """Anything but the pool's committed work is still reset when it goes back (here a
+    raw DBAPI connection that read a table and never ended its transaction, which
+    SQLAlchemy's own Connection would have rolled back on close): pooled, it would
+    hold that table's metadata lock and block DDL on it."""
+    raw = one_connection.engine.raw_connection()
+    cur = raw.cursor()
+    cur.execute("SELECT id FROM agent")  # a transaction begins (autocommit is off), never ends
+    cur.fetchall()
+    raw.close()  # back to the pool
+    admin = pymysql.connect(host=MYSQL_HOST, port=MYSQL_PORT, user=MYSQL_USER, password=MYSQL_PASSWORD,
+                            database=one_connection.engine.url.database)
+    try:
+        with admin.cursor() as cur:
+            cur.execute("SET SESSION lock_wait_timeout = 2")
+            cur.execute("ALTER TABLE agent COMMENT = 'not blocked'")  # 1205 if the pooled one held it
+    finally:
+        admin.close()
+    assert await one_connection.do(lambda c: c.exec_driver_sql("SELECT 1").scalar()) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_only_a_connection_idle_past_idle_ping_is_pinged_at_checkout(one_connection, monkeypatch):
+    """The checkout ping (what pool_pre_ping did for every transaction) is kept for a
+    connection that sat idle: one the server dropped meanwhile is replaced before the
+    work runs, with no retry needed. A connection in steady use is not pinged: if the
+    server drops it, the work's own statement finds out (and the pool would retry)."""
+    from taskd.db import engine as engine_module
+    from taskd.db.availability import DatabaseUnavailable
+
+    monkeypatch.setattr(engine_module, "IDLE_PING", 0.0)
+    first = await one_connection.do(lambda c: c.exec_driver_sql("SELECT CONNECTION_ID()").scalar())
+    _kill(first)
+    second = await one_connection.do(lambda c: c.exec_driver_sql("SELECT CONNECTION_ID()").scalar())
+    assert second != first
+
+    monkeypatch.setattr(engine_module, "IDLE_PING", 3600.0)
+    _kill(second)
+    with pytest.raises(DatabaseUnavailable):  # retries=0: not pinged, so the statement met the loss
+        await one_connection.do(lambda c: c.exec_driver_sql("SELECT CONNECTION_ID()").scalar())
