@@ -23,35 +23,37 @@ class Row:
     target: float | None
     target_text: str
     base_label: str = ""
+    step: str = ""       # the `--only` step that measures it (bench/run.py: Bench.run)
+    base_step: str = ""  # ... and the one that measures its baseline, if another
 
 
 def rows(s: Any, db: str) -> list[Row]:
     n = lambda v: f"{v:,}"  # noqa: E731
     return [
         Row("push_p50", f"1. push latency, {n(s.push_agents)} agents", "POST byIds → taskAdd, p50", "ms", "max", 15,
-            "≤ 15 ms"),
+            "≤ 15 ms", step="taskd"),
         Row("push_p99", f"1. push latency, {n(s.push_agents)} agents", "POST byIds → taskAdd, p99", "ms", "max", 50,
-            "≤ 50 ms"),
+            "≤ 50 ms", step="taskd"),
         Row("fan_small", f"2. fan-out, {n(s.fan_small)} agents", "POST byTags → last taskAdd", "ms", "ratio_max", 2.0,
-            "≤ 2× bare", "bare Autobahn broadcast"),
+            "≤ 2× bare", "bare Autobahn broadcast", step="taskd", base_step="ws"),
         Row("fan_large", f"2. fan-out, {n(s.fan_large)} agents", "POST byTags → last taskAdd", "ms", "ratio_max", 2.0,
-            "≤ 2× bare", "bare Autobahn broadcast"),
+            "≤ 2× bare", "bare Autobahn broadcast", step="taskd", base_step="ws"),
         Row("cap_rss", f"3. capacity, {n(s.capacity)} agents", "server RSS per agent beyond idle", "KB", "max", 30,
-            "≤ 30 KB", "bare Autobahn idle client"),
+            "≤ 30 KB", "bare Autobahn idle client", step="capacity"),
         Row("cap_cpu", f"3. capacity, {n(s.capacity)} agents", "server CPU while idle (2 s heartbeats, 60 s taskList)",
-            "% core", "max", 30, "≤ 30 %"),
+            "% core", "max", 30, "≤ 30 %", step="capacity"),
         Row("cap_hb", f"3. capacity, {n(s.capacity)} agents", "worst heartbeat gap seen by an agent", "s", "max", 4.0,
-            "≤ 4 s (2× 2 s)"),
+            "≤ 4 s (2× 2 s)", step="capacity"),
         Row("storm", f"4. reconnect storm, {n(s.fan_large)} agents", "restart → all online with correct taskList", "s",
-            "max", 10, "≤ 10 s", "bare Autobahn: all upgraded"),
+            "max", 10, "≤ 10 s", "bare Autobahn: all upgraded", step="taskd", base_step="ws"),
         Row("api_get", "5. API GET /api/v1/agents/<id>", "throughput", "req/s", "ratio_min", 0.5, "≥ 50 % of bare",
-            "bare Klein GET"),
+            "bare Klein GET", step="api", base_step="klein"),
         Row("api_get_p99", "5. API GET /api/v1/agents/<id>", "latency p99", "ms", "info", None, "reported",
-            "bare Klein GET"),
+            "bare Klein GET", step="api", base_step="klein"),
         Row("api_post", f"5. API POST /api/v1/tasks ({db}, 1 routed agent)", "throughput", "req/s", "ratio_min", 0.25,
-            "≥ 25 % of bare", "bare Klein POST echo"),
+            "≥ 25 % of bare", "bare Klein POST echo", step="api", base_step="klein"),
         Row("api_post_p99", f"5. API POST /api/v1/tasks ({db}, 1 routed agent)", "latency p99", "ms", "info", None,
-            "reported", "bare Klein POST echo"),
+            "reported", "bare Klein POST echo", step="api", base_step="klein"),
     ]
 
 
@@ -80,9 +82,11 @@ def spread(values: list[Any], unit: str) -> str:
     return cell + (f" ({fails} not done)" if fails else "")
 
 
-def table(results: Any, sizes: Any, *, smoke: bool, db: str, partial: bool = False) -> tuple[str, dict[str, str]]:
-    """The results table and each row's verdict. `partial`: a run of some steps only
-    (`--only`), whose rows without a value are "not run" rather than failed."""
+def table(results: Any, sizes: Any, *, smoke: bool, db: str,
+          steps: set[str] | None = None) -> tuple[str, dict[str, str]]:
+    """The results table and each row's verdict. `steps`: those a partial run (`--only`)
+    made; a row whose step (or whose baseline's step) was not among them is "not run",
+    while a step that ran and measured nothing has still failed."""
     reps = "1 run" if sizes.reps == 1 else f"min / median / max of {sizes.reps} reps"
     head = (f"| scenario | metric | taskd ({reps}) | bare baseline (same reps) | ratio (median) | target | result |\n"
             "|---|---|---|---|---|---|---|\n")
@@ -106,14 +110,15 @@ def table(results: Any, sizes: Any, *, smoke: bool, db: str, partial: bool = Fal
                 ratio = None
         else:
             ratio = None
+        skipped = steps is not None and (row.step not in steps or (row.base_step and row.base_step not in steps))
         if not vals:
-            verdict = "not run" if partial else "failed"
+            verdict = "not run" if steps is not None and row.step not in steps else "failed"
         elif row.kind == "info":
             verdict = "reported"
         elif row.kind == "max":
             verdict = "met" if med is not None and med <= row.target and len(good) == len(vals) else "MISSED"
         elif ratio is None:
-            verdict = "failed"
+            verdict = "not run" if skipped else "failed"
         elif row.kind == "ratio_max":
             verdict = "met" if ratio <= row.target and len(good) == len(vals) else "MISSED"
         else:

@@ -662,7 +662,7 @@ def main(argv: list[str] | None = None) -> int:
     machine["load_end"] = report.loadavg()
     machine["duration"] = time.monotonic() - START
     table, verdicts = report.table(results, sizes, smoke=a.smoke, db="MariaDB" if a.mysql else "sqlite",
-                                   partial=bool(a.only))
+                                   steps=bench.only)
     print(table)
     for n in results.notes:
         print(f"note: {n}")
@@ -695,8 +695,10 @@ def render(saved_path: Path, out: Path) -> int:
                       notes=r["notes"], context=r["context"])
     sizes = Sizes(**saved["sizes"])
     db = "MariaDB" if saved["mysql"] else "sqlite"
+    only = next((v.split("=", 1)[1] if v.startswith("--only=") else n for v, n in
+                 zip(saved["argv"], saved["argv"][1:] + [""]) if v.startswith("--only")), None)
     table, _ = report.table(results, sizes, smoke=saved["smoke"], db=db,
-                            partial=any(arg.startswith("--only") for arg in saved["argv"]))
+                            steps=set(only.split(",")) if only else None)
     out.write_text(report.markdown(table, results, sizes, saved["machine"], saved["cores"], saved["argv"],
                                    mysql=saved["mysql"], workdir=Path(saved["workdir"])))
     print(table)

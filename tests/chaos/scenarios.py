@@ -298,6 +298,13 @@ async def lone_restart(workdir: Path, n_agents: int = 12, n_builtin: int = BUILT
         up = reactor.seconds()
         await converge(cluster, up, run)
         back = [n for n in cluster.fleet.names if n != away]
+        try:  # (an agent not back yet is offline: the end state above can hold before it is)
+            await until(lambda: all(map(cluster.holds_socket(), cluster.builtin.names)), CONVERGE, interval=0.2,
+                        what="every builtin agent back on the restarted server")
+        except AssertionError:
+            pass  # reported by builtin_back
+        holds = cluster.holds_socket()
+        builtin_back = sorted(n for n in cluster.builtin.names if holds(n))
         shown = await cluster.online(server.base)
         after = await cluster.assignments(server.base)
         run.facts.update(
@@ -306,6 +313,7 @@ async def lone_restart(workdir: Path, n_agents: int = 12, n_builtin: int = BUILT
             away_online=shown.get(away), moved_to=sorted({by_id.get(a[0]) for t, a in after.items() if t in moving and a}),
             duplicates=[f"{n}: {d}" for n in back for d in duplicate_pushes(cluster.fleet.clients[n].frames)],
             duplicates_before=[f"{n}: {d}" for n, c in before.items() for d in duplicate_pushes(c.frames)],
+            builtin_back=builtin_back,
             **await cluster.builtin.end_facts())
     finally:
         await cluster.stop()

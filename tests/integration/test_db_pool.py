@@ -138,6 +138,7 @@ async def test_a_connection_returned_inside_a_transaction_is_rolled_back_and_hol
     raw DBAPI connection that read a table and never ended its transaction, which
     SQLAlchemy's own Connection would have rolled back on close): pooled, it would
     hold that table's metadata lock and block DDL on it."""
+    await one_connection.do(_insert_agent, "committed")  # the pool's own work first, on the same connection
     raw = one_connection.engine.raw_connection()
     cur = raw.cursor()
     cur.execute("SELECT id FROM agent")  # a transaction begins (autocommit is off), never ends

@@ -366,8 +366,9 @@ def test_group_commit_lets_a_burst_gather_and_never_holds_a_lone_create(tmp_path
     assert [o[0].name for o in again] == ["c1", "c2", "c3"] and store.create_transactions == before + 1
 
     late = written("d1")  # only one comes: it waits GATHER_WAIT, no more
+    rig.clock.advance(GATHER_WAIT / 2)
     assert rig.threads.queue == []
-    rig.clock.advance(GATHER_WAIT)
+    rig.clock.advance(GATHER_WAIT / 2)
     assert len(rig.threads.queue) == 1
     rig.threads.run_next()
     assert late[0][0].name == "d1"
