@@ -10,12 +10,14 @@ are read as well as plain SQLAlchemy URLs:
 """
 from __future__ import annotations
 
+import math
 import os
 import re
 import time
 from typing import Any
 from urllib.parse import parse_qsl, unquote
 
+import pymysql
 import sqlalchemy as sa
 from sqlalchemy.engine import URL, Engine, make_url
 
@@ -119,6 +121,8 @@ def create_engine(db_type: str, connect_str: str, *, pool_size: int = 10, timeou
             pool_reset_on_return=None,  # _setup_mysql_pool: only what needs it is rolled back
         )
         _setup_mysql_pool(engine)
+        if timeout:
+            _bound_idle_transactions(engine, timeout)
         return engine
     if db_type != "sqlite3":
         raise DatabaseConfigError(f"db-type: {db_type!r} is not sqlite3 or mysql")
@@ -141,6 +145,36 @@ IDLE_PING = 30.0
 
 COMMITTED = "taskd_committed"
 """Key of a pooled connection's `info`: its last transaction committed (taskd.db.pool)."""
+
+
+def _bound_idle_transactions(engine: Engine, timeout: float) -> None:
+    """The database ends a transaction of ours that sits idle for `timeout` (db-timeout).
+
+    Our own work never leaves a transaction idle that long: statements follow one
+    another, and past db-timeout the pool has given the work up anyway. A transaction
+    idle that long belongs to a process that stopped in the middle of it (a server
+    frozen by SIGSTOP, a paused VM, a host gone while its TCP connection lingers). Its
+    row locks would otherwise stay held for as long as that lasts, and every other
+    server's heartbeat and reap that touch those rows would wait on them (each a
+    `db-timeout` 503 in turn), so nobody could reap the frozen server. MariaDB's
+    `idle_transaction_timeout` closes that connection and rolls the transaction back
+    (a server that comes back finds the connection lost, which the pool retries).
+    Ignored where the server does not have the variable (MySQL)."""
+    seconds = max(1, math.ceil(timeout))
+
+    @sa.event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+        cur = dbapi_conn.cursor()
+        try:
+            cur.execute(f"SET SESSION idle_transaction_timeout = {seconds}")
+        except pymysql.err.MySQLError as exc:
+            if not exc.args or exc.args[0] != _UNKNOWN_SYSTEM_VARIABLE:
+                raise
+        finally:
+            cur.close()
+
+
+_UNKNOWN_SYSTEM_VARIABLE = 1193
 
 
 def _setup_mysql_pool(engine: Engine) -> None:

@@ -174,3 +174,33 @@ async def test_only_a_connection_idle_past_idle_ping_is_pinged_at_checkout(one_c
     _kill(second)
     with pytest.raises(DatabaseUnavailable):  # retries=0: not pinged, so the statement met the loss
         await one_connection.do(lambda c: c.exec_driver_sql("SELECT CONNECTION_ID()").scalar())
+
+
+def test_a_transaction_left_idle_by_a_stopped_process_is_ended_by_the_database(mysql_dbs):
+    """taskd.db.engine: with db-timeout set, MariaDB ends a transaction of ours that sits
+    idle that long, so a server frozen in the middle of one (SIGSTOP, a paused VM) does
+    not hold its row locks, and every other server's heartbeat and reap behind them, for
+    as long as it stays frozen. Without it the other writer below waits out its own
+    lock-wait timeout (20 s) and fails with 1205."""
+    name = mysql_dbs.create("idletx")
+    admin = pymysql.connect(host=MYSQL_HOST, port=MYSQL_PORT, user=MYSQL_USER, password=MYSQL_PASSWORD,
+                            database=name, autocommit=True)
+    engine = create_engine("mysql", mysql_dbs.dsn(name), pool_size=1, timeout=1)
+    try:
+        with admin.cursor() as cur:
+            cur.execute("CREATE TABLE t (id INT PRIMARY KEY, x INT) ENGINE=InnoDB")
+            cur.execute("INSERT INTO t VALUES (1, 0)")
+        frozen = engine.raw_connection()  # what a server stopped mid-transaction leaves
+        frozen_cur = frozen.cursor()
+        frozen_cur.execute("UPDATE t SET x = x + 1 WHERE id = 1")  # the row lock, never committed
+        with admin.cursor() as cur:
+            cur.execute("SET SESSION innodb_lock_wait_timeout = 20")
+            cur.execute("UPDATE t SET x = 10 WHERE id = 1")  # waits until the database ends the idle one
+            cur.execute("SELECT x FROM t WHERE id = 1")
+            assert cur.fetchone() == (10,)  # and the frozen one's update was rolled back
+        with pytest.raises(pymysql.err.OperationalError):
+            frozen_cur.execute("SELECT 1")  # its connection is gone
+        frozen.invalidate()
+    finally:
+        admin.close()
+        engine.dispose()
