@@ -146,6 +146,8 @@ IDLE_PING = 30.0
 COMMITTED = "taskd_committed"
 """Key of a pooled connection's `info`: its last transaction committed (taskd.db.pool)."""
 
+_UNKNOWN_SYSTEM_VARIABLE = 1193  # MySQL's answer to SET of a variable it lacks
+
 
 def _bound_idle_transactions(engine: Engine, timeout: float) -> None:
     """The database ends a transaction of ours that sits idle for `timeout` (db-timeout).
@@ -172,9 +174,6 @@ def _bound_idle_transactions(engine: Engine, timeout: float) -> None:
                 raise
         finally:
             cur.close()
-
-
-_UNKNOWN_SYSTEM_VARIABLE = 1193
 
 
 def _setup_mysql_pool(engine: Engine) -> None:

@@ -318,21 +318,19 @@ class TaskStore:
         client's creates (batches of one) never wait."""
         waiter: Deferred = Deferred()
         self._creates.append((org_id, spec, self.now(), waiter, self.pool.reactor.seconds()))
-        if self._gathering is not None and len(self._creates) >= self._last_batch:
-            self._gathering.cancel()
-            self._gathering = None
-            self._write_creates()
-        else:
-            self._next_batch()
+        self._next_batch()
         return waiter
 
     def _next_batch(self) -> None:
         """Start the next transaction now, or once the burst has gathered (see `create`)."""
-        if self._creating or self._gathering is not None or not self._creates:
+        if self._creating or not self._creates:
             return
         if len(self._creates) >= self._last_batch:
+            if self._gathering is not None:
+                self._gathering.cancel()
+                self._gathering = None
             self._write_creates()
-        else:
+        elif self._gathering is None:
             self._gathering = self.pool.reactor.callLater(GATHER_WAIT, self._gathered)
 
     def _gathered(self) -> None:
